@@ -1,0 +1,229 @@
+//! The configuration file (`wal2cache.toml`), read with the `config` crate: the file,
+//! then `WAL2CACHE__SECTION__KEY` environment variables over it. Unknown keys are
+//! errors, and every problem found is reported at once, naming the file and the key.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::source::slot::PgTarget;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Appears in every event as `source`.
+    pub name: String,
+    pub postgres: PostgresConfig,
+    pub rules: RulesConfig,
+    #[serde(default)]
+    pub redis: Option<RedisConfig>,
+    #[serde(default)]
+    pub kafka: Option<KafkaConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    pub url: String,
+    #[serde(default = "default_name")]
+    pub slot: String,
+    #[serde(default = "default_name")]
+    pub publication: String,
+    /// Create the publication and the slot when missing.
+    #[serde(default = "default_true")]
+    pub create: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RulesConfig {
+    /// One file, or a directory of `*.toml`; relative to the config file's directory.
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    pub url: String,
+    #[serde(default = "default_tag_prefix")]
+    pub tag_prefix: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    #[serde(default = "default_topic")]
+    pub topic: String,
+    /// Passed to librdkafka as they are.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+fn default_name() -> String {
+    "wal2cache".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_tag_prefix() -> String {
+    "tag:".into()
+}
+fn default_topic() -> String {
+    "wal2cache.invalidations".into()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {message}")]
+    Load { path: PathBuf, message: String },
+    #[error("config file {path} is invalid:\n{}", problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid { path: PathBuf, problems: Vec<String> },
+}
+
+impl Config {
+    /// Reads the file, applies environment overrides, checks every field.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let load_err = |message: String| ConfigError::Load {
+            path: path.to_path_buf(),
+            message,
+        };
+        if !path.is_file() {
+            return Err(load_err(
+                "no such file: pass the path of a wal2cache.toml with --config".into(),
+            ));
+        }
+        let raw = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("WAL2CACHE")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()
+            .map_err(|e| load_err(e.to_string()))?;
+        let mut config: Config = raw.try_deserialize().map_err(|e| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            problems: vec![e.to_string()],
+        })?;
+        if config.rules.path.is_relative() {
+            let base = path.parent().unwrap_or(Path::new("."));
+            config.rules.path = base.join(&config.rules.path);
+        }
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problems,
+            })
+        }
+    }
+
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.name.trim().is_empty() {
+            problems.push("name: must not be empty (it names this source in every event)".into());
+        }
+        if let Err(e) = PgTarget::parse(&self.postgres.url) {
+            problems.push(format!("postgres.url: {e}"));
+        }
+        for (field, value) in [
+            ("postgres.slot", &self.postgres.slot),
+            ("postgres.publication", &self.postgres.publication),
+        ] {
+            if let Err(why) = check_identifier(value) {
+                problems.push(format!("{field} = {value:?}: {why}"));
+            }
+        }
+        problems
+    }
+
+    pub fn pg_target(&self) -> PgTarget {
+        PgTarget::parse(&self.postgres.url).expect("checked when the config was loaded")
+    }
+}
+
+/// Slot names may only hold lower-case letters, digits and underscores (Postgres's
+/// rule); publications follow the same rule here so they need no quoting anywhere.
+pub fn check_identifier(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() || name.len() > 63 {
+        return Err("must be 1 to 63 characters long");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err("may only contain lower-case letters, digits and underscores");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    const GOOD: &str = r#"
+name = "main-db"
+[postgres]
+url = "postgres://wal2cache@127.0.0.1:5432/app"
+[rules]
+path = "rules/example.toml"
+[redis]
+url = "redis://127.0.0.1:6379/0"
+[kafka]
+brokers = "127.0.0.1:9092"
+[kafka.properties]
+"linger.ms" = "2"
+"#;
+
+    #[test]
+    fn loads_the_documented_example_with_defaults() {
+        let f = write(GOOD);
+        let c = Config::load(f.path()).unwrap();
+        assert_eq!(c.postgres.slot, "wal2cache");
+        assert_eq!(c.postgres.publication, "wal2cache");
+        assert!(c.postgres.create);
+        assert_eq!(c.redis.unwrap().tag_prefix, "tag:");
+        let kafka = c.kafka.unwrap();
+        assert_eq!(kafka.topic, "wal2cache.invalidations");
+        assert_eq!(kafka.properties["linger.ms"], "2");
+        assert_eq!(c.rules.path, f.path().parent().unwrap().join("rules/example.toml"));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_that_name_them() {
+        let f = write(&GOOD.replace("[postgres]", "[postgres]\nslott = \"x\""));
+        let err = Config::load(f.path()).unwrap_err().to_string();
+        assert!(err.contains("slott"), "{err}");
+        assert!(err.contains(&f.path().display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_listed() {
+        let text = GOOD
+            .replace("name = \"main-db\"", "name = \"\"")
+            .replace("[postgres]", "[postgres]\nslot = \"Bad-Slot\"\npublication = \"p p\"");
+        let f = write(&text);
+        let err = Config::load(f.path()).unwrap_err().to_string();
+        for needle in ["name:", "postgres.slot", "postgres.publication"] {
+            assert!(err.contains(needle), "{needle} missing from {err}");
+        }
+    }
+
+    #[test]
+    fn a_missing_file_says_so() {
+        let err = Config::load(Path::new("/nonexistent/w2c.toml")).unwrap_err();
+        assert!(err.to_string().contains("no such file"), "{err}");
+    }
+}

@@ -1,0 +1,41 @@
+//! The daemon's top-level error, and the exit code each kind of failure maps to.
+
+use crate::config::ConfigError;
+use crate::rules::raw::LoadError;
+use crate::source::SourceError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Rules(#[from] LoadError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Exit codes, as documented in the README.
+pub mod exit {
+    /// A fatal condition at run time (PostgreSQL refused, decode error, ...).
+    pub const FATAL: i32 = 1;
+    /// Bad command line (clap's own code).
+    pub const USAGE: i32 = 2;
+    /// The config or rules file is invalid.
+    pub const CONFIG: i32 = 3;
+}
+
+impl Error {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Config(_) | Error::Rules(_) => exit::CONFIG,
+            Error::Source(SourceError::Url(_)) => exit::CONFIG,
+            Error::Source(_) | Error::Io { .. } => exit::FATAL,
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! wal2cache: cache invalidation from the PostgreSQL WAL.
+//!
+//! `source` reads the logical replication stream into typed, committed row changes;
+//! `rules` maps them to cache keys and tags. The daemon's binary wires them together.
+
+pub mod lsn;
+
+#[cfg(feature = "daemon")]
+pub mod backoff;
+#[cfg(feature = "daemon")]
+pub mod config;
+#[cfg(feature = "daemon")]
+pub mod error;
+#[cfg(feature = "daemon")]
+pub mod rules;
+#[cfg(feature = "daemon")]
+pub mod source;
+#[cfg(feature = "daemon")]
+pub mod tail;
+#[cfg(feature = "daemon")]
+pub mod app;
+
+pub use lsn::Lsn;

@@ -1,0 +1,102 @@
+//! The `wal2cache` command: parses the command line, loads the configuration, runs
+//! the command, maps failures to exit codes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use wal2cache::config::Config;
+use wal2cache::error::Error;
+
+#[derive(Parser)]
+#[command(version, about = "Cache invalidation from the PostgreSQL WAL")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the publication (for the rules' tables) and the replication slot.
+    Setup {
+        #[arg(long, short, default_value = "wal2cache.toml")]
+        config: PathBuf,
+    },
+    /// Print every decoded change as a JSON line, on a temporary slot of its own.
+    Tail {
+        #[arg(long, short, default_value = "wal2cache.toml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WAL2CACHE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("error: {e}");
+            ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Error> {
+    match cli.command {
+        Command::Setup { config } => {
+            let config = Config::load(&config)?;
+            let report = wal2cache::app::setup(&config).await?;
+            println!(
+                "publication {:?}: {}; slot {:?}: {}{}",
+                config.postgres.publication,
+                if report.created_publication {
+                    "created".to_string()
+                } else if !report.added_tables.is_empty() {
+                    format!("added {}", report.added_tables.join(", "))
+                } else {
+                    "ok".to_string()
+                },
+                config.postgres.slot,
+                if report.created_slot { "created" } else { "ok" },
+                report
+                    .confirmed_lsn
+                    .map(|l| format!(", confirmed up to {l}"))
+                    .unwrap_or_default(),
+            );
+            Ok(())
+        }
+        Command::Tail { config } => {
+            let config = Config::load(&config)?;
+            let stdout = std::io::stdout().lock();
+            wal2cache::app::tail(&config, stdout, shutdown_signal()).await
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("signal received: stopping");
+}

@@ -1,0 +1,282 @@
+//! Typed row changes: what the source hands to the rest of the pipeline. A change
+//! knows its table, its operation, its rows, which columns are key columns and which
+//! were not sent (unchanged TOAST, or outside the replica identity key).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::lsn::Lsn;
+use crate::source::pgoutput::{ColumnBody, Datum, OldKind, RelationBody, TupleData};
+
+/// A table as Postgres last described it in the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relation {
+    pub oid: u32,
+    pub schema: String,
+    pub name: String,
+    pub replica_identity: ReplicaIdentity,
+    pub columns: Vec<Column>,
+}
+
+impl Relation {
+    /// `schema.name`, the form the rules file uses.
+    pub fn qualified_name(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
+
+    pub fn column_index(&self, name: &str) -> Option<usize> {
+        self.columns.iter().position(|c| c.name == name)
+    }
+}
+
+impl From<RelationBody> for Relation {
+    fn from(body: RelationBody) -> Self {
+        Relation {
+            oid: body.oid,
+            schema: body.namespace,
+            name: body.name,
+            replica_identity: ReplicaIdentity::from_byte(body.replica_identity),
+            columns: body.columns.into_iter().map(Column::from).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    pub name: String,
+    pub type_oid: u32,
+    pub type_modifier: i32,
+    /// Part of the replica identity key: its old value is in every Update's and
+    /// Delete's old row (when the identity is not NOTHING).
+    pub is_key: bool,
+}
+
+impl From<ColumnBody> for Column {
+    fn from(c: ColumnBody) -> Self {
+        Column {
+            name: c.name,
+            type_oid: c.type_oid,
+            type_modifier: c.type_modifier,
+            is_key: c.flags & 1 == 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaIdentity {
+    Default,
+    Nothing,
+    Full,
+    Index,
+    /// A byte this version doesn't know; kept so nothing is guessed.
+    Other(u8),
+}
+
+impl ReplicaIdentity {
+    pub fn from_byte(b: u8) -> Self {
+        match b {
+            b'd' => Self::Default,
+            b'n' => Self::Nothing,
+            b'f' => Self::Full,
+            b'i' => Self::Index,
+            other => Self::Other(other),
+        }
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Default => "default",
+            Self::Nothing => "nothing",
+            Self::Full => "full",
+            Self::Index => "index",
+            Self::Other(_) => "unknown",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Op {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+        }
+    }
+}
+
+/// One column of a row as the pipeline sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    Null,
+    /// Postgres text form.
+    Text(Bytes),
+    /// Binary form (only when the stream is started with `binary`).
+    Binary(Bytes),
+    /// Not changed by an update and stored out of line: Postgres did not send it.
+    /// It is never a value: look in the old row, or treat the column as unknown.
+    UnchangedToast,
+    /// Not in this row at all: a non-key column of an old row that carries only the
+    /// replica identity key.
+    NotSent,
+}
+
+impl Value {
+    /// The value is present on the wire (NULL counts: it is a real NULL).
+    pub fn is_known(&self) -> bool {
+        !matches!(self, Value::UnchangedToast | Value::NotSent)
+    }
+}
+
+/// A row in the relation's column order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row(pub Vec<Value>);
+
+impl Row {
+    fn from_new(t: TupleData) -> Row {
+        Row(t.0.into_iter().map(value_from_datum).collect())
+    }
+
+    /// An old row: for `K` tuples only the key columns were sent; Postgres sends the
+    /// other columns as NULL, which would be a lie, so they become `NotSent`.
+    fn from_old(kind: OldKind, t: TupleData, relation: &Relation) -> Row {
+        Row(t
+            .0
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| match kind {
+                OldKind::Key if !relation.columns.get(i).is_some_and(|c| c.is_key) => {
+                    Value::NotSent
+                }
+                _ => value_from_datum(d),
+            })
+            .collect())
+    }
+
+    pub fn get(&self, index: usize) -> Option<&Value> {
+        self.0.get(index)
+    }
+}
+
+fn value_from_datum(d: Datum) -> Value {
+    match d {
+        Datum::Null => Value::Null,
+        Datum::UnchangedToast => Value::UnchangedToast,
+        Datum::Text(b) => Value::Text(b),
+        Datum::Binary(b) => Value::Binary(b),
+    }
+}
+
+/// One committed row change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub relation: Arc<Relation>,
+    pub op: Op,
+    /// The new row: Insert and Update.
+    pub new: Option<Row>,
+    /// The old row: Delete always; Update when the replica identity sends it (a key
+    /// column changed, or REPLICA IDENTITY FULL).
+    pub old: Option<Row>,
+    /// `Key` when `old` carries only the replica identity key columns.
+    pub old_kind: Option<OldKind>,
+}
+
+impl Change {
+    pub(crate) fn insert(relation: Arc<Relation>, new: TupleData) -> Change {
+        Change {
+            relation,
+            op: Op::Insert,
+            new: Some(Row::from_new(new)),
+            old: None,
+            old_kind: None,
+        }
+    }
+
+    pub(crate) fn update(
+        relation: Arc<Relation>,
+        old: Option<(OldKind, TupleData)>,
+        new: TupleData,
+    ) -> Change {
+        let old_kind = old.as_ref().map(|(k, _)| *k);
+        let old = old.map(|(kind, t)| Row::from_old(kind, t, &relation));
+        Change {
+            new: Some(Row::from_new(new)),
+            op: Op::Update,
+            old,
+            old_kind,
+            relation,
+        }
+    }
+
+    pub(crate) fn delete(relation: Arc<Relation>, (kind, old): (OldKind, TupleData)) -> Change {
+        let old = Row::from_old(kind, old, &relation);
+        Change {
+            relation,
+            op: Op::Delete,
+            new: None,
+            old: Some(old),
+            old_kind: Some(kind),
+        }
+    }
+
+    /// Columns of the new row that Postgres sent as unchanged TOAST.
+    pub fn unchanged_columns(&self) -> impl Iterator<Item = &str> {
+        let cols = &self.relation.columns;
+        self.new.iter().flat_map(move |row| {
+            row.0
+                .iter()
+                .zip(cols)
+                .filter(|(v, _)| matches!(v, Value::UnchangedToast))
+                .map(|(_, c)| c.name.as_str())
+        })
+    }
+}
+
+/// What the source yields, in WAL order. Changes come between a `Begin` and its
+/// `Commit`; nothing is buffered, so a transaction of any size streams through.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceEvent {
+    Begin(TxnInfo),
+    Change(Change),
+    /// TRUNCATE of one or more tables in one statement.
+    Truncate {
+        relations: Vec<Arc<Relation>>,
+        cascade: bool,
+        restart_identity: bool,
+    },
+    /// `pg_logical_emit_message`. Transactional ones arrive inside their transaction;
+    /// others arrive on their own, outside any Begin/Commit.
+    Message {
+        transactional: bool,
+        lsn: Lsn,
+        prefix: String,
+        content: Bytes,
+    },
+    Commit(CommitInfo),
+}
+
+/// Known at Begin: Postgres sends a transaction only once it has committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxnInfo {
+    pub xid: u32,
+    /// LSN of the commit record.
+    pub commit_lsn: Lsn,
+    /// Microseconds since 2000-01-01 UTC (the Postgres epoch).
+    pub commit_time: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitInfo {
+    pub xid: u32,
+    pub commit_lsn: Lsn,
+    /// Just past the commit record: the LSN to confirm once the transaction is applied.
+    pub end_lsn: Lsn,
+    pub commit_time: i64,
+}

@@ -1,0 +1,228 @@
+//! Errors of the source, each one either worth retrying or a stop with the fix
+//! spelled out for the operator.
+
+use crate::source::pgoutput::DecodeError;
+use crate::source::relations::UnknownRelation;
+use crate::source::value::ValueError;
+
+/// What to do about an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Connection refused, reset, timeouts, server restarting: back off and retry.
+    Transient,
+    /// Another process streams from the slot: wait for it to go away.
+    Standby,
+    /// Retrying cannot help: stop and tell the operator what to fix.
+    Fatal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("invalid postgres.url: {0}")]
+    Url(String),
+
+    #[error("cannot connect to PostgreSQL at {target}: {source}")]
+    Connect {
+        target: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
+    #[error("PostgreSQL refused the login of role {role:?}: {detail}; check the user and password in postgres.url (or WAL2CACHE__POSTGRES__URL) and pg_hba.conf")]
+    Auth { role: String, detail: String },
+
+    #[error("PostgreSQL has wal_level = {found}, logical replication needs wal_level = logical: set it in postgresql.conf (ALTER SYSTEM SET wal_level = logical) and restart PostgreSQL")]
+    WalLevel { found: String },
+
+    #[error("role {role:?} may not start replication: run `ALTER ROLE \"{role}\" REPLICATION;` as a superuser (and allow it in pg_hba.conf for the \"replication\" database)")]
+    NoReplicationPrivilege { role: String },
+
+    #[error("table {table} does not exist in database {database:?} (named by {origin}): create the table, or fix the table name in the rules file")]
+    MissingTable {
+        table: String,
+        database: String,
+        origin: String,
+    },
+
+    #[error("publication {publication:?} does not exist: run `wal2cache setup --config <file>`, or set postgres.create = true")]
+    MissingPublication { publication: String },
+
+    #[error("publication {publication:?} does not include {tables}: run `wal2cache setup --config <file>` to add them, or set postgres.create = true")]
+    TablesNotPublished { publication: String, tables: String },
+
+    #[error("replication slot {slot:?} does not exist: run `wal2cache setup --config <file>`, or set postgres.create = true")]
+    MissingSlot { slot: String },
+
+    #[error("replication slot {slot:?} exists but {problem}: choose another postgres.slot, or drop it with `SELECT pg_drop_replication_slot('{slot}')` if nothing else uses it")]
+    UnusableSlot { slot: String, problem: String },
+
+    #[error("replication slot {slot:?} is in use by another process ({detail}); this instance is on standby and retries")]
+    SlotInUse { slot: String, detail: String },
+
+    #[error("{context}: {source}")]
+    Postgres {
+        context: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
+    #[error("replication stream: {0}")]
+    Replication(#[source] pgwire_replication::PgWireError),
+
+    #[error("replication stream: {message}{hint}")]
+    Server {
+        message: String,
+        sqlstate: Option<String>,
+        hint: &'static str,
+    },
+
+    #[error("cannot decode the replication stream at LSN {lsn}: {source}; nothing past the last confirmed LSN was confirmed: report this with the wal2cache and PostgreSQL versions")]
+    Decode {
+        lsn: crate::lsn::Lsn,
+        #[source]
+        source: DecodeError,
+    },
+
+    #[error(transparent)]
+    UnknownRelation(#[from] UnknownRelation),
+
+    #[error(transparent)]
+    Value(#[from] ValueError),
+
+    #[error("the replication stream ended: PostgreSQL closed it")]
+    Ended,
+}
+
+impl SourceError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            SourceError::Connect { source, .. } | SourceError::Postgres { source, .. } => {
+                match source.code() {
+                    Some(code) => sqlstate_kind(code.code()),
+                    // No SQLSTATE: the connection itself failed (refused, reset, closed).
+                    None => ErrorKind::Transient,
+                }
+            }
+            SourceError::Replication(e) if e.is_io() => ErrorKind::Transient,
+            SourceError::Replication(pgwire_replication::PgWireError::Task(_)) => {
+                ErrorKind::Transient
+            }
+            SourceError::Server { sqlstate, .. } => {
+                sqlstate.as_deref().map_or(ErrorKind::Fatal, sqlstate_kind)
+            }
+            SourceError::SlotInUse { .. } => ErrorKind::Standby,
+            SourceError::Ended => ErrorKind::Transient,
+            _ => ErrorKind::Fatal,
+        }
+    }
+
+    /// Turns an error from the replication connection into one that names its cause.
+    pub fn from_replication(e: pgwire_replication::PgWireError, slot: &str, role: &str) -> Self {
+        use pgwire_replication::PgWireError as E;
+        let message = match &e {
+            E::Server(m) => m.clone(),
+            E::Auth(m) => {
+                return SourceError::Auth {
+                    role: role.to_string(),
+                    detail: m.clone(),
+                }
+            }
+            _ => return SourceError::Replication(e),
+        };
+        let sqlstate = sqlstate_of(&message);
+        match sqlstate.as_deref() {
+            Some("55006") => SourceError::SlotInUse {
+                slot: slot.to_string(),
+                detail: message,
+            },
+            Some("28P01" | "28000") => SourceError::Auth {
+                role: role.to_string(),
+                detail: message,
+            },
+            Some("42501") => SourceError::NoReplicationPrivilege {
+                role: role.to_string(),
+            },
+            Some("42704") if message.contains("replication slot") => SourceError::MissingSlot {
+                slot: slot.to_string(),
+            },
+            _ => SourceError::Server {
+                hint: hint_for(sqlstate.as_deref(), &message),
+                message,
+                sqlstate,
+            },
+        }
+    }
+}
+
+/// The SQLSTATE at the end of a server error as `pgwire-replication` prints it:
+/// `message (SQLSTATE 55006)`.
+fn sqlstate_of(message: &str) -> Option<String> {
+    let start = message.rfind("(SQLSTATE ")? + "(SQLSTATE ".len();
+    let code = message[start..].strip_suffix(')')?;
+    (code.len() == 5).then(|| code.to_string())
+}
+
+fn sqlstate_kind(code: &str) -> ErrorKind {
+    match code {
+        // The slot is active for another PID.
+        "55006" => ErrorKind::Standby,
+        // Too many connections, server starting up or shutting down, crash recovery,
+        // connection failures, out of resources.
+        "53300" | "57P01" | "57P02" | "57P03" | "08000" | "08001" | "08003" | "08004" | "08006"
+        | "53000" | "53100" | "53200" | "40001" | "40P01" => ErrorKind::Transient,
+        _ => ErrorKind::Fatal,
+    }
+}
+
+fn hint_for(sqlstate: Option<&str>, message: &str) -> &'static str {
+    match sqlstate {
+        Some("42704") if message.contains("publication") => {
+            "; create it with `wal2cache setup --config <file>` or set postgres.create = true"
+        }
+        Some("55000") if message.contains("wal_level") => {
+            "; set wal_level = logical in postgresql.conf and restart PostgreSQL"
+        }
+        Some("3D000") => "; check the database name in postgres.url",
+        _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgwire_replication::PgWireError;
+
+    fn server(m: &str) -> SourceError {
+        SourceError::from_replication(PgWireError::Server(m.into()), "s", "r")
+    }
+
+    #[test]
+    fn slot_in_use_means_standby() {
+        let e = server("replication slot \"s\" is active for PID 42 (SQLSTATE 55006)");
+        assert_eq!(e.kind(), ErrorKind::Standby);
+        assert!(e.to_string().contains("standby"), "{e}");
+    }
+
+    #[test]
+    fn classified_server_errors() {
+        let e = server("password authentication failed for user \"r\" (SQLSTATE 28P01)");
+        assert!(matches!(e, SourceError::Auth { .. }));
+        assert_eq!(e.kind(), ErrorKind::Fatal);
+        let e = server("permission denied to start WAL sender (SQLSTATE 42501)");
+        assert!(e.to_string().contains("ALTER ROLE \"r\" REPLICATION"), "{e}");
+        let e = server("publication \"p\" does not exist (SQLSTATE 42704)");
+        assert!(e.to_string().contains("wal2cache setup"), "{e}");
+        assert_eq!(e.kind(), ErrorKind::Fatal);
+        let e = server("the database system is starting up (SQLSTATE 57P03)");
+        assert_eq!(e.kind(), ErrorKind::Transient);
+        let e = server("no code here");
+        assert_eq!(e.kind(), ErrorKind::Fatal);
+    }
+
+    #[test]
+    fn io_errors_are_transient() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = SourceError::from_replication(PgWireError::from(io), "s", "r");
+        assert_eq!(e.kind(), ErrorKind::Transient);
+    }
+}

@@ -1,0 +1,370 @@
+//! The publication and the replication slot, ensured over an ordinary connection
+//! before streaming, with the preconditions checked first so a misconfigured server
+//! is an error that says what to change, not a cryptic failure later.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use postgres_protocol::escape::{escape_identifier, escape_literal};
+use tokio_postgres::{Client, NoTls};
+
+use crate::lsn::Lsn;
+use crate::source::error::SourceError;
+
+/// Where Postgres is, parsed once from `postgres.url`.
+#[derive(Clone)]
+pub struct PgTarget {
+    config: tokio_postgres::Config,
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    password: String,
+    pub database: String,
+}
+
+impl std::fmt::Debug for PgTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PgTarget({})", self.display())
+    }
+}
+
+impl PgTarget {
+    pub fn parse(url: &str) -> Result<Self, SourceError> {
+        let config = tokio_postgres::Config::from_str(url)
+            .map_err(|e| SourceError::Url(format!("{e}: expected postgres://user:password@host:port/database")))?;
+        let host = match config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            #[cfg(unix)]
+            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+            None => "127.0.0.1".to_string(),
+        };
+        if config.get_hosts().len() > 1 {
+            return Err(SourceError::Url("several hosts given: wal2cache streams from one server".into()));
+        }
+        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            return Err(SourceError::Url(
+                "sslmode=require is not supported yet: connect over a trusted network or a local TLS tunnel".into(),
+            ));
+        }
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let user = config
+            .get_user()
+            .ok_or_else(|| SourceError::Url("no user given: write postgres://USER@host/database".into()))?
+            .to_string();
+        let password = config
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default();
+        let database = config.get_dbname().unwrap_or(&user).to_string();
+        Ok(PgTarget {
+            config,
+            host,
+            port,
+            user,
+            password,
+            database,
+        })
+    }
+
+    /// The address without the password, for logs and errors.
+    pub fn display(&self) -> String {
+        format!("postgres://{}@{}:{}/{}", self.user, self.host, self.port, self.database)
+    }
+
+    pub(crate) fn password(&self) -> &str {
+        &self.password
+    }
+
+    /// An ordinary (non-replication) connection; its driver task runs in the background.
+    pub async fn connect(&self) -> Result<Client, SourceError> {
+        let mut config = self.config.clone();
+        config.connect_timeout(Duration::from_secs(10));
+        config.application_name("wal2cache");
+        let (client, connection) = config.connect(NoTls).await.map_err(|source| {
+            match source.code().map(|c| c.code()) {
+                Some("28P01" | "28000") => SourceError::Auth {
+                    role: self.user.clone(),
+                    detail: source.as_db_error().map(|d| d.message().to_string()).unwrap_or_default(),
+                },
+                _ => SourceError::Connect {
+                    target: self.display(),
+                    source,
+                },
+            }
+        })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "postgres connection closed");
+            }
+        });
+        Ok(client)
+    }
+}
+
+/// What `setup` is asked to ensure.
+#[derive(Debug, Clone)]
+pub struct SetupPlan {
+    pub publication: String,
+    pub slot: String,
+    /// Schema-qualified tables the publication must include, each with where it was
+    /// asked for (a rule), for error messages.
+    pub tables: Vec<(String, String)>,
+    /// Create what is missing; otherwise only check.
+    pub create: bool,
+    /// Ensure the slot too (`tail` uses a temporary slot of its own).
+    pub with_slot: bool,
+}
+
+/// What `ensure` found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SetupReport {
+    pub created_publication: bool,
+    pub added_tables: Vec<String>,
+    pub created_slot: bool,
+    /// The slot's confirmed position (where streaming resumes).
+    pub confirmed_lsn: Option<Lsn>,
+}
+
+fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SourceError {
+    let context = context.into();
+    move |source| SourceError::Postgres { context, source }
+}
+
+/// Checks the server's preconditions, then ensures the publication and the slot.
+/// Idempotent: a second call changes nothing.
+pub async fn ensure(target: &PgTarget, plan: &SetupPlan) -> Result<SetupReport, SourceError> {
+    let client = target.connect().await?;
+    check_preconditions(&client, target).await?;
+    let mut report = SetupReport::default();
+    ensure_publication(&client, target, plan, &mut report).await?;
+    if plan.with_slot {
+        ensure_slot(&client, target, plan, &mut report).await?;
+    }
+    Ok(report)
+}
+
+/// `wal_level = logical` and a role that may replicate.
+pub async fn check_preconditions(client: &Client, target: &PgTarget) -> Result<(), SourceError> {
+    let row = client
+        .query_one("SELECT current_setting('wal_level')", &[])
+        .await
+        .map_err(pg("reading wal_level"))?;
+    let wal_level: String = row.get(0);
+    if wal_level != "logical" {
+        return Err(SourceError::WalLevel { found: wal_level });
+    }
+    let row = client
+        .query_one(
+            "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(pg("reading the role's privileges"))?;
+    if !row.get::<_, bool>(0) {
+        return Err(SourceError::NoReplicationPrivilege {
+            role: target.user.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// `schema.table` quoted for SQL.
+fn quote_table(qualified: &str) -> String {
+    match qualified.split_once('.') {
+        Some((schema, table)) => format!("{}.{}", escape_identifier(schema), escape_identifier(table)),
+        None => escape_identifier(qualified),
+    }
+}
+
+async fn ensure_publication(
+    client: &Client,
+    target: &PgTarget,
+    plan: &SetupPlan,
+    report: &mut SetupReport,
+) -> Result<(), SourceError> {
+    for (table, origin) in &plan.tables {
+        let row = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&quote_table(table)])
+            .await
+            .map_err(pg(format!("looking up table {table}")))?;
+        if !row.get::<_, bool>(0) {
+            return Err(SourceError::MissingTable {
+                table: table.clone(),
+                database: target.database.clone(),
+                origin: origin.clone(),
+            });
+        }
+    }
+    let publication = client
+        .query_opt(
+            "SELECT puballtables FROM pg_publication WHERE pubname = $1",
+            &[&plan.publication],
+        )
+        .await
+        .map_err(pg("reading pg_publication"))?;
+    let Some(row) = publication else {
+        if !plan.create {
+            return Err(SourceError::MissingPublication {
+                publication: plan.publication.clone(),
+            });
+        }
+        let mut sql = format!("CREATE PUBLICATION {}", escape_identifier(&plan.publication));
+        if !plan.tables.is_empty() {
+            let tables: Vec<_> = plan.tables.iter().map(|(t, _)| quote_table(t)).collect();
+            sql.push_str(&format!(" FOR TABLE {}", tables.join(", ")));
+        }
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(pg(format!("creating publication {:?} (the role must own the tables, or be superuser)", plan.publication)))?;
+        tracing::info!(publication = %plan.publication, tables = plan.tables.len(), "created publication");
+        report.created_publication = true;
+        return Ok(());
+    };
+    if row.get::<_, bool>(0) {
+        return Ok(());
+    }
+    let published: Vec<String> = client
+        .query(
+            "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1",
+            &[&plan.publication],
+        )
+        .await
+        .map_err(pg("reading pg_publication_tables"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let missing: Vec<&String> = plan
+        .tables
+        .iter()
+        .map(|(t, _)| t)
+        .filter(|t| !published.contains(t))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !plan.create {
+        return Err(SourceError::TablesNotPublished {
+            publication: plan.publication.clone(),
+            tables: missing.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(", "),
+        });
+    }
+    let tables: Vec<_> = missing.iter().map(|t| quote_table(t)).collect();
+    client
+        .batch_execute(&format!(
+            "ALTER PUBLICATION {} ADD TABLE {}",
+            escape_identifier(&plan.publication),
+            tables.join(", ")
+        ))
+        .await
+        .map_err(pg(format!("adding tables to publication {:?}", plan.publication)))?;
+    tracing::info!(publication = %plan.publication, tables = ?missing, "added tables to publication");
+    report.added_tables = missing.into_iter().cloned().collect();
+    Ok(())
+}
+
+async fn ensure_slot(
+    client: &Client,
+    target: &PgTarget,
+    plan: &SetupPlan,
+    report: &mut SetupReport,
+) -> Result<(), SourceError> {
+    let slot = client
+        .query_opt(
+            "SELECT plugin, slot_type, database, temporary, confirmed_flush_lsn::text, wal_status
+               FROM pg_replication_slots WHERE slot_name = $1",
+            &[&plan.slot],
+        )
+        .await
+        .map_err(pg("reading pg_replication_slots"))?;
+    let unusable = |problem: String| SourceError::UnusableSlot {
+        slot: plan.slot.clone(),
+        problem,
+    };
+    match slot {
+        Some(row) => {
+            let plugin: Option<String> = row.get(0);
+            let slot_type: String = row.get(1);
+            let database: Option<String> = row.get(2);
+            let wal_status: Option<String> = row.get(5);
+            if slot_type != "logical" || plugin.as_deref() != Some("pgoutput") {
+                return Err(unusable(format!(
+                    "is a {slot_type} slot with plugin {}, not a logical pgoutput slot",
+                    plugin.as_deref().unwrap_or("none")
+                )));
+            }
+            if database.as_deref() != Some(target.database.as_str()) {
+                return Err(unusable(format!(
+                    "belongs to database {:?}, not {:?}",
+                    database.unwrap_or_default(),
+                    target.database
+                )));
+            }
+            if wal_status.as_deref() == Some("lost") {
+                return Err(unusable(
+                    "has lost WAL it needed (wal_status = lost, max_slot_wal_keep_size exceeded)".into(),
+                ));
+            }
+            let confirmed: Option<String> = row.get(4);
+            report.confirmed_lsn = confirmed.and_then(|s| s.parse().ok());
+        }
+        None if plan.create => {
+            let row = client
+                .query_one(
+                    "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+                    &[&plan.slot],
+                )
+                .await
+                .map_err(pg(format!("creating replication slot {:?}", plan.slot)))?;
+            let lsn: String = row.get(0);
+            tracing::info!(slot = %plan.slot, lsn = %lsn, "created replication slot");
+            report.created_slot = true;
+            report.confirmed_lsn = lsn.parse().ok();
+        }
+        None => {
+            return Err(SourceError::MissingSlot {
+                slot: plan.slot.clone(),
+            })
+        }
+    }
+    Ok(())
+}
+
+/// Drops a slot if it exists (tests and tooling; the daemon never drops its slot).
+pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), SourceError> {
+    client
+        .batch_execute(&format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = {}",
+            escape_literal(slot)
+        ))
+        .await
+        .map_err(pg(format!("dropping replication slot {slot:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_urls_and_hides_the_password() {
+        let t = PgTarget::parse("postgres://app:s3cret@db.example:6432/shop").unwrap();
+        assert_eq!((t.host.as_str(), t.port, t.user.as_str()), ("db.example", 6432, "app"));
+        assert_eq!(t.database, "shop");
+        assert_eq!(t.password(), "s3cret");
+        assert!(!t.display().contains("s3cret"));
+        assert!(format!("{t:?}").contains("db.example") && !format!("{t:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn rejects_what_it_cannot_serve() {
+        assert!(PgTarget::parse("not a url at all ::").is_err());
+        assert!(PgTarget::parse("postgres://db/shop").is_err(), "no user");
+        assert!(PgTarget::parse("postgres://u@a,b/shop").is_err(), "two hosts");
+    }
+
+    #[test]
+    fn quotes_qualified_tables() {
+        assert_eq!(quote_table("public.products"), "\"public\".\"products\"");
+        assert_eq!(quote_table("Odd\"Schema.t"), "\"Odd\"\"Schema\".\"t\"");
+    }
+}

@@ -1,0 +1,348 @@
+//! The replication stream: a background task that holds the replication connection,
+//! decodes what arrives and hands typed events over a bounded channel. When the
+//! consumer is slow, the channel fills, the task stops reading and Postgres keeps the
+//! WAL: memory stays flat whatever the size of a transaction or of the backlog.
+//!
+//! Nothing is confirmed to Postgres unless the consumer calls [`Source::confirm`]:
+//! keepalives report the last confirmed position, never a newer one. After a transient
+//! error the task reconnects and resumes from the slot's confirmed position, so a
+//! transaction that was cut off is sent again from its Begin.
+
+use std::time::Duration;
+
+use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::backoff::Backoff;
+use crate::lsn::Lsn;
+use crate::source::change::SourceEvent;
+use crate::source::error::{ErrorKind, SourceError};
+use crate::source::pgoutput::{self, Begin, Commit, Message};
+use crate::source::relations::Relations;
+use crate::source::slot::PgTarget;
+
+#[derive(Debug, Clone)]
+pub struct StreamConfig {
+    pub target: PgTarget,
+    pub slot: String,
+    pub publication: String,
+    /// Create the slot as TEMPORARY on the replication connection, for this session
+    /// only (`tail`): it never takes the daemon's slot and vanishes on disconnect.
+    pub temporary_slot: bool,
+    /// Events buffered between the stream and its consumer.
+    pub buffer: usize,
+    /// How often the confirmed position is reported to Postgres at most.
+    pub status_interval: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// Shown in `pg_stat_replication.application_name`.
+    pub application_name: String,
+}
+
+impl StreamConfig {
+    pub fn new(target: PgTarget, slot: impl Into<String>, publication: impl Into<String>) -> Self {
+        StreamConfig {
+            target,
+            slot: slot.into(),
+            publication: publication.into(),
+            temporary_slot: false,
+            buffer: 1024,
+            status_interval: Duration::from_millis(500),
+            backoff_initial: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+            application_name: "wal2cache".into(),
+        }
+    }
+}
+
+/// A running replication stream.
+pub struct Source {
+    events: mpsc::Receiver<Result<SourceEvent, SourceError>>,
+    confirm: watch::Sender<Lsn>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// Confirms positions of a [`Source`] from another task.
+#[derive(Debug, Clone)]
+pub struct Confirmer(watch::Sender<Lsn>);
+
+impl Confirmer {
+    /// Everything up to `lsn` is applied: Postgres may recycle the WAL before it, and
+    /// a restart resumes after it. Positions never go back.
+    pub fn confirm(&self, lsn: Lsn) {
+        self.0.send_if_modified(|current| {
+            let raise = lsn > *current;
+            if raise {
+                *current = lsn;
+            }
+            raise
+        });
+    }
+}
+
+impl Source {
+    /// Starts streaming from the slot's confirmed position. `confirmed` is the last
+    /// position this process confirmed before (`Lsn::ZERO` when none).
+    pub fn start(config: StreamConfig, confirmed: Lsn) -> Source {
+        let (tx, events) = mpsc::channel(config.buffer.max(1));
+        let (confirm, confirm_rx) = watch::channel(confirmed);
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run(config, tx, confirm_rx, stop_rx));
+        Source {
+            events,
+            confirm,
+            stop,
+            task,
+        }
+    }
+
+    /// The next event; `Some(Err)` is fatal and the last item; `None` once stopped.
+    pub async fn next(&mut self) -> Option<Result<SourceEvent, SourceError>> {
+        self.events.recv().await
+    }
+
+    pub fn confirm(&self, lsn: Lsn) {
+        self.confirmer().confirm(lsn);
+    }
+
+    pub fn confirmer(&self) -> Confirmer {
+        Confirmer(self.confirm.clone())
+    }
+
+    /// The highest position confirmed so far.
+    pub fn confirmed(&self) -> Lsn {
+        *self.confirm.borrow()
+    }
+
+    /// Stops streaming: the last confirmed position is sent to Postgres before the
+    /// connection closes.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        drop(self.events);
+        let _ = self.task.await;
+    }
+}
+
+async fn run(
+    config: StreamConfig,
+    tx: mpsc::Sender<Result<SourceEvent, SourceError>>,
+    mut confirm: watch::Receiver<Lsn>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Backoff::new(config.backoff_initial, config.backoff_max);
+    let mut relations = Relations::new();
+    let mut standby = false;
+    let mut sessions = 0u64;
+    loop {
+        let mut session = Session {
+            resumed: sessions > 0,
+            config: &config,
+            relations: &mut relations,
+            tx: &tx,
+            confirm: &mut confirm,
+            stop: &mut stop,
+            started: false,
+        };
+        let result = session.run().await;
+        if session.started {
+            sessions += 1;
+            backoff.reset();
+            standby = false;
+        }
+        let error = match result {
+            Ok(()) => return,
+            Err(e) => e,
+        };
+        let delay = backoff.next_delay();
+        match error.kind() {
+            ErrorKind::Fatal => {
+                let _ = tx.send(Err(error)).await;
+                return;
+            }
+            ErrorKind::Standby if !standby => {
+                standby = true;
+                tracing::warn!(slot = %config.slot, %error, "slot in use by another process: this instance is on standby until it is free");
+            }
+            ErrorKind::Standby => {
+                tracing::debug!(slot = %config.slot, retry_in = ?delay, "still on standby")
+            }
+            ErrorKind::Transient => tracing::warn!(
+                %error,
+                attempt = backoff.attempts(),
+                retry_in = ?delay,
+                "replication connection failed; reconnecting"
+            ),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tx.closed() => return,
+        }
+    }
+}
+
+struct Session<'a> {
+    config: &'a StreamConfig,
+    relations: &'a mut Relations,
+    tx: &'a mpsc::Sender<Result<SourceEvent, SourceError>>,
+    confirm: &'a mut watch::Receiver<Lsn>,
+    stop: &'a mut watch::Receiver<bool>,
+    started: bool,
+    /// An earlier session of this stream had started.
+    resumed: bool,
+}
+
+fn wire(lsn: Lsn) -> pgwire_replication::Lsn {
+    pgwire_replication::Lsn(lsn.0)
+}
+
+fn ours(lsn: pgwire_replication::Lsn) -> Lsn {
+    Lsn(lsn.0)
+}
+
+impl Session<'_> {
+    fn error(&self, e: pgwire_replication::PgWireError) -> SourceError {
+        SourceError::from_replication(e, &self.config.slot, &self.config.target.user)
+    }
+
+    async fn connect(c: &StreamConfig, confirmed: Lsn) -> Result<ReplicationClient, SourceError> {
+        let t = &c.target;
+        let err = |e| SourceError::from_replication(e, &c.slot, &t.user);
+        let replication = ReplicationConfig::new(
+            t.host.clone(),
+            t.user.clone(),
+            t.password(),
+            t.database.clone(),
+            c.slot.clone(),
+            c.publication.as_str(),
+        )
+        .with_port(t.port)
+        // Zero: resume from the slot's confirmed_flush_lsn.
+        .with_start_lsn(pgwire_replication::Lsn(0))
+        .with_ack_lsn(wire(confirmed))
+        .with_status_interval(c.status_interval)
+        .with_wakeup_interval(Duration::from_secs(5))
+        .with_buffer_size(c.buffer.clamp(16, 1024))
+        .with_application_name(c.application_name.clone());
+        let mut client = ReplicationClient::connect_gated(replication)
+            .await
+            .map_err(err)?;
+        if c.temporary_slot {
+            let sql = format!(
+                "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+                c.slot
+            );
+            client.simple_query(&sql).await.map_err(err)?;
+        }
+        client.start().await.map_err(err)?;
+        client.wait_started().await.map_err(err)?;
+        Ok(client)
+    }
+
+    async fn run(&mut self) -> Result<(), SourceError> {
+        let confirmed = *self.confirm.borrow_and_update();
+        let mut client = tokio::select! {
+            client = Self::connect(self.config, confirmed) => client?,
+            _ = self.stop.wait_for(|s| *s) => return Ok(()),
+        };
+        self.started = true;
+        if self.resumed && self.config.temporary_slot {
+            tracing::warn!(slot = %self.config.slot, "reconnected on a new temporary slot: changes committed while disconnected are not shown");
+        }
+        // A new session describes every relation again before using it.
+        self.relations.reset();
+        tracing::info!(slot = %self.config.slot, server = %self.config.target.display(), "streaming");
+        let result = self.stream(&mut client).await;
+        // Hand the last confirmation to the worker, then close cleanly so Postgres
+        // records it (a failed session has nothing more to say).
+        client.update_applied_lsn(wire(*self.confirm.borrow()));
+        if result.is_ok() {
+            let _ = client.shutdown().await;
+        } else {
+            client.abort();
+        }
+        result
+    }
+
+    async fn stream(&mut self, client: &mut ReplicationClient) -> Result<(), SourceError> {
+        loop {
+            let event = tokio::select! {
+                biased;
+                _ = self.stop.wait_for(|s| *s) => return Ok(()),
+                changed = self.confirm.changed() => {
+                    if changed.is_ok() {
+                        client.update_applied_lsn(wire(*self.confirm.borrow_and_update()));
+                    }
+                    continue;
+                }
+                event = client.recv() => event,
+            };
+            let message = match event.map_err(|e| self.error(e))? {
+                None => return Err(SourceError::Ended),
+                Some(ReplicationEvent::KeepAlive { .. }) => continue,
+                Some(ReplicationEvent::StoppedAt { .. }) => return Ok(()),
+                Some(ReplicationEvent::Begin {
+                    final_lsn,
+                    xid,
+                    commit_time_micros,
+                }) => Message::Begin(Begin {
+                    final_lsn: ours(final_lsn),
+                    commit_time: commit_time_micros,
+                    xid,
+                }),
+                Some(ReplicationEvent::Commit {
+                    lsn,
+                    end_lsn,
+                    commit_time_micros,
+                }) => Message::Commit(Commit {
+                    flags: 0,
+                    commit_lsn: ours(lsn),
+                    end_lsn: ours(end_lsn),
+                    commit_time: commit_time_micros,
+                }),
+                Some(ReplicationEvent::Message {
+                    transactional,
+                    lsn,
+                    prefix,
+                    content,
+                }) => Message::Message(pgoutput::LogicalMessage {
+                    transactional,
+                    lsn: ours(lsn),
+                    prefix,
+                    content,
+                }),
+                Some(ReplicationEvent::XLogData {
+                    wal_start, data, ..
+                }) => pgoutput::decode(&data).map_err(|source| SourceError::Decode {
+                    lsn: ours(wal_start),
+                    source,
+                })?,
+            };
+            let Some(event) = self.relations.apply(message)? else {
+                continue;
+            };
+            // Wait for room without losing the event, still forwarding confirmations.
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = self.stop.wait_for(|s| *s) => return Ok(()),
+                    changed = self.confirm.changed() => {
+                        if changed.is_ok() {
+                            client.update_applied_lsn(wire(*self.confirm.borrow_and_update()));
+                        }
+                    }
+                    permit = self.tx.reserve() => match permit {
+                        Ok(permit) => {
+                            permit.send(Ok(event));
+                            break;
+                        }
+                        // The consumer is gone: nothing left to do.
+                        Err(_) => return Ok(()),
+                    },
+                }
+            }
+        }
+    }
+}

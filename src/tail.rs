@@ -1,0 +1,105 @@
+//! `wal2cache tail`: every decoded change as one JSON object per line, so a user can
+//! see exactly what the daemon sees.
+
+use serde_json::{json, Map, Value as Json};
+
+use crate::source::change::{Change, SourceEvent, TxnInfo};
+use crate::source::pgoutput::OldKind;
+use crate::source::value::{row_to_json, ValueError};
+use crate::source::format_pg_time;
+
+/// Turns source events into JSON lines; remembers the transaction in progress so every
+/// line carries its xid, commit LSN and commit time.
+#[derive(Debug, Default)]
+pub struct TailFormatter {
+    txn: Option<TxnInfo>,
+}
+
+impl TailFormatter {
+    /// The line for an event, if it gets one (Begin and Commit don't).
+    pub fn line(&mut self, event: &SourceEvent) -> Result<Option<Json>, ValueError> {
+        let mut line = match event {
+            SourceEvent::Begin(txn) => {
+                self.txn = Some(*txn);
+                return Ok(None);
+            }
+            SourceEvent::Commit(_) => {
+                self.txn = None;
+                return Ok(None);
+            }
+            SourceEvent::Change(change) => change_json(change)?,
+            SourceEvent::Truncate {
+                relations,
+                cascade,
+                restart_identity,
+            } => {
+                let mut m = Map::new();
+                m.insert("op".into(), json!("truncate"));
+                let tables: Vec<String> = relations.iter().map(|r| r.qualified_name()).collect();
+                m.insert("tables".into(), json!(tables));
+                m.insert("cascade".into(), json!(cascade));
+                m.insert("restart_identity".into(), json!(restart_identity));
+                m
+            }
+            SourceEvent::Message {
+                transactional,
+                lsn,
+                prefix,
+                content,
+            } => {
+                let mut m = Map::new();
+                m.insert("op".into(), json!("message"));
+                m.insert("message_lsn".into(), json!(lsn.to_string()));
+                m.insert("transactional".into(), json!(transactional));
+                m.insert("prefix".into(), json!(prefix));
+                match std::str::from_utf8(content) {
+                    Ok(text) => m.insert("content".into(), json!(text)),
+                    Err(_) => m.insert("content_hex".into(), json!(hex(content))),
+                };
+                m
+            }
+        };
+        let mut out = Map::new();
+        if let Some(txn) = self.txn.filter(|_| !is_bare_message(event)) {
+            out.insert("lsn".into(), json!(txn.commit_lsn.to_string()));
+            out.insert("xid".into(), json!(txn.xid));
+            out.insert("commit_time".into(), json!(format_pg_time(txn.commit_time)));
+        }
+        out.append(&mut line);
+        Ok(Some(Json::Object(out)))
+    }
+}
+
+fn is_bare_message(event: &SourceEvent) -> bool {
+    matches!(event, SourceEvent::Message { transactional: false, .. })
+}
+
+fn change_json(change: &Change) -> Result<Map<String, Json>, ValueError> {
+    let r = &change.relation;
+    let mut m = Map::new();
+    m.insert("table".into(), json!(r.qualified_name()));
+    m.insert("op".into(), json!(change.op.as_str()));
+    m.insert("replica_identity".into(), json!(r.replica_identity.as_str()));
+    let keys: Vec<&str> = r.columns.iter().filter(|c| c.is_key).map(|c| c.name.as_str()).collect();
+    m.insert("key_columns".into(), json!(keys));
+    if let Some(old) = &change.old {
+        m.insert("old".into(), Json::Object(row_to_json(r, old)?));
+        let kind = match change.old_kind {
+            Some(OldKind::Full) => "full",
+            _ => "key",
+        };
+        m.insert("old_kind".into(), json!(kind));
+    }
+    if let Some(new) = &change.new {
+        m.insert("new".into(), Json::Object(row_to_json(r, new)?));
+    }
+    let unchanged: Vec<&str> = change.unchanged_columns().collect();
+    if !unchanged.is_empty() {
+        m.insert("unchanged".into(), json!(unchanged));
+    }
+    Ok(m)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
