@@ -1,0 +1,253 @@
+#!/usr/bin/env bash
+# shellcheck disable=SC2034 # the settings below are used by the sourcing scripts
+# Shared settings and helpers for the local development/test services.
+# Sourced by deploy/local/services.sh; not meant to be executed directly.
+#
+# Everything lives under "$ROOT/.local" (git-ignored), except the PostgreSQL
+# directory when the OS user `postgres` cannot traverse to it (for example a
+# checkout under a 0700 /root): then it lives in /tmp/wal2cache-<hash>/postgres.
+
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+    echo "$0 is a library: source it (services.sh does), do not run it" >&2
+    exit 1
+fi
+# Strict mode for the scripts that source this file; an interactive shell
+# sourcing it (to get the variables) is left alone.
+[[ $- == *i* ]] || set -euo pipefail
+
+if [[ -n "${WAL2CACHE_LOCAL_LIB_LOADED:-}" ]]; then
+    return 0
+fi
+WAL2CACHE_LOCAL_LIB_LOADED=1
+
+# ---------------------------------------------------------------------------
+# Locations and ports
+# ---------------------------------------------------------------------------
+
+ROOT="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/../.." && pwd -P)"
+LOCAL="$ROOT/.local"
+
+HOST=127.0.0.1
+PG_PORT=54320
+REDIS_PORT=63790
+KAFKA_PORT=19092
+
+PG_VERSION=15
+PG_BIN="/usr/lib/postgresql/$PG_VERSION/bin"
+PG_LIB="/usr/lib/postgresql/$PG_VERSION/lib"
+PG_OS_USER=postgres
+PG_SUPERUSER=postgres
+PG_APP_ROLE=wal2cache
+PG_APP_PASSWORD=wal2cache
+PG_APP_DB=wal2cache_demo
+
+# Set by pg_resolve_dirs (needs the `postgres` OS user, i.e. an installed server).
+PG_DIR=""
+PG_DATA=""
+PG_LOG=""
+PG_SOCKET_DIR=""
+
+REDIS_DIR="$LOCAL/redis"
+REDIS_DATA="$REDIS_DIR/data"
+REDIS_LOG="$REDIS_DIR/redis.log"
+REDIS_PIDFILE="$REDIS_DIR/redis.pid"
+
+TANSU_VERSION=0.6.0
+TANSU_DIR="$LOCAL/tansu"
+TANSU_DATA="$TANSU_DIR/data"
+TANSU_LOG="$TANSU_DIR/tansu.log"
+TANSU_PIDFILE="$TANSU_DIR/tansu.pid"
+TANSU_STORAGE_ENGINE="memory://tansu/"
+TANSU_LISTENER_URL="tcp://$HOST:$KAFKA_PORT"
+
+# Seconds to wait for a server to come up.
+START_TIMEOUT="${WAL2CACHE_START_TIMEOUT:-30}"
+# Lines of log shown when something fails.
+LOG_TAIL_LINES=40
+
+# ---------------------------------------------------------------------------
+# Messages
+# ---------------------------------------------------------------------------
+
+if [[ -t 2 && -z "${NO_COLOR:-}" ]]; then
+    _C_INFO=$'\e[1;34m' _C_OK=$'\e[1;32m' _C_WARN=$'\e[1;33m' _C_ERR=$'\e[1;31m' _C_OFF=$'\e[0m'
+else
+    _C_INFO="" _C_OK="" _C_WARN="" _C_ERR="" _C_OFF=""
+fi
+
+log_info() { printf '%s==>%s %s\n' "$_C_INFO" "$_C_OFF" "$*" >&2; }
+log_ok() { printf '%s ok%s %s\n' "$_C_OK" "$_C_OFF" "$*" >&2; }
+log_warn() { printf '%swarning:%s %s\n' "$_C_WARN" "$_C_OFF" "$*" >&2; }
+log_error() { printf '%serror:%s %s\n' "$_C_ERR" "$_C_OFF" "$*" >&2; }
+die() {
+    log_error "$*"
+    exit 1
+}
+
+# show_log_tail FILE: print the last lines of a log file to stderr.
+show_log_tail() {
+    local file="$1"
+    if [[ -s "$file" ]]; then
+        printf -- '----- last %d lines of %s -----\n' "$LOG_TAIL_LINES" "$file" >&2
+        tail -n "$LOG_TAIL_LINES" -- "$file" >&2 || true
+        printf -- '----- end of %s -----\n' "$file" >&2
+    else
+        printf -- '(log %s is empty or missing)\n' "$file" >&2
+    fi
+}
+
+# fail_with_log FILE MESSAGE...: print the log tail, then die.
+fail_with_log() {
+    local file="$1"
+    shift
+    show_log_tail "$file"
+    die "$*"
+}
+
+# ---------------------------------------------------------------------------
+# Small utilities
+# ---------------------------------------------------------------------------
+
+is_root() { [[ "$(id -u)" -eq 0 ]]; }
+
+require_root() {
+    is_root || die "$* must run as root (it uses runuser/apt-get); retry with sudo"
+}
+
+# port_open HOST PORT: true when something accepts TCP connections there.
+port_open() {
+    # shellcheck disable=SC2016 # expanded by the inner shell
+    timeout 2 bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$1" "$2" 2>/dev/null
+}
+
+# pid_alive PID: the process exists.
+pid_alive() {
+    [[ "$1" =~ ^[0-9]+$ ]] && kill -0 "$1" 2>/dev/null
+}
+
+# read_pidfile FILE: print the pid stored in FILE (empty if none/invalid).
+read_pidfile() {
+    local pid=""
+    if [[ -r "$1" ]]; then
+        read -r pid <"$1" || true
+    fi
+    if [[ "$pid" =~ ^[0-9]+$ ]]; then
+        printf '%s\n' "$pid"
+    fi
+}
+
+# pid_is PID NAME: the process is alive and its executable name is NAME.
+pid_is() {
+    local pid="$1" name="$2" comm=""
+    pid_alive "$pid" || return 1
+    read -r comm <"/proc/$pid/comm" 2>/dev/null || return 1
+    [[ "$comm" == "$name"* ]]
+}
+
+# wait_pid_exit PID SECONDS: wait for a process to exit; false on timeout.
+wait_pid_exit() {
+    local pid="$1" deadline=$((SECONDS + $2))
+    while pid_alive "$pid"; do
+        ((SECONDS < deadline)) || return 1
+        sleep 0.2
+    done
+}
+
+short_hash() {
+    printf '%s' "$1" | sha256sum | cut -c1-10
+}
+
+# as_postgres CMD...: run a command as the postgres OS user, from a directory
+# it can read (avoids "could not change directory to /root" noise).
+as_postgres() {
+    # 9>&-: never leak the services lock (see take_lock) into the postmaster.
+    (cd / && runuser -u "$PG_OS_USER" -- "$@" 9>&-)
+}
+
+# ---------------------------------------------------------------------------
+# PostgreSQL directory selection
+# ---------------------------------------------------------------------------
+
+# pg_resolve_dirs: set PG_DIR, PG_DATA, PG_LOG, PG_SOCKET_DIR. Creates $LOCAL
+# and the chosen directory (owned by postgres, mode 0700). Requires root and
+# the postgres OS user.
+pg_resolve_dirs() {
+    [[ -n "$PG_DIR" ]] && return 0
+    id -u "$PG_OS_USER" >/dev/null 2>&1 ||
+        die "OS user '$PG_OS_USER' does not exist: install PostgreSQL first ($0 install)"
+    require_root "managing PostgreSQL"
+
+    mkdir -p -- "$LOCAL"
+    if as_postgres test -x "$LOCAL"; then
+        PG_DIR="$LOCAL/postgres"
+    else
+        local base
+        base="/tmp/wal2cache-$(short_hash "$ROOT")"
+        if [[ ! -d "$base" ]]; then
+            mkdir -m 0755 -- "$base"
+        fi
+        if [[ -L "$base" || "$(stat -c %u -- "$base")" != "$(id -u)" ]]; then
+            die "$base exists but is not a directory owned by $(id -un); remove it and retry"
+        fi
+        PG_DIR="$base/postgres"
+        if [[ -z "${_PG_FALLBACK_REPORTED:-}" ]]; then
+            log_info "user '$PG_OS_USER' cannot reach $LOCAL; PostgreSQL lives in $PG_DIR instead"
+            _PG_FALLBACK_REPORTED=1
+        fi
+    fi
+    PG_DATA="$PG_DIR/data"
+    PG_LOG="$PG_DIR/postgresql.log"
+    PG_SOCKET_DIR="$PG_DIR"
+    # Unix socket paths are limited to 107 bytes.
+    local sock="$PG_SOCKET_DIR/.s.PGSQL.$PG_PORT.lock"
+    if ((${#sock} > 100)); then
+        die "socket path $sock is too long for a Unix socket; use a shorter checkout path"
+    fi
+
+    if [[ ! -d "$PG_DIR" ]]; then
+        mkdir -p -- "$PG_DIR"
+    fi
+    chown "$PG_OS_USER:" -- "$PG_DIR"
+    chmod 0700 -- "$PG_DIR"
+}
+
+# pg_dir_if_known: like pg_resolve_dirs but never creates anything and never
+# dies; used by `status`. Leaves PG_DIR empty when it cannot tell.
+pg_dir_if_known() {
+    [[ -n "$PG_DIR" ]] && return 0
+    local fallback
+    fallback="/tmp/wal2cache-$(short_hash "$ROOT")/postgres"
+    if [[ -d "$LOCAL/postgres" ]]; then
+        PG_DIR="$LOCAL/postgres"
+    elif [[ -d "$fallback" ]]; then
+        PG_DIR="$fallback"
+    else
+        return 0
+    fi
+    PG_DATA="$PG_DIR/data"
+    PG_LOG="$PG_DIR/postgresql.log"
+    PG_SOCKET_DIR="$PG_DIR"
+}
+
+# ---------------------------------------------------------------------------
+# Tansu binary
+# ---------------------------------------------------------------------------
+
+# tansu_bin: print the path of the tansu binary, or nothing.
+tansu_bin() {
+    local candidate
+    if [[ -n "${TANSU_BIN:-}" && -x "$TANSU_BIN" ]]; then
+        printf '%s\n' "$TANSU_BIN"
+        return 0
+    fi
+    if candidate="$(command -v tansu 2>/dev/null)"; then
+        printf '%s\n' "$candidate"
+        return 0
+    fi
+    candidate="${CARGO_HOME:-$HOME/.cargo}/bin/tansu"
+    if [[ -x "$candidate" ]]; then
+        printf '%s\n' "$candidate"
+        return 0
+    fi
+    return 1
+}

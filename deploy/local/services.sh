@@ -1,0 +1,607 @@
+#!/usr/bin/env bash
+# Local development/test services for wal2cache: PostgreSQL 15 (logical
+# replication), Redis and a Kafka-compatible broker (Tansu, in-memory storage).
+#
+# Usage: deploy/local/services.sh COMMAND [SERVICE]   (see `help`)
+set -euo pipefail
+
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
+
+usage() {
+    cat <<EOF
+Usage: $0 COMMAND [ARGS]
+
+Commands:
+  install [pg|redis|kafka|all]   install what is missing (apt-get, cargo install)
+  start   [pg|redis|kafka|all]   install if missing, then start (no-op if running)
+  stop    [pg|redis|kafka|all]   stop what runs (no error if nothing runs)
+  restart [pg|redis|kafka|all]   stop then start
+  status                         one line per service; exit 0 only if all run
+  topic   NAME [PARTITIONS]      create a topic on the local broker (default 1 partition)
+  topics                         list the topics of the local broker
+  reset   [pg|redis|kafka|all]   stop and delete the data directories
+  env                            print the environment variables the tests read
+  help                           this text
+
+SERVICE defaults to all. Aliases: postgres=pg, tansu=kafka.
+
+Addresses (all bound to $HOST):
+  PostgreSQL $PG_VERSION  $HOST:$PG_PORT   superuser '$PG_SUPERUSER' (trust from $HOST),
+                         role '$PG_APP_ROLE'/'$PG_APP_PASSWORD' (scram), database '$PG_APP_DB'
+  Redis          $HOST:$REDIS_PORT   no persistence
+  Kafka (Tansu)  $HOST:$KAFKA_PORT   storage $TANSU_STORAGE_ENGINE (lost on stop)
+EOF
+}
+
+# ===========================================================================
+# Installation
+# ===========================================================================
+
+_APT_UPDATED=""
+
+apt_install() {
+    require_root "installing packages"
+    if [[ -z "$_APT_UPDATED" ]]; then
+        log_info "apt-get update"
+        DEBIAN_FRONTEND=noninteractive apt-get update -q 9>&-
+        _APT_UPDATED=1
+    fi
+    log_info "apt-get install -y $*"
+    # 9>&-: do not leak the services lock into daemons the packages may start.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" 9>&-
+}
+
+pg_installed() {
+    local tool
+    for tool in initdb pg_ctl postgres pg_isready psql pg_recvlogical; do
+        [[ -x "$PG_BIN/$tool" ]] || return 1
+    done
+    [[ -f "$PG_LIB/test_decoding.so" ]] || return 1
+    id -u "$PG_OS_USER" >/dev/null 2>&1
+}
+
+redis_installed() {
+    command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1
+}
+
+tansu_installed() {
+    tansu_bin >/dev/null
+}
+
+install_pg() {
+    if pg_installed; then
+        log_ok "PostgreSQL $PG_VERSION is installed ($PG_BIN)"
+        return 0
+    fi
+    # Installing the Debian package creates (and may start) its own cluster
+    # 15/main on port 5432: harmless, these scripts never use it.
+    apt_install "postgresql-$PG_VERSION"
+    # Debian 12 ships the contrib modules (test_decoding included) inside
+    # postgresql-15, which also Provides the virtual postgresql-contrib-15;
+    # only where test_decoding is still missing is a real contrib package tried.
+    if [[ ! -f "$PG_LIB/test_decoding.so" ]] &&
+        apt-cache show "postgresql-contrib-$PG_VERSION" >/dev/null 2>&1; then
+        apt_install "postgresql-contrib-$PG_VERSION"
+    fi
+    pg_installed ||
+        die "PostgreSQL $PG_VERSION is still incomplete after apt-get (need $PG_BIN/{initdb,pg_ctl,pg_recvlogical,...} and $PG_LIB/test_decoding.so)"
+    log_ok "PostgreSQL $PG_VERSION installed"
+}
+
+install_redis() {
+    if redis_installed; then
+        log_ok "Redis is installed ($(command -v redis-server))"
+        return 0
+    fi
+    apt_install redis-server
+    redis_installed || die "redis-server/redis-cli still missing after apt-get"
+    log_ok "Redis installed"
+}
+
+install_kafka() {
+    local bin
+    if bin="$(tansu_bin)"; then
+        log_ok "Tansu is installed ($bin)"
+        return 0
+    fi
+    command -v cargo >/dev/null 2>&1 ||
+        die "cargo not found: install a Rust toolchain (rustup) to build Tansu"
+    local building
+    if building="$(pgrep -f 'cargo install tansu' | tr '\n' ' ')" && [[ -n "$building" ]]; then
+        die "a 'cargo install tansu' is already running (pid ${building% }); wait for it to finish, then retry"
+    fi
+    log_info "building Tansu $TANSU_VERSION: cargo install tansu --version $TANSU_VERSION --features dynostore --locked (takes ~15 min)"
+    cargo install tansu --version "$TANSU_VERSION" --features dynostore --locked 9>&-
+    bin="$(tansu_bin)" || die "cargo install finished but no tansu binary found"
+    log_ok "Tansu installed ($bin)"
+}
+
+# ===========================================================================
+# PostgreSQL
+# ===========================================================================
+
+# pg_pid: pid of the running postmaster of our data directory (empty if none).
+pg_pid() {
+    local pid=""
+    [[ -n "$PG_DATA" && -r "$PG_DATA/postmaster.pid" ]] || return 0
+    read -r pid <"$PG_DATA/postmaster.pid" || true
+    if pid_is "$pid" postgres; then
+        printf '%s\n' "$pid"
+    fi
+}
+
+pg_running() {
+    [[ -n "$(pg_pid)" ]]
+}
+
+psql_super() {
+    PGCONNECT_TIMEOUT=5 "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 \
+        -h "$HOST" -p "$PG_PORT" -U "$PG_SUPERUSER" -d postgres "$@"
+}
+
+pg_write_config() {
+    local sockdir="${PG_SOCKET_DIR//\'/\'\'}"
+    cat >"$PG_DATA/wal2cache.conf" <<EOF
+# Written by deploy/local/services.sh on every start: edit the script, not this file.
+# Development/test server: durability is traded for speed.
+listen_addresses = '$HOST'
+port = $PG_PORT
+unix_socket_directories = '$sockdir'
+max_connections = 300
+shared_buffers = 256MB
+wal_level = logical
+max_replication_slots = 200
+max_wal_senders = 200
+wal_sender_timeout = 60s
+max_slot_wal_keep_size = -1
+fsync = off
+# With fsync off a synchronous commit costs nothing, and logical decoding sees a
+# commit at once (with it off, only after the WAL writer's next flush).
+synchronous_commit = on
+full_page_writes = off
+password_encryption = 'scram-sha-256'
+log_line_prefix = '%m [%p] %q%u@%d '
+EOF
+    cat >"$PG_DATA/pg_hba.conf" <<'EOF'
+# Written by deploy/local/services.sh on every start.
+# TYPE  DATABASE     USER      ADDRESS        METHOD
+local   all          all                      trust
+host    all          postgres  127.0.0.1/32   trust
+host    replication  postgres  127.0.0.1/32   trust
+host    all          all       127.0.0.1/32   scram-sha-256
+host    replication  all       127.0.0.1/32   scram-sha-256
+EOF
+    chown "$PG_OS_USER:" -- "$PG_DATA/wal2cache.conf" "$PG_DATA/pg_hba.conf"
+    chmod 0600 -- "$PG_DATA/wal2cache.conf" "$PG_DATA/pg_hba.conf"
+    if ! grep -qxF "include 'wal2cache.conf'" "$PG_DATA/postgresql.conf"; then
+        printf "\n# Added by deploy/local/services.sh\ninclude 'wal2cache.conf'\n" >>"$PG_DATA/postgresql.conf"
+    fi
+}
+
+pg_initdb() {
+    if [[ -s "$PG_DATA/PG_VERSION" ]]; then
+        local version
+        read -r version <"$PG_DATA/PG_VERSION"
+        [[ "$version" == "$PG_VERSION" ]] ||
+            die "$PG_DATA holds a PostgreSQL $version cluster, expected $PG_VERSION: run '$0 reset pg'"
+        return 0
+    fi
+    if [[ -d "$PG_DATA" ]] && [[ -n "$(ls -A -- "$PG_DATA")" ]]; then
+        die "$PG_DATA exists but is not a PostgreSQL data directory: run '$0 reset pg'"
+    fi
+    log_info "initdb $PG_DATA"
+    local initlog="$PG_DIR/initdb.log"
+    if ! as_postgres "$PG_BIN/initdb" -D "$PG_DATA" -U "$PG_SUPERUSER" \
+        --encoding=UTF8 --locale=C \
+        --auth-local=trust --auth-host=scram-sha-256 >"$initlog" 2>&1; then
+        fail_with_log "$initlog" "initdb failed"
+    fi
+}
+
+pg_ensure_objects() {
+    local out
+    if ! out="$(psql_super -v role="$PG_APP_ROLE" -v pw="$PG_APP_PASSWORD" -v db="$PG_APP_DB" 2>&1 <<'SQL'
+SELECT format('CREATE ROLE %I', :'role')
+ WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'role') \gexec
+SELECT format('ALTER ROLE %I LOGIN REPLICATION PASSWORD %L', :'role', :'pw') \gexec
+SELECT format('CREATE DATABASE %I OWNER %I', :'db', :'role')
+ WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = :'db') \gexec
+SQL
+    )"; then
+        printf '%s\n' "$out" >&2
+        die "could not create role '$PG_APP_ROLE' / database '$PG_APP_DB'"
+    fi
+}
+
+start_pg() {
+    pg_installed || install_pg
+    pg_resolve_dirs
+    local pid
+    pid="$(pg_pid)"
+    if [[ -n "$pid" ]]; then
+        log_ok "postgres already running on $HOST:$PG_PORT (pid $pid, data $PG_DATA)"
+        return 0
+    fi
+    if port_open "$HOST" "$PG_PORT"; then
+        die "port $HOST:$PG_PORT is in use by another process: $(ss -Htlnp "sport = :$PG_PORT" 2>/dev/null | head -n1)"
+    fi
+    pg_initdb
+    pg_write_config
+
+    log_info "starting postgres on $HOST:$PG_PORT (data $PG_DATA, log $PG_LOG)"
+    local out
+    if ! out="$(as_postgres "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" \
+        -w -t "$START_TIMEOUT" start 2>&1)"; then
+        printf '%s\n' "$out" >&2
+        fail_with_log "$PG_LOG" "postgres failed to start"
+    fi
+    local deadline=$((SECONDS + START_TIMEOUT))
+    until "$PG_BIN/pg_isready" -q -h "$HOST" -p "$PG_PORT" -U "$PG_SUPERUSER" -d postgres; do
+        ((SECONDS < deadline)) ||
+            fail_with_log "$PG_LOG" "postgres did not accept connections on $HOST:$PG_PORT within ${START_TIMEOUT}s"
+        sleep 0.3
+    done
+    pg_ensure_objects
+    log_ok "postgres running on $HOST:$PG_PORT (pid $(pg_pid)); role '$PG_APP_ROLE', database '$PG_APP_DB'"
+}
+
+stop_pg() {
+    pg_dir_if_known
+    local pid
+    pid="$(pg_pid)"
+    if [[ -z "$pid" ]]; then
+        log_ok "postgres not running"
+        return 0
+    fi
+    require_root "stopping PostgreSQL"
+    log_info "stopping postgres (pid $pid)"
+    local out
+    if ! out="$(as_postgres "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -w -t 60 stop 2>&1)"; then
+        printf '%s\n' "$out" >&2
+        fail_with_log "$PG_LOG" "pg_ctl stop failed"
+    fi
+    log_ok "postgres stopped"
+}
+
+# ===========================================================================
+# Redis
+# ===========================================================================
+
+redis_pid() {
+    local pid
+    pid="$(read_pidfile "$REDIS_PIDFILE")"
+    if [[ -n "$pid" ]] && pid_is "$pid" redis-server; then
+        printf '%s\n' "$pid"
+    fi
+}
+
+redis_ping() {
+    [[ "$(timeout 3 redis-cli -h "$HOST" -p "$REDIS_PORT" ping 2>/dev/null)" == PONG ]]
+}
+
+start_redis() {
+    redis_installed || install_redis
+    local pid
+    pid="$(redis_pid)"
+    if [[ -n "$pid" ]]; then
+        log_ok "redis already running on $HOST:$REDIS_PORT (pid $pid)"
+        return 0
+    fi
+    if port_open "$HOST" "$REDIS_PORT"; then
+        die "port $HOST:$REDIS_PORT is in use by another process: $(ss -Htlnp "sport = :$REDIS_PORT" 2>/dev/null | head -n1)"
+    fi
+    mkdir -p -- "$REDIS_DATA"
+    rm -f -- "$REDIS_PIDFILE"
+    log_info "starting redis on $HOST:$REDIS_PORT (dir $REDIS_DATA, log $REDIS_LOG)"
+    # No config file: built-in defaults plus these options (not /etc/redis).
+    if ! redis-server --port "$REDIS_PORT" --bind "$HOST" --daemonize yes \
+        --dir "$REDIS_DATA" --logfile "$REDIS_LOG" --pidfile "$REDIS_PIDFILE" \
+        --save "" --appendonly no 9>&-; then
+        fail_with_log "$REDIS_LOG" "redis-server failed to start"
+    fi
+    local deadline=$((SECONDS + START_TIMEOUT))
+    until redis_ping; do
+        ((SECONDS < deadline)) ||
+            fail_with_log "$REDIS_LOG" "redis did not answer PING on $HOST:$REDIS_PORT within ${START_TIMEOUT}s"
+        sleep 0.2
+    done
+    # The pid file is written right after the daemon forks; give it a moment.
+    until pid="$(redis_pid)" && [[ -n "$pid" ]]; do
+        ((SECONDS < deadline)) ||
+            fail_with_log "$REDIS_LOG" "redis answers PING but wrote no pid file $REDIS_PIDFILE"
+        sleep 0.2
+    done
+    log_ok "redis running on $HOST:$REDIS_PORT (pid $pid)"
+}
+
+stop_redis() {
+    local pid
+    pid="$(redis_pid)"
+    if [[ -z "$pid" ]]; then
+        log_ok "redis not running"
+        return 0
+    fi
+    log_info "stopping redis (pid $pid)"
+    timeout 10 redis-cli -h "$HOST" -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+    if ! wait_pid_exit "$pid" 10; then
+        log_warn "redis did not shut down on request; sending SIGTERM"
+        kill -TERM "$pid" 2>/dev/null || true
+        wait_pid_exit "$pid" 10 || fail_with_log "$REDIS_LOG" "redis (pid $pid) does not stop"
+    fi
+    rm -f -- "$REDIS_PIDFILE"
+    log_ok "redis stopped"
+}
+
+# ===========================================================================
+# Kafka-compatible broker (Tansu)
+# ===========================================================================
+
+tansu_pid() {
+    local pid
+    pid="$(read_pidfile "$TANSU_PIDFILE")"
+    if [[ -n "$pid" ]] && pid_is "$pid" tansu; then
+        printf '%s\n' "$pid"
+    fi
+}
+
+start_kafka() {
+    tansu_installed || install_kafka
+    local bin pid
+    bin="$(tansu_bin)"
+    pid="$(tansu_pid)"
+    if [[ -n "$pid" ]]; then
+        log_ok "kafka (tansu) already running on $HOST:$KAFKA_PORT (pid $pid)"
+        return 0
+    fi
+    if port_open "$HOST" "$KAFKA_PORT"; then
+        die "port $HOST:$KAFKA_PORT is in use by another process: $(ss -Htlnp "sport = :$KAFKA_PORT" 2>/dev/null | head -n1)"
+    fi
+    mkdir -p -- "$TANSU_DATA"
+    # tansu loads a .env file from its working directory or any parent: an
+    # empty one here keeps a project-level .env from configuring the broker.
+    : >"$TANSU_DATA/.env"
+    rm -f -- "$TANSU_PIDFILE"
+    printf '\n===== %s: starting %s broker =====\n' "$(date -Is)" "$bin" >>"$TANSU_LOG"
+    log_info "starting kafka (tansu) on $HOST:$KAFKA_PORT (storage $TANSU_STORAGE_ENGINE, log $TANSU_LOG)"
+    (
+        cd -- "$TANSU_DATA"
+        # The inner shell records its own pid, then becomes tansu (exec).
+        # shellcheck disable=SC2016 # expanded by the inner shell
+        RUST_LOG="${TANSU_RUST_LOG:-warn}" NO_COLOR=1 \
+            setsid nohup env -u SCHEMA_REGISTRY -u OTEL_EXPORTER_OTLP_ENDPOINT \
+            bash -c 'echo "$$" >"$0" && exec "$@"' "$TANSU_PIDFILE" \
+            "$bin" broker \
+            --cluster-id wal2cache-local \
+            --listener-url "$TANSU_LISTENER_URL" \
+            --advertised-listener-url "$TANSU_LISTENER_URL" \
+            --storage-engine "$TANSU_STORAGE_ENGINE" \
+            >>"$TANSU_LOG" 2>&1 </dev/null 9>&- &
+    )
+    local deadline=$((SECONDS + START_TIMEOUT))
+    until port_open "$HOST" "$KAFKA_PORT"; do
+        if ((SECONDS >= deadline)); then
+            pid="$(read_pidfile "$TANSU_PIDFILE")"
+            if [[ -n "$pid" ]]; then
+                kill -TERM "$pid" 2>/dev/null || true
+            fi
+            fail_with_log "$TANSU_LOG" "tansu did not accept connections on $HOST:$KAFKA_PORT within ${START_TIMEOUT}s"
+        fi
+        pid="$(read_pidfile "$TANSU_PIDFILE")"
+        if [[ -n "$pid" ]] && ! pid_alive "$pid"; then
+            fail_with_log "$TANSU_LOG" "tansu exited during startup"
+        fi
+        sleep 0.3
+    done
+    pid="$(tansu_pid)"
+    [[ -n "$pid" ]] || fail_with_log "$TANSU_LOG" "port $KAFKA_PORT is open but the tansu process from $TANSU_PIDFILE is gone"
+    log_ok "kafka (tansu) running on $HOST:$KAFKA_PORT (pid $pid)"
+}
+
+stop_kafka() {
+    local pid
+    pid="$(tansu_pid)"
+    if [[ -z "$pid" ]]; then
+        rm -f -- "$TANSU_PIDFILE"
+        log_ok "kafka (tansu) not running"
+        return 0
+    fi
+    log_info "stopping kafka (tansu) (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    if ! wait_pid_exit "$pid" 10; then
+        log_warn "tansu ignored SIGTERM for 10s; sending SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+        wait_pid_exit "$pid" 5 || die "tansu (pid $pid) does not die"
+    fi
+    rm -f -- "$TANSU_PIDFILE"
+    log_ok "kafka (tansu) stopped"
+}
+
+cmd_topic() {
+    local name="${1:-}" partitions="${2:-1}" bin out
+    [[ -n "$name" ]] || die "usage: $0 topic NAME [PARTITIONS]"
+    [[ "$partitions" =~ ^[1-9][0-9]*$ ]] || die "PARTITIONS must be a positive integer, got '$partitions'"
+    bin="$(tansu_bin)" || die "tansu is not installed: run '$0 install kafka'"
+    [[ -n "$(tansu_pid)" ]] || die "kafka (tansu) is not running: run '$0 start kafka'"
+    local existing
+    existing="$(tansu_list_topics "$bin")"
+    if grep -qxF -- "$name" <<<"$existing"; then
+        log_ok "topic '$name' already exists"
+        return 0
+    fi
+    if ! out="$(cd / && RUST_LOG=error NO_COLOR=1 "$bin" topic create "$name" \
+        --broker "$TANSU_LISTENER_URL" --partitions "$partitions" 2>&1)"; then
+        printf '%s\n' "$out" >&2
+        die "could not create topic '$name'"
+    fi
+    log_ok "topic '$name' created with $partitions partition(s)"
+}
+
+# tansu_list_topics BIN: one topic name per line.
+tansu_list_topics() {
+    local out
+    out="$(cd / && RUST_LOG=error NO_COLOR=1 "$1" topic list --broker "$TANSU_LISTENER_URL" 2>&1)" ||
+        {
+            printf '%s\n' "$out" >&2
+            die "could not list topics on $HOST:$KAFKA_PORT"
+        }
+    # Output is a JSON array of topic metadata: [{"error_code":0,"name":"a",...},...].
+    # Kafka topic names only use [a-zA-Z0-9._-], so a grep is enough.
+    printf '%s\n' "$out" | grep -o '"name":"[^"]*"' | sed 's/^"name":"//; s/"$//' || true
+}
+
+cmd_topics() {
+    local bin
+    bin="$(tansu_bin)" || die "tansu is not installed: run '$0 install kafka'"
+    [[ -n "$(tansu_pid)" ]] || die "kafka (tansu) is not running: run '$0 start kafka'"
+    tansu_list_topics "$bin"
+}
+
+# ===========================================================================
+# Status, reset, env
+# ===========================================================================
+
+cmd_status() {
+    local all_up=0 pid
+    pg_dir_if_known
+    pid="$(pg_pid)"
+    [[ -n "$pid" ]] || all_up=1
+    status_line postgres "$HOST:$PG_PORT" "$pid" "${PG_DATA:-(not created yet)}" "${PG_LOG:--}"
+
+    pid="$(redis_pid)"
+    [[ -n "$pid" ]] || all_up=1
+    status_line redis "$HOST:$REDIS_PORT" "$pid" "$REDIS_DATA" "$REDIS_LOG"
+
+    pid="$(tansu_pid)"
+    [[ -n "$pid" ]] || all_up=1
+    status_line kafka "$HOST:$KAFKA_PORT" "$pid" "$TANSU_STORAGE_ENGINE (in memory)" "$TANSU_LOG"
+    return "$all_up"
+}
+
+# status_line NAME ADDRESS PID DATA LOG
+status_line() {
+    local state=stopped
+    [[ -z "$3" ]] || state=running
+    printf '%-9s %-8s %-16s pid %-8s data %s  log %s\n' "$1" "$state" "$2" "${3:--}" "$4" "$5"
+}
+
+# safe_rm_dir DIR: delete DIR if it is one of ours.
+safe_rm_dir() {
+    local dir="$1"
+    [[ -e "$dir" ]] || return 0
+    case "$dir" in
+    "$LOCAL"/?* | /tmp/wal2cache-*/?*) ;;
+    *) die "refusing to delete unexpected path $dir" ;;
+    esac
+    rm -rf -- "$dir"
+    log_ok "deleted $dir"
+}
+
+reset_pg() {
+    stop_pg
+    safe_rm_dir "$LOCAL/postgres"
+    local tmpbase
+    tmpbase="/tmp/wal2cache-$(short_hash "$ROOT")"
+    safe_rm_dir "$tmpbase/postgres"
+    if [[ -d "$tmpbase" ]]; then
+        rmdir -- "$tmpbase" 2>/dev/null || true
+    fi
+}
+
+reset_redis() {
+    stop_redis
+    safe_rm_dir "$REDIS_DIR"
+}
+
+reset_kafka() {
+    stop_kafka
+    safe_rm_dir "$TANSU_DIR"
+}
+
+cmd_env() {
+    cat <<EOF
+export WAL2CACHE_TEST_PG=postgres://$PG_SUPERUSER@$HOST:$PG_PORT/postgres
+export WAL2CACHE_TEST_REDIS=redis://$HOST:$REDIS_PORT
+export WAL2CACHE_TEST_KAFKA=$HOST:$KAFKA_PORT
+EOF
+}
+
+# ===========================================================================
+# Dispatch
+# ===========================================================================
+
+# services TARGET [reverse]: print the services selected by TARGET, in start
+# order (or stop order with "reverse").
+services() {
+    local target="${1:-all}" order="${2:-}"
+    case "$target" in
+    pg | postgres | postgresql) echo pg ;;
+    redis) echo redis ;;
+    kafka | tansu) echo kafka ;;
+    all)
+        if [[ "$order" == reverse ]]; then
+            echo kafka redis pg
+        else
+            echo pg redis kafka
+        fi
+        ;;
+    *) die "unknown service '$target' (expected pg, redis, kafka or all)" ;;
+    esac
+}
+
+# Serialise mutating commands (two `start`s at once must not race).
+take_lock() {
+    mkdir -p -- "$LOCAL"
+    exec 9>"$LOCAL/.services.lock"
+    if ! flock -n 9; then
+        log_info "waiting for another services.sh run to finish (lock $LOCAL/.services.lock)"
+        flock -w 1800 9 || die "timed out waiting for $LOCAL/.services.lock"
+    fi
+}
+
+main() {
+    local cmd="${1:-help}"
+    shift || true
+    local svc list
+    case "$cmd" in
+    install | start | stop | restart | reset)
+        (($# <= 1)) || die "usage: $0 $cmd [pg|redis|kafka|all]"
+        take_lock
+        ;;
+    esac
+    case "$cmd" in
+    install)
+        list="$(services "${1:-all}")"
+        for svc in $list; do "install_$svc"; done
+        ;;
+    start)
+        list="$(services "${1:-all}")"
+        for svc in $list; do "start_$svc"; done
+        ;;
+    stop)
+        list="$(services "${1:-all}" reverse)"
+        for svc in $list; do "stop_$svc"; done
+        ;;
+    restart)
+        list="$(services "${1:-all}" reverse)"
+        for svc in $list; do "stop_$svc"; done
+        list="$(services "${1:-all}")"
+        for svc in $list; do "start_$svc"; done
+        ;;
+    reset)
+        list="$(services "${1:-all}" reverse)"
+        for svc in $list; do "reset_$svc"; done
+        ;;
+    status) cmd_status ;;
+    topic) cmd_topic "$@" ;;
+    topics) cmd_topics ;;
+    env) cmd_env ;;
+    help | -h | --help) usage ;;
+    *)
+        usage >&2
+        die "unknown command '$cmd'"
+        ;;
+    esac
+}
+
+main "$@"
