@@ -52,7 +52,10 @@ mod tests {
             assert!(d <= Duration::from_secs(2), "{d:?} over the cap");
         }
         let late = b.next_delay();
-        assert!(late >= Duration::from_secs(1), "{late:?} should be in the cap's upper half");
+        assert!(
+            late >= Duration::from_secs(1),
+            "{late:?} should be in the cap's upper half"
+        );
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
     }

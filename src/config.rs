@@ -79,7 +79,10 @@ pub enum ConfigError {
     #[error("cannot read config file {path}: {message}")]
     Load { path: PathBuf, message: String },
     #[error("config file {path} is invalid:\n{}", problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
-    Invalid { path: PathBuf, problems: Vec<String> },
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
 }
 
 impl Config {
@@ -198,7 +201,10 @@ brokers = "127.0.0.1:9092"
         let kafka = c.kafka.unwrap();
         assert_eq!(kafka.topic, "wal2cache.invalidations");
         assert_eq!(kafka.properties["linger.ms"], "2");
-        assert_eq!(c.rules.path, f.path().parent().unwrap().join("rules/example.toml"));
+        assert_eq!(
+            c.rules.path,
+            f.path().parent().unwrap().join("rules/example.toml")
+        );
     }
 
     #[test]
@@ -211,9 +217,10 @@ brokers = "127.0.0.1:9092"
 
     #[test]
     fn every_problem_is_listed() {
-        let text = GOOD
-            .replace("name = \"main-db\"", "name = \"\"")
-            .replace("[postgres]", "[postgres]\nslot = \"Bad-Slot\"\npublication = \"p p\"");
+        let text = GOOD.replace("name = \"main-db\"", "name = \"\"").replace(
+            "[postgres]",
+            "[postgres]\nslot = \"Bad-Slot\"\npublication = \"p p\"",
+        );
         let f = write(&text);
         let err = Config::load(f.path()).unwrap_err().to_string();
         for needle in ["name:", "postgres.slot", "postgres.publication"] {

@@ -6,6 +6,8 @@
 pub mod lsn;
 
 #[cfg(feature = "daemon")]
+pub mod app;
+#[cfg(feature = "daemon")]
 pub mod backoff;
 #[cfg(feature = "daemon")]
 pub mod config;
@@ -17,7 +19,5 @@ pub mod rules;
 pub mod source;
 #[cfg(feature = "daemon")]
 pub mod tail;
-#[cfg(feature = "daemon")]
-pub mod app;
 
 pub use lsn::Lsn;

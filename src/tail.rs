@@ -4,9 +4,9 @@
 use serde_json::{json, Map, Value as Json};
 
 use crate::source::change::{Change, SourceEvent, TxnInfo};
+use crate::source::format_pg_time;
 use crate::source::pgoutput::OldKind;
 use crate::source::value::{row_to_json, ValueError};
-use crate::source::format_pg_time;
 
 /// Turns source events into JSON lines; remembers the transaction in progress so every
 /// line carries its xid, commit LSN and commit time.
@@ -71,7 +71,13 @@ impl TailFormatter {
 }
 
 fn is_bare_message(event: &SourceEvent) -> bool {
-    matches!(event, SourceEvent::Message { transactional: false, .. })
+    matches!(
+        event,
+        SourceEvent::Message {
+            transactional: false,
+            ..
+        }
+    )
 }
 
 fn change_json(change: &Change) -> Result<Map<String, Json>, ValueError> {
@@ -79,8 +85,16 @@ fn change_json(change: &Change) -> Result<Map<String, Json>, ValueError> {
     let mut m = Map::new();
     m.insert("table".into(), json!(r.qualified_name()));
     m.insert("op".into(), json!(change.op.as_str()));
-    m.insert("replica_identity".into(), json!(r.replica_identity.as_str()));
-    let keys: Vec<&str> = r.columns.iter().filter(|c| c.is_key).map(|c| c.name.as_str()).collect();
+    m.insert(
+        "replica_identity".into(),
+        json!(r.replica_identity.as_str()),
+    );
+    let keys: Vec<&str> = r
+        .columns
+        .iter()
+        .filter(|c| c.is_key)
+        .map(|c| c.name.as_str())
+        .collect();
     m.insert("key_columns".into(), json!(keys));
     if let Some(old) = &change.old {
         m.insert("old".into(), Json::Object(row_to_json(r, old)?));

@@ -48,8 +48,14 @@ async fn insert_update_delete_truncate_across_schemas_and_identities() {
     ])
     .await;
     // Postgres itself refuses to update a published table without replica identity.
-    let refused = db.client.batch_execute("UPDATE public.nothing_t SET v = 'y'").await;
-    assert!(refused.is_err(), "UPDATE on REPLICA IDENTITY NOTHING was accepted");
+    let refused = db
+        .client
+        .batch_execute("UPDATE public.nothing_t SET v = 'y'")
+        .await;
+    assert!(
+        refused.is_err(),
+        "UPDATE on REPLICA IDENTITY NOTHING was accepted"
+    );
     let events = commits(&mut source, 15).await;
     let cs = changes(&events);
     let summary: Vec<(String, Op)> = cs
@@ -75,7 +81,10 @@ async fn insert_update_delete_truncate_across_schemas_and_identities() {
         ("public.idx_t", Delete),
         ("public.nothing_t", Insert),
     ];
-    let expected: Vec<(String, Op)> = expected.into_iter().map(|(t, o)| (t.to_string(), o)).collect();
+    let expected: Vec<(String, Op)> = expected
+        .into_iter()
+        .map(|(t, o)| (t.to_string(), o))
+        .collect();
     assert_eq!(summary, expected);
 
     // Default identity: an update that keeps the key sends no old row; one that
@@ -91,7 +100,13 @@ async fn insert_update_delete_truncate_across_schemas_and_identities() {
     assert_eq!(cs[4].old.as_ref().unwrap().0[slug], Value::NotSent);
 
     // Composite key: both key columns flagged and sent on delete.
-    let keys: Vec<_> = cs[5].relation.columns.iter().filter(|c| c.is_key).map(|c| c.name.clone()).collect();
+    let keys: Vec<_> = cs[5]
+        .relation
+        .columns
+        .iter()
+        .filter(|c| c.is_key)
+        .map(|c| c.name.clone())
+        .collect();
     assert_eq!(keys, ["order_id", "line"]);
     assert_eq!(text(cs[8], false, "order_id").as_deref(), Some("7"));
     assert_eq!(text(cs[8], false, "line").as_deref(), Some("1"));
@@ -209,7 +224,10 @@ async fn an_unchanged_toast_column_is_marked_never_a_value() {
     assert_eq!(update.new.as_ref().unwrap().0[body], Value::UnchangedToast);
     assert_eq!(update.unchanged_columns().collect::<Vec<_>>(), ["body"]);
     let json = row_to_json(&update.relation, update.new.as_ref().unwrap()).unwrap();
-    assert!(!json.contains_key("body"), "an unchanged column has no value: {json:?}");
+    assert!(
+        !json.contains_key("body"),
+        "an unchanged column has no value: {json:?}"
+    );
     assert_eq!(json["title"], "b");
 
     // With FULL identity the old row carries the real value to take it from.

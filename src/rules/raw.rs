@@ -45,7 +45,9 @@ pub struct SourcedRule {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("rules path {0} does not exist: set rules.path to a rules file or a directory of *.toml")]
+    #[error(
+        "rules path {0} does not exist: set rules.path to a rules file or a directory of *.toml"
+    )]
     Missing(PathBuf),
     #[error("cannot read rules directory {path}: {source}")]
     Dir {
@@ -151,7 +153,11 @@ mod tests {
     fn unknown_fields_name_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("r.toml");
-        std::fs::write(&file, "[[rule]]\nname = \"x\"\ntable = \"public.x\"\nkeyz = []\n").unwrap();
+        std::fs::write(
+            &file,
+            "[[rule]]\nname = \"x\"\ntable = \"public.x\"\nkeyz = []\n",
+        )
+        .unwrap();
         let err = load(&file).unwrap_err().to_string();
         assert!(err.contains("keyz") && err.contains("r.toml"), "{err}");
     }
@@ -160,6 +166,9 @@ mod tests {
     fn missing_and_empty_paths_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         assert!(matches!(load(dir.path()), Err(LoadError::Empty(_))));
-        assert!(matches!(load(&dir.path().join("nope")), Err(LoadError::Missing(_))));
+        assert!(matches!(
+            load(&dir.path().join("nope")),
+            Err(LoadError::Missing(_))
+        ));
     }
 }

@@ -209,7 +209,10 @@ mod tests {
         assert!(matches!(e, SourceError::Auth { .. }));
         assert_eq!(e.kind(), ErrorKind::Fatal);
         let e = server("permission denied to start WAL sender (SQLSTATE 42501)");
-        assert!(e.to_string().contains("ALTER ROLE \"r\" REPLICATION"), "{e}");
+        assert!(
+            e.to_string().contains("ALTER ROLE \"r\" REPLICATION"),
+            "{e}"
+        );
         let e = server("publication \"p\" does not exist (SQLSTATE 42704)");
         assert!(e.to_string().contains("wal2cache setup"), "{e}");
         assert_eq!(e.kind(), ErrorKind::Fatal);

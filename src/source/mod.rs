@@ -33,6 +33,9 @@ mod tests {
     #[test]
     fn formats_commit_times() {
         assert_eq!(super::format_pg_time(0), "2000-01-01T00:00:00.000000Z");
-        assert_eq!(super::format_pg_time(1_500_001), "2000-01-01T00:00:01.500001Z");
+        assert_eq!(
+            super::format_pg_time(1_500_001),
+            "2000-01-01T00:00:01.500001Z"
+        );
     }
 }

@@ -470,7 +470,11 @@ pub(crate) mod encode {
                 Datum::Null => out.push(b'n'),
                 Datum::UnchangedToast => out.push(b'u'),
                 Datum::Text(b) | Datum::Binary(b) => {
-                    out.push(if matches!(d, Datum::Text(_)) { b't' } else { b'b' });
+                    out.push(if matches!(d, Datum::Text(_)) {
+                        b't'
+                    } else {
+                        b'b'
+                    });
                     out.extend_from_slice(&(b.len() as i32).to_be_bytes());
                     out.extend_from_slice(b);
                 }
@@ -703,7 +707,10 @@ mod tests {
     fn errors_name_the_message_and_the_field() {
         let mut bytes = vec![b'I', 0, 0, 0x40, 0, b'N', 0, 1, b't', 0, 0, 0, 9, b'x'];
         let err = decode(&Bytes::from(bytes.clone())).unwrap_err();
-        assert_eq!(err.to_string(), "pgoutput Insert message truncated while reading column value");
+        assert_eq!(
+            err.to_string(),
+            "pgoutput Insert message truncated while reading column value"
+        );
         bytes[8] = b'z';
         let err = decode(&Bytes::from(bytes)).unwrap_err();
         assert!(err.to_string().contains("unexpected byte 'z'"), "{err}");

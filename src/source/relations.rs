@@ -157,7 +157,8 @@ mod tests {
     #[test]
     fn key_only_old_rows_mark_other_columns_not_sent() {
         let mut r = Relations::new();
-        r.apply(relation(1, &[("id", true), ("body", false)])).unwrap();
+        r.apply(relation(1, &[("id", true), ("body", false)]))
+            .unwrap();
         let ev = r
             .apply(Message::Delete(Delete {
                 relation: 1,
@@ -165,25 +166,33 @@ mod tests {
             }))
             .unwrap()
             .unwrap();
-        let SourceEvent::Change(c) = ev else { panic!("{ev:?}") };
+        let SourceEvent::Change(c) = ev else {
+            panic!("{ev:?}")
+        };
         assert_eq!(c.op, Op::Delete);
         let old = c.old.unwrap();
         assert_eq!(old.0[0], Value::Text(Bytes::from_static(b"5")));
-        assert_eq!(old.0[1], Value::NotSent, "a key-only row's NULL is not a value");
+        assert_eq!(
+            old.0[1],
+            Value::NotSent,
+            "a key-only row's NULL is not a value"
+        );
     }
 
     #[test]
     fn a_resent_relation_replaces_the_old_shape() {
         let mut r = Relations::new();
         r.apply(relation(1, &[("id", true)])).unwrap();
-        r.apply(relation(1, &[("id", true), ("added", false)])).unwrap();
+        r.apply(relation(1, &[("id", true), ("added", false)]))
+            .unwrap();
         assert_eq!(r.get(1).unwrap().columns.len(), 2);
     }
 
     #[test]
     fn unchanged_toast_is_reported_by_name() {
         let mut r = Relations::new();
-        r.apply(relation(1, &[("id", true), ("big", false)])).unwrap();
+        r.apply(relation(1, &[("id", true), ("big", false)]))
+            .unwrap();
         let ev = r
             .apply(Message::Update(Update {
                 relation: 1,

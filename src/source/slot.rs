@@ -30,8 +30,11 @@ impl std::fmt::Debug for PgTarget {
 
 impl PgTarget {
     pub fn parse(url: &str) -> Result<Self, SourceError> {
-        let config = tokio_postgres::Config::from_str(url)
-            .map_err(|e| SourceError::Url(format!("{e}: expected postgres://user:password@host:port/database")))?;
+        let config = tokio_postgres::Config::from_str(url).map_err(|e| {
+            SourceError::Url(format!(
+                "{e}: expected postgres://user:password@host:port/database"
+            ))
+        })?;
         let host = match config.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
             #[cfg(unix)]
@@ -39,7 +42,9 @@ impl PgTarget {
             None => "127.0.0.1".to_string(),
         };
         if config.get_hosts().len() > 1 {
-            return Err(SourceError::Url("several hosts given: wal2cache streams from one server".into()));
+            return Err(SourceError::Url(
+                "several hosts given: wal2cache streams from one server".into(),
+            ));
         }
         if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
             return Err(SourceError::Url(
@@ -49,7 +54,9 @@ impl PgTarget {
         let port = config.get_ports().first().copied().unwrap_or(5432);
         let user = config
             .get_user()
-            .ok_or_else(|| SourceError::Url("no user given: write postgres://USER@host/database".into()))?
+            .ok_or_else(|| {
+                SourceError::Url("no user given: write postgres://USER@host/database".into())
+            })?
             .to_string();
         let password = config
             .get_password()
@@ -68,7 +75,10 @@ impl PgTarget {
 
     /// The address without the password, for logs and errors.
     pub fn display(&self) -> String {
-        format!("postgres://{}@{}:{}/{}", self.user, self.host, self.port, self.database)
+        format!(
+            "postgres://{}@{}:{}/{}",
+            self.user, self.host, self.port, self.database
+        )
     }
 
     pub(crate) fn password(&self) -> &str {
@@ -84,7 +94,10 @@ impl PgTarget {
             match source.code().map(|c| c.code()) {
                 Some("28P01" | "28000") => SourceError::Auth {
                     role: self.user.clone(),
-                    detail: source.as_db_error().map(|d| d.message().to_string()).unwrap_or_default(),
+                    detail: source
+                        .as_db_error()
+                        .map(|d| d.message().to_string())
+                        .unwrap_or_default(),
                 },
                 _ => SourceError::Connect {
                     target: self.display(),
@@ -171,7 +184,9 @@ pub async fn check_preconditions(client: &Client, target: &PgTarget) -> Result<(
 /// `schema.table` quoted for SQL.
 fn quote_table(qualified: &str) -> String {
     match qualified.split_once('.') {
-        Some((schema, table)) => format!("{}.{}", escape_identifier(schema), escape_identifier(table)),
+        Some((schema, table)) => {
+            format!("{}.{}", escape_identifier(schema), escape_identifier(table))
+        }
         None => escape_identifier(qualified),
     }
 }
@@ -208,15 +223,18 @@ async fn ensure_publication(
                 publication: plan.publication.clone(),
             });
         }
-        let mut sql = format!("CREATE PUBLICATION {}", escape_identifier(&plan.publication));
+        let mut sql = format!(
+            "CREATE PUBLICATION {}",
+            escape_identifier(&plan.publication)
+        );
         if !plan.tables.is_empty() {
             let tables: Vec<_> = plan.tables.iter().map(|(t, _)| quote_table(t)).collect();
             sql.push_str(&format!(" FOR TABLE {}", tables.join(", ")));
         }
-        client
-            .batch_execute(&sql)
-            .await
-            .map_err(pg(format!("creating publication {:?} (the role must own the tables, or be superuser)", plan.publication)))?;
+        client.batch_execute(&sql).await.map_err(pg(format!(
+            "creating publication {:?} (the role must own the tables, or be superuser)",
+            plan.publication
+        )))?;
         tracing::info!(publication = %plan.publication, tables = plan.tables.len(), "created publication");
         report.created_publication = true;
         return Ok(());
@@ -246,7 +264,11 @@ async fn ensure_publication(
     if !plan.create {
         return Err(SourceError::TablesNotPublished {
             publication: plan.publication.clone(),
-            tables: missing.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(", "),
+            tables: missing
+                .iter()
+                .map(|t| t.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
         });
     }
     let tables: Vec<_> = missing.iter().map(|t| quote_table(t)).collect();
@@ -257,7 +279,10 @@ async fn ensure_publication(
             tables.join(", ")
         ))
         .await
-        .map_err(pg(format!("adding tables to publication {:?}", plan.publication)))?;
+        .map_err(pg(format!(
+            "adding tables to publication {:?}",
+            plan.publication
+        )))?;
     tracing::info!(publication = %plan.publication, tables = ?missing, "added tables to publication");
     report.added_tables = missing.into_iter().cloned().collect();
     Ok(())
@@ -302,7 +327,8 @@ async fn ensure_slot(
             }
             if wal_status.as_deref() == Some("lost") {
                 return Err(unusable(
-                    "has lost WAL it needed (wal_status = lost, max_slot_wal_keep_size exceeded)".into(),
+                    "has lost WAL it needed (wal_status = lost, max_slot_wal_keep_size exceeded)"
+                        .into(),
                 ));
             }
             let confirmed: Option<String> = row.get(4);
@@ -348,7 +374,10 @@ mod tests {
     #[test]
     fn parses_urls_and_hides_the_password() {
         let t = PgTarget::parse("postgres://app:s3cret@db.example:6432/shop").unwrap();
-        assert_eq!((t.host.as_str(), t.port, t.user.as_str()), ("db.example", 6432, "app"));
+        assert_eq!(
+            (t.host.as_str(), t.port, t.user.as_str()),
+            ("db.example", 6432, "app")
+        );
         assert_eq!(t.database, "shop");
         assert_eq!(t.password(), "s3cret");
         assert!(!t.display().contains("s3cret"));
@@ -359,7 +388,10 @@ mod tests {
     fn rejects_what_it_cannot_serve() {
         assert!(PgTarget::parse("not a url at all ::").is_err());
         assert!(PgTarget::parse("postgres://db/shop").is_err(), "no user");
-        assert!(PgTarget::parse("postgres://u@a,b/shop").is_err(), "two hosts");
+        assert!(
+            PgTarget::parse("postgres://u@a,b/shop").is_err(),
+            "two hosts"
+        );
     }
 
     #[test]

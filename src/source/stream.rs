@@ -255,15 +255,29 @@ impl Session<'_> {
         self.relations.reset();
         tracing::info!(slot = %self.config.slot, server = %self.config.target.display(), "streaming");
         let result = self.stream(&mut client).await;
-        // Hand the last confirmation to the worker, then close cleanly so Postgres
-        // records it (a failed session has nothing more to say).
-        client.update_applied_lsn(wire(*self.confirm.borrow()));
         if result.is_ok() {
+            self.report_last_confirmation(&client).await;
             let _ = client.shutdown().await;
         } else {
             client.abort();
         }
         result
+    }
+
+    /// On a clean stop, waits (a bounded time) until the last confirmed position has
+    /// been reported to Postgres, so a restart resumes right after it.
+    async fn report_last_confirmation(&self, client: &ReplicationClient) {
+        let confirmed = wire(*self.confirm.borrow());
+        client.update_applied_lsn(confirmed);
+        let metrics = client.metrics();
+        let deadline =
+            tokio::time::Instant::now() + self.config.status_interval * 2 + Duration::from_secs(1);
+        while metrics.last_applied_lsn() < confirmed && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if metrics.last_applied_lsn() < confirmed {
+            tracing::warn!(confirmed = %ours(confirmed), "could not report the last confirmed position before stopping; the next start may replay from an earlier one");
+        }
     }
 
     async fn stream(&mut self, client: &mut ReplicationClient) -> Result<(), SourceError> {

@@ -54,7 +54,11 @@ pub fn to_json(column: &Column, value: &Value) -> Result<Option<Json>, String> {
         },
         // Finite floats are exact as JSON numbers (shortest round-trip form);
         // NaN and ±Infinity have no JSON number, so they stay text.
-        oid::FLOAT4 | oid::FLOAT8 => match text.parse::<f64>().ok().and_then(serde_json::Number::from_f64) {
+        oid::FLOAT4 | oid::FLOAT8 => match text
+            .parse::<f64>()
+            .ok()
+            .and_then(serde_json::Number::from_f64)
+        {
             Some(n) => Json::Number(n),
             None => Json::String(text.to_string()),
         },
@@ -121,13 +125,21 @@ mod tests {
             (oid::FLOAT8, "1.5", json!(1.5)),
             (oid::FLOAT8, "NaN", json!("NaN")),
             (oid::FLOAT4, "-Infinity", json!("-Infinity")),
-            (oid::NUMERIC, "12345678901234567890.0001", json!("12345678901234567890.0001")),
+            (
+                oid::NUMERIC,
+                "12345678901234567890.0001",
+                json!("12345678901234567890.0001"),
+            ),
             (oid::JSONB, r#"{"a": [1, 2]}"#, json!({"a": [1, 2]})),
             (oid::TEXT, "héllo ✓", json!("héllo ✓")),
             (oid::BYTEA, "\\x00ff", json!("\\x00ff")),
         ];
         for (type_oid, input, expected) in cases {
-            assert_eq!(to_json(&col(type_oid), &text(input)), Ok(Some(expected)), "{input}");
+            assert_eq!(
+                to_json(&col(type_oid), &text(input)),
+                Ok(Some(expected)),
+                "{input}"
+            );
         }
     }
 

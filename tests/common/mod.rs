@@ -79,7 +79,10 @@ impl TestDb {
             .await
             .unwrap();
         self.client
-            .execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot])
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&slot],
+            )
             .await
             .unwrap();
         (slot, publication)
@@ -176,7 +179,10 @@ where
 {
     let start = Instant::now();
     while !check().await {
-        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -210,7 +216,10 @@ pub async fn collect_until(
 /// Events up to and including the `n`th commit.
 pub async fn commits(source: &mut Source, n: usize) -> Vec<SourceEvent> {
     collect_until(source, Duration::from_secs(30), |evs| {
-        evs.iter().filter(|e| matches!(e, SourceEvent::Commit(_))).count() >= n
+        evs.iter()
+            .filter(|e| matches!(e, SourceEvent::Commit(_)))
+            .count()
+            >= n
     })
     .await
 }
@@ -228,7 +237,12 @@ pub fn changes(events: &[SourceEvent]) -> Vec<&Change> {
 /// A column of a row in text form; `None` for NULL, panics when not sent.
 pub fn text(change: &Change, new: bool, column: &str) -> Option<String> {
     use wal2cache::source::Value;
-    let row = if new { change.new.as_ref() } else { change.old.as_ref() }.expect("row present");
+    let row = if new {
+        change.new.as_ref()
+    } else {
+        change.old.as_ref()
+    }
+    .expect("row present");
     let i = change.relation.column_index(column).expect("column exists");
     match &row.0[i] {
         Value::Null => None,
