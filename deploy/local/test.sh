@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs every test of wal2cache against real local services: installs what is
+# missing (PostgreSQL 15, redis-server, the Tansu broker), starts them, then runs
+# the test suite. Idempotent: services already running are reused.
+#
+# Usage: deploy/local/test.sh [extra cargo test arguments]
+set -euo pipefail
+
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
+cd "$ROOT"
+
+bash "$ROOT/deploy/local/services.sh" start all
+
+export WAL2CACHE_TEST_PG="${WAL2CACHE_TEST_PG:-postgres://postgres@$HOST:$PG_PORT/postgres}"
+export WAL2CACHE_TEST_REDIS="${WAL2CACHE_TEST_REDIS:-redis://$HOST:$REDIS_PORT}"
+export WAL2CACHE_TEST_KAFKA="${WAL2CACHE_TEST_KAFKA:-$HOST:$KAFKA_PORT}"
+
+log_info "the library builds without the daemon (feature split)"
+cargo check --locked --lib --no-default-features
+
+log_info "cargo test"
+cargo test --locked "$@"

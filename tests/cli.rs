@@ -1,0 +1,205 @@
+//! The `wal2cache` binary: `setup`, `tail`, configuration errors and exit codes.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_wal2cache");
+
+/// A config file and a rules file naming `tables`, in a temporary directory.
+fn write_config(dir: &Path, url: &str, slot: &str, tables: &[&str]) -> PathBuf {
+    let mut rules = String::new();
+    for (i, t) in tables.iter().enumerate() {
+        rules.push_str(&format!(
+            "[[rule]]\nname = \"r{i}\"\ntable = \"{t}\"\nkeys = [\"k{i}:{{id}}\"]\n"
+        ));
+    }
+    std::fs::write(dir.join("rules.toml"), rules).unwrap();
+    let config = dir.join("wal2cache.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "name = \"test\"\n[postgres]\nurl = \"{url}\"\nslot = \"{slot}\"\npublication = \"w2c\"\n\
+             [rules]\npath = \"rules.toml\"\n"
+        ),
+    )
+    .unwrap();
+    config
+}
+
+fn run(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn setup_creates_then_reports_ok() {
+    let db = TestDb::new("cli_setup").await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let dir = tempfile::tempdir().unwrap();
+    let slot = format!("{}_s", db.name);
+    let config = write_config(dir.path(), &db.url, &slot, &["public.t"]);
+    let config = config.to_str().unwrap();
+
+    let (code, out, err) = run(&["setup", "--config", config], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("publication \"w2c\": created") && out.contains("created"), "{out}");
+    let (code, out, err) = run(&["setup", "--config", config], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("publication \"w2c\": ok; slot") && out.contains(": ok"), "{out}");
+    assert!(db.confirmed_lsn(&slot).await.is_some());
+}
+
+#[tokio::test]
+async fn tail_prints_every_change_as_a_json_line_on_a_temporary_slot() {
+    let db = TestDb::new("cli_tail").await;
+    db.exec(
+        "CREATE TABLE docs (id int PRIMARY KEY, title text, body text, price numeric, meta jsonb);
+         ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL;",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db.url, "unused_slot", &["public.docs"]);
+    let mut child = Command::new(BIN)
+        .args(["tail", "--config", config.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+
+    // Write only once tail's temporary slot streams.
+    let temp_slot = format!("wal2cache_tail_{}", child.id());
+    eventually("tail's temporary slot to be active", Duration::from_secs(20), || async {
+        db.client
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND temporary AND active",
+                &[&temp_slot],
+            )
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    db.exec_each(&[
+        "INSERT INTO docs VALUES (1, 'héllo', repeat('x', 4000), 12.50, '{\"a\": 1}')",
+        "UPDATE docs SET title = 'world' WHERE id = 1",
+        "DELETE FROM docs WHERE id = 1",
+        "TRUNCATE docs",
+    ])
+    .await;
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        let line = lines
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a JSON line from tail within 20 s");
+        got.push(serde_json::from_str::<Value>(&line).unwrap_or_else(|e| panic!("{line}: {e}")));
+    }
+    let insert = &got[0];
+    assert_eq!(insert["table"], "public.docs");
+    assert_eq!(insert["op"], "insert");
+    assert_eq!(insert["key_columns"], json!(["id"]));
+    assert_eq!(insert["new"]["title"], "héllo");
+    assert_eq!(insert["new"]["price"], "12.50");
+    assert_eq!(insert["new"]["meta"], json!({"a": 1}));
+    assert_eq!(insert["new"]["id"], 1);
+    assert!(insert["lsn"].as_str().unwrap().contains('/'));
+    assert!(insert["xid"].as_u64().unwrap() > 0);
+    assert!(insert["commit_time"].as_str().unwrap().ends_with('Z'));
+
+    let update = &got[1];
+    assert_eq!(update["op"], "update");
+    assert_eq!(update["unchanged"], json!(["body"]));
+    assert!(update["new"].get("body").is_none(), "unchanged TOAST is never a value: {update}");
+    assert_eq!(update["new"]["title"], "world");
+
+    let delete = &got[2];
+    assert_eq!(delete["op"], "delete");
+    assert_eq!(delete["old"], json!({"id": 1}));
+    assert_eq!(delete["old_kind"], "key");
+    assert_eq!(got[3]["op"], "truncate");
+    assert_eq!(got[3]["tables"], json!(["public.docs"]));
+
+    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "tail exits 0 on SIGTERM");
+    eventually("the temporary slot to vanish", Duration::from_secs(10), || async {
+        db.client
+            .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[&temp_slot])
+            .await
+            .unwrap()
+            .is_none()
+    })
+    .await;
+}
+
+#[test]
+fn a_config_error_names_the_key_and_exits_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "postgres://u@127.0.0.1:1/db", "s", &["public.t"]);
+    let text = std::fs::read_to_string(&config).unwrap().replace("[postgres]", "[postgres]\nsloot = \"x\"");
+    std::fs::write(&config, text).unwrap();
+    let (code, _, err) = run(&["setup", "--config", config.to_str().unwrap()], &[]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("sloot") && err.contains("wal2cache.toml"), "{err}");
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "postgres://u@127.0.0.1:1/db", "s", &["public.t"]);
+    let config = config.to_str().unwrap();
+    let (code, _, err) = run(
+        &["setup", "--config", config],
+        &[("WAL2CACHE__POSTGRES__SLOT", "Not-Valid")],
+    );
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("postgres.slot = \"Not-Valid\""), "{err}");
+}
+
+#[test]
+fn an_unreachable_server_exits_1_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "postgres://u:secret@127.0.0.1:1/db", "s", &[]);
+    std::fs::write(dir.path().join("rules.toml"), "").unwrap();
+    let (code, _, err) = run(&["setup", "--config", config.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot connect to PostgreSQL at postgres://u@127.0.0.1:1/db"), "{err}");
+    assert!(!err.contains("secret"), "the password must not be printed: {err}");
+}
+
+#[test]
+fn a_missing_rules_file_says_where_it_looked() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "postgres://u@127.0.0.1:1/db", "s", &[]);
+    std::fs::remove_file(dir.path().join("rules.toml")).unwrap();
+    let (code, _, err) = run(&["setup", "--config", config.to_str().unwrap()], &[]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("rules.toml") && err.contains("rules.path"), "{err}");
+}
