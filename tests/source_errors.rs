@@ -112,11 +112,7 @@ async fn a_bad_password_is_fatal_on_both_connections() {
     let mut config = db.stream("s", "p");
     config.target = target;
     let mut source = Source::start(config, Lsn::ZERO);
-    let err = tokio::time::timeout(Duration::from_secs(10), source.next())
-        .await
-        .expect("a fatal error, not retries")
-        .unwrap()
-        .unwrap_err();
+    let err = fatal_error(&mut source, Duration::from_secs(10)).await;
     assert!(matches!(err, SourceError::Auth { .. }), "{err:?}");
     drop(source);
     drop_role(&role).await;
@@ -141,11 +137,7 @@ async fn a_role_without_replication_is_told_the_alter_role() {
     let mut config = db.stream(&slot, &publication);
     config.target = target;
     let mut source = Source::start(config, Lsn::ZERO);
-    let err = tokio::time::timeout(Duration::from_secs(10), source.next())
-        .await
-        .expect("a fatal error, not retries")
-        .unwrap()
-        .unwrap_err();
+    let err = fatal_error(&mut source, Duration::from_secs(10)).await;
     assert_eq!(err.kind(), ErrorKind::Fatal, "{err}");
     assert!(err.to_string().contains("REPLICATION"), "{err}");
     drop(source);
@@ -160,11 +152,7 @@ async fn streaming_a_missing_publication_is_fatal_with_the_fix() {
     let mut source = Source::start(db.stream(&slot, "no_such_pub"), Lsn::ZERO);
     // Postgres complains when it decodes the first change.
     db.exec("INSERT INTO t VALUES (1)").await;
-    let err = tokio::time::timeout(Duration::from_secs(20), source.next())
-        .await
-        .expect("a fatal error")
-        .unwrap()
-        .unwrap_err();
+    let err = fatal_error(&mut source, Duration::from_secs(20)).await;
     assert_eq!(err.kind(), ErrorKind::Fatal, "{err}");
     assert!(
         err.to_string().contains("no_such_pub") && err.to_string().contains("setup"),

@@ -213,6 +213,15 @@ pub async fn collect_until(
     events
 }
 
+/// The fatal error a source ends with, which must come within `within` (not retries).
+pub async fn fatal_error(source: &mut Source, within: Duration) -> wal2cache::source::SourceError {
+    match tokio::time::timeout(within, source.next()).await {
+        Ok(Some(Err(e))) => e,
+        Ok(other) => panic!("expected a fatal error, got {other:?}"),
+        Err(_) => panic!("no fatal error within {within:?}: the source kept retrying"),
+    }
+}
+
 /// Events up to and including the `n`th commit.
 pub async fn commits(source: &mut Source, n: usize) -> Vec<SourceEvent> {
     collect_until(source, Duration::from_secs(30), |evs| {
