@@ -152,13 +152,17 @@ impl Drop for TestDb {
                            WHERE database = '{name}' AND active_pid IS NOT NULL;"
                     ))
                     .await;
+                // Two statements: DROP DATABASE cannot run inside the implicit
+                // transaction of a multi-statement query.
                 for _ in 0..50 {
-                    let dropped = admin
+                    let _ = admin
                         .batch_execute(&format!(
                             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
-                               WHERE database = '{name}';
-                             DROP DATABASE IF EXISTS {name} WITH (FORCE);"
+                               WHERE database = '{name}'"
                         ))
+                        .await;
+                    let dropped = admin
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                         .await;
                     if dropped.is_ok() {
                         break;
