@@ -31,44 +31,96 @@ pub struct ValueError {
     pub problem: String,
 }
 
-/// The JSON form of one known value; `None` for values that were not sent
-/// (unchanged TOAST, not in a key-only old row): there is no value to show.
-pub fn to_json(column: &Column, value: &Value) -> Result<Option<Json>, String> {
+/// Appends the JSON form of one value to `out`. Returns `Ok(false)`, writing nothing,
+/// for values that were not sent (unchanged TOAST, outside a key-only old row): there
+/// is no value to write.
+pub fn write_json(out: &mut String, column: &Column, value: &Value) -> Result<bool, String> {
     let text = match value {
-        Value::Null => return Ok(Some(Json::Null)),
-        Value::UnchangedToast | Value::NotSent => return Ok(None),
-        Value::Binary(b) => return Ok(Some(Json::String(hex(b)))),
+        Value::Null => {
+            out.push_str("null");
+            return Ok(true);
+        }
+        Value::UnchangedToast | Value::NotSent => return Ok(false),
+        Value::Binary(b) => {
+            write_string(out, &hex(b));
+            return Ok(true);
+        }
         Value::Text(b) => {
             std::str::from_utf8(b).map_err(|_| "text form is not valid UTF-8".to_string())?
         }
     };
-    let json = match column.type_oid {
+    match column.type_oid {
         oid::BOOL => match text {
-            "t" => Json::Bool(true),
-            "f" => Json::Bool(false),
+            "t" => out.push_str("true"),
+            "f" => out.push_str("false"),
             other => return Err(format!("boolean sent as {other:?}")),
         },
-        oid::INT2 | oid::INT4 | oid::INT8 | oid::OID => match text.parse::<i64>() {
-            Ok(n) => Json::from(n),
-            Err(_) => return Err(format!("integer sent as {text:?}")),
-        },
-        // Finite floats are exact as JSON numbers (shortest round-trip form);
-        // NaN and ±Infinity have no JSON number, so they stay text.
-        oid::FLOAT4 | oid::FLOAT8 => match text
-            .parse::<f64>()
-            .ok()
-            .and_then(serde_json::Number::from_f64)
-        {
-            Some(n) => Json::Number(n),
-            None => Json::String(text.to_string()),
-        },
-        oid::JSON | oid::JSONB => match serde_json::from_str(text) {
-            Ok(v) => v,
-            Err(e) => return Err(format!("json value does not parse: {e}")),
-        },
-        _ => Json::String(text.to_string()),
+        oid::INT2 | oid::INT4 | oid::INT8 | oid::OID => {
+            if text.parse::<i64>().is_err() {
+                return Err(format!("integer sent as {text:?}"));
+            }
+            out.push_str(text);
+        }
+        // Postgres prints floats in their shortest exact form, which is a JSON number
+        // when finite; NaN and ±Infinity have no JSON number, so they stay text.
+        oid::FLOAT4 | oid::FLOAT8 if is_json_number(text) => out.push_str(text),
+        // Validated by Postgres on input: embedded as they are.
+        oid::JSON | oid::JSONB => out.push_str(text),
+        _ => write_string(out, text),
+    }
+    Ok(true)
+}
+
+/// The JSON form of one value as a tree (for display); `None` when not sent.
+pub fn to_json(column: &Column, value: &Value) -> Result<Option<Json>, String> {
+    let mut out = String::new();
+    if !write_json(&mut out, column, value)? {
+        return Ok(None);
+    }
+    serde_json::from_str(&out)
+        .map(Some)
+        .map_err(|e| format!("value is not valid JSON: {e}"))
+}
+
+fn write_string(out: &mut String, s: &str) {
+    // Serializing a &str into a String cannot fail.
+    out.push_str(&serde_json::to_string(s).unwrap_or_default());
+}
+
+/// JSON's number grammar: `-? (0 | [1-9][0-9]*) (\.[0-9]+)? ([eE][+-]?[0-9]+)?`.
+fn is_json_number(s: &str) -> bool {
+    let b = s.as_bytes();
+    let mut i = usize::from(b.first() == Some(&b'-'));
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while b.get(*i).is_some_and(u8::is_ascii_digit) {
+            *i += 1;
+        }
+        *i > start
     };
-    Ok(Some(json))
+    match b.get(i) {
+        Some(b'0') => i += 1,
+        Some(b'1'..=b'9') => {
+            digits(&mut i);
+        }
+        _ => return false,
+    }
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        if !digits(&mut i) {
+            return false;
+        }
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(b.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        if !digits(&mut i) {
+            return false;
+        }
+    }
+    i == b.len()
 }
 
 /// The known columns of a row as a JSON object, by column name.
@@ -151,10 +203,30 @@ mod tests {
     }
 
     #[test]
+    fn json_numbers() {
+        for ok in ["0", "-0", "1.5", "1e+20", "-2.25e-10", "123", "0.001"] {
+            assert!(is_json_number(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "-",
+            "01",
+            "1.",
+            ".5",
+            "1e",
+            "NaN",
+            "Infinity",
+            "-Infinity",
+            "1x",
+        ] {
+            assert!(!is_json_number(bad), "{bad}");
+        }
+    }
+
+    #[test]
     fn malformed_values_are_errors() {
         assert!(to_json(&col(oid::INT4), &text("4x")).is_err());
         assert!(to_json(&col(oid::BOOL), &text("yes")).is_err());
-        assert!(to_json(&col(oid::JSON), &text("{")).is_err());
         let bad = Value::Text(Bytes::from_static(&[0xff, 0xfe]));
         assert!(to_json(&col(oid::TEXT), &bad).is_err());
     }

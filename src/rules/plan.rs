@@ -1,0 +1,546 @@
+//! Planning: a committed change becomes the keys to delete, the keys to republish
+//! with their value, and the tags to purge, deduplicated across rules.
+//!
+//! Nothing is invented: a key whose placeholder is NULL is skipped, a value Postgres
+//! did not send (unchanged TOAST, outside a key-only old row) is taken from the other
+//! row when it is there and otherwise makes the key unknowable, and a republish that
+//! would need such a value deletes the key instead. Each of these is a [`Note`] on the
+//! plan and a counter, never a silent guess.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::rules::compile::{Action, Rule, RuleSet};
+use crate::rules::template::Segment;
+use crate::source::value::write_json;
+use crate::source::{Change, Op, Relation, Row, Value};
+
+/// What one change does to the caches.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Keys to UNLINK.
+    pub delete: Vec<String>,
+    /// Keys to SET to a new value, if newer than what is stored.
+    pub republish: Vec<Republish>,
+    /// Tags whose member keys (and the tag set itself) are unlinked.
+    pub purge_tags: Vec<String>,
+    /// Table-wide flush (TRUNCATE without truncate_tags): every key under these prefixes.
+    pub flush_prefixes: Vec<String>,
+    /// Subscribers empty their whole cache.
+    pub flush_all: bool,
+    /// What was skipped or replaced, and why.
+    pub notes: Vec<Note>,
+}
+
+impl Plan {
+    /// Nothing to do (notes aside).
+    pub fn is_empty(&self) -> bool {
+        self.delete.is_empty()
+            && self.republish.is_empty()
+            && self.purge_tags.is_empty()
+            && self.flush_prefixes.is_empty()
+            && !self.flush_all
+    }
+
+    /// The first cache key the plan touches (the event's message key).
+    pub fn first_key(&self) -> Option<&str> {
+        self.delete
+            .first()
+            .map(String::as_str)
+            .or_else(|| self.republish.first().map(|r| r.key.as_str()))
+    }
+
+    fn delete(&mut self, key: String) {
+        if !self.delete.contains(&key) {
+            self.delete.push(key);
+        }
+    }
+
+    fn purge(&mut self, tag: String) {
+        if !self.purge_tags.contains(&tag) {
+            self.purge_tags.push(tag);
+        }
+    }
+
+    fn republish(&mut self, r: Republish) {
+        if !self.republish.iter().any(|x| x.key == r.key) {
+            self.republish.push(r);
+        }
+    }
+
+    /// A key both deleted and republished (two rules disagree) is deleted: the next
+    /// read fills it from the database, which is always right.
+    fn settle(&mut self) {
+        if !self.delete.is_empty() {
+            let delete = &self.delete;
+            self.republish.retain(|r| !delete.contains(&r.key));
+        }
+    }
+}
+
+/// A key to write with its new value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Republish {
+    pub key: String,
+    /// The row as a JSON object (shared by every key of the rule).
+    pub value: Arc<str>,
+    pub ttl: Option<Duration>,
+}
+
+/// Something the plan could not do as the rule says, and what it did instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    pub rule: String,
+    pub kind: NoteKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoteKind {
+    /// A placeholder was NULL: the key or tag does not exist, nothing to invalidate.
+    NullPlaceholder { template: String, column: String },
+    /// A placeholder's value is not in the WAL (unchanged TOAST, or outside a key-only
+    /// old row): that key or tag could not be computed. `check` prevents this.
+    NotInWal { template: String, column: String },
+    /// A republished value needed a column not in the WAL: the key was deleted instead.
+    RepublishFellBack { key: String, column: String },
+}
+
+impl NoteKind {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            NoteKind::NullPlaceholder { .. } => "null_placeholder",
+            NoteKind::NotInWal { .. } => "not_in_wal",
+            NoteKind::RepublishFellBack { .. } => "republish_fell_back",
+        }
+    }
+}
+
+/// A rule names a column the table no longer has (DDL after the rules were checked).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{origin} uses column {column:?} ({field}), which table {table} does not have: fix the rule (or the table) and reload the rules with SIGHUP")]
+pub struct PlanError {
+    pub origin: String,
+    pub table: String,
+    pub column: String,
+    pub field: &'static str,
+}
+
+/// A `wal2cache` logical message that is not `{"keys":[...],"tags":[...]}`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed wal2cache message {content:?}: {problem}; expected {{\"keys\":[\"...\"],\"tags\":[\"...\"]}}")]
+pub struct MessageError {
+    pub content: String,
+    pub problem: String,
+}
+
+/// The prefix of logical messages wal2cache acts on.
+pub const MESSAGE_PREFIX: &str = "wal2cache";
+
+/// Turns changes into plans; binds each rule to a table's column positions once per
+/// table shape (again after DDL).
+#[derive(Debug)]
+pub struct Planner {
+    rules: Arc<RuleSet>,
+    bound: HashMap<u32, Bound>,
+}
+
+#[derive(Debug)]
+struct Bound {
+    relation: Arc<Relation>,
+    rules: Vec<BoundRule>,
+}
+
+#[derive(Debug)]
+struct BoundRule {
+    rule: Arc<Rule>,
+    keys: Vec<BoundTemplate>,
+    tags: Vec<BoundTemplate>,
+    when_changed: Option<Vec<usize>>,
+    /// Republish: the projected columns with their JSON-quoted names.
+    columns: Vec<(usize, String)>,
+}
+
+#[derive(Debug)]
+struct BoundTemplate {
+    text: String,
+    parts: Vec<Part>,
+    /// Length of the literal parts, to size the key.
+    literal_len: usize,
+}
+
+#[derive(Debug)]
+enum Part {
+    Literal(String),
+    Column(usize),
+}
+
+/// A looked-up column: its text, a NULL, or not in the WAL.
+enum Lookup<'a> {
+    Text(&'a str),
+    Null,
+    Unknown,
+}
+
+fn lookup<'a>(row: &'a Row, fallback: Option<&'a Row>, i: usize) -> Lookup<'a> {
+    let value = match row.get(i) {
+        Some(Value::UnchangedToast | Value::NotSent) | None => {
+            match fallback.and_then(|f| f.get(i)) {
+                Some(v) => v,
+                None => return Lookup::Unknown,
+            }
+        }
+        Some(v) => v,
+    };
+    match value {
+        Value::Text(b) => std::str::from_utf8(b).map_or(Lookup::Unknown, Lookup::Text),
+        Value::Null => Lookup::Null,
+        _ => Lookup::Unknown,
+    }
+}
+
+/// The effective value of a column: from `row`, or from `fallback` when not sent.
+fn effective<'a>(row: &'a Row, fallback: Option<&'a Row>, i: usize) -> Option<&'a Value> {
+    match row.get(i) {
+        Some(Value::UnchangedToast | Value::NotSent) | None => {
+            fallback.and_then(|f| f.get(i)).filter(|v| v.is_known())
+        }
+        Some(v) => Some(v),
+    }
+}
+
+impl BoundTemplate {
+    fn bind(t: &crate::rules::template::Template, relation: &Relation) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut literal_len = 0;
+        for s in t.segments() {
+            parts.push(match s {
+                Segment::Literal(l) => {
+                    literal_len += l.len();
+                    Part::Literal(l.clone())
+                }
+                Segment::Column(c) => {
+                    Part::Column(relation.column_index(c).ok_or_else(|| c.clone())?)
+                }
+            });
+        }
+        Ok(BoundTemplate {
+            text: t.as_str().to_string(),
+            parts,
+            literal_len,
+        })
+    }
+
+    /// The key for a row, or the column that stopped it (and whether it was NULL).
+    fn render(&self, row: &Row, fallback: Option<&Row>) -> Result<String, (usize, bool)> {
+        let mut out = String::with_capacity(self.literal_len + 16);
+        for p in &self.parts {
+            match p {
+                Part::Literal(l) => out.push_str(l),
+                Part::Column(i) => match lookup(row, fallback, *i) {
+                    Lookup::Text(t) => out.push_str(t),
+                    Lookup::Null => return Err((*i, true)),
+                    Lookup::Unknown => return Err((*i, false)),
+                },
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl BoundRule {
+    fn bind(rule: &Arc<Rule>, relation: &Relation) -> Result<BoundRule, PlanError> {
+        let missing = |column: String, field: &'static str| PlanError {
+            origin: rule.origin(),
+            table: relation.qualified_name(),
+            column,
+            field,
+        };
+        let templates = |ts: &[crate::rules::template::Template], field| {
+            ts.iter()
+                .map(|t| BoundTemplate::bind(t, relation).map_err(|c| missing(c, field)))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let index = |c: &String, field| {
+            relation
+                .column_index(c)
+                .ok_or_else(|| missing(c.clone(), field))
+        };
+        let when_changed = match &rule.when_changed {
+            Some(cols) => Some(
+                cols.iter()
+                    .map(|c| index(c, "when_changed"))
+                    .collect::<Result<_, _>>()?,
+            ),
+            None => None,
+        };
+        let columns = match &rule.action {
+            Action::Delete => Vec::new(),
+            Action::Republish {
+                columns: Some(cols),
+                ..
+            } => cols
+                .iter()
+                .map(|c| Ok((index(c, "columns")?, quoted(c))))
+                .collect::<Result<_, PlanError>>()?,
+            Action::Republish { columns: None, .. } => relation
+                .columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (i, quoted(&c.name)))
+                .collect(),
+        };
+        Ok(BoundRule {
+            rule: rule.clone(),
+            keys: templates(&rule.keys, "keys")?,
+            tags: templates(&rule.tags, "tags")?,
+            when_changed,
+            columns,
+        })
+    }
+
+    /// Whether an update changed any `when_changed` column. Without the old value
+    /// the column is assumed changed, except an unchanged TOAST column, which Postgres
+    /// says is unchanged.
+    fn update_matters(&self, new: &Row, old: Option<&Row>) -> bool {
+        let Some(cols) = &self.when_changed else {
+            return true;
+        };
+        cols.iter().any(|&i| match new.get(i) {
+            Some(Value::UnchangedToast) => false,
+            n => match old.and_then(|o| o.get(i)) {
+                Some(o) if o.is_known() => Some(o) != n,
+                _ => true,
+            },
+        })
+    }
+
+    /// Renders templates for a row into `out`, noting what could not be rendered.
+    fn render_all(
+        &self,
+        templates: &[BoundTemplate],
+        row: &Row,
+        fallback: Option<&Row>,
+        relation: &Relation,
+        notes: &mut Vec<Note>,
+        mut out: impl FnMut(String),
+    ) {
+        for t in templates {
+            match t.render(row, fallback) {
+                Ok(key) => out(key),
+                Err((i, null)) => {
+                    let template = t.text.clone();
+                    let column = relation.columns[i].name.clone();
+                    let kind = if null {
+                        NoteKind::NullPlaceholder { template, column }
+                    } else {
+                        NoteKind::NotInWal { template, column }
+                    };
+                    note(&self.rule, kind, notes);
+                }
+            }
+        }
+    }
+
+    /// The row as a JSON object, or the first projected column not in the WAL.
+    fn value(
+        &self,
+        row: &Row,
+        fallback: Option<&Row>,
+        relation: &Relation,
+    ) -> Result<Arc<str>, usize> {
+        let mut out = String::with_capacity(16 * self.columns.len() + 2);
+        out.push('{');
+        for (n, (i, name)) in self.columns.iter().enumerate() {
+            let value = effective(row, fallback, *i).ok_or(*i)?;
+            if n > 0 {
+                out.push(',');
+            }
+            out.push_str(name);
+            out.push(':');
+            if !matches!(write_json(&mut out, &relation.columns[*i], value), Ok(true)) {
+                return Err(*i);
+            }
+        }
+        out.push('}');
+        Ok(out.into())
+    }
+}
+
+fn quoted(name: &str) -> String {
+    serde_json::to_string(name).unwrap_or_default()
+}
+
+fn note(rule: &Rule, kind: NoteKind, notes: &mut Vec<Note>) {
+    metrics::counter!("wal2cache_plan_notes_total", "reason" => kind.reason()).increment(1);
+    tracing::debug!(rule = %rule.name, ?kind, "plan note");
+    notes.push(Note {
+        rule: rule.name.clone(),
+        kind,
+    });
+}
+
+impl Planner {
+    pub fn new(rules: Arc<RuleSet>) -> Planner {
+        Planner {
+            rules,
+            bound: HashMap::new(),
+        }
+    }
+
+    pub fn rules(&self) -> &Arc<RuleSet> {
+        &self.rules
+    }
+
+    /// The rules bound to this relation's current shape.
+    fn bound(&mut self, relation: &Arc<Relation>) -> Result<&Bound, PlanError> {
+        let fresh = self
+            .bound
+            .get(&relation.oid)
+            .is_some_and(|b| Arc::ptr_eq(&b.relation, relation) || *b.relation == **relation);
+        if !fresh {
+            let rules = self
+                .rules
+                .for_table(&relation.qualified_name())
+                .iter()
+                .map(|r| BoundRule::bind(r, relation))
+                .collect::<Result<Vec<_>, _>>()?;
+            self.bound.insert(
+                relation.oid,
+                Bound {
+                    relation: relation.clone(),
+                    rules,
+                },
+            );
+        }
+        Ok(&self.bound[&relation.oid])
+    }
+
+    /// The plan for one row change.
+    pub fn plan_change(&mut self, change: &Change) -> Result<Plan, PlanError> {
+        let bound = self.bound(&change.relation)?;
+        let relation = &*bound.relation;
+        let mut plan = Plan::default();
+        let (new, old) = (change.new.as_ref(), change.old.as_ref());
+        for b in &bound.rules {
+            let rule = &*b.rule;
+            if !rule.listens_to(change.op) {
+                continue;
+            }
+            if change.op == Op::Update && !new.is_some_and(|n| b.update_matters(n, old)) {
+                continue;
+            }
+            let notes = &mut plan.notes;
+            // Keys and tags of the old row (a delete, or an update that changed a key
+            // column) and of the new row; a value not sent in one is taken from the other.
+            let (mut old_keys, mut new_keys, mut tags) = (Vec::new(), Vec::new(), Vec::new());
+            if let Some(o) = old {
+                b.render_all(&b.keys, o, new, relation, notes, |k| old_keys.push(k));
+                b.render_all(&b.tags, o, new, relation, notes, |t| tags.push(t));
+            }
+            if let Some(n) = new {
+                b.render_all(&b.keys, n, old, relation, notes, |k| new_keys.push(k));
+                b.render_all(&b.tags, n, old, relation, notes, |t| tags.push(t));
+            }
+            tags.into_iter().for_each(|t| plan.purge(t));
+            match &rule.action {
+                Action::Delete => old_keys
+                    .into_iter()
+                    .chain(new_keys)
+                    .for_each(|k| plan.delete(k)),
+                Action::Republish { ttl, .. } => {
+                    for k in old_keys {
+                        if !new_keys.contains(&k) {
+                            plan.delete(k);
+                        }
+                    }
+                    let Some(n) = new else { continue };
+                    match b.value(n, old, relation) {
+                        Ok(value) => {
+                            for key in new_keys {
+                                plan.republish(Republish {
+                                    key,
+                                    value: value.clone(),
+                                    ttl: *ttl,
+                                });
+                            }
+                        }
+                        Err(i) => {
+                            for key in new_keys {
+                                let column = relation.columns[i].name.clone();
+                                note(
+                                    rule,
+                                    NoteKind::RepublishFellBack {
+                                        key: key.clone(),
+                                        column,
+                                    },
+                                    &mut plan.notes,
+                                );
+                                plan.delete(key);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        plan.settle();
+        Ok(plan)
+    }
+
+    /// The plan for a TRUNCATE: each rule's `truncate_tags`, or else a flush of its key
+    /// prefixes and of every subscriber.
+    pub fn plan_truncate(&self, relations: &[Arc<Relation>]) -> Plan {
+        let mut plan = Plan::default();
+        for relation in relations {
+            for rule in self.rules.for_table(&relation.qualified_name()) {
+                match &rule.truncate_tags {
+                    Some(tags) => tags.iter().for_each(|t| plan.purge(t.clone())),
+                    None => {
+                        plan.flush_all = true;
+                        for k in &rule.keys {
+                            let prefix = k.literal_prefix().to_string();
+                            if !plan.flush_prefixes.contains(&prefix) {
+                                plan.flush_prefixes.push(prefix);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        plan
+    }
+}
+
+/// The plan for a logical message: `None` when the message is not for wal2cache.
+pub fn plan_message(prefix: &str, content: &[u8]) -> Option<Result<Plan, MessageError>> {
+    if prefix != MESSAGE_PREFIX {
+        return None;
+    }
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Payload {
+        #[serde(default)]
+        keys: Vec<String>,
+        #[serde(default)]
+        tags: Vec<String>,
+    }
+    let err = |problem: String| MessageError {
+        content: String::from_utf8_lossy(content).chars().take(200).collect(),
+        problem,
+    };
+    Some(
+        serde_json::from_slice::<Payload>(content)
+            .map_err(|e| err(e.to_string()))
+            .and_then(|p| {
+                if p.keys.iter().chain(&p.tags).any(|k| k.is_empty()) {
+                    return Err(err("a key or tag is an empty string".into()));
+                }
+                let mut plan = Plan::default();
+                p.keys.into_iter().for_each(|k| plan.delete(k));
+                p.tags.into_iter().for_each(|t| plan.purge(t));
+                Ok(plan)
+            }),
+    )
+}
