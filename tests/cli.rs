@@ -59,10 +59,16 @@ async fn setup_creates_then_reports_ok() {
 
     let (code, out, err) = run(&["setup", "--config", config], &[]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("publication \"w2c\": created") && out.contains("created"), "{out}");
+    assert!(
+        out.contains("publication \"w2c\": created") && out.contains("created"),
+        "{out}"
+    );
     let (code, out, err) = run(&["setup", "--config", config], &[]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("publication \"w2c\": ok; slot") && out.contains(": ok"), "{out}");
+    assert!(
+        out.contains("publication \"w2c\": ok; slot") && out.contains(": ok"),
+        "{out}"
+    );
     assert!(db.confirmed_lsn(&slot).await.is_some());
 }
 
@@ -95,8 +101,11 @@ async fn tail_prints_every_change_as_a_json_line_on_a_temporary_slot() {
 
     // Write only once tail's temporary slot streams.
     let temp_slot = format!("wal2cache_tail_{}", child.id());
-    eventually("tail's temporary slot to be active", Duration::from_secs(20), || async {
-        db.client
+    eventually(
+        "tail's temporary slot to be active",
+        Duration::from_secs(20),
+        || async {
+            db.client
             .query_opt(
                 "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND temporary AND active",
                 &[&temp_slot],
@@ -104,7 +113,8 @@ async fn tail_prints_every_change_as_a_json_line_on_a_temporary_slot() {
             .await
             .unwrap()
             .is_some()
-    })
+        },
+    )
     .await;
     db.exec_each(&[
         "INSERT INTO docs VALUES (1, 'héllo', repeat('x', 4000), 12.50, '{\"a\": 1}')",
@@ -135,7 +145,10 @@ async fn tail_prints_every_change_as_a_json_line_on_a_temporary_slot() {
     let update = &got[1];
     assert_eq!(update["op"], "update");
     assert_eq!(update["unchanged"], json!(["body"]));
-    assert!(update["new"].get("body").is_none(), "unchanged TOAST is never a value: {update}");
+    assert!(
+        update["new"].get("body").is_none(),
+        "unchanged TOAST is never a value: {update}"
+    );
     assert_eq!(update["new"]["title"], "world");
 
     let delete = &got[2];
@@ -145,35 +158,60 @@ async fn tail_prints_every_change_as_a_json_line_on_a_temporary_slot() {
     assert_eq!(got[3]["op"], "truncate");
     assert_eq!(got[3]["tables"], json!(["public.docs"]));
 
-    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(kill.success());
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "tail exits 0 on SIGTERM");
-    eventually("the temporary slot to vanish", Duration::from_secs(10), || async {
-        db.client
-            .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[&temp_slot])
-            .await
-            .unwrap()
-            .is_none()
-    })
+    eventually(
+        "the temporary slot to vanish",
+        Duration::from_secs(10),
+        || async {
+            db.client
+                .query_opt(
+                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&temp_slot],
+                )
+                .await
+                .unwrap()
+                .is_none()
+        },
+    )
     .await;
 }
 
 #[test]
 fn a_config_error_names_the_key_and_exits_3() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "postgres://u@127.0.0.1:1/db", "s", &["public.t"]);
-    let text = std::fs::read_to_string(&config).unwrap().replace("[postgres]", "[postgres]\nsloot = \"x\"");
+    let config = write_config(
+        dir.path(),
+        "postgres://u@127.0.0.1:1/db",
+        "s",
+        &["public.t"],
+    );
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[postgres]", "[postgres]\nsloot = \"x\"");
     std::fs::write(&config, text).unwrap();
     let (code, _, err) = run(&["setup", "--config", config.to_str().unwrap()], &[]);
     assert_eq!(code, 3, "{err}");
-    assert!(err.contains("sloot") && err.contains("wal2cache.toml"), "{err}");
+    assert!(
+        err.contains("sloot") && err.contains("wal2cache.toml"),
+        "{err}"
+    );
 }
 
 #[test]
 fn environment_overrides_the_file() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "postgres://u@127.0.0.1:1/db", "s", &["public.t"]);
+    let config = write_config(
+        dir.path(),
+        "postgres://u@127.0.0.1:1/db",
+        "s",
+        &["public.t"],
+    );
     let config = config.to_str().unwrap();
     let (code, _, err) = run(
         &["setup", "--config", config],
@@ -190,8 +228,14 @@ fn an_unreachable_server_exits_1_naming_it() {
     std::fs::write(dir.path().join("rules.toml"), "").unwrap();
     let (code, _, err) = run(&["setup", "--config", config.to_str().unwrap()], &[]);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("cannot connect to PostgreSQL at postgres://u@127.0.0.1:1/db"), "{err}");
-    assert!(!err.contains("secret"), "the password must not be printed: {err}");
+    assert!(
+        err.contains("cannot connect to PostgreSQL at postgres://u@127.0.0.1:1/db"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("secret"),
+        "the password must not be printed: {err}"
+    );
 }
 
 #[test]
@@ -201,5 +245,8 @@ fn a_missing_rules_file_says_where_it_looked() {
     std::fs::remove_file(dir.path().join("rules.toml")).unwrap();
     let (code, _, err) = run(&["setup", "--config", config.to_str().unwrap()], &[]);
     assert_eq!(code, 3, "{err}");
-    assert!(err.contains("rules.toml") && err.contains("rules.path"), "{err}");
+    assert!(
+        err.contains("rules.toml") && err.contains("rules.path"),
+        "{err}"
+    );
 }
