@@ -2,44 +2,99 @@
 
 use std::future::Future;
 use std::io::Write;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::error::Error;
 use crate::lsn::Lsn;
-use crate::rules::raw;
+use crate::rules::check::{self, CheckError, CheckReport};
+use crate::rules::{self, Planner, RuleSet};
 use crate::source::slot::{self, SetupPlan, SetupReport};
 use crate::source::{Source, SourceEvent, StreamConfig};
 use crate::tail::TailFormatter;
 
+/// Loads and compiles the rules the configuration names.
+pub fn load_rules(config: &Config) -> Result<Arc<RuleSet>, Error> {
+    Ok(Arc::new(rules::load(&config.rules.path)?))
+}
+
 /// The publication must hold every table the rules name.
-fn setup_plan(config: &Config, with_slot: bool) -> Result<SetupPlan, Error> {
-    let rules = raw::load(&config.rules.path)?;
-    Ok(SetupPlan {
+fn setup_plan(config: &Config, rules: &RuleSet, with_slot: bool) -> SetupPlan {
+    SetupPlan {
         publication: config.postgres.publication.clone(),
         slot: config.postgres.slot.clone(),
-        tables: raw::tables(&rules),
+        tables: rules.tables(),
         create: config.postgres.create,
         with_slot,
-    })
+    }
 }
 
 /// `wal2cache setup`: checks the server, creates the publication and the slot.
 /// Unlike `run`, it creates them even when `postgres.create` is false: that is its job.
 pub async fn setup(config: &Config) -> Result<SetupReport, Error> {
-    let mut plan = setup_plan(config, true)?;
+    let rules = load_rules(config)?;
+    let mut plan = setup_plan(config, &rules, true);
     plan.create = true;
     Ok(slot::ensure(&config.pg_target(), &plan).await?)
 }
 
-/// `wal2cache tail`: streams on a temporary slot of its own until `shutdown`,
-/// writing one JSON line per change to `out`.
+/// `wal2cache check`: the config, the rules, and the rules against the live catalog.
+/// Every problem is in the error.
+pub async fn check(config: &Config) -> Result<(Arc<RuleSet>, CheckReport), Error> {
+    let rules = load_rules(config)?;
+    let report = check_rules(config, &rules).await?;
+    Ok((rules, report))
+}
+
+/// Checks a compiled rule set against the database: the server's preconditions, then
+/// every rule.
+pub async fn check_rules(config: &Config, rules: &RuleSet) -> Result<CheckReport, Error> {
+    let target = config.pg_target();
+    let client = target.connect().await?;
+    slot::check_preconditions(&client, &target).await?;
+    let report = check::check(
+        &client,
+        rules,
+        &config.postgres.publication,
+        config.postgres.create,
+    )
+    .await?;
+    if report.problems.is_empty() {
+        Ok(report)
+    } else {
+        Err(CheckError {
+            problems: report.problems,
+        }
+        .into())
+    }
+}
+
+/// Compiles and checks the rules again; on failure the caller keeps the old set.
+pub async fn reload_rules(config: &Config) -> Result<Arc<RuleSet>, Error> {
+    let (rules, _) = check(config).await?;
+    Ok(rules)
+}
+
+/// `wal2cache tail`: streams on a temporary slot of its own until `shutdown`, writing
+/// one JSON line per change, with its plan, to `out`. A message on `reload` (SIGHUP)
+/// loads the rules again; if they fail to compile or check, the old ones stay.
 pub async fn tail(
     config: &Config,
     mut out: impl Write,
     shutdown: impl Future<Output = ()>,
+    mut reload: mpsc::UnboundedReceiver<()>,
 ) -> Result<(), Error> {
+    let rules = load_rules(config)?;
+    if let Err(e) = check_rules(config, &rules).await {
+        match e {
+            Error::Check(problems) => tracing::warn!("{problems}"),
+            other => return Err(other),
+        }
+    }
     let target = config.pg_target();
-    slot::ensure(&target, &setup_plan(config, false)?).await?;
+    slot::ensure(&target, &setup_plan(config, &rules, false)).await?;
     let mut stream = StreamConfig::new(
         target,
         format!("wal2cache_tail_{}", std::process::id()),
@@ -48,7 +103,7 @@ pub async fn tail(
     stream.temporary_slot = true;
     stream.application_name = "wal2cache tail".into();
     let mut source = Source::start(stream, Lsn::ZERO);
-    let mut formatter = TailFormatter::default();
+    let mut formatter = TailFormatter::new(Planner::new(rules));
     tokio::pin!(shutdown);
     let io_err = |source| Error::Io {
         context: "writing to standard output".into(),
@@ -57,6 +112,16 @@ pub async fn tail(
     loop {
         let event = tokio::select! {
             _ = &mut shutdown => break,
+            Some(()) = reload.recv() => {
+                match reload_rules(config).await {
+                    Ok(rules) => {
+                        tracing::info!(rules = rules.rules().len(), "rules reloaded");
+                        formatter.set_planner(Planner::new(rules));
+                    }
+                    Err(e) => tracing::error!("rules not reloaded, the previous rules stay in force: {e}"),
+                }
+                continue;
+            }
             event = source.next() => event,
         };
         let event = match event {

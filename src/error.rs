@@ -1,7 +1,8 @@
 //! The daemon's top-level error, and the exit code each kind of failure maps to.
 
 use crate::config::ConfigError;
-use crate::rules::raw::LoadError;
+use crate::rules::check::CheckError;
+use crate::rules::RulesError;
 use crate::source::SourceError;
 
 #[derive(Debug, thiserror::Error)]
@@ -9,7 +10,9 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
-    Rules(#[from] LoadError),
+    Rules(#[from] RulesError),
+    #[error(transparent)]
+    Check(#[from] CheckError),
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error("{context}: {source}")]
@@ -26,14 +29,14 @@ pub mod exit {
     pub const FATAL: i32 = 1;
     /// Bad command line (clap's own code).
     pub const USAGE: i32 = 2;
-    /// The config or rules file is invalid.
+    /// The config or rules file is invalid, or the rules do not fit the database.
     pub const CONFIG: i32 = 3;
 }
 
 impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Config(_) | Error::Rules(_) => exit::CONFIG,
+            Error::Config(_) | Error::Rules(_) | Error::Check(_) => exit::CONFIG,
             Error::Source(SourceError::Url(_)) => exit::CONFIG,
             Error::Source(_) | Error::Io { .. } => exit::FATAL,
         }

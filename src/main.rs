@@ -22,7 +22,13 @@ enum Command {
         #[arg(long, short, default_value = "wal2cache.toml")]
         config: PathBuf,
     },
-    /// Print every decoded change as a JSON line, on a temporary slot of its own.
+    /// Check the config and the rules, and the rules against the live database.
+    Check {
+        #[arg(long, short, default_value = "wal2cache.toml")]
+        config: PathBuf,
+    },
+    /// Print every decoded change and its plan as a JSON line, on a temporary slot of
+    /// its own. SIGHUP reloads the rules.
     Tail {
         #[arg(long, short, default_value = "wal2cache.toml")]
         config: PathBuf,
@@ -80,12 +86,48 @@ async fn run(cli: Cli) -> Result<(), Error> {
             );
             Ok(())
         }
+        Command::Check { config } => {
+            let config = Config::load(&config)?;
+            let (rules, report) = wal2cache::app::check(&config).await?;
+            println!(
+                "ok: {} rules on {} tables",
+                rules.rules().len(),
+                rules.tables().len()
+            );
+            if !report.to_publish.is_empty() {
+                println!(
+                    "setup will add to publication {:?}: {}",
+                    config.postgres.publication,
+                    report.to_publish.join(", ")
+                );
+            }
+            Ok(())
+        }
         Command::Tail { config } => {
             let config = Config::load(&config)?;
             let stdout = std::io::stdout().lock();
-            wal2cache::app::tail(&config, stdout, shutdown_signal()).await
+            wal2cache::app::tail(&config, stdout, shutdown_signal(), hangups()?).await
         }
     }
+}
+
+/// A message per SIGHUP.
+fn hangups() -> Result<tokio::sync::mpsc::UnboundedReceiver<()>, Error> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).map_err(|source| Error::Io {
+        context: "installing the SIGHUP handler".into(),
+        source,
+    })?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the rules");
+            if tx.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(rx)
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -3,19 +3,30 @@
 
 use serde_json::{json, Map, Value as Json};
 
+use crate::rules::plan::{plan_message, NoteKind, Plan, Planner};
 use crate::source::change::{Change, SourceEvent, TxnInfo};
 use crate::source::format_pg_time;
 use crate::source::pgoutput::OldKind;
 use crate::source::value::{row_to_json, ValueError};
 
-/// Turns source events into JSON lines; remembers the transaction in progress so every
-/// line carries its xid, commit LSN and commit time.
-#[derive(Debug, Default)]
+/// Turns source events into JSON lines, each with its plan; remembers the transaction
+/// in progress so every line carries its xid, commit LSN and commit time.
+#[derive(Debug)]
 pub struct TailFormatter {
     txn: Option<TxnInfo>,
+    planner: Planner,
 }
 
 impl TailFormatter {
+    pub fn new(planner: Planner) -> Self {
+        TailFormatter { txn: None, planner }
+    }
+
+    /// Plans with other rules from now on (SIGHUP).
+    pub fn set_planner(&mut self, planner: Planner) {
+        self.planner = planner;
+    }
+
     /// The line for an event, if it gets one (Begin and Commit don't).
     pub fn line(&mut self, event: &SourceEvent) -> Result<Option<Json>, ValueError> {
         let mut line = match event {
@@ -27,7 +38,12 @@ impl TailFormatter {
                 self.txn = None;
                 return Ok(None);
             }
-            SourceEvent::Change(change) => change_json(change)?,
+            SourceEvent::Change(change) => {
+                let mut m = change_json(change)?;
+                let plan = self.planner.plan_change(change).map_err(|e| e.to_string());
+                add_plan(&mut m, Some(plan));
+                m
+            }
             SourceEvent::Truncate {
                 relations,
                 cascade,
@@ -39,6 +55,7 @@ impl TailFormatter {
                 m.insert("tables".into(), json!(tables));
                 m.insert("cascade".into(), json!(cascade));
                 m.insert("restart_identity".into(), json!(restart_identity));
+                add_plan(&mut m, Some(Ok(self.planner.plan_truncate(relations))));
                 m
             }
             SourceEvent::Message {
@@ -56,6 +73,10 @@ impl TailFormatter {
                     Ok(text) => m.insert("content".into(), json!(text)),
                     Err(_) => m.insert("content_hex".into(), json!(hex(content))),
                 };
+                add_plan(
+                    &mut m,
+                    plan_message(prefix, content).map(|p| p.map_err(|e| e.to_string())),
+                );
                 m
             }
         };
@@ -112,6 +133,71 @@ fn change_json(change: &Change) -> Result<Map<String, Json>, ValueError> {
         m.insert("unchanged".into(), json!(unchanged));
     }
     Ok(m)
+}
+
+/// `"plan": {...}` or `"plan_error": "..."`; nothing for events no rule concerns.
+fn add_plan(m: &mut Map<String, Json>, plan: Option<Result<Plan, String>>) {
+    match plan {
+        None => {}
+        Some(Ok(plan)) => {
+            m.insert("plan".into(), plan_json(&plan));
+        }
+        Some(Err(e)) => {
+            m.insert("plan_error".into(), json!(e));
+        }
+    }
+}
+
+/// A plan as JSON; empty parts are left out.
+pub fn plan_json(plan: &Plan) -> Json {
+    let mut m = Map::new();
+    if !plan.delete.is_empty() {
+        m.insert("delete".into(), json!(plan.delete));
+    }
+    if !plan.republish.is_empty() {
+        let items: Vec<Json> = plan
+            .republish
+            .iter()
+            .map(|r| {
+                let value: Json =
+                    serde_json::from_str(&r.value).unwrap_or_else(|_| json!(&*r.value));
+                json!({"key": r.key, "ttl_s": r.ttl.map(|t| t.as_secs()), "value": value})
+            })
+            .collect();
+        m.insert("republish".into(), Json::Array(items));
+    }
+    if !plan.purge_tags.is_empty() {
+        m.insert("purge_tags".into(), json!(plan.purge_tags));
+    }
+    if !plan.flush_prefixes.is_empty() {
+        m.insert("flush_prefixes".into(), json!(plan.flush_prefixes));
+    }
+    if plan.flush_all {
+        m.insert("flush_all".into(), json!(true));
+    }
+    if !plan.notes.is_empty() {
+        let notes: Vec<Json> = plan
+            .notes
+            .iter()
+            .map(|n| {
+                let mut note = json!({"rule": n.rule, "reason": n.kind.reason()});
+                match &n.kind {
+                    NoteKind::NullPlaceholder { template, column }
+                    | NoteKind::NotInWal { template, column } => {
+                        note["template"] = json!(template);
+                        note["column"] = json!(column);
+                    }
+                    NoteKind::RepublishFellBack { key, column } => {
+                        note["key"] = json!(key);
+                        note["column"] = json!(column);
+                    }
+                }
+                note
+            })
+            .collect();
+        m.insert("notes".into(), Json::Array(notes));
+    }
+    Json::Object(m)
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -3,6 +3,7 @@
 //! is valid by construction, `plan` turns changes into plans, `check` validates the
 //! rules against the live catalog.
 
+pub mod check;
 pub mod compile;
 pub mod plan;
 pub mod raw;

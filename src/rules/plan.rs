@@ -263,6 +263,8 @@ impl BoundRule {
                 .map(|t| BoundTemplate::bind(t, relation).map_err(|c| missing(c, field)))
                 .collect::<Result<Vec<_>, _>>()
         };
+        let keys = templates(&rule.keys, "keys")?;
+        let tags = templates(&rule.tags, "tags")?;
         let index = |c: &String, field| {
             relation
                 .column_index(c)
@@ -294,8 +296,8 @@ impl BoundRule {
         };
         Ok(BoundRule {
             rule: rule.clone(),
-            keys: templates(&rule.keys, "keys")?,
-            tags: templates(&rule.tags, "tags")?,
+            keys,
+            tags,
             when_changed,
             columns,
         })
@@ -543,4 +545,451 @@ pub fn plan_message(prefix: &str, content: &[u8]) -> Option<Result<Plan, Message
                 Ok(plan)
             }),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::compile;
+    use crate::rules::raw::{RawRulesFile, SourcedRule};
+    use crate::source::change::{Column, ReplicaIdentity};
+    use crate::source::pgoutput::{Datum, OldKind, TupleData};
+    use crate::source::value::oid;
+    use bytes::Bytes;
+    use proptest::prelude::*;
+
+    pub(crate) fn rule_set(text: &str) -> Arc<RuleSet> {
+        let file: RawRulesFile = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        let raw = file
+            .rules
+            .into_iter()
+            .map(|rule| SourcedRule {
+                file: "rules.toml".into(),
+                rule,
+            })
+            .collect();
+        Arc::new(compile::compile(raw).unwrap())
+    }
+
+    /// public.products (id int key, slug text, category_id int, name text, price numeric, body text)
+    fn products(identity: ReplicaIdentity) -> Arc<Relation> {
+        let col = |name: &str, type_oid, is_key| Column {
+            name: name.into(),
+            type_oid,
+            type_modifier: -1,
+            is_key,
+        };
+        let full = identity == ReplicaIdentity::Full;
+        Arc::new(Relation {
+            oid: 1000,
+            schema: "public".into(),
+            name: "products".into(),
+            replica_identity: identity,
+            columns: vec![
+                col("id", oid::INT4, true),
+                col("slug", oid::TEXT, full),
+                col("category_id", oid::INT4, full),
+                col("name", oid::TEXT, full),
+                col("price", oid::NUMERIC, full),
+                col("body", oid::TEXT, full),
+            ],
+        })
+    }
+
+    fn t(s: &str) -> Datum {
+        Datum::Text(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    fn row(id: &str, slug: &str, cat: Datum, name: &str, price: &str, body: Datum) -> TupleData {
+        TupleData(vec![t(id), t(slug), cat, t(name), t(price), body])
+    }
+
+    fn mug() -> TupleData {
+        row("42", "blue-mug", t("7"), "Mug", "9.50", t("long text"))
+    }
+
+    const PRODUCT: &str = r#"
+[[rule]]
+name = "product"
+table = "public.products"
+keys = ["shop:product:v3:{id}", "shop:product:slug:v3:{slug}"]
+tags = ["shop:category:{category_id}", "shop:products"]
+when_changed = ["price", "name", "slug"]
+truncate_tags = ["shop:products"]
+"#;
+
+    const PRODUCT_JSON: &str = r#"
+[[rule]]
+name = "product_json"
+table = "public.products"
+keys = ["shop:product:json:v3:{id}"]
+action = "republish"
+columns = ["id", "name", "price"]
+ttl = "1h"
+"#;
+
+    fn plan(rules: &str, change: &Change) -> Plan {
+        Planner::new(rule_set(rules)).plan_change(change).unwrap()
+    }
+
+    #[test]
+    fn insert_deletes_keys_and_purges_tags_of_the_new_row() {
+        let p = plan(
+            PRODUCT,
+            &Change::insert(products(ReplicaIdentity::Default), mug()),
+        );
+        assert_eq!(
+            p.delete,
+            ["shop:product:v3:42", "shop:product:slug:v3:blue-mug"]
+        );
+        assert_eq!(p.purge_tags, ["shop:category:7", "shop:products"]);
+        assert!(p.republish.is_empty() && p.notes.is_empty());
+        assert_eq!(p.first_key(), Some("shop:product:v3:42"));
+    }
+
+    #[test]
+    fn an_update_that_changes_a_key_column_invalidates_old_and_new_keys() {
+        let rel = products(ReplicaIdentity::Full);
+        let new = row("42", "navy-mug", t("8"), "Mug", "9.50", t("long text"));
+        let c = Change::update(rel, Some((OldKind::Full, mug())), new);
+        let p = plan(PRODUCT, &c);
+        assert_eq!(
+            p.delete,
+            [
+                "shop:product:v3:42",
+                "shop:product:slug:v3:blue-mug",
+                "shop:product:slug:v3:navy-mug"
+            ]
+        );
+        assert_eq!(
+            p.purge_tags,
+            ["shop:category:7", "shop:products", "shop:category:8"]
+        );
+    }
+
+    #[test]
+    fn when_changed_ignores_updates_that_change_none_of_its_columns() {
+        let rel = products(ReplicaIdentity::Full);
+        let only_body = row("42", "blue-mug", t("7"), "Mug", "9.50", t("other text"));
+        let c = Change::update(rel.clone(), Some((OldKind::Full, mug())), only_body);
+        assert!(plan(PRODUCT, &c).is_empty());
+        let price = row("42", "blue-mug", t("7"), "Mug", "10.00", t("long text"));
+        let c = Change::update(rel, Some((OldKind::Full, mug())), price);
+        assert_eq!(plan(PRODUCT, &c).delete.len(), 2);
+    }
+
+    #[test]
+    fn without_the_old_row_an_update_is_assumed_changed() {
+        let c = Change::update(products(ReplicaIdentity::Default), None, mug());
+        assert_eq!(
+            plan(PRODUCT, &c).delete,
+            ["shop:product:v3:42", "shop:product:slug:v3:blue-mug"]
+        );
+    }
+
+    #[test]
+    fn an_unchanged_toast_column_counts_as_unchanged() {
+        let rules = PRODUCT.replace(r#"["price", "name", "slug"]"#, r#"["body"]"#);
+        let new = row(
+            "42",
+            "blue-mug",
+            t("7"),
+            "Mug",
+            "9.50",
+            Datum::UnchangedToast,
+        );
+        let c = Change::update(products(ReplicaIdentity::Default), None, new);
+        assert!(plan(&rules, &c).is_empty());
+    }
+
+    #[test]
+    fn a_null_placeholder_skips_that_key_and_says_so() {
+        let new = row("42", "blue-mug", Datum::Null, "Mug", "9.50", t("x"));
+        let p = plan(
+            PRODUCT,
+            &Change::insert(products(ReplicaIdentity::Default), new),
+        );
+        assert_eq!(
+            p.purge_tags,
+            ["shop:products"],
+            "no tag for a NULL category"
+        );
+        assert_eq!(
+            p.notes,
+            [Note {
+                rule: "product".into(),
+                kind: NoteKind::NullPlaceholder {
+                    template: "shop:category:{category_id}".into(),
+                    column: "category_id".into()
+                }
+            }]
+        );
+    }
+
+    #[test]
+    fn unchanged_toast_placeholders_come_from_the_old_row_or_are_noted() {
+        let rules = r#"
+[[rule]]
+name = "by_body"
+table = "public.products"
+keys = ["p:body:{body}"]
+"#;
+        let new = row(
+            "42",
+            "blue-mug",
+            t("7"),
+            "Mug",
+            "9.50",
+            Datum::UnchangedToast,
+        );
+        let full = Change::update(
+            products(ReplicaIdentity::Full),
+            Some((OldKind::Full, mug())),
+            new.clone(),
+        );
+        assert_eq!(plan(rules, &full).delete, ["p:body:long text"]);
+
+        let keyonly = Change::update(products(ReplicaIdentity::Default), None, new);
+        let p = plan(rules, &keyonly);
+        assert!(
+            p.delete.is_empty(),
+            "never a key made of a placeholder value: {p:?}"
+        );
+        assert!(matches!(&p.notes[0].kind, NoteKind::NotInWal { column, .. } if column == "body"));
+    }
+
+    #[test]
+    fn a_delete_with_a_key_only_old_row_uses_what_was_sent() {
+        let rel = products(ReplicaIdentity::Default);
+        let key = TupleData(vec![
+            t("42"),
+            Datum::Null,
+            Datum::Null,
+            Datum::Null,
+            Datum::Null,
+            Datum::Null,
+        ]);
+        let p = plan(PRODUCT, &Change::delete(rel, (OldKind::Key, key)));
+        assert_eq!(p.delete, ["shop:product:v3:42"]);
+        assert_eq!(p.purge_tags, ["shop:products"]);
+        // The slug and category are not in the WAL: noted, never NULL-skipped or guessed.
+        let kinds: Vec<_> = p.notes.iter().map(|n| n.kind.reason()).collect();
+        assert_eq!(kinds, ["not_in_wal", "not_in_wal"]);
+    }
+
+    #[test]
+    fn republish_writes_the_projected_row_with_its_ttl() {
+        let p = plan(
+            PRODUCT_JSON,
+            &Change::insert(products(ReplicaIdentity::Default), mug()),
+        );
+        assert_eq!(
+            p.republish,
+            [Republish {
+                key: "shop:product:json:v3:42".into(),
+                value: r#"{"id":42,"name":"Mug","price":"9.50"}"#.into(),
+                ttl: Some(Duration::from_secs(3600)),
+            }]
+        );
+        assert!(p.delete.is_empty());
+    }
+
+    #[test]
+    fn republish_without_a_projection_writes_every_column() {
+        let rules = PRODUCT_JSON.replace("columns = [\"id\", \"name\", \"price\"]\n", "");
+        let p = plan(
+            &rules,
+            &Change::insert(products(ReplicaIdentity::Default), mug()),
+        );
+        assert_eq!(
+            &*p.republish[0].value,
+            r#"{"id":42,"slug":"blue-mug","category_id":7,"name":"Mug","price":"9.50","body":"long text"}"#
+        );
+    }
+
+    #[test]
+    fn republish_takes_unchanged_toast_from_the_old_row_or_falls_back_to_delete() {
+        let rules = PRODUCT_JSON.replace(r#"["id", "name", "price"]"#, r#"["id", "body"]"#);
+        let new = row(
+            "42",
+            "blue-mug",
+            t("7"),
+            "Mug",
+            "9.50",
+            Datum::UnchangedToast,
+        );
+        let full = Change::update(
+            products(ReplicaIdentity::Full),
+            Some((OldKind::Full, mug())),
+            new.clone(),
+        );
+        let p = plan(&rules, &full);
+        assert_eq!(&*p.republish[0].value, r#"{"id":42,"body":"long text"}"#);
+
+        let p = plan(
+            &rules,
+            &Change::update(products(ReplicaIdentity::Default), None, new),
+        );
+        assert!(p.republish.is_empty());
+        assert_eq!(p.delete, ["shop:product:json:v3:42"]);
+        assert!(
+            matches!(&p.notes[0].kind, NoteKind::RepublishFellBack { column, .. } if column == "body")
+        );
+    }
+
+    #[test]
+    fn republish_deletes_on_delete_and_drops_the_old_key_on_a_key_change() {
+        let rel = products(ReplicaIdentity::Full);
+        let p = plan(
+            PRODUCT_JSON,
+            &Change::delete(rel.clone(), (OldKind::Full, mug())),
+        );
+        assert_eq!(p.delete, ["shop:product:json:v3:42"]);
+        assert!(p.republish.is_empty());
+
+        let moved = row("43", "blue-mug", t("7"), "Mug", "9.50", t("long text"));
+        let p = plan(
+            PRODUCT_JSON,
+            &Change::update(rel, Some((OldKind::Full, mug())), moved),
+        );
+        assert_eq!(p.delete, ["shop:product:json:v3:42"]);
+        assert_eq!(p.republish[0].key, "shop:product:json:v3:43");
+    }
+
+    #[test]
+    fn plans_are_deduplicated_across_rules_and_deletes_win() {
+        let rules = format!(
+            "{PRODUCT}{PRODUCT_JSON}
+[[rule]]
+name = \"again\"
+table = \"public.products\"
+keys = [\"shop:product:v3:{{id}}\", \"shop:product:json:v3:{{id}}\"]
+tags = [\"shop:products\"]
+truncate_tags = [\"shop:products\"]
+"
+        );
+        let p = plan(
+            &rules,
+            &Change::insert(products(ReplicaIdentity::Default), mug()),
+        );
+        assert_eq!(
+            p.delete,
+            [
+                "shop:product:v3:42",
+                "shop:product:slug:v3:blue-mug",
+                "shop:product:json:v3:42"
+            ]
+        );
+        assert!(
+            p.republish.is_empty(),
+            "a key both deleted and republished is deleted"
+        );
+        assert_eq!(p.purge_tags, ["shop:category:7", "shop:products"]);
+    }
+
+    #[test]
+    fn operations_a_rule_does_not_list_produce_nothing() {
+        let rules = PRODUCT
+            .replace("keys =", "on = [\"delete\"]\nkeys =")
+            .replace("when_changed = [\"price\", \"name\", \"slug\"]\n", "");
+        let rel = products(ReplicaIdentity::Full);
+        assert!(plan(&rules, &Change::insert(rel.clone(), mug())).is_empty());
+        assert!(plan(&rules, &Change::update(rel.clone(), None, mug())).is_empty());
+        assert!(!plan(&rules, &Change::delete(rel, (OldKind::Full, mug()))).is_empty());
+    }
+
+    #[test]
+    fn truncate_purges_truncate_tags_or_flushes_the_key_prefixes() {
+        let rel = products(ReplicaIdentity::Default);
+        let tagged = Planner::new(rule_set(PRODUCT)).plan_truncate(std::slice::from_ref(&rel));
+        assert_eq!(tagged.purge_tags, ["shop:products"]);
+        assert!(!tagged.flush_all && tagged.flush_prefixes.is_empty());
+
+        let flushed = Planner::new(rule_set(PRODUCT_JSON)).plan_truncate(&[rel]);
+        assert!(flushed.flush_all);
+        assert_eq!(flushed.flush_prefixes, ["shop:product:json:v3:"]);
+    }
+
+    #[test]
+    fn wal2cache_messages_become_plans() {
+        let p = plan_message("wal2cache", br#"{"keys":["a","b","a"],"tags":["t"]}"#)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (p.delete, p.purge_tags),
+            (vec!["a".to_string(), "b".into()], vec!["t".to_string()])
+        );
+        assert!(plan_message("other-app", b"anything").is_none());
+        for bad in [
+            &b"not json"[..],
+            br#"{"keys":"a"}"#,
+            br#"{"key":["a"]}"#,
+            br#"{"keys":[""]}"#,
+        ] {
+            let err = plan_message("wal2cache", bad).unwrap().unwrap_err();
+            assert!(err.to_string().contains("expected {\"keys\""), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_rule_column_the_table_lost_is_an_error_and_a_new_shape_rebinds() {
+        let mut planner = Planner::new(rule_set(PRODUCT));
+        let rel = products(ReplicaIdentity::Default);
+        planner
+            .plan_change(&Change::insert(rel.clone(), mug()))
+            .unwrap();
+        let mut dropped = (*rel).clone();
+        dropped.columns.remove(1); // slug
+        let change = Change::insert(
+            Arc::new(dropped),
+            TupleData(vec![t("42"), t("7"), t("Mug"), t("9.50"), t("x")]),
+        );
+        let err = planner.plan_change(&change).unwrap_err();
+        assert_eq!((err.column.as_str(), err.field), ("slug", "keys"));
+        assert!(err.to_string().contains("SIGHUP"), "{err}");
+    }
+
+    fn arb_datum() -> impl Strategy<Value = Datum> {
+        prop_oneof![
+            Just(Datum::Null),
+            Just(Datum::UnchangedToast),
+            "[a-z0-9{}:]{0,6}".prop_map(|s| t(&s)),
+            proptest::collection::vec(any::<u8>(), 0..4).prop_map(|b| Datum::Text(Bytes::from(b))),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_changes_never_panic_and_plan_the_same_twice(
+            op in 0u8..3,
+            identity in prop_oneof![Just(ReplicaIdentity::Default), Just(ReplicaIdentity::Full)],
+            new in proptest::collection::vec(arb_datum(), 0..8),
+            old in proptest::option::of(proptest::collection::vec(arb_datum(), 0..8)),
+        ) {
+            let rel = products(identity);
+            let kind = if identity == ReplicaIdentity::Full { OldKind::Full } else { OldKind::Key };
+            let change = match op {
+                0 => Change::insert(rel, TupleData(new)),
+                1 => Change::update(rel, old.map(|o| (kind, TupleData(o))), TupleData(new)),
+                _ => Change::delete(rel, (kind, TupleData(old.unwrap_or_default()))),
+            };
+            let rules = rule_set(&format!("{PRODUCT}{PRODUCT_JSON}"));
+            let first = Planner::new(rules.clone()).plan_change(&change);
+            let second = Planner::new(rules).plan_change(&change);
+            prop_assert_eq!(first, second);
+        }
+
+        #[test]
+        fn arbitrary_rules_text_never_panics_the_loader(text in "(\\[\\[rule\\]\\]\n|name = \"[a-z]{0,3}\"\n|table = \"[a-z.]{0,8}\"\n|keys = \\[\"[a-z{}:]{0,8}\"\\]\n|tags = \\[\"[{}a-z]{0,5}\"\\]\n|action = \"[a-z]{0,9}\"\n|ttl = \"[0-9a-z]{0,4}\"\n|on = \\[\"[a-z]{0,6}\"\\]\n|[ -~]{0,10}\n){0,12}") {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("r.toml");
+            std::fs::write(&file, &text).unwrap();
+            let _ = compile::load(&file);
+        }
+    }
 }

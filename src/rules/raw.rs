@@ -109,26 +109,12 @@ pub fn load(path: &Path) -> Result<Vec<SourcedRule>, LoadError> {
     Ok(out)
 }
 
-/// The distinct tables the rules name, each with the first rule that names it.
-pub fn tables(rules: &[SourcedRule]) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = Vec::new();
-    for r in rules {
-        if !out.iter().any(|(t, _)| *t == r.rule.table) {
-            out.push((
-                r.rule.table.clone(),
-                format!("rule {:?} in {}", r.rule.name, r.file.display()),
-            ));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn loads_a_directory_in_name_order_and_lists_tables_once() {
+    fn loads_a_directory_in_name_order() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("b.toml"),
@@ -145,8 +131,6 @@ mod tests {
         let rules = load(dir.path()).unwrap();
         let names: Vec<_> = rules.iter().map(|r| r.rule.name.as_str()).collect();
         assert_eq!(names, ["a1", "a2", "b"]);
-        let tables: Vec<_> = tables(&rules).into_iter().map(|(t, _)| t).collect();
-        assert_eq!(tables, ["public.a", "public.b"]);
     }
 
     #[test]
