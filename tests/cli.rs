@@ -141,6 +141,7 @@ async fn tail_prints_every_change_as_a_json_line_on_a_temporary_slot() {
     assert!(insert["lsn"].as_str().unwrap().contains('/'));
     assert!(insert["xid"].as_u64().unwrap() > 0);
     assert!(insert["commit_time"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(insert["plan"], json!({"delete": ["k0:1"]}));
 
     let update = &got[1];
     assert_eq!(update["op"], "update");
@@ -249,4 +250,150 @@ fn a_missing_rules_file_says_where_it_looked() {
         err.contains("rules.toml") && err.contains("rules.path"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn check_passes_good_rules_and_lists_every_problem_of_bad_ones() {
+    let db = TestDb::new("cli_check").await;
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, qty int)")
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db.url, "s", &["public.items"]);
+    let config = config.to_str().unwrap();
+    let (code, out, err) = run(&["check", "--config", config], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ok: 1 rules on 1 tables"), "{out}");
+    assert!(
+        out.contains("setup will add to publication \"w2c\": public.items"),
+        "{out}"
+    );
+
+    std::fs::write(
+        dir.path().join("rules.toml"),
+        "[[rule]]\nname = \"a\"\ntable = \"public.items\"\nkeys = [\"a:{nope}\"]\n\
+         [[rule]]\nname = \"b\"\ntable = \"public.items\"\nkeys = [\"b:{qty}\"]\n",
+    )
+    .unwrap();
+    let (code, _, err) = run(&["check", "--config", config], &[]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("2 problems"), "{err}");
+    assert!(
+        err.contains("rule \"a\"") && err.contains("\"nope\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("rule \"b\"")
+            && err.contains("ALTER TABLE \"public\".\"items\" REPLICA IDENTITY FULL;"),
+        "{err}"
+    );
+
+    std::fs::write(
+        dir.path().join("rules.toml"),
+        "[[rule]]\nname = \"a\"\ntable = \"public.items\"\nkeys = [\"a:{id\"]\naction = \"upsert\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = run(&["check", "--config", config], &[]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("2 problems in the rules"), "{err}");
+    assert!(
+        err.contains("keys: \"a:{id\"") && err.contains("action: unknown action \"upsert\""),
+        "{err}"
+    );
+}
+
+/// Lines of a child's pipe, read on a thread of their own.
+fn lines_of(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_for_line(lines: &mpsc::Receiver<String>, what: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains(what) => return line,
+            Ok(_) => {}
+            Err(_) => panic!("no line containing {what:?} within 20 s"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn tail_shows_plans_and_reloads_rules_on_sighup_keeping_old_ones_on_failure() {
+    let db = TestDb::new("cli_hup").await;
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, qty int)")
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db.url, "s", &["public.items"]);
+    let mut child = Command::new(BIN)
+        .args(["tail", "--config", config.to_str().unwrap()])
+        .env("WAL2CACHE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = lines_of(child.stdout.take().unwrap());
+    let err = lines_of(child.stderr.take().unwrap());
+    wait_for_line(&err, "streaming");
+    let hup = |child: &std::process::Child| {
+        let ok = Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    let plan_of =
+        |line: String| -> Value { serde_json::from_str::<Value>(&line).unwrap()["plan"].clone() };
+
+    db.exec("INSERT INTO items VALUES (1, 1)").await;
+    assert_eq!(
+        plan_of(wait_for_line(&out, "\"op\":\"insert\"")),
+        json!({"delete": ["k0:1"]})
+    );
+
+    // Rules that do not check: refused, the old ones stay.
+    std::fs::write(
+        dir.path().join("rules.toml"),
+        "[[rule]]\nname = \"x\"\ntable = \"public.items\"\nkeys = [\"x:{nope}\"]\n",
+    )
+    .unwrap();
+    hup(&child);
+    wait_for_line(&err, "rules not reloaded");
+    wait_for_line(&err, "column \"nope\"");
+    db.exec("INSERT INTO items VALUES (2, 1)").await;
+    assert_eq!(
+        plan_of(wait_for_line(&out, "\"op\":\"insert\"")),
+        json!({"delete": ["k0:2"]})
+    );
+
+    // Good rules: in force from the next change.
+    std::fs::write(
+        dir.path().join("rules.toml"),
+        "[[rule]]\nname = \"y\"\ntable = \"public.items\"\nkeys = [\"item:v2:{id}\"]\ntags = [\"items\"]\n",
+    )
+    .unwrap();
+    hup(&child);
+    wait_for_line(&err, "rules reloaded");
+    db.exec("INSERT INTO items VALUES (3, 1)").await;
+    assert_eq!(
+        plan_of(wait_for_line(&out, "\"op\":\"insert\"")),
+        json!({"delete": ["item:v2:3"], "purge_tags": ["items"]})
+    );
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
 }
