@@ -25,6 +25,7 @@ log_info "building wal2cache"
 cargo build --locked --release --quiet
 BIN="$ROOT/target/release/wal2cache"
 
+"$BIN" check --config "$CONFIG"
 "$BIN" setup --config "$CONFIG"
 
 writer() {

@@ -556,6 +556,22 @@ when_changed = ["id"]
     }
 
     #[test]
+    fn every_example_in_the_rules_reference_compiles() {
+        let doc = include_str!("../../rules/README.md");
+        let blocks: Vec<&str> = doc
+            .split("```toml")
+            .skip(1)
+            .map(|b| b.split("```").next().unwrap())
+            .collect();
+        assert!(blocks.len() >= 3, "the reference has its examples");
+        for block in blocks {
+            if let Err(e) = rules(block) {
+                panic!("{block}\n{e}");
+            }
+        }
+    }
+
+    #[test]
     fn a_rule_with_nothing_to_invalidate_is_an_error() {
         let got = problems("[[rule]]\nname = \"x\"\ntable = \"public.t\"\n");
         assert_eq!(got.len(), 1);
