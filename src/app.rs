@@ -6,11 +6,14 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::error::Error;
 use crate::lsn::Lsn;
+use crate::pipeline::{self, Pipeline};
 use crate::rules::check::{self, CheckError, CheckReport};
 use crate::rules::{self, Planner, RuleSet};
+use crate::sink::kafka::{KafkaSink, Progress};
+use crate::sink::redis::RedisSink;
 use crate::source::slot::{self, SetupPlan, SetupReport};
 use crate::source::{Source, SourceEvent, StreamConfig};
 use crate::tail::TailFormatter;
@@ -75,6 +78,84 @@ pub async fn check_rules(config: &Config, rules: &RuleSet) -> Result<CheckReport
 pub async fn reload_rules(config: &Config) -> Result<Arc<RuleSet>, Error> {
     let (rules, _) = check(config).await?;
     Ok(rules)
+}
+
+/// `wal2cache run`: the daemon. Refuses to start on rules that fail `check`; creates
+/// the publication and the slot when missing (with `postgres.create`); connects to
+/// Redis and Kafka (failing fast when they cannot be reached at start); then keeps the
+/// caches in step with the database until `shutdown`. A message on `reload` (SIGHUP)
+/// loads the rules again; if they fail, the old ones stay.
+pub async fn run(
+    config: &Config,
+    shutdown: impl Future<Output = ()>,
+    mut reload: mpsc::UnboundedReceiver<()>,
+) -> Result<(), Error> {
+    let redis_config = config
+        .redis
+        .as_ref()
+        .ok_or(ConfigError::MissingSection("redis"))?;
+    let kafka_config = config
+        .kafka
+        .as_ref()
+        .ok_or(ConfigError::MissingSection("kafka"))?;
+    let rules = load_rules(config)?;
+    check_rules(config, &rules).await?;
+    let target = config.pg_target();
+    let report = slot::ensure(&target, &setup_plan(config, &rules, true)).await?;
+    if let Some(addr) = config.metrics.listen {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .map_err(|e| Error::Io {
+                context: format!("serving metrics on {addr}"),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+    }
+    let confirmed = report.confirmed_lsn.unwrap_or(Lsn::ZERO);
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let (progress, progress_rx) = tokio::sync::watch::channel(Progress {
+        confirmed,
+        ..Progress::default()
+    });
+    let redis = RedisSink::connect(redis_config, stop_rx.clone()).await?;
+    let kafka = KafkaSink::connect(kafka_config, &config.name, progress_rx, stop_rx).await?;
+    let mut stream = StreamConfig::new(
+        target,
+        config.postgres.slot.clone(),
+        config.postgres.publication.clone(),
+    );
+    stream.application_name = format!("wal2cache {}", config.name);
+    let source = Source::start(stream, confirmed);
+    tracing::info!(slot = %config.postgres.slot, confirmed = %confirmed, rules = rules.rules().len(), "running");
+
+    let (rules_tx, rules_rx) = mpsc::unbounded_channel();
+    let reload_config = config.clone();
+    let reloader = tokio::spawn(async move {
+        while reload.recv().await.is_some() {
+            match reload_rules(&reload_config).await {
+                Ok(rules) => {
+                    if rules_tx.send(rules).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("rules not reloaded, the previous rules stay in force: {e}")
+                }
+            }
+        }
+    });
+    let pipeline = Pipeline {
+        config: config.pipeline.clone(),
+        source,
+        redis,
+        kafka,
+        progress,
+        stop,
+    };
+    let result = pipeline::run(pipeline, rules, shutdown, rules_rx).await;
+    reloader.abort();
+    result
 }
 
 /// `wal2cache tail`: streams on a temporary slot of its own until `shutdown`, writing

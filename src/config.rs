@@ -20,6 +20,44 @@ pub struct Config {
     pub redis: Option<RedisConfig>,
     #[serde(default)]
     pub kafka: Option<KafkaConfig>,
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// How the daemon batches and stops.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// A batch closes at this many planned changes...
+    pub batch_size: usize,
+    /// ...or this long after it opened, whichever comes first. It also closes as soon as
+    /// a transaction ends and nothing more is waiting.
+    #[serde(with = "humantime_serde")]
+    pub batch_deadline: std::time::Duration,
+    /// SIGTERM/SIGINT: how long to drain what is in flight before giving up.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: std::time::Duration,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            batch_size: 1000,
+            batch_deadline: std::time::Duration::from_millis(5),
+            shutdown_timeout: std::time::Duration::from_secs(30),
+        }
+    }
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `host:port` to serve `/metrics` on; none by default.
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -56,6 +94,12 @@ pub struct KafkaConfig {
     pub brokers: String,
     #[serde(default = "default_topic")]
     pub topic: String,
+    /// Partitions of the topic when wal2cache creates it.
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    /// Replication factor of the topic when wal2cache creates it.
+    #[serde(default = "default_replication")]
+    pub replication_factor: i32,
     /// Passed to librdkafka as they are.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
@@ -70,6 +114,12 @@ fn default_true() -> bool {
 fn default_tag_prefix() -> String {
     "tag:".into()
 }
+fn default_partitions() -> i32 {
+    3
+}
+fn default_replication() -> i32 {
+    1
+}
 fn default_topic() -> String {
     "wal2cache.invalidations".into()
 }
@@ -83,6 +133,8 @@ pub enum ConfigError {
         path: PathBuf,
         problems: Vec<String>,
     },
+    #[error("the config has no [{0}] section: `wal2cache run` needs one (see the README's Configuration)")]
+    MissingSection(&'static str),
 }
 
 impl Config {
@@ -130,6 +182,17 @@ impl Config {
         let mut problems = Vec::new();
         if self.name.trim().is_empty() {
             problems.push("name: must not be empty (it names this source in every event)".into());
+        }
+        if self.pipeline.batch_size == 0 {
+            problems.push("pipeline.batch_size: must be at least 1".into());
+        }
+        if let Some(k) = &self.kafka {
+            if k.partitions < 1 {
+                problems.push(format!(
+                    "kafka.partitions = {}: must be at least 1",
+                    k.partitions
+                ));
+            }
         }
         if let Err(e) = PgTarget::parse(&self.postgres.url) {
             problems.push(format!("postgres.url: {e}"));

@@ -2,7 +2,8 @@
 
 use crate::config::ConfigError;
 use crate::rules::check::CheckError;
-use crate::rules::RulesError;
+use crate::rules::{PlanError, RulesError};
+use crate::sink::SinkError;
 use crate::source::SourceError;
 
 #[derive(Debug, thiserror::Error)]
@@ -15,6 +16,12 @@ pub enum Error {
     Check(#[from] CheckError),
     #[error(transparent)]
     Source(#[from] SourceError),
+    #[error(transparent)]
+    Plan(Box<PlanError>),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("the shutdown deadline ({0:?}) passed before what was in flight was applied; it was not confirmed and will be applied again at the next start")]
+    ShutdownTimeout(std::time::Duration),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -38,7 +45,11 @@ impl Error {
         match self {
             Error::Config(_) | Error::Rules(_) | Error::Check(_) => exit::CONFIG,
             Error::Source(SourceError::Url(_)) => exit::CONFIG,
-            Error::Source(_) | Error::Io { .. } => exit::FATAL,
+            Error::Source(_)
+            | Error::Io { .. }
+            | Error::Plan(_)
+            | Error::Sink(_)
+            | Error::ShutdownTimeout(_) => exit::FATAL,
         }
     }
 }

@@ -8,11 +8,17 @@ pub mod lsn;
 #[cfg(feature = "daemon")]
 pub mod app;
 #[cfg(feature = "daemon")]
+pub mod pipeline;
+#[cfg(feature = "daemon")]
+pub mod sink;
+
+#[cfg(feature = "daemon")]
 pub mod backoff;
 #[cfg(feature = "daemon")]
 pub mod config;
 #[cfg(feature = "daemon")]
 pub mod error;
+pub mod event;
 #[cfg(feature = "daemon")]
 pub mod rules;
 #[cfg(feature = "daemon")]

@@ -17,6 +17,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the daemon: keep Redis and the invalidation topic in step with the database.
+    /// SIGHUP reloads the rules; SIGTERM and SIGINT drain and stop.
+    Run {
+        #[arg(long, short, default_value = "wal2cache.toml")]
+        config: PathBuf,
+    },
     /// Create the publication (for the rules' tables) and the replication slot.
     Setup {
         #[arg(long, short, default_value = "wal2cache.toml")]
@@ -85,6 +91,10 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     .unwrap_or_default(),
             );
             Ok(())
+        }
+        Command::Run { config } => {
+            let config = Config::load(&config)?;
+            wal2cache::app::run(&config, shutdown_signal(), hangups()?).await
         }
         Command::Check { config } => {
             let config = Config::load(&config)?;

@@ -23,6 +23,10 @@ use crate::source::{Change, Op, Relation, Row, Value};
 pub struct Plan {
     /// Keys to UNLINK.
     pub delete: Vec<String>,
+    /// The keys of `delete` that a republish rule manages: deleted only if their stored
+    /// version is older, leaving the version behind, so a replayed older value cannot
+    /// come back.
+    pub tombstones: Vec<String>,
     /// Keys to SET to a new value, if newer than what is stored.
     pub republish: Vec<Republish>,
     /// Tags whose member keys (and the tag set itself) are unlinked.
@@ -59,6 +63,13 @@ impl Plan {
         }
     }
 
+    fn tombstone(&mut self, key: String) {
+        if !self.tombstones.contains(&key) {
+            self.tombstones.push(key.clone());
+        }
+        self.delete(key);
+    }
+
     fn purge(&mut self, tag: String) {
         if !self.purge_tags.contains(&tag) {
             self.purge_tags.push(tag);
@@ -75,8 +86,14 @@ impl Plan {
     /// read fills it from the database, which is always right.
     fn settle(&mut self) {
         if !self.delete.is_empty() {
-            let delete = &self.delete;
-            self.republish.retain(|r| !delete.contains(&r.key));
+            let (delete, tombstones) = (&self.delete, &mut self.tombstones);
+            self.republish.retain(|r| {
+                let deleted = delete.contains(&r.key);
+                if deleted && !tombstones.contains(&r.key) {
+                    tombstones.push(r.key.clone());
+                }
+                !deleted
+            });
         }
     }
 }
@@ -455,7 +472,7 @@ impl Planner {
                 Action::Republish { ttl, .. } => {
                     for k in old_keys {
                         if !new_keys.contains(&k) {
-                            plan.delete(k);
+                            plan.tombstone(k);
                         }
                     }
                     let Some(n) = new else { continue };
@@ -480,7 +497,7 @@ impl Planner {
                                     },
                                     &mut plan.notes,
                                 );
-                                plan.delete(key);
+                                plan.tombstone(key);
                             }
                         }
                     }
@@ -650,6 +667,7 @@ ttl = "1h"
         assert_eq!(p.purge_tags, ["shop:category:7", "shop:products"]);
         assert!(p.republish.is_empty() && p.notes.is_empty());
         assert_eq!(p.first_key(), Some("shop:product:v3:42"));
+        assert!(p.tombstones.is_empty(), "delete rules unlink plainly");
     }
 
     #[test]
@@ -851,6 +869,11 @@ keys = ["p:body:{body}"]
         );
         assert_eq!(p.delete, ["shop:product:json:v3:42"]);
         assert!(p.republish.is_empty());
+        assert_eq!(
+            p.tombstones,
+            ["shop:product:json:v3:42"],
+            "a republished key leaves its version"
+        );
 
         let moved = row("43", "blue-mug", t("7"), "Mug", "9.50", t("long text"));
         let p = plan(
@@ -889,6 +912,7 @@ truncate_tags = [\"shop:products\"]
             p.republish.is_empty(),
             "a key both deleted and republished is deleted"
         );
+        assert_eq!(p.tombstones, ["shop:product:json:v3:42"]);
         assert_eq!(p.purge_tags, ["shop:category:7", "shop:products"]);
     }
 

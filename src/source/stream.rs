@@ -103,6 +103,11 @@ impl Source {
         self.events.recv().await
     }
 
+    /// No event is waiting right now.
+    pub fn is_idle(&self) -> bool {
+        self.events.is_empty()
+    }
+
     pub fn confirm(&self, lsn: Lsn) {
         self.confirmer().confirm(lsn);
     }

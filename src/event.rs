@@ -1,0 +1,109 @@
+//! The Kafka event, schema 1: the contract between the daemon and every L1 cache.
+//! One message per row change that matched a rule, plus `flush_all` and `heartbeat`.
+//! A subscriber ignores fields it does not know, so new fields never need a new schema.
+
+use serde::{Deserialize, Serialize};
+
+pub const SCHEMA: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Invalidate,
+    FlushAll,
+    Heartbeat,
+    /// A kind this version does not know (a subscriber skips it).
+    #[serde(other)]
+    Unknown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub schema: u32,
+    pub kind: Kind,
+    /// The `name` of the daemon's config.
+    pub source: String,
+    /// Commit LSN of the transaction (`16/B374D848`); for a heartbeat, the last
+    /// confirmed position.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lsn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xid: Option<u32>,
+    /// RFC 3339, UTC, microseconds. For a heartbeat: now when nothing is in flight,
+    /// else the commit time of the newest applied transaction, so that
+    /// `now - commit_time` is the subscriber's lag either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
+    /// `insert`, `update`, `delete`, `truncate` or `message`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub op: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// `flush_all` only: `truncate`, `slot_lost` or `manual`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl Event {
+    pub fn new(kind: Kind, source: impl Into<String>) -> Event {
+        Event {
+            schema: SCHEMA,
+            kind,
+            source: source.into(),
+            lsn: None,
+            xid: None,
+            commit_time: None,
+            table: None,
+            op: None,
+            keys: Vec::new(),
+            tags: Vec::new(),
+            reason: None,
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("an event always serializes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_the_documented_example() {
+        let mut e = Event::new(Kind::Invalidate, "main-db");
+        e.lsn = Some("0/1A2B3C4".into());
+        e.xid = Some(7781);
+        e.commit_time = Some("2026-11-23T09:30:00.123456Z".into());
+        e.table = Some("public.products".into());
+        e.op = Some("update".into());
+        e.keys = vec!["shop:product:v3:42".into()];
+        e.tags = vec!["shop:category:7".into()];
+        assert_eq!(
+            e.to_json(),
+            r#"{"schema":1,"kind":"invalidate","source":"main-db","lsn":"0/1A2B3C4","xid":7781,"commit_time":"2026-11-23T09:30:00.123456Z","table":"public.products","op":"update","keys":["shop:product:v3:42"],"tags":["shop:category:7"]}"#
+        );
+    }
+
+    #[test]
+    fn unknown_kinds_and_fields_are_tolerated() {
+        let e: Event = serde_json::from_str(
+            r#"{"schema":1,"kind":"rebalance","source":"x","future":{"a":1}}"#,
+        )
+        .unwrap();
+        assert_eq!(e.kind, Kind::Unknown);
+        let e: Event = serde_json::from_str(
+            r#"{"schema":1,"kind":"flush_all","source":"x","reason":"truncate"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (e.kind, e.reason.as_deref()),
+            (Kind::FlushAll, Some("truncate"))
+        );
+    }
+}

@@ -1,0 +1,341 @@
+//! The daemon's pipeline: source → plans → batches → sinks → confirmation.
+//!
+//! The reader turns events into plans and batches them; a batch closes on size, on a
+//! deadline, or as soon as a transaction ends and nothing more is waiting. Batches go
+//! through a bounded channel to the applier, which applies each one to Redis and Kafka
+//! at once and, once both confirmed it, confirms its LSN to Postgres. Batches are applied
+//! in order, so the confirmed LSN is always the end of a transaction that every sink has
+//! confirmed together with everything before it. When a sink is slow or down, the
+//! channel fills, the reader stops reading and Postgres keeps the WAL.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, watch};
+
+use crate::config::PipelineConfig;
+use crate::error::Error;
+use crate::lsn::Lsn;
+use crate::rules::plan::{plan_message, Plan, Planner};
+use crate::rules::RuleSet;
+use crate::sink::kafka::{KafkaSink, Progress};
+use crate::sink::redis::RedisSink;
+use crate::sink::{Batch, Item, Origin, SinkError, Version};
+use crate::source::{Confirmer, Source, SourceEvent, TxnInfo, PG_EPOCH_UNIX_MICROS};
+
+/// Batches waiting for the applier: small, so that a stalled sink stops the reader.
+const QUEUED_BATCHES: usize = 2;
+
+/// Microseconds from a Postgres commit time to now.
+fn since_commit(commit_time: i64) -> Option<Duration> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .ok()?
+        .as_micros() as i64;
+    let commit = commit_time.checked_add(PG_EPOCH_UNIX_MICROS)?;
+    u64::try_from(now - commit).ok().map(Duration::from_micros)
+}
+
+/// Builds batches from source events.
+struct Batcher {
+    config: PipelineConfig,
+    planner: Planner,
+    batch: Batch,
+    opened: Option<tokio::time::Instant>,
+    txn: Option<TxnInfo>,
+    seq: u32,
+}
+
+impl Batcher {
+    fn push(&mut self, origin: Origin, plan: Plan) {
+        if !plan.is_empty() {
+            self.batch.items.push(Item {
+                origin,
+                plan: Arc::new(plan),
+            });
+        }
+    }
+
+    fn origin(&mut self, table: Option<String>, op: &'static str) -> Origin {
+        let txn = self.txn.unwrap_or(TxnInfo {
+            xid: 0,
+            commit_lsn: Lsn::ZERO,
+            commit_time: 0,
+        });
+        let seq = self.seq;
+        self.seq += 1;
+        Origin {
+            version: Version {
+                commit_lsn: txn.commit_lsn,
+                seq,
+            },
+            xid: txn.xid,
+            commit_time: txn.commit_time,
+            table,
+            op,
+        }
+    }
+
+    /// Adds an event; `Ok(true)` when it ended a transaction.
+    fn add(&mut self, event: SourceEvent) -> Result<bool, Error> {
+        match event {
+            SourceEvent::Begin(txn) => {
+                self.txn = Some(txn);
+                self.seq = 0;
+            }
+            SourceEvent::Change(change) => {
+                let plan = self
+                    .planner
+                    .plan_change(&change)
+                    .map_err(|e| Error::Plan(Box::new(e)))?;
+                let origin =
+                    self.origin(Some(change.relation.qualified_name()), change.op.as_str());
+                self.push(origin, plan);
+            }
+            SourceEvent::Truncate { relations, .. } => {
+                for r in relations {
+                    let plan = self.planner.plan_truncate(std::slice::from_ref(&r));
+                    let origin = self.origin(Some(r.qualified_name()), "truncate");
+                    self.push(origin, plan);
+                }
+            }
+            SourceEvent::Message {
+                transactional,
+                lsn,
+                prefix,
+                content,
+            } => match plan_message(&prefix, &content) {
+                None => {}
+                Some(Ok(plan)) => {
+                    let mut origin = self.origin(None, "message");
+                    if !transactional {
+                        origin.version = Version {
+                            commit_lsn: lsn,
+                            seq: 0,
+                        };
+                    }
+                    self.push(origin, plan);
+                }
+                Some(Err(e)) => {
+                    metrics::counter!("wal2cache_bad_messages_total").increment(1);
+                    tracing::warn!(lsn = %lsn, "{e}");
+                }
+            },
+            SourceEvent::Commit(commit) => {
+                self.txn = None;
+                self.batch.confirm = Some(commit.end_lsn);
+                self.batch.commit_time = Some(commit.commit_time);
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    fn take(&mut self) -> Batch {
+        self.opened = None;
+        std::mem::take(&mut self.batch)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.batch.items.is_empty() && self.batch.confirm.is_none()
+    }
+}
+
+/// Applies batches in order to both sinks, then confirms.
+async fn applier(
+    mut batches: mpsc::Receiver<Batch>,
+    mut redis: RedisSink,
+    mut kafka: KafkaSink,
+    confirmer: Confirmer,
+    progress: watch::Sender<Progress>,
+) -> Result<(), SinkError> {
+    let mut stats = Stats::new();
+    while let Some(batch) = batches.recv().await {
+        progress.send_modify(|p| p.busy = true);
+        let started = Instant::now();
+        let (r, k) = tokio::join!(
+            async {
+                let r = redis.apply(&batch).await;
+                (r, Instant::now())
+            },
+            async {
+                let k = kafka.apply(&batch).await;
+                (k, Instant::now())
+            }
+        );
+        r.0?;
+        k.0?;
+        for item in &batch.items {
+            let t = item.origin.commit_time;
+            // Both sinks confirmed: the latency of each, from the commit.
+            if let Some(lag) = since_commit(t) {
+                let now = Instant::now();
+                let redis_lag = lag.saturating_sub(now - r.1);
+                let kafka_lag = lag.saturating_sub(now - k.1);
+                metrics::histogram!("wal2cache_commit_to_redis_seconds")
+                    .record(redis_lag.as_secs_f64());
+                metrics::histogram!("wal2cache_commit_to_kafka_seconds")
+                    .record(kafka_lag.as_secs_f64());
+            }
+        }
+        metrics::histogram!("wal2cache_batch_seconds").record(started.elapsed().as_secs_f64());
+        metrics::counter!("wal2cache_changes_applied_total").increment(batch.items.len() as u64);
+        if let Some(lsn) = batch.confirm {
+            confirmer.confirm(lsn);
+            redis.confirmed = lsn.to_string();
+            metrics::gauge!("wal2cache_confirmed_lsn").set(lsn.0 as f64);
+        }
+        let lag = batch.commit_time.and_then(since_commit);
+        stats.record(batch.items.len(), lag);
+        progress.send_modify(|p| {
+            if let Some(lsn) = batch.confirm {
+                p.confirmed = lsn;
+            }
+            if batch.commit_time.is_some() {
+                p.applied_commit_time = batch.commit_time;
+            }
+            p.busy = !batches.is_empty();
+        });
+    }
+    Ok(())
+}
+
+/// One log line a minute while busy.
+struct Stats {
+    since: Instant,
+    changes: usize,
+    lag: Option<Duration>,
+}
+
+impl Stats {
+    fn new() -> Self {
+        Stats {
+            since: Instant::now(),
+            changes: 0,
+            lag: None,
+        }
+    }
+
+    fn record(&mut self, changes: usize, lag: Option<Duration>) {
+        self.changes += changes;
+        if lag.is_some() {
+            self.lag = lag;
+        }
+        let elapsed = self.since.elapsed();
+        if elapsed >= Duration::from_secs(60) {
+            if self.changes > 0 {
+                tracing::info!(
+                    changes = self.changes,
+                    per_second = (self.changes as f64 / elapsed.as_secs_f64()).round(),
+                    lag_ms = self.lag.map(|l| l.as_millis() as u64),
+                    "applied"
+                );
+            }
+            *self = Stats::new();
+        }
+    }
+}
+
+/// Everything `run` needs, connected.
+pub struct Pipeline {
+    pub config: PipelineConfig,
+    pub source: Source,
+    pub redis: RedisSink,
+    pub kafka: KafkaSink,
+    pub progress: watch::Sender<Progress>,
+    pub stop: watch::Sender<bool>,
+}
+
+/// Runs until `shutdown`, a fatal error, or the end of the stream. `reload` delivers
+/// new rule sets (already compiled and checked) to plan with from the next change.
+pub async fn run(
+    pipeline: Pipeline,
+    rules: Arc<RuleSet>,
+    shutdown: impl Future<Output = ()>,
+    mut reload: mpsc::UnboundedReceiver<Arc<RuleSet>>,
+) -> Result<(), Error> {
+    let Pipeline {
+        config,
+        mut source,
+        redis,
+        kafka,
+        progress,
+        stop,
+    } = pipeline;
+    let (tx, rx) = mpsc::channel::<Batch>(QUEUED_BATCHES);
+    let mut applier = tokio::spawn(applier(rx, redis, kafka, source.confirmer(), progress));
+    let mut b = Batcher {
+        planner: Planner::new(rules),
+        batch: Batch::default(),
+        opened: None,
+        txn: None,
+        seq: 0,
+        config,
+    };
+    tokio::pin!(shutdown);
+    let result: Result<(), Error> = loop {
+        let deadline = b.opened.map(|t| t + b.config.batch_deadline);
+        let flush = tokio::select! {
+            biased;
+            _ = &mut shutdown => break Ok(()),
+            done = &mut applier => break match done {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(Error::Sink(e)),
+                Err(e) => Err(Error::Sink(SinkError::Redis(format!("applier task failed: {e}")))),
+            },
+            Some(rules) = reload.recv() => {
+                tracing::info!(rules = rules.rules().len(), "rules reloaded");
+                b.planner = Planner::new(rules);
+                false
+            }
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => true,
+            event = source.next() => match event {
+                None => break Ok(()),
+                Some(Err(e)) => break Err(e.into()),
+                Some(Ok(event)) => {
+                    let ended = match b.add(event) {
+                        Ok(ended) => ended,
+                        Err(e) => break Err(e),
+                    };
+                    if b.opened.is_none() && !b.is_empty() {
+                        b.opened = Some(tokio::time::Instant::now());
+                    }
+                    b.batch.items.len() >= b.config.batch_size || (ended && source.is_idle())
+                }
+            },
+        };
+        if flush && !b.is_empty() && tx.send(b.take()).await.is_err() {
+            // The applier stopped; its result says why.
+            continue;
+        }
+    };
+    // Drain: what was read is applied and confirmed, within the deadline.
+    if !b.is_empty() {
+        let _ = tx.send(b.take()).await;
+    }
+    drop(tx);
+    let drained = tokio::time::timeout(b.config.shutdown_timeout, async {
+        if applier.is_finished() {
+            return Ok(());
+        }
+        match (&mut applier).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Error::Sink(e)),
+            Err(e) => Err(Error::Sink(SinkError::Redis(format!(
+                "applier task failed: {e}"
+            )))),
+        }
+    })
+    .await;
+    let _ = stop.send(true);
+    let drained = match drained {
+        Ok(r) => r,
+        Err(_) => {
+            applier.abort();
+            Err(Error::ShutdownTimeout(b.config.shutdown_timeout))
+        }
+    };
+    source.stop().await;
+    result.and(drained)
+}

@@ -1,0 +1,385 @@
+//! `wal2cache run` end to end against real PostgreSQL, Redis and the Kafka-compatible
+//! broker: keys deleted, values republished equal to the row, tags purged, old and new
+//! keys on key changes, and schema-1 events read back by a real consumer.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message, TopicPartitionList};
+use redis::AsyncCommands;
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_wal2cache");
+const SCHEMA: &str = include_str!("../migrations/001_example_schema.sql");
+
+fn redis_url() -> String {
+    std::env::var("WAL2CACHE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:63790".into())
+}
+
+fn kafka_brokers() -> String {
+    std::env::var("WAL2CACHE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
+}
+
+/// The example rules with every key and tag under a prefix of this test's own.
+fn rules(prefix: &str) -> String {
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/rules/example.toml"))
+            .unwrap();
+    example
+        .replace("\"shop:", &format!("\"{prefix}:shop:"))
+        .replace("\"cfg:", &format!("\"{prefix}:cfg:"))
+}
+
+fn write_config(dir: &Path, db: &TestDb, prefix: &str, topic: &str) -> PathBuf {
+    std::fs::write(dir.join("rules.toml"), rules(prefix)).unwrap();
+    let config = dir.join("wal2cache.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"name = "e2e"
+[postgres]
+url = "{url}"
+slot = "{db}_d"
+publication = "w2c"
+[rules]
+path = "rules.toml"
+[redis]
+url = "{redis}"
+tag_prefix = "{prefix}:tag:"
+[kafka]
+brokers = "{kafka}"
+topic = "{topic}"
+partitions = 2
+[pipeline]
+shutdown_timeout = "10s"
+"#,
+            url = db.url,
+            db = db.name,
+            redis = redis_url(),
+            kafka = kafka_brokers(),
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// The daemon as a child process, killed if the test ends without stopping it.
+struct Daemon(Option<Child>);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn start(config: &Path) -> Daemon {
+    Daemon(Some(
+        Command::new(BIN)
+            .args(["run", "--config", config.to_str().unwrap()])
+            .env("WAL2CACHE_LOG", "info")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ))
+}
+
+async fn redis() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis runs: deploy/local/services.sh start")
+}
+
+/// Every event on the topic from the beginning, until `n` have been read.
+fn read_events(topic: &str, n: usize) -> Vec<Value> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("group.id", "unused")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in md.topics()[0].partitions() {
+        tpl.add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while out.len() < n && std::time::Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let v: Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+            if v["kind"] != "heartbeat" {
+                out.push(v);
+            }
+        }
+    }
+    out
+}
+
+fn stop(mut daemon: Daemon) {
+    let mut child = daemon.0.take().unwrap();
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "run exits 0 on SIGTERM");
+}
+
+#[tokio::test]
+async fn the_daemon_keeps_redis_and_the_topic_in_step() {
+    let db = TestDb::new("e2e").await;
+    db.exec(SCHEMA).await;
+    db.exec("INSERT INTO categories VALUES (7, 'mugs'), (8, 'cups')")
+        .await;
+    let prefix = unique("e2e");
+    let topic = format!("{prefix}.events");
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db, &prefix, &topic);
+    let mut r = redis().await;
+    let k = |s: &str| format!("{prefix}:{s}");
+    // A tag's set: the tag prefix, then the (prefixed) tag.
+    let tag = |t: &str| format!("{prefix}:tag:{prefix}:{t}");
+
+    let daemon = start(&config);
+    let slot = format!("{}_d", db.name);
+    eventually(
+        "the daemon to stream from its slot",
+        Duration::from_secs(60),
+        || async {
+            db.client
+                .query_opt(
+                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                    &[&slot],
+                )
+                .await
+                .unwrap()
+                .is_some()
+        },
+    )
+    .await;
+
+    // What an application cached: product keys, a list page under the category tag.
+    let _: () = r.set(k("shop:product:v3:42"), "stale").await.unwrap();
+    let _: () = r
+        .set(k("shop:product:slug:v3:blue-mug"), "stale")
+        .await
+        .unwrap();
+    let _: () = r
+        .set(k("shop:product:slug:v3:navy-mug"), "stale")
+        .await
+        .unwrap();
+    let _: () = r.set(k("page:mugs:1"), "stale list").await.unwrap();
+    let _: () = r
+        .sadd(tag("shop:category:7"), k("page:mugs:1"))
+        .await
+        .unwrap();
+
+    db.exec("INSERT INTO products VALUES (42, 'blue-mug', 7, 'Mug', 9.50, NULL)")
+        .await;
+    let json_key = k("shop:product:json:v3:42");
+    eventually("the republished row", Duration::from_secs(20), || {
+        let mut r = r.clone();
+        let key = json_key.clone();
+        async move { r.get::<_, Option<String>>(&key).await.unwrap().is_some() }
+    })
+    .await;
+    let value: String = r.get(&json_key).await.unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&value).unwrap(),
+        json!({"id": 42, "name": "Mug", "price": "9.50"})
+    );
+    let ttl: i64 = r.ttl(&json_key).await.unwrap();
+    assert!((3500..=3600).contains(&ttl), "ttl {ttl}");
+    for gone in [
+        "shop:product:v3:42",
+        "shop:product:slug:v3:blue-mug",
+        "page:mugs:1",
+    ] {
+        assert!(
+            !r.exists::<_, bool>(k(gone)).await.unwrap(),
+            "{gone} still cached"
+        );
+    }
+    assert!(
+        !r.exists::<_, bool>(tag("shop:category:7")).await.unwrap(),
+        "the tag set is purged too"
+    );
+    assert!(
+        r.exists::<_, bool>(k("shop:product:slug:v3:navy-mug"))
+            .await
+            .unwrap(),
+        "an unrelated key stays"
+    );
+
+    // A slug change: old and new slug keys; the republished value follows the row.
+    let _: () = r
+        .set(k("shop:product:slug:v3:blue-mug"), "stale")
+        .await
+        .unwrap();
+    db.exec("UPDATE products SET slug = 'navy-mug', price = 12.00 WHERE id = 42")
+        .await;
+    eventually("the new price", Duration::from_secs(20), || {
+        let mut r = r.clone();
+        let key = json_key.clone();
+        async move {
+            r.get::<_, Option<String>>(&key)
+                .await
+                .unwrap()
+                .is_some_and(|v| v.contains("12.00"))
+        }
+    })
+    .await;
+    for gone in [
+        "shop:product:slug:v3:blue-mug",
+        "shop:product:slug:v3:navy-mug",
+    ] {
+        assert!(
+            !r.exists::<_, bool>(k(gone)).await.unwrap(),
+            "{gone} still cached"
+        );
+    }
+
+    // Tenant settings republished whole; a delete removes the key.
+    db.exec("INSERT INTO tenant_settings VALUES (5, '{\"theme\": \"dark\"}')")
+        .await;
+    db.exec("DELETE FROM products WHERE id = 42").await;
+    let cfg_key = k("cfg:v1:5");
+    eventually(
+        "the tenant settings and the deleted product",
+        Duration::from_secs(20),
+        || {
+            let mut r = r.clone();
+            let (cfg, json) = (cfg_key.clone(), json_key.clone());
+            async move {
+                r.get::<_, Option<String>>(&cfg).await.unwrap().is_some()
+                    && r.get::<_, Option<String>>(&json).await.unwrap().is_none()
+            }
+        },
+    )
+    .await;
+    let cfg: String = r.get(&cfg_key).await.unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&cfg).unwrap(),
+        json!({"tenant_id": 5, "settings": {"theme": "dark"}})
+    );
+
+    // TRUNCATE purges truncate_tags.
+    let _: () = r.set(k("page:all"), "stale").await.unwrap();
+    let _: () = r.sadd(tag("shop:products"), k("page:all")).await.unwrap();
+    db.exec("TRUNCATE products").await;
+    let page = k("page:all");
+    eventually("the truncate purge", Duration::from_secs(20), || {
+        let mut r = r.clone();
+        let page = page.clone();
+        async move { !r.exists::<_, bool>(&page).await.unwrap() }
+    })
+    .await;
+
+    // Every change that matched has its event, in schema 1.
+    let events = tokio::task::spawn_blocking(move || read_events(&topic, 5))
+        .await
+        .unwrap();
+    let ops: Vec<(&str, &str)> = events
+        .iter()
+        .map(|e| (e["table"].as_str().unwrap(), e["op"].as_str().unwrap()))
+        .collect();
+    assert_eq!(ops.len(), 5, "{events:#?}");
+    for expected in [
+        ("public.products", "insert"),
+        ("public.products", "update"),
+        ("public.tenant_settings", "insert"),
+        ("public.products", "delete"),
+        ("public.products", "truncate"),
+    ] {
+        assert!(ops.contains(&expected), "{expected:?} missing from {ops:?}");
+    }
+    let insert = events
+        .iter()
+        .find(|e| e["op"] == "insert" && e["table"] == "public.products")
+        .unwrap();
+    assert_eq!(insert["schema"], 1);
+    assert_eq!(insert["kind"], "invalidate");
+    assert_eq!(insert["source"], "e2e");
+    assert!(insert["lsn"].as_str().unwrap().contains('/'));
+    assert!(insert["xid"].as_u64().is_some());
+    assert!(insert["commit_time"].as_str().unwrap().ends_with('Z'));
+    let keys: Vec<&str> = insert["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        keys.contains(&k("shop:product:v3:42").as_str()) && keys.contains(&json_key.as_str()),
+        "{keys:?}"
+    );
+    assert_eq!(
+        insert["tags"],
+        json!([k("shop:category:7"), k("shop:products")])
+    );
+
+    stop(daemon);
+    // Everything was confirmed: the slot is at the end of the last transaction.
+    let confirmed = db.confirmed_lsn(&slot).await.unwrap();
+    let last_commit = db.current_lsn().await;
+    assert!(confirmed <= last_commit && confirmed > wal2cache::Lsn::ZERO);
+}
+
+#[tokio::test]
+async fn unreachable_sinks_and_failing_rules_stop_with_a_clear_error() {
+    let db = TestDb::new("e2e_bad").await;
+    db.exec(SCHEMA).await;
+    let prefix = unique("bad");
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db, &prefix, &format!("{prefix}.t"));
+    let slot = format!("{}_d", db.name);
+    let run = |envs: &[(&str, &str)]| {
+        let out = Command::new(BIN)
+            .args(["run", "--config", config.to_str().unwrap()])
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&[("WAL2CACHE__REDIS__URL", "redis://127.0.0.1:1")]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("cannot connect to redis://127.0.0.1:1"),
+        "{err}"
+    );
+    // The slot exists now; writes after it must stay unconfirmed.
+    let created = db.confirmed_lsn(&slot).await.expect("run created the slot");
+    db.exec("INSERT INTO categories VALUES (1, 'x')").await;
+    let (code, err) = run(&[("WAL2CACHE__KAFKA__BROKERS", "127.0.0.1:1")]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("cannot reach the Kafka brokers"), "{err}");
+    let (code, err) = run(&[("WAL2CACHE__REDIS__URL", "not a url")]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("invalid redis.url"), "{err}");
+    db.exec("ALTER TABLE products REPLICA IDENTITY DEFAULT")
+        .await;
+    let (code, err) = run(&[]);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("REPLICA IDENTITY FULL"), "{err}");
+    // Nothing was confirmed by any of them.
+    assert_eq!(db.confirmed_lsn(&slot).await, Some(created));
+}
