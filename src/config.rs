@@ -83,9 +83,16 @@ pub struct RulesConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
+    /// The server; with `cluster`, a node of the cluster (the client finds the others).
     pub url: String,
     #[serde(default = "default_tag_prefix")]
     pub tag_prefix: String,
+    /// A Redis Cluster rather than a single server.
+    #[serde(default)]
+    pub cluster: bool,
+    /// With `cluster`: more nodes to try at start when `url` does not answer.
+    #[serde(default)]
+    pub nodes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -192,6 +199,41 @@ impl Config {
                     "kafka.partitions = {}: must be at least 1",
                     k.partitions
                 ));
+            }
+        }
+        if let Some(r) = &self.redis {
+            if !r.cluster && !r.nodes.is_empty() {
+                problems.push(
+                    "redis.nodes: only used with redis.cluster = true (a single server takes redis.url alone)"
+                        .into(),
+                );
+            }
+            if r.cluster {
+                let seeds = std::iter::once(("redis.url".to_string(), &r.url)).chain(
+                    r.nodes
+                        .iter()
+                        .enumerate()
+                        .map(|(i, n)| (format!("redis.nodes[{i}]"), n)),
+                );
+                for (field, url) in seeds {
+                    use redis::IntoConnectionInfo;
+                    match url.as_str().into_connection_info() {
+                        Err(e) => problems.push(format!("{field}: not a Redis URL: {e}")),
+                        Ok(info) => {
+                            if matches!(info.addr(), redis::ConnectionAddr::Unix(_)) {
+                                problems.push(format!(
+                                    "{field}: a Redis Cluster is reached over TCP (its nodes announce IP addresses), not a Unix socket"
+                                ));
+                            }
+                            if info.redis_settings().db() != 0 {
+                                problems.push(format!(
+                                    "{field}: a Redis Cluster has only database 0: remove /{} from the URL",
+                                    info.redis_settings().db()
+                                ));
+                            }
+                        }
+                    }
+                }
             }
         }
         if let Err(e) = PgTarget::parse(&self.postgres.url) {

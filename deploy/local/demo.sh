@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The demo: starts the local services (installing what is missing), loads the
-# example schema into the demo database, creates the publication and the slot, and
-# runs `wal2cache tail` on the example rules while a small writer changes rows every
-# two seconds, so you see what wal2cache sees. Stop it with Ctrl-C.
+# example schema into the demo database, checks the example rules, creates the
+# publication and the slot, and runs the daemon (`wal2cache run`) on the example rules
+# while a small writer changes rows every two seconds and a watcher prints what Redis
+# holds for product 1. Stop it with Ctrl-C (the daemon drains and exits 0).
 #
 # DEMO_SECONDS=N stops it by itself after N seconds.
 set -euo pipefail
@@ -44,23 +45,34 @@ SQL
     done
 }
 
+watcher() {
+    while true; do
+        sleep 2
+        printf 'redis: shop:product:json:v3:1 = %s\n' \
+            "$(redis-cli -h "$HOST" -p "$REDIS_PORT" GET shop:product:json:v3:1)"
+    done
+}
+
 writer &
 WRITER=$!
-TAIL=""
+watcher &
+WATCHER=$!
+DAEMON=""
 cleanup() {
-    kill "$WRITER" 2>/dev/null || true
-    [[ -n "$TAIL" ]] && kill "$TAIL" 2>/dev/null || true
+    kill "$WRITER" "$WATCHER" 2>/dev/null || true
+    [[ -n "$DAEMON" ]] && kill "$DAEMON" 2>/dev/null || true
     wait 2>/dev/null || true
 }
 trap cleanup EXIT
 
-log_info "wal2cache tail (one JSON line per change; Ctrl-C to stop)"
+log_info "wal2cache run (Ctrl-C to stop); in another shell: $BIN tail --config $CONFIG"
 if [[ -n "${DEMO_SECONDS:-}" ]]; then
-    "$BIN" tail --config "$CONFIG" &
-    TAIL=$!
+    WAL2CACHE_LOG=info "$BIN" run --config "$CONFIG" &
+    DAEMON=$!
     sleep "$DEMO_SECONDS"
-    kill -TERM "$TAIL"
-    wait "$TAIL"
+    kill -TERM "$DAEMON"
+    wait "$DAEMON"
+    DAEMON=""
 else
-    "$BIN" tail --config "$CONFIG"
+    WAL2CACHE_LOG=info "$BIN" run --config "$CONFIG"
 fi

@@ -31,6 +31,10 @@ HOST=127.0.0.1
 PG_PORT=54320
 REDIS_PORT=63790
 KAFKA_PORT=19092
+# Redis Cluster: three masters, no replicas. Their cluster bus ports are set
+# explicitly (the default, port + 10000, would be past 65535).
+REDIS_CLUSTER_PORTS=(63791 63792 63793)
+REDIS_CLUSTER_BUS_OFFSET=-10000
 
 PG_VERSION=15
 PG_BIN="/usr/lib/postgresql/$PG_VERSION/bin"
@@ -51,6 +55,9 @@ REDIS_DIR="$LOCAL/redis"
 REDIS_DATA="$REDIS_DIR/data"
 REDIS_LOG="$REDIS_DIR/redis.log"
 REDIS_PIDFILE="$REDIS_DIR/redis.pid"
+
+# One directory per node: $REDIS_CLUSTER_DIR/<port>/{nodes.conf,redis.log,redis.pid}.
+REDIS_CLUSTER_DIR="$LOCAL/redis-cluster"
 
 TANSU_VERSION=0.6.0
 TANSU_DIR="$LOCAL/tansu"

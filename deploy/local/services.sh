@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Local development/test services for wal2cache: PostgreSQL 15 (logical
-# replication), Redis and a Kafka-compatible broker (Tansu, in-memory storage).
+# replication), Redis, a 3-node Redis Cluster and a Kafka-compatible broker
+# (Tansu, in-memory storage).
 #
 # Usage: deploy/local/services.sh COMMAND [SERVICE]   (see `help`)
 set -euo pipefail
@@ -13,23 +14,25 @@ usage() {
 Usage: $0 COMMAND [ARGS]
 
 Commands:
-  install [pg|redis|kafka|all]   install what is missing (apt-get, cargo install)
-  start   [pg|redis|kafka|all]   install if missing, then start (no-op if running)
-  stop    [pg|redis|kafka|all]   stop what runs (no error if nothing runs)
-  restart [pg|redis|kafka|all]   stop then start
+  install [SERVICE]              install what is missing (apt-get, cargo install)
+  start   [SERVICE]              install if missing, then start (no-op if running)
+  stop    [SERVICE]              stop what runs (no error if nothing runs)
+  restart [SERVICE]              stop then start
   status                         one line per service; exit 0 only if all run
   topic   NAME [PARTITIONS]      create a topic on the local broker (default 1 partition)
   topics                         list the topics of the local broker
-  reset   [pg|redis|kafka|all]   stop and delete the data directories
+  reset   [SERVICE]              stop and delete the data directories
   env                            print the environment variables the tests read
   help                           this text
 
-SERVICE defaults to all. Aliases: postgres=pg, tansu=kafka.
+SERVICE is pg, redis, redis-cluster, kafka or all (the default).
+Aliases: postgres=pg, cluster=redis-cluster, tansu=kafka.
 
 Addresses (all bound to $HOST):
   PostgreSQL $PG_VERSION  $HOST:$PG_PORT   superuser '$PG_SUPERUSER' (trust from $HOST),
                          role '$PG_APP_ROLE'/'$PG_APP_PASSWORD' (scram), database '$PG_APP_DB'
   Redis          $HOST:$REDIS_PORT   no persistence
+  Redis Cluster  $HOST:${REDIS_CLUSTER_PORTS[0]}-${REDIS_CLUSTER_PORTS[-1]}   3 masters, no replicas, no persistence
   Kafka (Tansu)  $HOST:$KAFKA_PORT   storage $TANSU_STORAGE_ENGINE (lost on stop)
 EOF
 }
@@ -97,6 +100,10 @@ install_redis() {
     apt_install redis-server
     redis_installed || die "redis-server/redis-cli still missing after apt-get"
     log_ok "Redis installed"
+}
+
+install_redis_cluster() {
+    install_redis
 }
 
 install_kafka() {
@@ -334,6 +341,161 @@ stop_redis() {
 }
 
 # ===========================================================================
+# Redis Cluster (three masters, no replicas)
+# ===========================================================================
+
+rc_dir() { printf '%s/%s\n' "$REDIS_CLUSTER_DIR" "$1"; }
+rc_log() { printf '%s/%s/redis.log\n' "$REDIS_CLUSTER_DIR" "$1"; }
+rc_pidfile() { printf '%s/%s/redis.pid\n' "$REDIS_CLUSTER_DIR" "$1"; }
+
+# rc_pid PORT: pid of our cluster node on PORT (empty if none).
+rc_pid() {
+    local pid
+    pid="$(read_pidfile "$(rc_pidfile "$1")")"
+    if [[ -n "$pid" ]] && pid_is "$pid" redis-server; then
+        printf '%s\n' "$pid"
+    fi
+}
+
+rc_cli() {
+    local port="$1"
+    shift
+    timeout 5 redis-cli -h "$HOST" -p "$port" "$@" 2>/dev/null
+}
+
+# rc_info PORT FIELD: one field of CLUSTER INFO (empty if the node does not answer).
+rc_info() {
+    rc_cli "$1" cluster info | tr -d '\r' | sed -n "s/^$2://p"
+}
+
+rc_state_ok() {
+    [[ "$(rc_info "$1" cluster_state)" == ok ]]
+}
+
+# rc_start_node PORT: start one cluster-enabled redis-server (no-op if running).
+rc_start_node() {
+    local port="$1" dir log pidfile pid
+    dir="$(rc_dir "$port")"
+    log="$(rc_log "$port")"
+    pidfile="$(rc_pidfile "$port")"
+    pid="$(rc_pid "$port")"
+    if [[ -n "$pid" ]]; then
+        log_ok "redis-cluster node already running on $HOST:$port (pid $pid)"
+        return 0
+    fi
+    local bus=$((port + REDIS_CLUSTER_BUS_OFFSET))
+    local p
+    for p in "$port" "$bus"; do
+        if port_open "$HOST" "$p"; then
+            die "port $HOST:$p is in use by another process: $(ss -Htlnp "sport = :$p" 2>/dev/null | head -n1)"
+        fi
+    done
+    mkdir -p -- "$dir"
+    rm -f -- "$pidfile"
+    log_info "starting redis-cluster node on $HOST:$port (bus $bus, dir $dir, log $log)"
+    # nodes.conf (the node's identity and slots) lives in --dir and survives a
+    # restart; the data does not (no RDB, no AOF).
+    if ! redis-server --port "$port" --bind "$HOST" --daemonize yes \
+        --dir "$dir" --logfile "$log" --pidfile "$pidfile" \
+        --save "" --appendonly no \
+        --cluster-enabled yes --cluster-config-file nodes.conf \
+        --cluster-port "$bus" --cluster-node-timeout 5000 9>&-; then
+        fail_with_log "$log" "redis-server (cluster node $port) failed to start"
+    fi
+    local deadline=$((SECONDS + START_TIMEOUT))
+    until [[ "$(rc_cli "$port" ping)" == PONG ]]; do
+        ((SECONDS < deadline)) ||
+            fail_with_log "$log" "redis-cluster node did not answer PING on $HOST:$port within ${START_TIMEOUT}s"
+        sleep 0.2
+    done
+    until pid="$(rc_pid "$port")" && [[ -n "$pid" ]]; do
+        ((SECONDS < deadline)) ||
+            fail_with_log "$log" "redis-cluster node answers PING but wrote no pid file $pidfile"
+        sleep 0.2
+    done
+    log_ok "redis-cluster node running on $HOST:$port (pid $pid)"
+}
+
+# rc_create: form the cluster when no node has slots yet; refuse a half-formed one.
+rc_create() {
+    local port known slots fresh=0 formed=0
+    for port in "${REDIS_CLUSTER_PORTS[@]}"; do
+        known="$(rc_info "$port" cluster_known_nodes)"
+        slots="$(rc_info "$port" cluster_slots_assigned)"
+        if [[ "$known" == 1 && "$slots" == 0 ]]; then
+            fresh=$((fresh + 1))
+        elif [[ "$known" == "${#REDIS_CLUSTER_PORTS[@]}" && "$slots" == 16384 ]]; then
+            formed=$((formed + 1))
+        else
+            fail_with_log "$(rc_log "$port")" "redis-cluster node $port is in an unexpected state (known nodes '$known', slots assigned '$slots'): run '$0 reset redis-cluster'"
+        fi
+    done
+    if ((formed == ${#REDIS_CLUSTER_PORTS[@]})); then
+        log_info "redis-cluster already formed (nodes.conf); waiting for cluster_state:ok"
+        return 0
+    fi
+    if ((fresh != ${#REDIS_CLUSTER_PORTS[@]})); then
+        die "the redis-cluster nodes disagree ($formed formed, $fresh fresh): run '$0 reset redis-cluster'"
+    fi
+    local addrs=() out
+    for port in "${REDIS_CLUSTER_PORTS[@]}"; do addrs+=("$HOST:$port"); done
+    log_info "redis-cli --cluster create ${addrs[*]} --cluster-replicas 0 --cluster-yes"
+    if ! out="$(timeout 60 redis-cli --cluster create "${addrs[@]}" \
+        --cluster-replicas 0 --cluster-yes 2>&1 9>&-)"; then
+        printf '%s\n' "$out" >&2
+        fail_with_log "$(rc_log "${REDIS_CLUSTER_PORTS[0]}")" "redis-cli --cluster create failed"
+    fi
+}
+
+start_redis_cluster() {
+    redis_installed || install_redis
+    local port
+    for port in "${REDIS_CLUSTER_PORTS[@]}"; do
+        rc_start_node "$port"
+    done
+    local all_ok=1
+    for port in "${REDIS_CLUSTER_PORTS[@]}"; do
+        rc_state_ok "$port" || all_ok=0
+    done
+    if ((all_ok)); then
+        log_ok "redis-cluster already formed (cluster_state:ok on every node)"
+    else
+        rc_create
+    fi
+    local deadline=$((SECONDS + START_TIMEOUT))
+    for port in "${REDIS_CLUSTER_PORTS[@]}"; do
+        until rc_state_ok "$port"; do
+            ((SECONDS < deadline)) ||
+                fail_with_log "$(rc_log "$port")" "redis-cluster node $port did not reach cluster_state:ok within ${START_TIMEOUT}s"
+            sleep 0.3
+        done
+    done
+    log_ok "redis-cluster running on $HOST:${REDIS_CLUSTER_PORTS[0]}-${REDIS_CLUSTER_PORTS[-1]} (3 masters, no replicas, cluster_state:ok)"
+}
+
+stop_redis_cluster() {
+    local port pid stopped=0
+    for port in "${REDIS_CLUSTER_PORTS[@]}"; do
+        pid="$(rc_pid "$port")"
+        [[ -n "$pid" ]] || continue
+        stopped=1
+        log_info "stopping redis-cluster node $port (pid $pid)"
+        timeout 10 redis-cli -h "$HOST" -p "$port" shutdown nosave >/dev/null 2>&1 || true
+        if ! wait_pid_exit "$pid" 10; then
+            log_warn "redis-cluster node $port did not shut down on request; sending SIGTERM"
+            kill -TERM "$pid" 2>/dev/null || true
+            wait_pid_exit "$pid" 10 || fail_with_log "$(rc_log "$port")" "redis-cluster node $port (pid $pid) does not stop"
+        fi
+        rm -f -- "$(rc_pidfile "$port")"
+    done
+    if ((stopped)); then
+        log_ok "redis-cluster stopped"
+    else
+        log_ok "redis-cluster not running"
+    fi
+}
+
+# ===========================================================================
 # Kafka-compatible broker (Tansu)
 # ===========================================================================
 
@@ -472,6 +634,18 @@ cmd_status() {
     [[ -n "$pid" ]] || all_up=1
     status_line redis "$HOST:$REDIS_PORT" "$pid" "$REDIS_DATA" "$REDIS_LOG"
 
+    local port state
+    for port in "${REDIS_CLUSTER_PORTS[@]}"; do
+        pid="$(rc_pid "$port")"
+        [[ -n "$pid" ]] || all_up=1
+        status_line redis-cluster "$HOST:$port" "$pid" "$(rc_dir "$port")" "$(rc_log "$port")"
+    done
+    if [[ -n "$(rc_pid "${REDIS_CLUSTER_PORTS[0]}")" ]]; then
+        state="$(rc_info "${REDIS_CLUSTER_PORTS[0]}" cluster_state)"
+        [[ "$state" == ok ]] || all_up=1
+        printf '%-13s cluster_state:%s (as node %s sees it)\n' redis-cluster "${state:-?}" "${REDIS_CLUSTER_PORTS[0]}"
+    fi
+
     pid="$(tansu_pid)"
     [[ -n "$pid" ]] || all_up=1
     status_line kafka "$HOST:$KAFKA_PORT" "$pid" "$TANSU_STORAGE_ENGINE (in memory)" "$TANSU_LOG"
@@ -482,7 +656,7 @@ cmd_status() {
 status_line() {
     local state=stopped
     [[ -z "$3" ]] || state=running
-    printf '%-9s %-8s %-16s pid %-8s data %s  log %s\n' "$1" "$state" "$2" "${3:--}" "$4" "$5"
+    printf '%-13s %-8s %-16s pid %-8s data %s  log %s\n' "$1" "$state" "$2" "${3:--}" "$4" "$5"
 }
 
 # safe_rm_dir DIR: delete DIR if it is one of ours.
@@ -513,6 +687,11 @@ reset_redis() {
     safe_rm_dir "$REDIS_DIR"
 }
 
+reset_redis_cluster() {
+    stop_redis_cluster
+    safe_rm_dir "$REDIS_CLUSTER_DIR"
+}
+
 reset_kafka() {
     stop_kafka
     safe_rm_dir "$TANSU_DIR"
@@ -522,6 +701,7 @@ cmd_env() {
     cat <<EOF
 export WAL2CACHE_TEST_PG=postgres://$PG_SUPERUSER@$HOST:$PG_PORT/postgres
 export WAL2CACHE_TEST_REDIS=redis://$HOST:$REDIS_PORT
+export WAL2CACHE_TEST_REDIS_CLUSTER=redis://$HOST:${REDIS_CLUSTER_PORTS[0]}
 export WAL2CACHE_TEST_KAFKA=$HOST:$KAFKA_PORT
 EOF
 }
@@ -537,15 +717,16 @@ services() {
     case "$target" in
     pg | postgres | postgresql) echo pg ;;
     redis) echo redis ;;
+    redis-cluster | redis_cluster | cluster) echo redis_cluster ;;
     kafka | tansu) echo kafka ;;
     all)
         if [[ "$order" == reverse ]]; then
-            echo kafka redis pg
+            echo kafka redis_cluster redis pg
         else
-            echo pg redis kafka
+            echo pg redis redis_cluster kafka
         fi
         ;;
-    *) die "unknown service '$target' (expected pg, redis, kafka or all)" ;;
+    *) die "unknown service '$target' (expected pg, redis, redis-cluster, kafka or all)" ;;
     esac
 }
 
@@ -565,7 +746,7 @@ main() {
     local svc list
     case "$cmd" in
     install | start | stop | restart | reset)
-        (($# <= 1)) || die "usage: $0 $cmd [pg|redis|kafka|all]"
+        (($# <= 1)) || die "usage: $0 $cmd [pg|redis|redis-cluster|kafka|all]"
         take_lock
         ;;
     esac

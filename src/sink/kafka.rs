@@ -20,7 +20,10 @@ use crate::sink::{Batch, Item, SinkError};
 use crate::source::format_pg_time;
 
 pub struct KafkaSink {
+    config: KafkaConfig,
     producer: FutureProducer,
+    /// Hands a replaced producer to the heartbeats.
+    producers: watch::Sender<FutureProducer>,
     topic: String,
     source: String,
     backoff: Backoff,
@@ -67,7 +70,6 @@ fn is_poison(e: &KafkaError) -> bool {
                 | RDKafkaErrorCode::ClusterAuthorizationFailed
                 | RDKafkaErrorCode::MessageSizeTooLarge
                 | RDKafkaErrorCode::InvalidMessageSize
-                | RDKafkaErrorCode::UnknownTopic
         )
     )
 }
@@ -146,8 +148,9 @@ impl KafkaSink {
             )
         })?;
         let partitions = ensure_topic(config, &producer).await?;
+        let (producers, producer_rx) = watch::channel(producer.clone());
         tokio::spawn(heartbeats(
-            producer.clone(),
+            producer_rx,
             config.topic.clone(),
             source.to_string(),
             partitions,
@@ -155,7 +158,9 @@ impl KafkaSink {
             stop.clone(),
         ));
         Ok(KafkaSink {
+            config: config.clone(),
             producer,
+            producers,
             topic: config.topic.clone(),
             source: source.to_string(),
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
@@ -219,6 +224,34 @@ impl KafkaSink {
                     self.topic
                 )));
             }
+            if let Some(fatal) = self.producer.client().fatal_error() {
+                // An idempotent producer that hit a fatal error (e.g. the broker lost its
+                // state and no longer knows the producer id) is unusable: replace it.
+                // Events of the failed attempt are sent again; subscribers are idempotent.
+                match client_config(&self.config).create::<FutureProducer>() {
+                    Ok(p) => {
+                        tracing::warn!(error = ?fatal, "the Kafka producer hit a fatal error; replaced it with a new one");
+                        self.producer = p.clone();
+                        let _ = self.producers.send(p);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot create a new Kafka producer yet"),
+                }
+            }
+            if matches!(
+                error.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::UnknownTopic | RDKafkaErrorCode::UnknownTopicOrPartition)
+            ) {
+                // The topic is gone (deleted, or a broker without persistence restarted):
+                // create it again, as at start.
+                match ensure_topic(&self.config, &self.producer).await {
+                    Ok(_) => {
+                        tracing::warn!(topic = %self.topic, "the topic had disappeared and was created again")
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the topic is missing and cannot be created yet")
+                    }
+                }
+            }
             let delay = self.backoff.next_delay();
             metrics::counter!("wal2cache_sink_retries_total", "sink" => "kafka").increment(1);
             tracing::warn!(error = %error, attempt = self.backoff.attempts(), retry_in = ?delay, "Kafka failed; retrying the batch");
@@ -267,7 +300,7 @@ pub fn event_for(source: &str, item: &Item) -> (String, String) {
 }
 
 async fn heartbeats(
-    producer: FutureProducer,
+    producers: watch::Receiver<FutureProducer>,
     topic: String,
     source: String,
     partitions: i32,
@@ -291,6 +324,7 @@ async fn heartbeats(
                 .to_string(),
         });
         let payload = e.to_json();
+        let producer = producers.borrow().clone();
         for partition in 0..partitions {
             let record = FutureRecord::to(&topic)
                 .key("heartbeat")

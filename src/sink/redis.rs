@@ -4,16 +4,28 @@
 //! one script; a table-wide flush is `SCAN` + `UNLINK` on the key prefixes.
 //!
 //! Where the version lives: in a sidecar string key, `{KEY}:w2c:v` (or `KEY:w2c:v`
-//! when the key has a hash tag of its own, so both always share a Redis Cluster slot),
-//! holding 24 hex digits: the commit LSN, then the change's position in its transaction.
+//! when the key has a hash tag of its own), holding 24 hex digits: the commit LSN, then
+//! the change's position in its transaction. Either way both keys share a Redis Cluster
+//! slot (a key with a `}` but no hash tag gets a short tag of its own slot in front).
 //! Readers `GET KEY` and see plain JSON; the sidecar lives at least a day (longer with a
 //! longer TTL) so that a replay after a crash finds it. A republished key that is
 //! deleted leaves its sidecar behind as a tombstone for the same reason.
+//!
+//! With `redis.cluster` the same operations go through the cluster client, one pipeline
+//! per hash slot (the client refuses a pipeline whose keys span slots): UNLINK grouped
+//! by slot, the two scripts routed by their key (the version key is in the same slot).
+//! A tag purge cannot run as one script there (the members live in other slots): it is
+//! SMEMBERS, UNLINK of the members grouped by slot, then SREM of exactly those members,
+//! after the batch's other writes. A flush scans every master.
 
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, Pipeline, RedisError, Script};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo, Slot};
+use redis::{Client, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Script, Value};
 use tokio::sync::watch;
 
 use crate::backoff::Backoff;
@@ -59,16 +71,146 @@ redis.call('UNLINK', KEYS[1])
 return #members
 "#;
 
+/// Keys per UNLINK or SREM command when the count is unbounded (tag members, SCAN pages).
+const CHUNK: usize = 500;
+
+/// Pipelines in flight at once in cluster mode (one per hash slot).
+const IN_FLIGHT: usize = 64;
+
 /// The key holding a republished key's version, in the same cluster slot.
 pub fn version_key(key: &str) -> String {
     let has_tag = key
         .find('{')
         .and_then(|s| key[s + 1..].find('}'))
         .is_some_and(|len| len > 0);
-    if has_tag || key.contains('}') {
+    if has_tag {
         format!("{key}:w2c:v")
-    } else {
+    } else if !key.is_empty() && !key.contains('}') {
         format!("{{{key}}}:w2c:v")
+    } else {
+        // The whole key is hashed, and braces around it would end at its own `}` (or,
+        // around nothing, make an empty tag, which does not count).
+        format!("{{{}}}{key}:w2c:v", same_slot_tag(key))
+    }
+}
+
+/// The first of `0`..`9`, `a`..`z`, `00`, `01`... (at most four characters, which
+/// cover all 16384 slots) that hashes to `key`'s slot.
+fn same_slot_tag(key: &str) -> String {
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let slot = Slot::for_key(key);
+    let mut tag = Vec::with_capacity(4);
+    for len in 1..=4u32 {
+        for mut n in 0..ALPHABET.len().pow(len) {
+            tag.clear();
+            for _ in 0..len {
+                tag.push(ALPHABET[n % ALPHABET.len()]);
+                n /= ALPHABET.len();
+            }
+            if Slot::for_key(&tag) == slot {
+                return String::from_utf8(tag).expect("ASCII");
+            }
+        }
+    }
+    unreachable!("36^4 tags cover every slot")
+}
+
+/// Keys grouped by cluster hash slot: groups in the order their slot first appears,
+/// keys in their order within each group.
+pub fn group_by_slot<K: AsRef<[u8]>>(keys: impl IntoIterator<Item = K>) -> Vec<Vec<K>> {
+    let mut index: HashMap<Slot, usize> = HashMap::new();
+    let mut groups: Vec<Vec<K>> = Vec::new();
+    for key in keys {
+        let i = *index.entry(Slot::for_key(&key)).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[i].push(key);
+    }
+    groups
+}
+
+/// One pipeline per hash slot, each holding its slot's commands in the order added.
+#[derive(Default)]
+struct SlotPipes {
+    pipes: HashMap<Slot, Pipeline>,
+}
+
+impl SlotPipes {
+    /// The pipeline of `key`'s slot.
+    fn pipe(&mut self, key: impl AsRef<[u8]>) -> &mut Pipeline {
+        self.pipes.entry(Slot::for_key(key)).or_default()
+    }
+
+    fn into_pipelines(self) -> Vec<Pipeline> {
+        self.pipes.into_values().collect()
+    }
+}
+
+/// Runs single-slot pipelines at most `IN_FLIGHT` at a time; their replies in order.
+async fn run_pipelines(
+    conn: &ClusterConnection,
+    pipes: Vec<Pipeline>,
+) -> Result<Vec<Vec<Value>>, RedisError> {
+    let mut replies = vec![Vec::new(); pipes.len()];
+    let mut pending = pipes.into_iter().enumerate();
+    let mut running = tokio::task::JoinSet::new();
+    loop {
+        while running.len() < IN_FLIGHT {
+            let Some((i, pipe)) = pending.next() else {
+                break;
+            };
+            let mut conn = conn.clone();
+            running.spawn(async move { (i, pipe.query_async::<Vec<Value>>(&mut conn).await) });
+        }
+        match running.join_next().await {
+            None => return Ok(replies),
+            Some(Ok((i, Ok(reply)))) => replies[i] = reply,
+            // Everything is idempotent: the caller retries the whole batch.
+            Some(Ok((_, Err(e)))) => return Err(e),
+            Some(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Some(Err(e)) => {
+                return Err(RedisError::from((
+                    ErrorKind::Client,
+                    "a cluster pipeline task was cancelled",
+                    e.to_string(),
+                )))
+            }
+        }
+    }
+}
+
+/// The connection: one server, or a cluster.
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
     }
 }
 
@@ -86,7 +228,7 @@ fn scan_pattern(prefix: &str) -> String {
 }
 
 pub struct RedisSink {
-    conn: ConnectionManager,
+    conn: Conn,
     tag_prefix: String,
     republish: Script,
     tombstone: Script,
@@ -109,15 +251,189 @@ fn classify(e: &RedisError) -> Class {
     if e.is_io_error() || e.is_connection_refusal() || e.is_timeout() || e.is_connection_dropped() {
         return Class::Retry;
     }
+    // A cluster node without a connection (down, or failing over): the client
+    // reconnects from the seeds.
+    if e.kind() == ErrorKind::ClusterConnectionNotFound {
+        return Class::Retry;
+    }
+    // A pipeline's error carries the server's errors; its own `code()` is only set when
+    // the first one is a kind the client knows (WRONGTYPE is not).
+    if let Some(errors) = e.clone().into_server_errors() {
+        let classes: Vec<Class> = errors
+            .iter()
+            .map(|(_, e)| classify_code(e.code()))
+            .collect();
+        return if classes.iter().any(|c| matches!(c, Class::NoScript)) {
+            // Load the scripts first: a poison error shows again on the next attempt.
+            Class::NoScript
+        } else if classes.iter().any(|c| matches!(c, Class::Poison)) {
+            Class::Poison
+        } else {
+            Class::Retry
+        };
+    }
     match e.code() {
-        Some("NOSCRIPT") => Class::NoScript,
-        Some(
-            "LOADING" | "BUSY" | "TRYAGAIN" | "CLUSTERDOWN" | "MASTERDOWN" | "READONLY" | "OOM",
-        ) => Class::Retry,
-        Some(_) => Class::Poison,
+        Some(code) => classify_code(code),
         None if e.is_unrecoverable_error() => Class::Poison,
         None => Class::Retry,
     }
+}
+
+/// The server's error codes in `e`, a pipeline's included.
+fn error_codes(e: &RedisError) -> Vec<String> {
+    match e.clone().into_server_errors() {
+        Some(errors) => errors.iter().map(|(_, e)| e.code().to_string()).collect(),
+        None => e.code().map(str::to_string).into_iter().collect(),
+    }
+}
+
+fn classify_code(code: &str) -> Class {
+    match code {
+        "NOSCRIPT" => Class::NoScript,
+        // MOVED and ASK are followed by the cluster client; they reach us only when
+        // its retries ran out during a resharding.
+        "LOADING" | "BUSY" | "TRYAGAIN" | "CLUSTERDOWN" | "MASTERDOWN" | "READONLY" | "OOM"
+        | "MOVED" | "ASK" => Class::Retry,
+        _ => Class::Poison,
+    }
+}
+
+/// One server, through a connection manager that reconnects by itself.
+async fn connect_single(config: &RedisConfig) -> Result<ConnectionManager, SinkError> {
+    let client = Client::open(config.url.as_str()).map_err(|e| {
+        SinkError::Redis(format!("invalid redis.url {:?}: {e}", redact(&config.url)))
+    })?;
+    let manager_config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(30)))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(2));
+    tokio::time::timeout(
+        Duration::from_secs(15),
+        ConnectionManager::new_with_config(client, manager_config),
+    )
+    .await
+    .map_err(|_| {
+        SinkError::Redis(format!(
+            "no answer from {} within 15 s: check redis.url and that Redis runs",
+            redact(&config.url)
+        ))
+    })?
+    .map_err(|e| {
+        SinkError::Redis(format!(
+            "cannot connect to {}: {e}; check redis.url and that Redis runs",
+            redact(&config.url)
+        ))
+    })
+}
+
+/// A cluster, from `url` and `nodes` as seeds: the client reads the slot map from the
+/// first that answers, follows MOVED/ASK and reconnects by itself.
+async fn connect_cluster(config: &RedisConfig) -> Result<ClusterConnection, SinkError> {
+    let seeds: Vec<&str> = std::iter::once(config.url.as_str())
+        .chain(config.nodes.iter().map(String::as_str))
+        .collect();
+    let shown = seeds
+        .iter()
+        .map(|s| redact(s))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let client = ClusterClient::builder(seeds.iter().copied())
+        .connection_timeout(Duration::from_secs(5))
+        .response_timeout(Duration::from_secs(30))
+        .retries(5)
+        .min_retry_wait(50)
+        .max_retry_wait(2_000)
+        .build()
+        .map_err(|e| SinkError::Redis(format!("invalid Redis Cluster seeds ({shown}): {e}")))?;
+    tokio::time::timeout(Duration::from_secs(15), client.get_async_connection())
+        .await
+        .map_err(|_| {
+            SinkError::Redis(format!(
+                "no answer from the Redis Cluster ({shown}) within 15 s: check redis.url, redis.nodes and that the cluster runs"
+            ))
+        })?
+        .map_err(|e| {
+            SinkError::Redis(format!(
+                "cannot connect to the Redis Cluster ({shown}): {e}; check redis.url, redis.nodes and that the cluster runs (redis.cluster = true needs a Redis Cluster)"
+            ))
+        })
+}
+
+/// `host:port` of every master, as the cluster client knows them. Refuses a partial
+/// list (a master it has no connection to), so that a flush never skips one.
+async fn cluster_masters(conn: &mut ClusterConnection) -> Result<Vec<(String, u16)>, RedisError> {
+    let reply = conn
+        .route_command(
+            redis::cmd("PING"),
+            RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None)),
+        )
+        .await?;
+    let Value::Map(replies) = reply else {
+        return Err(RedisError::from((
+            ErrorKind::Client,
+            "unexpected reply to PING on every master",
+            format!("{reply:?}"),
+        )));
+    };
+    let mut masters = Vec::with_capacity(replies.len());
+    for (address, reply) in replies {
+        if let Value::ServerError(e) = reply {
+            return Err(e.into());
+        }
+        let address: String = redis::from_redis_value(address)?;
+        let parsed = address
+            .rsplit_once(':')
+            .and_then(|(host, port)| Some((host.to_string(), port.parse().ok()?)));
+        match parsed {
+            Some(master) => masters.push(master),
+            None => {
+                return Err(RedisError::from((
+                    ErrorKind::Client,
+                    "unexpected node address",
+                    address,
+                )))
+            }
+        }
+    }
+    let mut info = redis::cmd("CLUSTER");
+    info.arg("INFO");
+    let info: String = redis::from_redis_value(
+        conn.route_command(info, RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random))
+            .await?
+            .extract_error()?,
+    )?;
+    let size = info
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("cluster_size:"))
+        .and_then(|n| n.parse::<usize>().ok());
+    if size != Some(masters.len()) {
+        return Err(RedisError::from((
+            ErrorKind::ClusterConnectionNotFound,
+            "not connected to every master",
+            format!(
+                "{} connected, cluster_size {}",
+                masters.len(),
+                size.map_or("unknown".into(), |n| n.to_string())
+            ),
+        )));
+    }
+    Ok(masters)
+}
+
+/// UNLINKs keys of any slots: one command per slot and chunk, run concurrently.
+async fn unlink_cluster<K: AsRef<[u8]> + redis::ToRedisArgs>(
+    conn: &ClusterConnection,
+    keys: Vec<K>,
+) -> Result<(), RedisError> {
+    let mut pipes = SlotPipes::default();
+    for group in group_by_slot(keys) {
+        for chunk in group.chunks(CHUNK) {
+            pipes.pipe(&chunk[0]).cmd("UNLINK").arg(chunk).ignore();
+        }
+    }
+    run_pipelines(conn, pipes.into_pipelines()).await?;
+    Ok(())
 }
 
 impl RedisSink {
@@ -127,31 +443,11 @@ impl RedisSink {
         config: &RedisConfig,
         stop: watch::Receiver<bool>,
     ) -> Result<RedisSink, SinkError> {
-        let client = Client::open(config.url.as_str()).map_err(|e| {
-            SinkError::Redis(format!("invalid redis.url {:?}: {e}", redact(&config.url)))
-        })?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(Duration::from_secs(30)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = tokio::time::timeout(
-            Duration::from_secs(15),
-            ConnectionManager::new_with_config(client, manager_config),
-        )
-        .await
-        .map_err(|_| {
-            SinkError::Redis(format!(
-                "no answer from {} within 15 s: check redis.url and that Redis runs",
-                redact(&config.url)
-            ))
-        })?
-        .map_err(|e| {
-            SinkError::Redis(format!(
-                "cannot connect to {}: {e}; check redis.url and that Redis runs",
-                redact(&config.url)
-            ))
-        })?;
+        let conn = if config.cluster {
+            Conn::Cluster(connect_cluster(config).await?)
+        } else {
+            Conn::Single(connect_single(config).await?)
+        };
         let mut sink = RedisSink {
             conn,
             tag_prefix: config.tag_prefix.clone(),
@@ -168,11 +464,44 @@ impl RedisSink {
         Ok(sink)
     }
 
+    /// Loads the scripts (on every node of a cluster: SCRIPT LOAD goes to all of them).
     async fn load_scripts(&mut self) -> Result<(), RedisError> {
         for script in [&self.republish, &self.tombstone, &self.purge] {
             script.load_async(&mut self.conn).await?;
         }
         Ok(())
+    }
+
+    /// The tombstone script for `key`: routed by `key`, its version key in the same slot.
+    fn tombstone_cmd(&self, key: &str, version: &str) -> Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.tombstone.get_hash())
+            .arg(2)
+            .arg(key)
+            .arg(version_key(key))
+            .arg(version)
+            .arg(VERSION_KEEP_SECS);
+        cmd
+    }
+
+    /// The republish script for `r.key`: routed by the key, like the tombstone.
+    fn republish_cmd(&self, r: &crate::rules::Republish, version: &str) -> Cmd {
+        let ttl = r.ttl.map_or(0, |t| t.as_secs());
+        let keep = if ttl == 0 {
+            0
+        } else {
+            ttl.max(VERSION_KEEP_SECS)
+        };
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.republish.get_hash())
+            .arg(2)
+            .arg(&r.key)
+            .arg(version_key(&r.key))
+            .arg(version)
+            .arg(&*r.value)
+            .arg(ttl)
+            .arg(keep);
+        cmd
     }
 
     fn add_item(&self, pipe: &mut Pipeline, item: &Item) {
@@ -187,32 +516,10 @@ impl RedisSink {
             pipe.cmd("UNLINK").arg(unlink).ignore();
         }
         for key in &plan.tombstones {
-            pipe.cmd("EVALSHA")
-                .arg(self.tombstone.get_hash())
-                .arg(2)
-                .arg(key)
-                .arg(version_key(key))
-                .arg(&version)
-                .arg(VERSION_KEEP_SECS)
-                .ignore();
+            pipe.add_command(self.tombstone_cmd(key, &version)).ignore();
         }
         for r in &plan.republish {
-            let ttl = r.ttl.map_or(0, |t| t.as_secs());
-            let keep = if ttl == 0 {
-                0
-            } else {
-                ttl.max(VERSION_KEEP_SECS)
-            };
-            pipe.cmd("EVALSHA")
-                .arg(self.republish.get_hash())
-                .arg(2)
-                .arg(&r.key)
-                .arg(version_key(&r.key))
-                .arg(&version)
-                .arg(&*r.value)
-                .arg(ttl)
-                .arg(keep)
-                .ignore();
+            pipe.add_command(self.republish_cmd(r, &version)).ignore();
         }
         for tag in &plan.purge_tags {
             pipe.cmd("EVALSHA")
@@ -253,6 +560,10 @@ impl RedisSink {
 
     /// One attempt at the whole batch, in order; a flush ends the pipeline before it.
     async fn try_apply(&mut self, items: &[Item]) -> Result<(), RedisError> {
+        if let Conn::Cluster(conn) = &self.conn {
+            let conn = conn.clone();
+            return self.try_apply_cluster(&conn, items).await;
+        }
         let mut pipe = redis::pipe();
         let mut queued = false;
         for item in items {
@@ -275,15 +586,172 @@ impl RedisSink {
         Ok(())
     }
 
+    /// Cluster mode: the batch in segments that end before each flush, like the
+    /// standalone pipeline.
+    async fn try_apply_cluster(
+        &mut self,
+        conn: &ClusterConnection,
+        items: &[Item],
+    ) -> Result<(), RedisError> {
+        let mut start = 0;
+        for (i, item) in items.iter().enumerate() {
+            if item.plan.flush_prefixes.is_empty() {
+                continue;
+            }
+            self.apply_cluster_segment(conn, &items[start..i]).await?;
+            for prefix in &item.plan.flush_prefixes {
+                let n = self.flush_prefix_cluster(conn, prefix).await?;
+                tracing::info!(prefix = %prefix, keys = n, "flushed key prefix on every master");
+            }
+            start = i;
+        }
+        self.apply_cluster_segment(conn, &items[start..]).await
+    }
+
+    /// Items without their flushes: every key command in its slot's pipeline (so each
+    /// key sees its commands in batch order), the pipelines run concurrently; then the
+    /// tag purges.
+    async fn apply_cluster_segment(
+        &self,
+        conn: &ClusterConnection,
+        items: &[Item],
+    ) -> Result<(), RedisError> {
+        let mut pipes = SlotPipes::default();
+        let mut tags: Vec<String> = Vec::new();
+        for item in items {
+            let plan = &item.plan;
+            let version = item.origin.version.encode();
+            let unlink = plan.delete.iter().filter(|k| !plan.tombstones.contains(k));
+            for group in group_by_slot(unlink) {
+                pipes.pipe(group[0]).cmd("UNLINK").arg(group).ignore();
+            }
+            for key in &plan.tombstones {
+                pipes
+                    .pipe(key)
+                    .add_command(self.tombstone_cmd(key, &version))
+                    .ignore();
+            }
+            for r in &plan.republish {
+                pipes
+                    .pipe(&r.key)
+                    .add_command(self.republish_cmd(r, &version))
+                    .ignore();
+            }
+            for tag in &plan.purge_tags {
+                let set = format!("{}{tag}", self.tag_prefix);
+                if !tags.contains(&set) {
+                    tags.push(set);
+                }
+            }
+        }
+        run_pipelines(conn, pipes.into_pipelines()).await?;
+        if !tags.is_empty() {
+            self.purge_tags_cluster(conn, &tags).await?;
+        }
+        Ok(())
+    }
+
+    /// A tag purge where the members may live in any slot: SMEMBERS of every set, UNLINK
+    /// of the members (grouped by slot), then SREM of exactly the members read, so a
+    /// member added meanwhile stays in its set for the next purge. Not atomic.
+    async fn purge_tags_cluster(
+        &self,
+        conn: &ClusterConnection,
+        sets: &[String],
+    ) -> Result<(), RedisError> {
+        let by_slot = group_by_slot(sets.iter().map(String::as_str));
+        let mut reads = Vec::with_capacity(by_slot.len());
+        for group in &by_slot {
+            let mut pipe = redis::pipe();
+            for set in group {
+                pipe.cmd("SMEMBERS").arg(*set);
+            }
+            reads.push(pipe);
+        }
+        let replies = run_pipelines(conn, reads).await?;
+        let mut members: Vec<(&str, Vec<Vec<u8>>)> = Vec::with_capacity(sets.len());
+        for (group, replies) in by_slot.iter().zip(replies) {
+            for (set, reply) in group.iter().zip(replies) {
+                members.push((set, redis::from_redis_value(reply)?));
+            }
+        }
+        let mut seen = HashSet::new();
+        let unlink: Vec<&[u8]> = members
+            .iter()
+            .flat_map(|(_, m)| m.iter().map(Vec::as_slice))
+            .filter(|m| seen.insert(*m))
+            .collect();
+        if unlink.is_empty() {
+            return Ok(());
+        }
+        unlink_cluster(conn, unlink).await?;
+        let mut srem = SlotPipes::default();
+        for (set, members) in &members {
+            for chunk in members.chunks(CHUNK) {
+                srem.pipe(set).cmd("SREM").arg(*set).arg(chunk).ignore();
+            }
+        }
+        run_pipelines(conn, srem.into_pipelines()).await?;
+        Ok(())
+    }
+
+    /// Every key under `prefix` on every master, unlinked as SCAN finds them.
+    async fn flush_prefix_cluster(
+        &self,
+        conn: &ClusterConnection,
+        prefix: &str,
+    ) -> Result<u64, RedisError> {
+        let mut conn = conn.clone();
+        let pattern = scan_pattern(prefix);
+        let mut total = 0;
+        for (host, port) in cluster_masters(&mut conn).await? {
+            let node = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+            let mut cursor: u64 = 0;
+            loop {
+                let mut scan = redis::cmd("SCAN");
+                scan.arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000);
+                let (next, keys): (u64, Vec<Vec<u8>>) = redis::from_redis_value(
+                    conn.route_command(scan, node.clone())
+                        .await?
+                        .extract_error()?,
+                )?;
+                if !keys.is_empty() {
+                    total += keys.len() as u64;
+                    unlink_cluster(&conn, keys).await?;
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(total)
+    }
+
     /// Finds which item a poison error came from, trying them one by one (everything
     /// here is idempotent).
     async fn locate_poison(&mut self, items: &[Item], first: RedisError) -> SinkError {
         for item in items {
-            let mut pipe = redis::pipe();
-            self.add_item(&mut pipe, item);
-            if let Err(e) = pipe.query_async::<()>(&mut self.conn).await {
+            let result = match &self.conn {
+                Conn::Cluster(conn) => {
+                    let conn = conn.clone();
+                    self.apply_cluster_segment(&conn, std::slice::from_ref(item))
+                        .await
+                }
+                Conn::Single(_) => {
+                    let mut pipe = redis::pipe();
+                    self.add_item(&mut pipe, item);
+                    pipe.query_async::<()>(&mut self.conn).await
+                }
+            };
+            if let Err(e) = result {
                 let plan = &item.plan;
-                let (command, key) = if e.code() == Some("WRONGTYPE") && !plan.purge_tags.is_empty()
+                let (command, key) = if error_codes(&e).iter().any(|c| c == "WRONGTYPE")
+                    && !plan.purge_tags.is_empty()
                 {
                     (
                         "a tag purge (SMEMBERS)",
@@ -390,7 +858,57 @@ mod tests {
             "{shop:product:v3:42}:w2c:v"
         );
         assert_eq!(version_key("user:{42}:profile"), "user:{42}:profile:w2c:v");
-        assert_eq!(version_key("odd}key"), "odd}key:w2c:v");
+        // `}` without a hash tag: the whole key is hashed, braces cannot wrap it.
+        let odd = version_key("odd}key");
+        assert!(odd.ends_with("}odd}key:w2c:v"), "{odd}");
+        for key in [
+            "shop:product:v3:42",
+            "user:{42}:profile",
+            "odd}key",
+            "{}empty-tag",
+            "a{}b}c",
+            "open{only",
+            "x}y{z}",
+            "{",
+            "}",
+            "",
+            "ünï}cødé",
+        ] {
+            assert_eq!(
+                Slot::for_key(version_key(key)),
+                Slot::for_key(key),
+                "{key} -> {}",
+                version_key(key)
+            );
+        }
+        // Deterministic: a replay must find the same sidecar.
+        assert_eq!(version_key("odd}key"), odd);
+    }
+
+    #[test]
+    fn keys_group_by_slot_in_order() {
+        // `foo` is slot 12182 and `bar` 5061; a hash tag decides for the key.
+        let keys = ["foo", "bar", "{foo}:a", "x{bar}", "foo", "{}foo"];
+        let groups = group_by_slot(keys);
+        assert_eq!(
+            groups,
+            vec![
+                vec!["foo", "{foo}:a", "foo"],
+                vec!["bar", "x{bar}"],
+                vec!["{}foo"]
+            ]
+        );
+        assert_eq!(Slot::for_key("foo"), Slot::new(12182).unwrap());
+        for group in &groups {
+            assert!(group
+                .iter()
+                .all(|k| Slot::for_key(k) == Slot::for_key(group[0])));
+        }
+        let spread: Vec<String> = (0..1000).map(|i| format!("k:{i}")).collect();
+        let groups = group_by_slot(spread.iter());
+        assert!(groups.len() > 900, "{} groups", groups.len());
+        assert_eq!(groups.iter().map(Vec::len).sum::<usize>(), 1000);
+        assert!(group_by_slot(Vec::<&str>::new()).is_empty());
     }
 
     #[test]

@@ -1,0 +1,238 @@
+//! Sinks going away: Redis stopped for 10 s during writes, then the broker for 10 s.
+//! The daemon keeps running (no crash loop), misses nothing, and its lag recovers.
+//!
+//! This test stops and starts the local services with deploy/local/services.sh; it runs
+//! alone in its binary so that no other test sees the outages.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message, TopicPartitionList};
+use redis::AsyncCommands;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_wal2cache");
+const OUTAGE: Duration = Duration::from_secs(10);
+
+fn redis_url() -> String {
+    std::env::var("WAL2CACHE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:63790".into())
+}
+
+fn kafka_brokers() -> String {
+    std::env::var("WAL2CACHE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
+}
+
+fn services(args: &[&str]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/local/services.sh");
+    let out = Command::new("bash")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "services.sh {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn write_config(dir: &Path, db: &TestDb, prefix: &str, topic: &str) -> PathBuf {
+    std::fs::write(
+        dir.join("rules.toml"),
+        format!(
+            "[[rule]]\nname = \"item\"\ntable = \"public.items\"\nkeys = [\"{prefix}:json:{{id}}\"]\naction = \"republish\"\n"
+        ),
+    )
+    .unwrap();
+    let config = dir.join("wal2cache.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "name = \"outage\"\n[postgres]\nurl = \"{}\"\nslot = \"{}_o\"\npublication = \"w2c\"\n[rules]\npath = \"rules.toml\"\n\
+             [redis]\nurl = \"{}\"\n[kafka]\nbrokers = \"{}\"\ntopic = \"{topic}\"\npartitions = 1\n",
+            db.url,
+            db.name,
+            redis_url(),
+            kafka_brokers()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Daemon {
+    fn assert_running(&mut self, when: &str) {
+        assert!(
+            self.0.try_wait().unwrap().is_none(),
+            "the daemon exited {when}"
+        );
+    }
+}
+
+/// Writes rows `ids` (v = `v`) one a time for the length of an outage, checking the
+/// daemon stays up.
+async fn write_through(
+    db: &TestDb,
+    daemon: &mut Daemon,
+    ids: std::ops::RangeInclusive<i32>,
+    v: i32,
+) {
+    let started = Instant::now();
+    let per_write = OUTAGE / ids.clone().count() as u32;
+    for id in ids {
+        db.client
+            .execute(
+                "INSERT INTO items VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET v = $2",
+                &[&id, &v],
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(per_write).await;
+        daemon.assert_running("during the outage");
+    }
+    assert!(started.elapsed() >= OUTAGE);
+}
+
+async fn all_applied(
+    r: &redis::aio::MultiplexedConnection,
+    prefix: &str,
+    ids: std::ops::RangeInclusive<i32>,
+    v: i64,
+) -> bool {
+    let mut r = r.clone();
+    for id in ids {
+        let got: Option<String> = r.get(format!("{prefix}:json:{id}")).await.unwrap_or(None);
+        match got.map(|s| serde_json::from_str::<Value>(&s).unwrap()["v"].as_i64()) {
+            Some(Some(x)) if x == v => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
+fn events_with_v(topic: &str, want: usize) -> usize {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("group.id", "unused")
+        .create()
+        .unwrap();
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in md.topics()[0].partitions() {
+        tpl.add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut seen = std::collections::HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.len() < want && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let e: Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+            if e["kind"] == "invalidate" {
+                for k in e["keys"].as_array().unwrap() {
+                    seen.insert(k.as_str().unwrap().to_string());
+                }
+            }
+        }
+    }
+    seen.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_then_the_broker_down_for_10_s_lose_nothing() {
+    let db = TestDb::new("outage").await;
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL)")
+        .await;
+    let prefix = unique("outage");
+    let topic = format!("{prefix}.events");
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db, &prefix, &topic);
+    let slot = format!("{}_o", db.name);
+    let mut daemon = Daemon(
+        Command::new(BIN)
+            .args(["run", "--config", config.to_str().unwrap()])
+            .env("WAL2CACHE_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    eventually("the daemon to stream", Duration::from_secs(60), || async {
+        db.client
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                &[&slot],
+            )
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+
+    // Redis away: writes wait in Postgres; then Redis (empty) is back and catches up.
+    services(&["stop", "redis"]);
+    let stopped = db.confirmed_lsn(&slot).await.unwrap();
+    write_through(&db, &mut daemon, 1..=20, 1).await;
+    assert_eq!(
+        db.confirmed_lsn(&slot).await,
+        Some(stopped),
+        "nothing is confirmed while Redis is away"
+    );
+    services(&["start", "redis"]);
+    let r = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    eventually(
+        "every write to reach Redis",
+        Duration::from_secs(60),
+        || all_applied(&r, &prefix, 1..=20, 1),
+    )
+    .await;
+    daemon.assert_running("after Redis came back");
+
+    // The broker away (its in-memory topic goes with it): events wait, then flow.
+    services(&["stop", "kafka"]);
+    write_through(&db, &mut daemon, 1..=20, 2).await;
+    services(&["start", "kafka"]);
+    eventually(
+        "every write to reach Redis again",
+        Duration::from_secs(90),
+        || all_applied(&r, &prefix, 1..=20, 2),
+    )
+    .await;
+    let topic_read = topic.clone();
+    let keys = tokio::task::spawn_blocking(move || events_with_v(&topic_read, 20))
+        .await
+        .unwrap();
+    assert_eq!(
+        keys, 20,
+        "every key written during the broker outage has its event"
+    );
+    daemon.assert_running("after the broker came back");
+
+    // The lag recovers: a last write is confirmed promptly.
+    db.exec("INSERT INTO items VALUES (100, 0)").await;
+    let end = db.current_lsn().await;
+    eventually("the slot to catch up", Duration::from_secs(30), || async {
+        db.confirmed_lsn(&slot).await.is_some_and(|l| l >= end)
+            || all_applied(&r, &prefix, 100..=100, 0).await
+    })
+    .await;
+}

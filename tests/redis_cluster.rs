@@ -1,0 +1,743 @@
+//! The Redis sink in cluster mode, against the local 3-master Redis Cluster
+//! (`deploy/local/services.sh start redis-cluster`, `WAL2CACHE_TEST_REDIS_CLUSTER`):
+//! deletes, republishes, tombstones, tag purges and prefix flushes whose keys spread
+//! over every slot and master, through `RedisSink::apply` directly. Every test works
+//! under a key prefix of its own.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot};
+use redis::AsyncCommands;
+use tokio::sync::watch;
+use wal2cache::config::{Config, RedisConfig};
+use wal2cache::rules::{Plan, Republish};
+use wal2cache::sink::redis::{version_key, RedisSink};
+use wal2cache::sink::{Batch, Item, Origin, SinkError, Version};
+use wal2cache::Lsn;
+
+fn cluster_url() -> String {
+    std::env::var("WAL2CACHE_TEST_REDIS_CLUSTER")
+        .unwrap_or_else(|_| "redis://127.0.0.1:63791".into())
+}
+
+fn redis_url() -> String {
+    std::env::var("WAL2CACHE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:63790".into())
+}
+
+/// A key prefix no other test (or run) uses.
+fn unique(name: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "w2ct:{name}:{}:{nanos}:{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The sink, and the stop sender that must outlive it.
+struct Sink {
+    sink: RedisSink,
+    _stop: watch::Sender<bool>,
+}
+
+fn cluster_config(prefix: &str) -> RedisConfig {
+    RedisConfig {
+        url: cluster_url(),
+        tag_prefix: format!("{prefix}:tag:"),
+        cluster: true,
+        nodes: vec![],
+    }
+}
+
+async fn connect(config: RedisConfig) -> Sink {
+    let (stop, stop_rx) = watch::channel(false);
+    let sink = RedisSink::connect(&config, stop_rx)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("{e}: start the cluster with deploy/local/services.sh start redis-cluster")
+        });
+    Sink { sink, _stop: stop }
+}
+
+impl Sink {
+    async fn apply(&mut self, items: Vec<Item>) -> Result<(), SinkError> {
+        let batch = Batch {
+            items,
+            ..Batch::default()
+        };
+        tokio::time::timeout(Duration::from_secs(30), self.sink.apply(&batch))
+            .await
+            .expect("apply returned within 30 s")
+    }
+}
+
+fn item(lsn: u64, seq: u32, plan: Plan) -> Item {
+    Item {
+        origin: Origin {
+            version: version(lsn, seq),
+            xid: 7,
+            commit_time: 0,
+            table: Some("public.t".into()),
+            op: "update",
+        },
+        plan: Arc::new(plan),
+    }
+}
+
+fn version(lsn: u64, seq: u32) -> Version {
+    Version {
+        commit_lsn: Lsn(lsn),
+        seq,
+    }
+}
+
+fn republish(key: &str, value: &str) -> Republish {
+    Republish {
+        key: key.into(),
+        value: Arc::from(value),
+        ttl: Some(Duration::from_secs(600)),
+    }
+}
+
+/// A plain cluster connection for the test's own reads and writes.
+async fn checker() -> ClusterConnection {
+    ClusterClient::new(vec![cluster_url()])
+        .unwrap()
+        .get_async_connection()
+        .await
+        .expect("Redis Cluster runs: deploy/local/services.sh start redis-cluster")
+}
+
+/// Every master's address, from CLUSTER NODES.
+async fn masters(conn: &mut ClusterConnection) -> Vec<String> {
+    let mut cmd = redis::cmd("CLUSTER");
+    cmd.arg("NODES");
+    let nodes: String = redis::from_redis_value(
+        conn.route_command(cmd, RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let masters: Vec<String> = nodes
+        .lines()
+        .filter(|l| l.split(' ').nth(2).is_some_and(|f| f.contains("master")))
+        .map(|l| {
+            l.split(' ')
+                .nth(1)
+                .unwrap()
+                .split('@')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(masters.len(), 3, "a 3-master cluster: {nodes}");
+    masters
+}
+
+/// How many keys match `pattern` on each master.
+async fn count_per_master(conn: &mut ClusterConnection, pattern: &str) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for addr in masters(conn).await {
+        let mut node = redis::Client::open(format!("redis://{addr}"))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let mut cursor: u64 = 0;
+        let mut n = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut node)
+                .await
+                .unwrap();
+            n += keys.len();
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        out.insert(addr, n);
+    }
+    out
+}
+
+async fn exists(conn: &mut ClusterConnection, key: &str) -> bool {
+    conn.exists(key).await.unwrap()
+}
+
+async fn get(conn: &mut ClusterConnection, key: &str) -> Option<String> {
+    conn.get(key).await.unwrap()
+}
+
+async fn set_all(conn: &mut ClusterConnection, keys: &[String]) {
+    for k in keys {
+        let () = conn.set(k, "cached").await.unwrap();
+    }
+}
+
+fn distinct_slots(keys: &[String]) -> usize {
+    keys.iter().map(Slot::for_key).collect::<HashSet<_>>().len()
+}
+
+#[tokio::test]
+async fn deletes_many_keys_across_slots() {
+    let prefix = unique("del");
+    let mut conn = checker().await;
+    let keys: Vec<String> = (0..400).map(|i| format!("{prefix}:k:{i}")).collect();
+    assert!(distinct_slots(&keys) > 350, "the keys spread over slots");
+    set_all(&mut conn, &keys).await;
+    let kept = format!("{prefix}:kept");
+    let () = conn.set(&kept, "stays").await.unwrap();
+    let per_master = count_per_master(&mut conn, &format!("{prefix}:k:*")).await;
+    assert!(per_master.values().all(|&n| n > 50), "{per_master:?}");
+
+    let mut sink = connect(cluster_config(&prefix)).await;
+    // One item with 300 keys over ~290 slots, then one item per remaining key.
+    let mut items = vec![item(
+        100,
+        0,
+        Plan {
+            delete: keys[..300].to_vec(),
+            ..Plan::default()
+        },
+    )];
+    for (i, k) in keys[300..].iter().enumerate() {
+        items.push(item(
+            100,
+            1 + i as u32,
+            Plan {
+                delete: vec![k.clone()],
+                ..Plan::default()
+            },
+        ));
+    }
+    sink.apply(items.clone()).await.unwrap();
+    for k in &keys {
+        assert!(!exists(&mut conn, k).await, "{k} was deleted");
+    }
+    assert_eq!(get(&mut conn, &kept).await.as_deref(), Some("stays"));
+    // Idempotent: the same batch again.
+    sink.apply(items).await.unwrap();
+    assert_eq!(
+        count_per_master(&mut conn, &format!("{prefix}:k:*"))
+            .await
+            .values()
+            .sum::<usize>(),
+        0
+    );
+    let () = conn.del(&kept).await.unwrap();
+}
+
+#[tokio::test]
+async fn republish_writes_value_and_version_and_refuses_older() {
+    let prefix = unique("rep");
+    let mut conn = checker().await;
+    let mut sink = connect(cluster_config(&prefix)).await;
+    let keys: Vec<String> = (0..60).map(|i| format!("{prefix}:p:{i}")).collect();
+    assert!(distinct_slots(&keys) > 50);
+    let plan = |value: &str| Plan {
+        republish: keys.iter().map(|k| republish(k, value)).collect(),
+        ..Plan::default()
+    };
+
+    sink.apply(vec![item(0x200, 3, plan(r#"{"v":2}"#))])
+        .await
+        .unwrap();
+    for k in &keys {
+        assert_eq!(
+            get(&mut conn, k).await.as_deref(),
+            Some(r#"{"v":2}"#),
+            "{k}"
+        );
+        assert_eq!(
+            get(&mut conn, &version_key(k)).await,
+            Some(version(0x200, 3).encode()),
+            "version of {k}"
+        );
+        let ttl: i64 = conn.ttl(k).await.unwrap();
+        assert!(ttl > 500 && ttl <= 600, "ttl {ttl}");
+        let keep: i64 = conn.ttl(version_key(k)).await.unwrap();
+        assert!(keep > 86_000, "version ttl {keep}");
+    }
+
+    // Older (by LSN, then by position) and equal versions are refused.
+    sink.apply(vec![
+        item(0x100, 9, plan(r#"{"v":1}"#)),
+        item(0x200, 2, plan(r#"{"v":1}"#)),
+        item(0x200, 3, plan(r#"{"v":"replay"}"#)),
+    ])
+    .await
+    .unwrap();
+    for k in &keys {
+        assert_eq!(
+            get(&mut conn, k).await.as_deref(),
+            Some(r#"{"v":2}"#),
+            "{k}"
+        );
+        assert_eq!(
+            get(&mut conn, &version_key(k)).await,
+            Some(version(0x200, 3).encode())
+        );
+    }
+
+    // Newer wins; within one batch the last of a key's commands wins.
+    sink.apply(vec![
+        item(0x300, 0, plan(r#"{"v":3}"#)),
+        item(0x300, 1, plan(r#"{"v":4}"#)),
+    ])
+    .await
+    .unwrap();
+    for k in &keys {
+        assert_eq!(
+            get(&mut conn, k).await.as_deref(),
+            Some(r#"{"v":4}"#),
+            "{k}"
+        );
+    }
+
+    // The scripts flushed from every master (a restart): loaded again, then applied.
+    for addr in masters(&mut conn).await {
+        let mut node = redis::Client::open(format!("redis://{addr}"))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut node)
+            .await
+            .unwrap();
+    }
+    sink.apply(vec![item(0x400, 0, plan(r#"{"v":5}"#))])
+        .await
+        .unwrap();
+    for k in &keys {
+        assert_eq!(
+            get(&mut conn, k).await.as_deref(),
+            Some(r#"{"v":5}"#),
+            "{k}"
+        );
+        let () = conn.del(&[k.clone(), version_key(k)]).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_key_with_a_brace_but_no_hash_tag_keeps_its_version_in_its_slot() {
+    let prefix = unique("brace");
+    let mut conn = checker().await;
+    let mut sink = connect(cluster_config(&prefix)).await;
+    let key = format!("{prefix}:odd}}key");
+    assert_eq!(Slot::for_key(version_key(&key)), Slot::for_key(&key));
+    sink.apply(vec![item(
+        0x10,
+        0,
+        Plan {
+            republish: vec![republish(&key, "1")],
+            ..Plan::default()
+        },
+    )])
+    .await
+    .unwrap();
+    assert_eq!(get(&mut conn, &key).await.as_deref(), Some("1"));
+    assert_eq!(
+        get(&mut conn, &version_key(&key)).await,
+        Some(version(0x10, 0).encode())
+    );
+    let () = conn.del(&[key.clone(), version_key(&key)]).await.unwrap();
+}
+
+#[tokio::test]
+async fn tombstone_deletes_and_keeps_the_version() {
+    let prefix = unique("tomb");
+    let mut conn = checker().await;
+    let mut sink = connect(cluster_config(&prefix)).await;
+    let keys: Vec<String> = (0..40).map(|i| format!("{prefix}:t:{i}")).collect();
+    let rep = |value: &str| Plan {
+        republish: keys.iter().map(|k| republish(k, value)).collect(),
+        ..Plan::default()
+    };
+    let tomb = Plan {
+        delete: keys.clone(),
+        tombstones: keys.clone(),
+        ..Plan::default()
+    };
+
+    sink.apply(vec![item(100, 0, rep("alive"))]).await.unwrap();
+    sink.apply(vec![item(150, 0, tomb.clone())]).await.unwrap();
+    for k in &keys {
+        assert!(!exists(&mut conn, k).await, "{k} deleted");
+        assert_eq!(
+            get(&mut conn, &version_key(k)).await,
+            Some(version(150, 0).encode()),
+            "tombstone of {k}"
+        );
+        let keep: i64 = conn.ttl(version_key(k)).await.unwrap();
+        assert!(keep > 86_000, "tombstone ttl {keep}");
+    }
+    // A replay of the older republish cannot bring the value back; nor can an older
+    // tombstone move the version back.
+    sink.apply(vec![item(120, 0, rep("stale")), item(110, 0, tomb.clone())])
+        .await
+        .unwrap();
+    for k in &keys {
+        assert!(!exists(&mut conn, k).await, "{k} stays deleted");
+        assert_eq!(
+            get(&mut conn, &version_key(k)).await,
+            Some(version(150, 0).encode())
+        );
+    }
+    // A newer tombstone of a value written meanwhile by someone else: deleted.
+    set_all(&mut conn, &keys).await;
+    sink.apply(vec![item(160, 0, tomb.clone())]).await.unwrap();
+    for k in &keys {
+        assert!(!exists(&mut conn, k).await, "{k} deleted again");
+    }
+    // A newer republish is written.
+    sink.apply(vec![item(200, 0, rep("back"))]).await.unwrap();
+    for k in &keys {
+        assert_eq!(get(&mut conn, k).await.as_deref(), Some("back"));
+        let () = conn.del(&[k.clone(), version_key(k)]).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn tag_purge_unlinks_members_in_every_slot() {
+    let prefix = unique("tag");
+    let mut conn = checker().await;
+    let mut sink = connect(cluster_config(&prefix)).await;
+    let red: Vec<String> = (0..150).map(|i| format!("{prefix}:red:{i}")).collect();
+    let blue: Vec<String> = (0..50).map(|i| format!("{prefix}:blue:{i}")).collect();
+    let shared = format!("{prefix}:both");
+    let untagged = format!("{prefix}:untagged");
+    let red_set = format!("{prefix}:tag:red");
+    let blue_set = format!("{prefix}:tag:blue");
+    let other_set = format!("{prefix}:tag:other");
+    assert!(distinct_slots(&red) > 120);
+    set_all(&mut conn, &red).await;
+    set_all(&mut conn, &blue).await;
+    set_all(&mut conn, &[shared.clone(), untagged.clone()]).await;
+    let () = conn.sadd(&red_set, &red).await.unwrap();
+    let () = conn.sadd(&red_set, &shared).await.unwrap();
+    let () = conn
+        .sadd(&red_set, format!("{prefix}:never-cached"))
+        .await
+        .unwrap();
+    let () = conn.sadd(&blue_set, &blue).await.unwrap();
+    let () = conn.sadd(&blue_set, &shared).await.unwrap();
+    let () = conn.sadd(&other_set, &untagged).await.unwrap();
+
+    // The purge comes after a republish of one of its members in the same batch: the
+    // member is purged (the purges of a batch run after its key writes).
+    let member = red[7].clone();
+    sink.apply(vec![
+        item(
+            100,
+            0,
+            Plan {
+                republish: vec![republish(&member, "fresh")],
+                ..Plan::default()
+            },
+        ),
+        item(
+            100,
+            1,
+            Plan {
+                purge_tags: vec!["red".into(), "blue".into()],
+                ..Plan::default()
+            },
+        ),
+        item(
+            100,
+            2,
+            Plan {
+                purge_tags: vec!["red".into(), "empty".into()],
+                ..Plan::default()
+            },
+        ),
+    ])
+    .await
+    .unwrap();
+    for k in red.iter().chain(&blue).chain([&shared]) {
+        assert!(!exists(&mut conn, k).await, "{k} purged");
+    }
+    assert!(!exists(&mut conn, &red_set).await, "the red set is gone");
+    assert!(!exists(&mut conn, &blue_set).await, "the blue set is gone");
+    assert_eq!(get(&mut conn, &untagged).await.as_deref(), Some("cached"));
+    assert!(
+        exists(&mut conn, &other_set).await,
+        "another tag's set stays"
+    );
+
+    // Idempotent: purging again (sets gone) is fine.
+    sink.apply(vec![item(
+        101,
+        0,
+        Plan {
+            purge_tags: vec!["red".into()],
+            ..Plan::default()
+        },
+    )])
+    .await
+    .unwrap();
+    let () = conn
+        .del(&[untagged, other_set, version_key(&member)])
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn prefix_flush_scans_every_master() {
+    let prefix = unique("flush");
+    let mut conn = checker().await;
+    let mut sink = connect(cluster_config(&prefix)).await;
+    let doomed: Vec<String> = (0..300).map(|i| format!("{prefix}:f:{i}")).collect();
+    let kept: Vec<String> = (0..30).map(|i| format!("{prefix}:g:{i}")).collect();
+    set_all(&mut conn, &doomed).await;
+    set_all(&mut conn, &kept).await;
+    // A key whose prefix has glob characters of its own, matched literally.
+    let glob_prefix = format!("{prefix}:h[1]*:");
+    let glob_key = format!("{glob_prefix}x");
+    let glob_lookalike = format!("{prefix}:h1zz:x");
+    set_all(&mut conn, &[glob_key.clone(), glob_lookalike.clone()]).await;
+    let before = count_per_master(&mut conn, &format!("{prefix}:f:*")).await;
+    assert!(
+        before.values().all(|&n| n > 50),
+        "on every master: {before:?}"
+    );
+
+    let before_flush = format!("{prefix}:f:written-before");
+    let after_flush = format!("{prefix}:f:written-after");
+    sink.apply(vec![
+        // Before the flush in WAL order: flushed with the rest.
+        item(
+            100,
+            0,
+            Plan {
+                republish: vec![republish(&before_flush, "1")],
+                ..Plan::default()
+            },
+        ),
+        // The flush; its own writes come after it, as in the standalone pipeline.
+        item(
+            100,
+            1,
+            Plan {
+                flush_prefixes: vec![format!("{prefix}:f:"), glob_prefix.clone()],
+                flush_all: true,
+                republish: vec![republish(&after_flush, "2")],
+                ..Plan::default()
+            },
+        ),
+    ])
+    .await
+    .unwrap();
+    let after = count_per_master(&mut conn, &format!("{prefix}:f:*")).await;
+    assert_eq!(after.values().sum::<usize>(), 1, "{after:?}");
+    assert!(!exists(&mut conn, &before_flush).await);
+    assert_eq!(get(&mut conn, &after_flush).await.as_deref(), Some("2"));
+    assert!(!exists(&mut conn, &glob_key).await);
+    assert!(
+        exists(&mut conn, &glob_lookalike).await,
+        "globs are literal"
+    );
+    for k in &kept {
+        assert!(exists(&mut conn, k).await, "{k} is under another prefix");
+    }
+    let mut cleanup = kept.clone();
+    cleanup.extend([
+        glob_lookalike,
+        after_flush.clone(),
+        version_key(&after_flush),
+        version_key(&before_flush),
+    ]);
+    for k in cleanup {
+        let () = conn.del(&k).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_tag_key_of_the_wrong_type_is_poison_naming_it() {
+    let prefix = unique("poison");
+    let mut conn = checker().await;
+    let tag_key = format!("{prefix}:tag:broken");
+    let () = conn.set(&tag_key, "not a set").await.unwrap();
+    let mut sink = connect(cluster_config(&prefix)).await;
+    let err = sink
+        .apply(vec![
+            item(
+                100,
+                0,
+                Plan {
+                    delete: vec![format!("{prefix}:fine")],
+                    ..Plan::default()
+                },
+            ),
+            item(
+                100,
+                1,
+                Plan {
+                    purge_tags: vec!["broken".into()],
+                    ..Plan::default()
+                },
+            ),
+        ])
+        .await
+        .unwrap_err();
+    match &err {
+        SinkError::RedisPoison {
+            command,
+            key,
+            origin,
+            message,
+            ..
+        } => {
+            assert_eq!(*command, "a tag purge (SMEMBERS)", "{err}");
+            assert_eq!(key, &tag_key);
+            assert!(origin.contains("public.t update"), "{origin}");
+            assert!(message.contains("WRONGTYPE"), "{message}");
+        }
+        other => panic!("expected poison, got {other}"),
+    }
+    let () = conn.del(&tag_key).await.unwrap();
+}
+
+/// The same error on a single server, where the purge is a Lua script: poison too, not
+/// retried forever.
+#[tokio::test]
+async fn a_tag_key_of_the_wrong_type_is_poison_on_a_single_server_too() {
+    let prefix = unique("poison1");
+    let mut plain = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis runs: deploy/local/services.sh start redis");
+    let tag_key = format!("{prefix}:tag:broken");
+    let () = plain.set(&tag_key, "not a set").await.unwrap();
+    let mut sink = connect(RedisConfig {
+        url: redis_url(),
+        tag_prefix: format!("{prefix}:tag:"),
+        cluster: false,
+        nodes: vec![],
+    })
+    .await;
+    let err = sink
+        .apply(vec![item(
+            100,
+            0,
+            Plan {
+                purge_tags: vec!["broken".into()],
+                ..Plan::default()
+            },
+        )])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, SinkError::RedisPoison { key, .. } if key == &tag_key),
+        "{err}"
+    );
+    let () = plain.del(&tag_key).await.unwrap();
+}
+
+#[tokio::test]
+async fn extra_seed_nodes_are_tried_when_the_url_does_not_answer() {
+    let prefix = unique("seeds");
+    let mut config = cluster_config(&prefix);
+    config.nodes = vec![config.url.clone()];
+    // Nothing listens on port 1.
+    config.url = "redis://127.0.0.1:1".into();
+    let mut sink = connect(config).await;
+    let key = format!("{prefix}:k");
+    sink.apply(vec![item(
+        1,
+        0,
+        Plan {
+            delete: vec![key],
+            ..Plan::default()
+        },
+    )])
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn cluster_mode_against_a_single_server_fails_at_start() {
+    let (_stop, stop_rx) = watch::channel(false);
+    let config = RedisConfig {
+        url: redis_url(),
+        tag_prefix: "tag:".into(),
+        cluster: true,
+        nodes: vec![],
+    };
+    let err = match tokio::time::timeout(
+        Duration::from_secs(30),
+        RedisSink::connect(&config, stop_rx),
+    )
+    .await
+    .expect("connect gives up within 30 s")
+    {
+        Ok(_) => panic!("connected to a single server in cluster mode"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("Redis Cluster"), "{err}");
+}
+
+fn load_config(redis_section: &str) -> Result<Config, String> {
+    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    write!(
+        f,
+        "name = \"t\"\n[postgres]\nurl = \"postgres://u@127.0.0.1:5432/db\"\n[rules]\npath = \"rules.toml\"\n[redis]\n{redis_section}\n"
+    )
+    .unwrap();
+    Config::load(f.path()).map_err(|e| e.to_string())
+}
+
+#[test]
+fn cluster_config_is_checked() {
+    let c = load_config(
+        "url = \"redis://127.0.0.1:63791\"\ncluster = true\nnodes = [\"redis://127.0.0.1:63792\"]",
+    )
+    .unwrap();
+    let r = c.redis.unwrap();
+    assert!(r.cluster);
+    assert_eq!(r.nodes, ["redis://127.0.0.1:63792"]);
+
+    let c = load_config("url = \"redis://127.0.0.1:6379/0\"").unwrap();
+    let r = c.redis.unwrap();
+    assert!(!r.cluster, "standalone by default");
+    assert!(r.nodes.is_empty());
+
+    let err = load_config(
+        "url = \"redis://127.0.0.1:63791/2\"\ncluster = true\nnodes = [\"redis+unix:///tmp/r.sock\", \"nope\"]",
+    )
+    .unwrap_err();
+    for needle in [
+        "redis.url: a Redis Cluster has only database 0: remove /2",
+        "redis.nodes[0]: a Redis Cluster is reached over TCP",
+        "redis.nodes[1]: not a Redis URL",
+    ] {
+        assert!(err.contains(needle), "{needle} missing from {err}");
+    }
+
+    let err =
+        load_config("url = \"redis://127.0.0.1:6379\"\nnodes = [\"redis://h:1\"]").unwrap_err();
+    assert!(
+        err.contains("redis.nodes: only used with redis.cluster = true"),
+        "{err}"
+    );
+}
