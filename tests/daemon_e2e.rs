@@ -341,6 +341,58 @@ async fn the_daemon_keeps_redis_and_the_topic_in_step() {
 }
 
 #[tokio::test]
+async fn a_poison_command_stops_the_daemon_naming_the_key_and_the_rule() {
+    let db = TestDb::new("e2e_poison").await;
+    db.exec(SCHEMA).await;
+    db.exec("INSERT INTO categories VALUES (7, 'mugs')").await;
+    let prefix = unique("poison");
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db, &prefix, &format!("{prefix}.t"));
+    let slot = format!("{}_d", db.name);
+    // The tag's set is a string: SMEMBERS answers WRONGTYPE, whatever the retries.
+    let tag_key = format!("{prefix}:tag:{prefix}:shop:category:7");
+    let mut r = redis().await;
+    let _: () = r.set(&tag_key, "not a set").await.unwrap();
+
+    let child = Command::new(BIN)
+        .args(["run", "--config", config.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("the daemon to stream", Duration::from_secs(60), || async {
+        db.client
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                &[&slot],
+            )
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    let before = db.confirmed_lsn(&slot).await.unwrap();
+    db.exec("INSERT INTO products VALUES (1, 'a', 7, 'A', 1.00, NULL)")
+        .await;
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&tag_key) && err.contains("WRONGTYPE"), "{err}");
+    assert!(
+        err.contains("rule \"product\"") && err.contains("public.products insert"),
+        "{err}"
+    );
+    assert_eq!(
+        db.confirmed_lsn(&slot).await,
+        Some(before),
+        "nothing confirmed past the poison"
+    );
+    let _: () = r.del(&tag_key).await.unwrap();
+}
+
+#[tokio::test]
 async fn unreachable_sinks_and_failing_rules_stop_with_a_clear_error() {
     let db = TestDb::new("e2e_bad").await;
     db.exec(SCHEMA).await;

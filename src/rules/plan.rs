@@ -37,6 +37,8 @@ pub struct Plan {
     pub flush_all: bool,
     /// What was skipped or replaced, and why.
     pub notes: Vec<Note>,
+    /// The rules that contributed, for messages about the plan.
+    pub rules: Vec<String>,
 }
 
 impl Plan {
@@ -463,6 +465,11 @@ impl Planner {
                 b.render_all(&b.keys, n, old, relation, notes, |k| new_keys.push(k));
                 b.render_all(&b.tags, n, old, relation, notes, |t| tags.push(t));
             }
+            if !(old_keys.is_empty() && new_keys.is_empty() && tags.is_empty())
+                && !plan.rules.contains(&rule.name)
+            {
+                plan.rules.push(rule.name.clone());
+            }
             tags.into_iter().for_each(|t| plan.purge(t));
             match &rule.action {
                 Action::Delete => old_keys
@@ -514,6 +521,9 @@ impl Planner {
         let mut plan = Plan::default();
         for relation in relations {
             for rule in self.rules.for_table(&relation.qualified_name()) {
+                if !plan.rules.contains(&rule.name) {
+                    plan.rules.push(rule.name.clone());
+                }
                 match &rule.truncate_tags {
                     Some(tags) => tags.iter().for_each(|t| plan.purge(t.clone())),
                     None => {
@@ -668,6 +678,7 @@ ttl = "1h"
         assert!(p.republish.is_empty() && p.notes.is_empty());
         assert_eq!(p.first_key(), Some("shop:product:v3:42"));
         assert!(p.tombstones.is_empty(), "delete rules unlink plainly");
+        assert_eq!(p.rules, ["product"]);
     }
 
     #[test]

@@ -821,12 +821,25 @@ impl RedisSink {
     }
 }
 
-/// `public.products update at 0/1A2B3C4 (xid 7781)`.
+/// `rule "product", for public.products update at LSN 0/1A2B3C4 (xid 7781)`.
 pub fn describe(item: &Item) -> String {
     let o = &item.origin;
+    let rules = if item.plan.rules.is_empty() {
+        "a wal2cache message".to_string()
+    } else {
+        format!(
+            "rule {}",
+            item.plan
+                .rules
+                .iter()
+                .map(|r| format!("{r:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
     format!(
-        "{} {} at LSN {} (xid {})",
-        o.table.as_deref().unwrap_or("message"),
+        "{rules}, for {} {} at LSN {} (xid {})",
+        o.table.as_deref().unwrap_or("a logical message"),
         o.op,
         o.version.commit_lsn,
         o.xid
