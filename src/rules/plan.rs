@@ -465,9 +465,8 @@ impl Planner {
                 b.render_all(&b.keys, n, old, relation, notes, |k| new_keys.push(k));
                 b.render_all(&b.tags, n, old, relation, notes, |t| tags.push(t));
             }
-            if !(old_keys.is_empty() && new_keys.is_empty() && tags.is_empty())
-                && !plan.rules.contains(&rule.name)
-            {
+            let produced = !(old_keys.is_empty() && new_keys.is_empty() && tags.is_empty());
+            if produced && !plan.rules.contains(&rule.name) {
                 plan.rules.push(rule.name.clone());
             }
             tags.into_iter().for_each(|t| plan.purge(t));
