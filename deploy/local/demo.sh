@@ -60,7 +60,7 @@ WATCHER=$!
 DAEMON=""
 cleanup() {
     kill "$WRITER" "$WATCHER" 2>/dev/null || true
-    [[ -n "$DAEMON" ]] && kill "$DAEMON" 2>/dev/null || true
+    if [[ -n "$DAEMON" ]]; then kill "$DAEMON" 2>/dev/null || true; fi
     wait 2>/dev/null || true
 }
 trap cleanup EXIT

@@ -28,12 +28,14 @@ ROOT="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/../.." && pwd -P)"
 LOCAL="$ROOT/.local"
 
 HOST=127.0.0.1
-PG_PORT=54320
-REDIS_PORT=63790
-KAFKA_PORT=19092
+# Ports can be moved, e.g. to run a second checkout's services beside these.
+PG_PORT="${WAL2CACHE_PG_PORT:-54320}"
+REDIS_PORT="${WAL2CACHE_REDIS_PORT:-63790}"
+KAFKA_PORT="${WAL2CACHE_KAFKA_PORT:-19092}"
 # Redis Cluster: three masters, no replicas. Their cluster bus ports are set
 # explicitly (the default, port + 10000, would be past 65535).
-REDIS_CLUSTER_PORTS=(63791 63792 63793)
+_rc="${WAL2CACHE_REDIS_CLUSTER_PORT:-63791}"
+REDIS_CLUSTER_PORTS=("$_rc" "$((_rc + 1))" "$((_rc + 2))")
 REDIS_CLUSTER_BUS_OFFSET=-10000
 
 PG_VERSION=15

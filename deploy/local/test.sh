@@ -14,7 +14,7 @@ bash "$ROOT/deploy/local/services.sh" start all
 
 export WAL2CACHE_TEST_PG="${WAL2CACHE_TEST_PG:-postgres://postgres@$HOST:$PG_PORT/postgres}"
 export WAL2CACHE_TEST_REDIS="${WAL2CACHE_TEST_REDIS:-redis://$HOST:$REDIS_PORT}"
-export WAL2CACHE_TEST_REDIS_CLUSTER="${WAL2CACHE_TEST_REDIS_CLUSTER:-redis://$HOST:63791}"
+export WAL2CACHE_TEST_REDIS_CLUSTER="${WAL2CACHE_TEST_REDIS_CLUSTER:-redis://$HOST:${REDIS_CLUSTER_PORTS[0]}}"
 export WAL2CACHE_TEST_KAFKA="${WAL2CACHE_TEST_KAFKA:-$HOST:$KAFKA_PORT}"
 
 log_info "the library builds without the daemon (feature split)"
