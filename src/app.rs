@@ -126,6 +126,13 @@ pub async fn run(
         config.postgres.publication.clone(),
     );
     stream.application_name = format!("wal2cache {}", config.name);
+    if !config.pipeline.idle_heartbeat.is_zero() {
+        tokio::spawn(pipeline::wal_heartbeats(
+            config.pg_target(),
+            config.pipeline.idle_heartbeat,
+            stop.subscribe(),
+        ));
+    }
     let source = Source::start(stream, confirmed);
     tracing::info!(slot = %config.postgres.slot, confirmed = %confirmed, rules = rules.rules().len(), "running");
 

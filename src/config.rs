@@ -39,6 +39,11 @@ pub struct PipelineConfig {
     /// SIGTERM/SIGINT: how long to drain what is in flight before giving up.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: std::time::Duration,
+    /// How often to write a heartbeat message into the WAL, so that the slot's
+    /// confirmed position advances (and Postgres can recycle WAL) even when the rules'
+    /// tables do not change; `0s` turns it off.
+    #[serde(with = "humantime_serde")]
+    pub idle_heartbeat: std::time::Duration,
 }
 
 impl Default for PipelineConfig {
@@ -47,6 +52,7 @@ impl Default for PipelineConfig {
             batch_size: 1000,
             batch_deadline: std::time::Duration::from_millis(5),
             shutdown_timeout: std::time::Duration::from_secs(30),
+            idle_heartbeat: std::time::Duration::from_secs(10),
         }
     }
 }

@@ -27,6 +27,41 @@ use crate::source::{Confirmer, Source, SourceEvent, TxnInfo, PG_EPOCH_UNIX_MICRO
 /// Batches waiting for the applier: small, so that a stalled sink stops the reader.
 const QUEUED_BATCHES: usize = 2;
 
+/// The prefix of the messages `heartbeats` writes into the WAL.
+pub const HEARTBEAT_PREFIX: &str = "wal2cache.heartbeat";
+
+/// Writes a non-transactional heartbeat message into the WAL every `every`, until
+/// `stop`. Connection errors are retried quietly: the heartbeat is an optimisation.
+pub async fn wal_heartbeats(
+    target: crate::source::PgTarget,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut client = None;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if client.is_none() {
+            client = target.connect().await.ok();
+        }
+        let Some(c) = &client else { continue };
+        if let Err(e) = c
+            .execute(
+                "SELECT pg_logical_emit_message(false, $1, '')",
+                &[&HEARTBEAT_PREFIX],
+            )
+            .await
+        {
+            tracing::debug!(error = %e, "WAL heartbeat failed; reconnecting");
+            client = None;
+        }
+    }
+}
+
 /// Microseconds from a Postgres commit time to now.
 fn since_commit(commit_time: i64) -> Option<Duration> {
     let now = SystemTime::now()
@@ -98,6 +133,19 @@ impl Batcher {
                     let plan = self.planner.plan_truncate(std::slice::from_ref(&r));
                     let origin = self.origin(Some(r.qualified_name()), "truncate");
                     self.push(origin, plan);
+                }
+            }
+            // Our own heartbeat, outside any transaction: every commit before it has been
+            // sent, so its position can be confirmed once what came before is applied.
+            SourceEvent::Message {
+                transactional: false,
+                lsn,
+                prefix,
+                ..
+            } if prefix == HEARTBEAT_PREFIX => {
+                if self.txn.is_none() {
+                    self.batch.confirm = Some(self.batch.confirm.map_or(lsn, |c| c.max(lsn)));
+                    return Ok(true);
                 }
             }
             SourceEvent::Message {

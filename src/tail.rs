@@ -58,6 +58,9 @@ impl TailFormatter {
                 add_plan(&mut m, Some(Ok(self.planner.plan_truncate(relations))));
                 m
             }
+            SourceEvent::Message { prefix, .. } if prefix == crate::pipeline::HEARTBEAT_PREFIX => {
+                return Ok(None);
+            }
             SourceEvent::Message {
                 transactional,
                 lsn,
