@@ -64,7 +64,10 @@ fn start(config: &Path, slot: Option<&str>) -> Daemon {
 
 async fn slot_active(db: &TestDb, slot: &str) -> bool {
     db.client
-        .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active", &[&slot])
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+            &[&slot],
+        )
         .await
         .unwrap()
         .is_some()
@@ -73,7 +76,8 @@ async fn slot_active(db: &TestDb, slot: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_from_an_older_position_never_makes_values_older() {
     let db = TestDb::new("replay").await;
-    db.exec("CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL)").await;
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL)")
+        .await;
     let prefix = unique("replay");
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &db, &prefix);
@@ -81,9 +85,15 @@ async fn a_replay_from_an_older_position_never_makes_values_older() {
 
     // The daemon creates the publication and its slot; the second slot starts here too.
     let daemon = start(&config, None);
-    eventually("the daemon to stream", Duration::from_secs(60), || slot_active(&db, &slot_a)).await;
+    eventually("the daemon to stream", Duration::from_secs(60), || {
+        slot_active(&db, &slot_a)
+    })
+    .await;
     db.client
-        .execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot_b])
+        .execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot_b],
+        )
         .await
         .unwrap();
 
@@ -91,38 +101,66 @@ async fn a_replay_from_an_older_position_never_makes_values_older() {
     db.exec("INSERT INTO items VALUES (1, 0), (2, 0)").await;
     let client = connect(&db.url).await;
     for v in 1..=UPDATES {
-        client.execute("UPDATE items SET v = $1 WHERE id = 1", &[&v]).await.unwrap();
+        client
+            .execute("UPDATE items SET v = $1 WHERE id = 1", &[&v])
+            .await
+            .unwrap();
     }
     db.exec("DELETE FROM items WHERE id = 2").await;
 
-    let mut r = redis::Client::open(redis_url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let mut r = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
     let (one, two) = (format!("{prefix}:json:1"), format!("{prefix}:json:2"));
     let value = |r: &mut redis::aio::MultiplexedConnection, key: String| {
         let mut r = r.clone();
         async move { r.get::<_, Option<String>>(key).await.unwrap() }
     };
-    let v_of = |s: &Option<String>| s.as_deref().map(|s| serde_json::from_str::<Value>(s).unwrap()["v"].as_i64().unwrap());
+    let v_of = |s: &Option<String>| {
+        s.as_deref().map(|s| {
+            serde_json::from_str::<Value>(s).unwrap()["v"]
+                .as_i64()
+                .unwrap()
+        })
+    };
     eventually("the final value", Duration::from_secs(60), || {
         let fut = value(&mut r, one.clone());
         async move { v_of(&fut.await) == Some(i64::from(UPDATES)) }
     })
     .await;
-    eventually("the deleted row's key to go", Duration::from_secs(30), || {
-        let fut = value(&mut r, two.clone());
-        async move { fut.await.is_none() }
-    })
+    eventually(
+        "the deleted row's key to go",
+        Duration::from_secs(30),
+        || {
+            let fut = value(&mut r, two.clone());
+            async move { fut.await.is_none() }
+        },
+    )
     .await;
     drop(daemon);
 
     // Replay everything from the second slot, one change per batch, watching the values.
     let replay = start(&config, Some(&slot_b));
-    eventually("the replay to start", Duration::from_secs(60), || slot_active(&db, &slot_b)).await;
+    eventually("the replay to start", Duration::from_secs(60), || {
+        slot_active(&db, &slot_b)
+    })
+    .await;
     let end = db.confirmed_lsn(&slot_a).await.unwrap();
     let mut observations = 0;
     loop {
         let v = v_of(&value(&mut r, one.clone()).await);
-        assert_eq!(v, Some(i64::from(UPDATES)), "a replayed older value was written over a newer one");
-        assert_eq!(value(&mut r, two.clone()).await, None, "a replay brought a deleted row back");
+        assert_eq!(
+            v,
+            Some(i64::from(UPDATES)),
+            "a replayed older value was written over a newer one"
+        );
+        assert_eq!(
+            value(&mut r, two.clone()).await,
+            None,
+            "a replay brought a deleted row back"
+        );
         observations += 1;
         if db.confirmed_lsn(&slot_b).await.is_some_and(|l| l >= end) {
             break;
@@ -130,8 +168,15 @@ async fn a_replay_from_an_older_position_never_makes_values_older() {
         assert!(observations < 20_000, "the replay did not reach the end");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert!(observations > 10, "the replay was too quick to watch ({observations} looks)");
+    assert!(
+        observations > 10,
+        "the replay was too quick to watch ({observations} looks)"
+    );
     drop(replay);
     let keys: Vec<String> = r.keys(format!("*{prefix}*")).await.unwrap();
-    let _: () = redis::cmd("UNLINK").arg(keys).query_async(&mut r).await.unwrap_or(());
+    let _: () = redis::cmd("UNLINK")
+        .arg(keys)
+        .query_async(&mut r)
+        .await
+        .unwrap_or(());
 }
