@@ -298,7 +298,7 @@ url = "redis://127.0.0.1:6379/0"
 [kafka]
 brokers = "127.0.0.1:9092"
 [kafka.properties]
-"linger.ms" = "2"
+"linger.ms" = "0"
 "#;
 
     #[test]
@@ -311,7 +311,7 @@ brokers = "127.0.0.1:9092"
         assert_eq!(c.redis.unwrap().tag_prefix, "tag:");
         let kafka = c.kafka.unwrap();
         assert_eq!(kafka.topic, "wal2cache.invalidations");
-        assert_eq!(kafka.properties["linger.ms"], "2");
+        assert_eq!(kafka.properties["linger.ms"], "0");
         assert_eq!(
             c.rules.path,
             f.path().parent().unwrap().join("rules/example.toml")

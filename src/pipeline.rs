@@ -199,7 +199,17 @@ async fn applier(
     progress: watch::Sender<Progress>,
 ) -> Result<(), SinkError> {
     let mut stats = Stats::new();
-    while let Some(batch) = batches.recv().await {
+    while let Some(mut batch) = batches.recv().await {
+        // Apply everything already waiting at once: one round trip to each sink instead
+        // of one per batch while the sinks are the bottleneck. Order is kept, and the
+        // last batch's confirmation covers all of them.
+        while let Ok(next) = batches.try_recv() {
+            batch.items.extend(next.items);
+            if next.confirm.is_some() {
+                batch.confirm = next.confirm;
+                batch.commit_time = next.commit_time;
+            }
+        }
         progress.send_modify(|p| p.busy = true);
         let started = Instant::now();
         let (r, k) = tokio::join!(

@@ -46,7 +46,9 @@ fn client_config(config: &KafkaConfig) -> ClientConfig {
     c.set("bootstrap.servers", &config.brokers)
         .set("enable.idempotence", "true")
         .set("message.timeout.ms", "30000")
-        .set("linger.ms", "1")
+        // Measured (benches/latency.rs at 2,000 txn/s): linger 1 ms made batches wait
+        // for each other, p50 7.5 ms; 0 gives p50 0.5-0.9 ms at the same catch-up rate.
+        .set("linger.ms", "0")
         .set("client.id", "wal2cache");
     for (k, v) in &config.properties {
         c.set(k, v);
