@@ -290,15 +290,34 @@ async fn the_daemon_keeps_redis_and_the_topic_in_step() {
     })
     .await;
 
+    // TRUNCATE of a table whose rule has no truncate_tags: its key prefix is flushed.
+    let _: () = r.set(k("cfg:v1:99"), "stale").await.unwrap();
+    db.exec("TRUNCATE tenant_settings").await;
+    let cfg_prefix = (k("cfg:v1:5"), k("cfg:v1:99"));
+    eventually("the table-wide flush", Duration::from_secs(20), || {
+        let mut r = r.clone();
+        let (a, b) = cfg_prefix.clone();
+        async move { !r.exists::<_, bool>(&a).await.unwrap() && !r.exists::<_, bool>(&b).await.unwrap() }
+    })
+    .await;
+
     // Every change that matched has its event, in schema 1.
-    let events = tokio::task::spawn_blocking(move || read_events(&topic, 5))
+    let events = tokio::task::spawn_blocking(move || read_events(&topic, 6))
         .await
         .unwrap();
     let ops: Vec<(&str, &str)> = events
         .iter()
         .map(|e| (e["table"].as_str().unwrap(), e["op"].as_str().unwrap()))
         .collect();
-    assert_eq!(ops.len(), 5, "{events:#?}");
+    assert_eq!(ops.len(), 6, "{events:#?}");
+    let flush = events
+        .iter()
+        .find(|e| e["table"] == "public.tenant_settings" && e["op"] == "truncate")
+        .unwrap();
+    assert_eq!(
+        (flush["kind"].as_str(), flush["reason"].as_str()),
+        (Some("flush_all"), Some("truncate"))
+    );
     for expected in [
         ("public.products", "insert"),
         ("public.products", "update"),

@@ -564,11 +564,12 @@ impl RedisSink {
             let conn = conn.clone();
             return self.try_apply_cluster(&conn, items).await;
         }
+        // An empty pipeline is never sent: Redis answers it with an error (a plan can be
+        // a flush alone).
         let mut pipe = redis::pipe();
-        let mut queued = false;
         for item in items {
             if !item.plan.flush_prefixes.is_empty() {
-                if queued {
+                if !pipe.is_empty() {
                     pipe.query_async::<()>(&mut self.conn).await?;
                     pipe = redis::pipe();
                 }
@@ -578,9 +579,8 @@ impl RedisSink {
                 }
             }
             self.add_item(&mut pipe, item);
-            queued = true;
         }
-        if queued {
+        if !pipe.is_empty() {
             pipe.query_async::<()>(&mut self.conn).await?;
         }
         Ok(())
@@ -745,7 +745,11 @@ impl RedisSink {
                 Conn::Single(_) => {
                     let mut pipe = redis::pipe();
                     self.add_item(&mut pipe, item);
-                    pipe.query_async::<()>(&mut self.conn).await
+                    if pipe.is_empty() {
+                        Ok(())
+                    } else {
+                        pipe.query_async::<()>(&mut self.conn).await
+                    }
                 }
             };
             if let Err(e) = result {
