@@ -19,6 +19,8 @@ pub mod config;
 #[cfg(feature = "daemon")]
 pub mod error;
 pub mod event;
+#[cfg(feature = "l1")]
+pub mod l1;
 #[cfg(feature = "daemon")]
 pub mod rules;
 #[cfg(feature = "daemon")]

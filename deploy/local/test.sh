@@ -20,5 +20,12 @@ export WAL2CACHE_TEST_KAFKA="${WAL2CACHE_TEST_KAFKA:-$HOST:$KAFKA_PORT}"
 log_info "the library builds without the daemon (feature split)"
 cargo check --locked --lib --no-default-features
 
-log_info "cargo test"
-cargo test --locked "$@"
+log_info "the L1 library builds without the daemon's dependencies (feature l1)"
+cargo check --locked --lib --no-default-features --features l1
+if cargo tree --locked --no-default-features --features l1 -e normal --prefix none |
+    grep -Ei '^(tokio-postgres|postgres-protocol|pgwire-replication|redis|clap|config|tracing-subscriber|metrics-exporter-prometheus|humantime|rand) '; then
+    die "feature l1 pulls in a daemon dependency"
+fi
+
+log_info "cargo test (daemon and L1)"
+cargo test --locked --features l1 "$@"
