@@ -19,7 +19,7 @@ CONFIG="$ROOT/deploy/local/wal2cache.toml"
 
 log_info "loading the example schema into $PG_APP_DB"
 for migration in "$ROOT"/migrations/*.sql; do
-    psql -q -v ON_ERROR_STOP=1 "$DEMO_URL" -f "$migration"
+    PGOPTIONS="-c client_min_messages=warning" psql -q -v ON_ERROR_STOP=1 "$DEMO_URL" -f "$migration"
 done
 
 log_info "building wal2cache"
