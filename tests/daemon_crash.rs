@@ -9,27 +9,16 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::daemon::*;
 use common::*;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Message, TopicPartitionList};
 use redis::AsyncCommands;
 use serde_json::{json, Value};
 
-const BIN: &str = env!("CARGO_BIN_EXE_wal2cache");
 const KILLS: usize = 10;
-
-fn redis_url() -> String {
-    std::env::var("WAL2CACHE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:63790".into())
-}
-
-fn kafka_brokers() -> String {
-    std::env::var("WAL2CACHE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
-}
 
 fn write_config(dir: &Path, db: &TestDb, prefix: &str, topic: &str) -> PathBuf {
     std::fs::write(
@@ -79,27 +68,6 @@ batch_size = 50
     )
     .unwrap();
     config
-}
-
-/// The daemon, killed when dropped (also when the test panics).
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(config: &Path) -> Daemon {
-    Daemon(
-        Command::new(BIN)
-            .args(["run", "--config", config.to_str().unwrap()])
-            .env("WAL2CACHE_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
 }
 
 /// A small deterministic generator (no dependency needed).
@@ -204,35 +172,6 @@ async fn writer(
     (writes, rows)
 }
 
-fn all_events(topic: &str, until: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
-        .set("group.id", "unused")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in md.topics()[0].partitions() {
-        tpl.add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning)
-            .unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
-    let mut out = Vec::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !until(&out) && std::time::Instant::now() < deadline {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-            let v: Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
-            if v["kind"] == "invalidate" {
-                out.push(v);
-            }
-        }
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_no_invalidation() {
     let db = TestDb::new("crash").await;
@@ -247,18 +186,8 @@ async fn sigkill_at_random_moments_loses_no_invalidation() {
     let config = write_config(dir.path(), &db, &prefix, &topic);
     let slot = format!("{}_c", db.name);
 
-    let mut daemon = start(&config);
-    eventually("the daemon to stream", Duration::from_secs(60), || async {
-        db.client
-            .query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
-                &[&slot],
-            )
-            .await
-            .unwrap()
-            .is_some()
-    })
-    .await;
+    let mut daemon = Daemon::start(&config, &[]);
+    wait_streaming(&db, &slot).await;
     let stop = Arc::new(AtomicBool::new(false));
     let writing = tokio::spawn(writer(db.url.clone(), prefix.clone(), stop.clone()));
 
@@ -270,7 +199,7 @@ async fn sigkill_at_random_moments_loses_no_invalidation() {
             !writing.is_finished(),
             "the writer failed during round {round}"
         );
-        daemon = start(&config);
+        daemon = Daemon::start(&config, &[]);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
@@ -329,7 +258,7 @@ async fn sigkill_at_random_moments_loses_no_invalidation() {
     let topic_for_read = topic.clone();
     let wanted_for_read = wanted.clone();
     let events = tokio::task::spawn_blocking(move || {
-        all_events(&topic_for_read, |evs| {
+        read_topic(&topic_for_read, |evs| {
             let seen: std::collections::HashSet<&str> = evs
                 .iter()
                 .flat_map(|e| {

@@ -5,25 +5,15 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::daemon::*;
 use common::*;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Message, TopicPartitionList};
 use redis::AsyncCommands;
 use serde_json::{json, Value};
 
-const BIN: &str = env!("CARGO_BIN_EXE_wal2cache");
 const SCHEMA: &str = include_str!("../migrations/001_example_schema.sql");
-
-fn redis_url() -> String {
-    std::env::var("WAL2CACHE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:63790".into())
-}
-
-fn kafka_brokers() -> String {
-    std::env::var("WAL2CACHE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
-}
 
 /// The example rules with every key and tag under a prefix of this test's own.
 fn rules(prefix: &str) -> String {
@@ -68,78 +58,6 @@ shutdown_timeout = "10s"
     config
 }
 
-/// The daemon as a child process, killed if the test ends without stopping it.
-struct Daemon(Option<Child>);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn start(config: &Path) -> Daemon {
-    Daemon(Some(
-        Command::new(BIN)
-            .args(["run", "--config", config.to_str().unwrap()])
-            .env("WAL2CACHE_LOG", "info")
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    ))
-}
-
-async fn redis() -> redis::aio::MultiplexedConnection {
-    redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .expect("Redis runs: deploy/local/services.sh start")
-}
-
-/// Every event on the topic from the beginning, until `n` have been read.
-fn read_events(topic: &str, n: usize) -> Vec<Value> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
-        .set("group.id", "unused")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in md.topics()[0].partitions() {
-        tpl.add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning)
-            .unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
-    let mut out = Vec::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while out.len() < n && std::time::Instant::now() < deadline {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-            let v: Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
-            if v["kind"] != "heartbeat" {
-                out.push(v);
-            }
-        }
-    }
-    out
-}
-
-fn stop(mut daemon: Daemon) {
-    let mut child = daemon.0.take().unwrap();
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(0), "run exits 0 on SIGTERM");
-}
-
 #[tokio::test]
 async fn the_daemon_keeps_redis_and_the_topic_in_step() {
     let db = TestDb::new("e2e").await;
@@ -155,7 +73,7 @@ async fn the_daemon_keeps_redis_and_the_topic_in_step() {
     // A tag's set: the tag prefix, then the (prefixed) tag.
     let tag = |t: &str| format!("{prefix}:tag:{prefix}:{t}");
 
-    let daemon = start(&config);
+    let daemon = Daemon::start(&config, &[("WAL2CACHE_LOG", "info")]);
     let slot = format!("{}_d", db.name);
     eventually(
         "the daemon to stream from its slot",
@@ -302,7 +220,7 @@ async fn the_daemon_keeps_redis_and_the_topic_in_step() {
     .await;
 
     // Every change that matched has its event, in schema 1.
-    let events = tokio::task::spawn_blocking(move || read_events(&topic, 6))
+    let events = tokio::task::spawn_blocking(move || read_topic(&topic, |e| e.len() >= 6))
         .await
         .unwrap();
     let ops: Vec<(&str, &str)> = events
@@ -352,7 +270,7 @@ async fn the_daemon_keeps_redis_and_the_topic_in_step() {
         json!([k("shop:category:7"), k("shop:products")])
     );
 
-    stop(daemon);
+    daemon.stop();
     // Everything was confirmed: the slot is at the end of the last transaction.
     let confirmed = db.confirmed_lsn(&slot).await.unwrap();
     let last_commit = db.current_lsn().await;
@@ -375,18 +293,8 @@ async fn an_idle_slot_advances_while_other_tables_write() {
     )
     .unwrap();
     let slot = format!("{}_d", db.name);
-    let daemon = start(&config);
-    eventually("the daemon to stream", Duration::from_secs(60), || async {
-        db.client
-            .query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
-                &[&slot],
-            )
-            .await
-            .unwrap()
-            .is_some()
-    })
-    .await;
+    let daemon = Daemon::start(&config, &[("WAL2CACHE_LOG", "info")]);
+    wait_streaming(&db, &slot).await;
     // Lots of WAL, none of it for the rules' tables.
     db.exec("INSERT INTO unrelated (body) SELECT repeat('x', 200) FROM generate_series(1, 20000)")
         .await;
@@ -397,7 +305,7 @@ async fn an_idle_slot_advances_while_other_tables_write() {
         || async { db.confirmed_lsn(&slot).await.is_some_and(|l| l >= written) },
     )
     .await;
-    stop(daemon);
+    daemon.stop();
 }
 
 #[tokio::test]
@@ -420,17 +328,7 @@ async fn a_poison_command_stops_the_daemon_naming_the_key_and_the_rule() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    eventually("the daemon to stream", Duration::from_secs(60), || async {
-        db.client
-            .query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
-                &[&slot],
-            )
-            .await
-            .unwrap()
-            .is_some()
-    })
-    .await;
+    wait_streaming(&db, &slot).await;
     let before = db.confirmed_lsn(&slot).await.unwrap();
     db.exec("INSERT INTO products VALUES (1, 'a', 7, 'A', 1.00, NULL)")
         .await;

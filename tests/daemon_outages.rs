@@ -7,25 +7,15 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::daemon::*;
 use common::*;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Message, TopicPartitionList};
 use redis::AsyncCommands;
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_wal2cache");
 const OUTAGE: Duration = Duration::from_secs(10);
-
-fn redis_url() -> String {
-    std::env::var("WAL2CACHE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:63790".into())
-}
-
-fn kafka_brokers() -> String {
-    std::env::var("WAL2CACHE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
-}
 
 fn services(args: &[&str]) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/local/services.sh");
@@ -63,24 +53,6 @@ fn write_config(dir: &Path, db: &TestDb, prefix: &str, topic: &str) -> PathBuf {
     )
     .unwrap();
     config
-}
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Daemon {
-    fn assert_running(&mut self, when: &str) {
-        assert!(
-            self.0.try_wait().unwrap().is_none(),
-            "the daemon exited {when}"
-        );
-    }
 }
 
 /// Writes rows `ids` (v = `v`) one a time for the length of an outage, checking the
@@ -124,36 +96,6 @@ async fn all_applied(
     true
 }
 
-fn events_with_v(topic: &str, want: usize) -> usize {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
-        .set("group.id", "unused")
-        .create()
-        .unwrap();
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in md.topics()[0].partitions() {
-        tpl.add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning)
-            .unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
-    let mut seen = std::collections::HashSet::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while seen.len() < want && Instant::now() < deadline {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-            let e: Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
-            if e["kind"] == "invalidate" {
-                for k in e["keys"].as_array().unwrap() {
-                    seen.insert(k.as_str().unwrap().to_string());
-                }
-            }
-        }
-    }
-    seen.len()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_then_the_broker_down_for_10_s_lose_nothing() {
     let db = TestDb::new("outage").await;
@@ -164,25 +106,8 @@ async fn redis_then_the_broker_down_for_10_s_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &db, &prefix, &topic);
     let slot = format!("{}_o", db.name);
-    let mut daemon = Daemon(
-        Command::new(BIN)
-            .args(["run", "--config", config.to_str().unwrap()])
-            .env("WAL2CACHE_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    eventually("the daemon to stream", Duration::from_secs(60), || async {
-        db.client
-            .query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
-                &[&slot],
-            )
-            .await
-            .unwrap()
-            .is_some()
-    })
-    .await;
+    let mut daemon = Daemon::start(&config, &[]);
+    wait_streaming(&db, &slot).await;
 
     // Redis away: writes wait in Postgres; then Redis (empty) is back and catches up.
     services(&["stop", "redis"]);
@@ -218,9 +143,11 @@ async fn redis_then_the_broker_down_for_10_s_lose_nothing() {
     )
     .await;
     let topic_read = topic.clone();
-    let keys = tokio::task::spawn_blocking(move || events_with_v(&topic_read, 20))
-        .await
-        .unwrap();
+    let keys = tokio::task::spawn_blocking(move || {
+        keys_of(&read_topic(&topic_read, |e| keys_of(e).len() >= 20)).len()
+    })
+    .await
+    .unwrap();
     assert_eq!(
         keys, 20,
         "every key written during the broker outage has its event"

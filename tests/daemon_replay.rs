@@ -5,18 +5,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::daemon::*;
 use common::*;
 use redis::AsyncCommands;
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_wal2cache");
-
-fn redis_url() -> String {
-    std::env::var("WAL2CACHE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:63790".into())
-}
 
 fn write_config(dir: &Path, db: &TestDb, prefix: &str) -> PathBuf {
     std::fs::write(
@@ -42,37 +36,6 @@ fn write_config(dir: &Path, db: &TestDb, prefix: &str) -> PathBuf {
     config
 }
 
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(config: &Path, slot: Option<&str>) -> Daemon {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["run", "--config", config.to_str().unwrap()])
-        .env("WAL2CACHE_LOG", "warn")
-        .stdin(Stdio::null());
-    if let Some(slot) = slot {
-        cmd.env("WAL2CACHE__POSTGRES__SLOT", slot);
-    }
-    Daemon(cmd.spawn().unwrap())
-}
-
-async fn slot_active(db: &TestDb, slot: &str) -> bool {
-    db.client
-        .query_opt(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
-            &[&slot],
-        )
-        .await
-        .unwrap()
-        .is_some()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_from_an_older_position_never_makes_values_older() {
     let db = TestDb::new("replay").await;
@@ -84,11 +47,8 @@ async fn a_replay_from_an_older_position_never_makes_values_older() {
     let (slot_a, slot_b) = (format!("{}_a", db.name), format!("{}_b", db.name));
 
     // The daemon creates the publication and its slot; the second slot starts here too.
-    let daemon = start(&config, None);
-    eventually("the daemon to stream", Duration::from_secs(60), || {
-        slot_active(&db, &slot_a)
-    })
-    .await;
+    let daemon = Daemon::start(&config, &[]);
+    wait_streaming(&db, &slot_a).await;
     db.client
         .execute(
             "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
@@ -142,11 +102,8 @@ async fn a_replay_from_an_older_position_never_makes_values_older() {
     drop(daemon);
 
     // Replay everything from the second slot, one change per batch, watching the values.
-    let replay = start(&config, Some(&slot_b));
-    eventually("the replay to start", Duration::from_secs(60), || {
-        slot_active(&db, &slot_b)
-    })
-    .await;
+    let replay = Daemon::start(&config, &[("WAL2CACHE__POSTGRES__SLOT", slot_b.as_str())]);
+    wait_streaming(&db, &slot_b).await;
     let end = db.confirmed_lsn(&slot_a).await.unwrap();
     let mut observations = 0;
     loop {

@@ -2,6 +2,8 @@
 //! (`deploy/local/services.sh start`), its own slots and publication, dropped at the end.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};

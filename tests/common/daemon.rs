@@ -1,0 +1,141 @@
+//! Helpers for tests that run `wal2cache run` against the local Redis and broker.
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message, TopicPartitionList};
+use serde_json::Value;
+
+use super::{eventually, TestDb};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_wal2cache");
+
+pub fn redis_url() -> String {
+    std::env::var("WAL2CACHE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:63790".into())
+}
+
+pub fn kafka_brokers() -> String {
+    std::env::var("WAL2CACHE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
+}
+
+pub async fn redis() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis runs: deploy/local/services.sh start")
+}
+
+/// `wal2cache run` as a child process, killed when dropped (also when a test panics).
+pub struct Daemon(Option<Child>);
+
+impl Daemon {
+    /// Starts it with `envs` (logging at warn unless `WAL2CACHE_LOG` is among them).
+    pub fn start(config: &Path, envs: &[(&str, &str)]) -> Daemon {
+        let child = Command::new(BIN)
+            .args(["run", "--config", config.to_str().unwrap()])
+            .env("WAL2CACHE_LOG", "warn")
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        Daemon(Some(child))
+    }
+
+    /// SIGTERM: it must drain and exit 0.
+    pub fn stop(mut self) {
+        let mut child = self.0.take().unwrap();
+        let kill = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(0), "run exits 0 on SIGTERM");
+    }
+
+    pub fn assert_running(&mut self, when: &str) {
+        let child = self.0.as_mut().unwrap();
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the daemon exited {when}"
+        );
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub async fn slot_active(db: &TestDb, slot: &str) -> bool {
+    db.client
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+            &[&slot],
+        )
+        .await
+        .unwrap()
+        .is_some()
+}
+
+/// Waits until a daemon streams from `slot`.
+pub async fn wait_streaming(db: &TestDb, slot: &str) {
+    eventually("the daemon to stream", Duration::from_secs(60), || {
+        slot_active(db, slot)
+    })
+    .await;
+}
+
+/// Every event but heartbeats, from the topic's beginning, until `done` says so or
+/// 60 s have passed. Blocking: call it from `spawn_blocking`.
+pub fn read_topic(topic: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("group.id", "unused")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in md.topics()[0].partitions() {
+        tpl.add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done(&out) && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let v: Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+            if v["kind"] != "heartbeat" {
+                out.push(v);
+            }
+        }
+    }
+    out
+}
+
+/// The cache keys the events name.
+pub fn keys_of(events: &[Value]) -> HashSet<&str> {
+    events
+        .iter()
+        .flat_map(|e| {
+            e["keys"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|k| k.as_str())
+        })
+        .collect()
+}
