@@ -107,7 +107,7 @@ async fn tail_prints_every_change_as_a_json_line_on_a_temporary_slot() {
         || async {
             db.client
             .query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND temporary AND active",
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND temporary AND active AND confirmed_flush_lsn IS NOT NULL",
                 &[&temp_slot],
             )
             .await

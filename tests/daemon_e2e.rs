@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -15,49 +14,6 @@ use serde_json::{json, Value};
 
 const SCHEMA: &str = include_str!("../migrations/001_example_schema.sql");
 
-/// The example rules with every key and tag under a prefix of this test's own.
-fn rules(prefix: &str) -> String {
-    let example =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/rules/example.toml"))
-            .unwrap();
-    example
-        .replace("\"shop:", &format!("\"{prefix}:shop:"))
-        .replace("\"cfg:", &format!("\"{prefix}:cfg:"))
-}
-
-fn write_config(dir: &Path, db: &TestDb, prefix: &str, topic: &str) -> PathBuf {
-    std::fs::write(dir.join("rules.toml"), rules(prefix)).unwrap();
-    let config = dir.join("wal2cache.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"name = "e2e"
-[postgres]
-url = "{url}"
-slot = "{db}_d"
-publication = "w2c"
-[rules]
-path = "rules.toml"
-[redis]
-url = "{redis}"
-tag_prefix = "{prefix}:tag:"
-[kafka]
-brokers = "{kafka}"
-topic = "{topic}"
-partitions = 2
-[pipeline]
-shutdown_timeout = "10s"
-"#,
-            url = db.url,
-            db = db.name,
-            redis = redis_url(),
-            kafka = kafka_brokers(),
-        ),
-    )
-    .unwrap();
-    config
-}
-
 #[tokio::test]
 async fn the_daemon_keeps_redis_and_the_topic_in_step() {
     let db = TestDb::new("e2e").await;
@@ -67,7 +23,7 @@ async fn the_daemon_keeps_redis_and_the_topic_in_step() {
     let prefix = unique("e2e");
     let topic = format!("{prefix}.events");
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &db, &prefix, &topic);
+    let config = write_example_config(dir.path(), "e2e", &db, &prefix, &topic);
     let mut r = redis().await;
     let k = |s: &str| format!("{prefix}:{s}");
     // A tag's set: the tag prefix, then the (prefixed) tag.
@@ -75,21 +31,7 @@ async fn the_daemon_keeps_redis_and_the_topic_in_step() {
 
     let daemon = Daemon::start(&config, &[("WAL2CACHE_LOG", "info")]);
     let slot = format!("{}_d", db.name);
-    eventually(
-        "the daemon to stream from its slot",
-        Duration::from_secs(60),
-        || async {
-            db.client
-                .query_opt(
-                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
-                    &[&slot],
-                )
-                .await
-                .unwrap()
-                .is_some()
-        },
-    )
-    .await;
+    wait_streaming(&db, &slot).await;
 
     // What an application cached: product keys, a list page under the category tag.
     let _: () = r.set(k("shop:product:v3:42"), "stale").await.unwrap();
@@ -285,7 +227,7 @@ async fn an_idle_slot_advances_while_other_tables_write() {
         .await;
     let prefix = unique("idle");
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &db, &prefix, &format!("{prefix}.t"));
+    let config = write_example_config(dir.path(), "e2e", &db, &prefix, &format!("{prefix}.t"));
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(
         &config,
@@ -315,7 +257,7 @@ async fn a_poison_command_stops_the_daemon_naming_the_key_and_the_rule() {
     db.exec("INSERT INTO categories VALUES (7, 'mugs')").await;
     let prefix = unique("poison");
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &db, &prefix, &format!("{prefix}.t"));
+    let config = write_example_config(dir.path(), "e2e", &db, &prefix, &format!("{prefix}.t"));
     let slot = format!("{}_d", db.name);
     // The tag's set is a string: SMEMBERS answers WRONGTYPE, whatever the retries.
     let tag_key = format!("{prefix}:tag:{prefix}:shop:category:7");
@@ -364,7 +306,7 @@ async fn unreachable_sinks_and_failing_rules_stop_with_a_clear_error() {
     db.exec(SCHEMA).await;
     let prefix = unique("bad");
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &db, &prefix, &format!("{prefix}.t"));
+    let config = write_example_config(dir.path(), "e2e", &db, &prefix, &format!("{prefix}.t"));
     let slot = format!("{}_d", db.name);
     let run = |envs: &[(&str, &str)]| {
         let out = Command::new(BIN)

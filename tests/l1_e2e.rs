@@ -5,103 +5,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::daemon::*;
 use common::*;
 use wal2cache::l1::{L1, NO_TAGS};
 
-const BIN: &str = env!("CARGO_BIN_EXE_wal2cache");
 const SCHEMA: &str = include_str!("../migrations/001_example_schema.sql");
-
-fn redis_url() -> String {
-    std::env::var("WAL2CACHE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:63790".into())
-}
-
-fn kafka_brokers() -> String {
-    std::env::var("WAL2CACHE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
-}
-
-/// The example rules with every key and tag under a prefix of this test's own.
-fn rules(prefix: &str) -> String {
-    let example =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/rules/example.toml"))
-            .unwrap();
-    example
-        .replace("\"shop:", &format!("\"{prefix}:shop:"))
-        .replace("\"cfg:", &format!("\"{prefix}:cfg:"))
-}
-
-fn write_config(dir: &Path, db: &TestDb, prefix: &str, topic: &str) -> PathBuf {
-    std::fs::write(dir.join("rules.toml"), rules(prefix)).unwrap();
-    let config = dir.join("wal2cache.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"name = "l1-e2e"
-[postgres]
-url = "{url}"
-slot = "{db}_d"
-publication = "w2c"
-[rules]
-path = "rules.toml"
-[redis]
-url = "{redis}"
-tag_prefix = "{prefix}:tag:"
-[kafka]
-brokers = "{kafka}"
-topic = "{topic}"
-partitions = 2
-[pipeline]
-shutdown_timeout = "10s"
-"#,
-            url = db.url,
-            db = db.name,
-            redis = redis_url(),
-            kafka = kafka_brokers(),
-        ),
-    )
-    .unwrap();
-    config
-}
-
-/// The daemon as a child process, killed if the test ends without stopping it.
-struct Daemon(Option<Child>);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn start(config: &Path) -> Daemon {
-    Daemon(Some(
-        Command::new(BIN)
-            .args(["run", "--config", config.to_str().unwrap()])
-            .env("WAL2CACHE_LOG", "info")
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    ))
-}
-
-fn stop(mut daemon: Daemon) {
-    let mut child = daemon.0.take().unwrap();
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    assert_eq!(
-        child.wait().unwrap().code(),
-        Some(0),
-        "run exits 0 on SIGTERM"
-    );
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_update_in_postgres_evicts_the_key_from_an_l1_in_another_process() {
@@ -114,7 +24,7 @@ async fn an_update_in_postgres_evicts_the_key_from_an_l1_in_another_process() {
     let prefix = unique("l1e2e");
     let topic = format!("{prefix}.events");
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &db, &prefix, &topic);
+    let config = write_example_config(dir.path(), "l1-e2e", &db, &prefix, &topic);
     let k = |s: &str| format!("{prefix}:{s}");
 
     // The L1 comes first: it waits, unhealthy, until the daemon created the topic
@@ -123,7 +33,7 @@ async fn an_update_in_postgres_evicts_the_key_from_an_l1_in_another_process() {
         .staleness_bound(Duration::from_secs(3))
         .build()
         .unwrap();
-    let daemon = start(&config);
+    let daemon = Daemon::start(&config, &[("WAL2CACHE_LOG", "info")]);
     assert!(
         cache.wait_healthy(Duration::from_secs(60)).await,
         "the L1 never saw the daemon's heartbeats: {:?}",
@@ -182,5 +92,5 @@ async fn an_update_in_postgres_evicts_the_key_from_an_l1_in_another_process() {
     .await;
     assert!(cache.is_healthy());
 
-    stop(daemon);
+    daemon.stop();
 }

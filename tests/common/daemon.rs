@@ -76,10 +76,15 @@ impl Drop for Daemon {
     }
 }
 
+/// A walsender streams from `slot`. `active` alone is not enough: while the backend
+/// that creates a slot waits for running transactions, the slot is already active
+/// (held by that backend) and has no confirmed position yet.
 pub async fn slot_active(db: &TestDb, slot: &str) -> bool {
     db.client
         .query_opt(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+            "SELECT 1 FROM pg_replication_slots s
+               JOIN pg_stat_replication r ON r.pid = s.active_pid
+              WHERE s.slot_name = $1 AND s.confirmed_flush_lsn IS NOT NULL",
             &[&slot],
         )
         .await
@@ -138,4 +143,55 @@ pub fn keys_of(events: &[Value]) -> HashSet<&str> {
                 .filter_map(|k| k.as_str())
         })
         .collect()
+}
+
+/// The example rules with every key and tag under a prefix of the test's own.
+pub fn example_rules(prefix: &str) -> String {
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/rules/example.toml"))
+            .unwrap();
+    example
+        .replace("\"shop:", &format!("\"{prefix}:shop:"))
+        .replace("\"cfg:", &format!("\"{prefix}:cfg:"))
+}
+
+/// A config (daemon `name`, slot `<db>_d`, publication `w2c`) and the prefixed example
+/// rules, in `dir`.
+pub fn write_example_config(
+    dir: &Path,
+    name: &str,
+    db: &TestDb,
+    prefix: &str,
+    topic: &str,
+) -> std::path::PathBuf {
+    std::fs::write(dir.join("rules.toml"), example_rules(prefix)).unwrap();
+    let config = dir.join("wal2cache.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"name = "{name}"
+[postgres]
+url = "{url}"
+slot = "{db}_d"
+publication = "w2c"
+[rules]
+path = "rules.toml"
+[redis]
+url = "{redis}"
+tag_prefix = "{prefix}:tag:"
+[kafka]
+brokers = "{kafka}"
+topic = "{topic}"
+partitions = 2
+[pipeline]
+shutdown_timeout = "10s"
+"#,
+            url = db.url,
+            db = db.name,
+            redis = redis_url(),
+            kafka = kafka_brokers(),
+        ),
+    )
+    .unwrap();
+    config
 }
