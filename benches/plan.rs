@@ -77,6 +77,7 @@ fn relation(t: usize) -> Arc<Relation> {
             col("qty", oid::INT4),
             col("body", oid::TEXT),
         ],
+        ancestors: Vec::new(),
     })
 }
 

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use crate::config::{Config, ConfigError};
 use crate::error::Error;
 use crate::lsn::Lsn;
-use crate::pipeline::{self, Pipeline};
+use crate::pipeline::{self, Pipeline, Reload};
 use crate::rules::check::{self, CheckError, CheckReport};
 use crate::rules::{self, Planner, RuleSet};
 use crate::sink::kafka::{KafkaSink, Progress};
@@ -34,36 +34,45 @@ fn setup_plan(config: &Config, rules: &RuleSet, with_slot: bool) -> SetupPlan {
     }
 }
 
-/// `wal2cache setup`: checks the server, creates the publication and the slot.
-/// Unlike `run`, it creates them even when `postgres.create` is false: that is its job.
+/// `wal2cache setup`: checks the rules against the database (refusing what `check`
+/// refuses), then creates the publication and the slot. Unlike `run`, it creates them
+/// even when `postgres.create` is false: that is its job.
 pub async fn setup(config: &Config) -> Result<SetupReport, Error> {
     let rules = load_rules(config)?;
+    let report = check_rules(config, &rules, true).await?;
+    log_warnings(&report);
     let mut plan = setup_plan(config, &rules, true);
     plan.create = true;
     Ok(slot::ensure(&config.pg_target(), &plan).await?)
+}
+
+/// Logs what `check` warns about.
+fn log_warnings(report: &CheckReport) {
+    for w in &report.warnings {
+        tracing::warn!("{w}");
+    }
 }
 
 /// `wal2cache check`: the config, the rules, and the rules against the live catalog.
 /// Every problem is in the error.
 pub async fn check(config: &Config) -> Result<(Arc<RuleSet>, CheckReport), Error> {
     let rules = load_rules(config)?;
-    let report = check_rules(config, &rules).await?;
+    let report = check_rules(config, &rules, config.postgres.create).await?;
     Ok((rules, report))
 }
 
 /// Checks a compiled rule set against the database: the server's preconditions, then
-/// every rule.
-pub async fn check_rules(config: &Config, rules: &RuleSet) -> Result<CheckReport, Error> {
+/// every rule. With `create`, tables missing from the publication are to be added
+/// (`report.publish`) rather than problems.
+pub async fn check_rules(
+    config: &Config,
+    rules: &RuleSet,
+    create: bool,
+) -> Result<CheckReport, Error> {
     let target = config.pg_target();
     let client = target.connect().await?;
     slot::check_preconditions(&client, &target).await?;
-    let report = check::check(
-        &client,
-        rules,
-        &config.postgres.publication,
-        config.postgres.create,
-    )
-    .await?;
+    let report = check::check(&client, rules, &config.postgres.publication, create).await?;
     if report.problems.is_empty() {
         Ok(report)
     } else {
@@ -75,9 +84,69 @@ pub async fn check_rules(config: &Config, rules: &RuleSet) -> Result<CheckReport
 }
 
 /// Compiles and checks the rules again; on failure the caller keeps the old set.
-pub async fn reload_rules(config: &Config) -> Result<Arc<RuleSet>, Error> {
-    let (rules, _) = check(config).await?;
-    Ok(rules)
+pub async fn reload_rules(config: &Config) -> Result<(Arc<RuleSet>, CheckReport), Error> {
+    let (rules, report) = check(config).await?;
+    log_warnings(&report);
+    Ok((rules, report))
+}
+
+/// SIGHUP in `run`: the new rules, checked, and the tables they add to the publication.
+///
+/// A table added to the publication is published from the commit of the `ALTER
+/// PUBLICATION` on; the stream may reach that point before or after this task hands the
+/// new rules over. So the rules do not take effect when handed over but where the WAL
+/// says: a transactional marker message is written in the same transaction as the
+/// `ALTER PUBLICATION`, and the pipeline switches to the new rules when it reads the
+/// marker, before the first change that the new membership publishes. If the
+/// transaction fails, the marker never appears and the previous rules stay in force.
+async fn reload(config: &Config, rules_tx: &mpsc::UnboundedSender<Reload>) -> Result<(), Error> {
+    let (rules, report) = reload_rules(config).await?;
+    if report.publish.is_empty() {
+        let _ = rules_tx.send(Reload {
+            rules,
+            marker: None,
+        });
+        return Ok(());
+    }
+    let marker = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    let _ = rules_tx.send(Reload {
+        rules,
+        marker: Some(marker.clone()),
+    });
+    let mut client = config.pg_target().connect().await?;
+    let publication = &config.postgres.publication;
+    let added = async {
+        let txn = client.transaction().await?;
+        txn.execute(
+            "SELECT pg_logical_emit_message(true, $1, $2)",
+            &[&pipeline::RELOAD_PREFIX, &marker],
+        )
+        .await?;
+        let objects: Vec<String> = report.publish.iter().map(|m| m.sql()).collect();
+        txn.batch_execute(&format!(
+            "ALTER PUBLICATION {} ADD {}",
+            postgres_protocol::escape::escape_identifier(publication),
+            objects.join(", ")
+        ))
+        .await?;
+        txn.commit().await
+    }
+    .await;
+    added.map_err(|source| crate::source::SourceError::Postgres {
+        context: format!(
+            "adding {} to publication {publication:?} for the new rules",
+            report.to_publish.join(", ")
+        ),
+        source,
+    })?;
+    tracing::info!(publication = %publication, tables = ?report.to_publish, "added tables to the publication; the new rules take effect from there in the stream");
+    Ok(())
 }
 
 /// `wal2cache run`: the daemon. Refuses to start on rules that fail `check`; creates
@@ -88,7 +157,7 @@ pub async fn reload_rules(config: &Config) -> Result<Arc<RuleSet>, Error> {
 pub async fn run(
     config: &Config,
     shutdown: impl Future<Output = ()>,
-    mut reload: mpsc::UnboundedReceiver<()>,
+    mut reload_signals: mpsc::UnboundedReceiver<()>,
 ) -> Result<(), Error> {
     let redis_config = config
         .redis
@@ -99,7 +168,8 @@ pub async fn run(
         .as_ref()
         .ok_or(ConfigError::MissingSection("kafka"))?;
     let rules = load_rules(config)?;
-    check_rules(config, &rules).await?;
+    let checked = check_rules(config, &rules, config.postgres.create).await?;
+    log_warnings(&checked);
     let target = config.pg_target();
     let report = slot::ensure(&target, &setup_plan(config, &rules, true)).await?;
     if let Some(addr) = config.metrics.listen {
@@ -139,16 +209,13 @@ pub async fn run(
     let (rules_tx, rules_rx) = mpsc::unbounded_channel();
     let reload_config = config.clone();
     let reloader = tokio::spawn(async move {
-        while reload.recv().await.is_some() {
-            match reload_rules(&reload_config).await {
-                Ok(rules) => {
-                    if rules_tx.send(rules).is_err() {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::error!("rules not reloaded, the previous rules stay in force: {e}")
-                }
+        while reload_signals.recv().await.is_some() {
+            if let Err(e) = reload(&reload_config, &rules_tx).await {
+                metrics::counter!("wal2cache_reload_failures_total").increment(1);
+                tracing::error!("rules not reloaded, the previous rules stay in force: {e}");
+            }
+            if rules_tx.is_closed() {
+                break;
             }
         }
     });
@@ -175,7 +242,7 @@ pub async fn tail(
     mut reload: mpsc::UnboundedReceiver<()>,
 ) -> Result<(), Error> {
     let rules = load_rules(config)?;
-    if let Err(e) = check_rules(config, &rules).await {
+    if let Err(e) = check_rules(config, &rules, config.postgres.create).await {
         match e {
             Error::Check(problems) => tracing::warn!("{problems}"),
             other => return Err(other),
@@ -202,7 +269,7 @@ pub async fn tail(
             _ = &mut shutdown => break,
             Some(()) = reload.recv() => {
                 match reload_rules(config).await {
-                    Ok(rules) => {
+                    Ok((rules, _)) => {
                         tracing::info!(rules = rules.rules().len(), "rules reloaded");
                         formatter.set_planner(Planner::new(rules));
                     }

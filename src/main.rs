@@ -99,6 +99,9 @@ async fn run(cli: Cli) -> Result<(), Error> {
         Command::Check { config } => {
             let config = Config::load(&config)?;
             let (rules, report) = wal2cache::app::check(&config).await?;
+            for w in &report.warnings {
+                println!("warning: {w}");
+            }
             println!(
                 "ok: {} rules on {} tables",
                 rules.rules().len(),

@@ -30,6 +30,18 @@ const QUEUED_BATCHES: usize = 2;
 /// The prefix of the messages `heartbeats` writes into the WAL.
 pub const HEARTBEAT_PREFIX: &str = "wal2cache.heartbeat";
 
+/// The prefix of the marker a reload writes in the transaction that adds its tables to
+/// the publication: the new rules take effect where the stream reaches it.
+pub const RELOAD_PREFIX: &str = "wal2cache.reload";
+
+/// New rules for the pipeline (already compiled and checked).
+#[derive(Debug)]
+pub struct Reload {
+    pub rules: Arc<RuleSet>,
+    /// In force from the marker message with this content on; `None`: at once.
+    pub marker: Option<String>,
+}
+
 /// Writes a non-transactional heartbeat message into the WAL every `every`, until
 /// `stop`. Connection errors are retried quietly: the heartbeat is an optimisation.
 pub async fn wal_heartbeats(
@@ -80,9 +92,22 @@ struct Batcher {
     opened: Option<tokio::time::Instant>,
     txn: Option<TxnInfo>,
     seq: u32,
+    /// Rules waiting for their marker in the stream.
+    pending: Option<(String, Arc<RuleSet>)>,
 }
 
 impl Batcher {
+    fn reload(&mut self, reload: Reload) {
+        match reload.marker {
+            None => {
+                tracing::info!(rules = reload.rules.rules().len(), "rules reloaded");
+                self.planner = Planner::new(reload.rules);
+                self.pending = None;
+            }
+            Some(marker) => self.pending = Some((marker, reload.rules)),
+        }
+    }
+
     fn push(&mut self, origin: Origin, plan: Plan) {
         if !plan.is_empty() {
             self.batch.items.push(Item {
@@ -146,6 +171,22 @@ impl Batcher {
                 if self.txn.is_none() {
                     self.batch.confirm = Some(self.batch.confirm.map_or(lsn, |c| c.max(lsn)));
                     return Ok(true);
+                }
+            }
+            SourceEvent::Message {
+                lsn,
+                prefix,
+                content,
+                ..
+            } if prefix == RELOAD_PREFIX => {
+                let ours = self
+                    .pending
+                    .as_ref()
+                    .is_some_and(|(marker, _)| marker.as_bytes() == &content[..]);
+                if ours {
+                    let (_, rules) = self.pending.take().expect("checked above");
+                    tracing::info!(rules = rules.rules().len(), lsn = %lsn, "rules reloaded, in force from here in the stream");
+                    self.planner = Planner::new(rules);
                 }
             }
             SourceEvent::Message {
@@ -311,7 +352,7 @@ pub async fn run(
     pipeline: Pipeline,
     rules: Arc<RuleSet>,
     shutdown: impl Future<Output = ()>,
-    mut reload: mpsc::UnboundedReceiver<Arc<RuleSet>>,
+    mut reload: mpsc::UnboundedReceiver<Reload>,
 ) -> Result<(), Error> {
     let Pipeline {
         config,
@@ -329,6 +370,7 @@ pub async fn run(
         opened: None,
         txn: None,
         seq: 0,
+        pending: None,
         config,
     };
     tokio::pin!(shutdown);
@@ -342,9 +384,8 @@ pub async fn run(
                 Ok(Err(e)) => Err(Error::Sink(e)),
                 Err(e) => Err(Error::Sink(SinkError::Redis(format!("applier task failed: {e}")))),
             },
-            Some(rules) = reload.recv() => {
-                tracing::info!(rules = rules.rules().len(), "rules reloaded");
-                b.planner = Planner::new(rules);
+            Some(r) = reload.recv() => {
+                b.reload(r);
                 false
             }
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => true,

@@ -58,7 +58,10 @@ impl TailFormatter {
                 add_plan(&mut m, Some(Ok(self.planner.plan_truncate(relations))));
                 m
             }
-            SourceEvent::Message { prefix, .. } if prefix == crate::pipeline::HEARTBEAT_PREFIX => {
+            SourceEvent::Message { prefix, .. }
+                if prefix == crate::pipeline::HEARTBEAT_PREFIX
+                    || prefix == crate::pipeline::RELOAD_PREFIX =>
+            {
                 return Ok(None);
             }
             SourceEvent::Message {

@@ -99,7 +99,7 @@ async fn each_bad_case_fails_with_the_fix() {
         (
             rule("public.full_items", "keys = [\"f:{id}\"]"),
             false,
-            "table public.full_items is not in publication \"w2c\" (and postgres.create is false)\n      fix: ALTER PUBLICATION \"w2c\" ADD TABLE \"public\".\"full_items\";",
+            "table public.full_items is not in publication \"w2c\" (and postgres.create is false)\n      fix: ALTER PUBLICATION \"w2c\" ADD TABLE ONLY \"public\".\"full_items\";",
         ),
     ];
     for (text, create, expected) in cases {

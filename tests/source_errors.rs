@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use wal2cache::source::slot::{ensure, SetupPlan};
-use wal2cache::source::{ErrorKind, PgTarget, Source, SourceError, SourceEvent};
+use wal2cache::source::{ErrorKind, PgTarget, Source, SourceError, SourceEvent, TableName};
 use wal2cache::Lsn;
 
 fn plan(publication: &str, slot: &str, tables: &[&str]) -> SetupPlan {
@@ -17,7 +17,12 @@ fn plan(publication: &str, slot: &str, tables: &[&str]) -> SetupPlan {
         slot: slot.into(),
         tables: tables
             .iter()
-            .map(|t| (t.to_string(), "rule \"r\" in rules.toml".to_string()))
+            .map(|t| {
+                (
+                    TableName::parse(t).unwrap(),
+                    "rule \"r\" in rules.toml".to_string(),
+                )
+            })
             .collect(),
         create: true,
         with_slot: true,

@@ -11,18 +11,8 @@ use postgres_protocol::escape::escape_identifier;
 use tokio_postgres::Client;
 
 use crate::rules::compile::{Action, Rule, RuleSet};
-use crate::source::SourceError;
-
-/// One table as the catalog describes it.
-#[derive(Debug, Clone)]
-struct TableInfo {
-    /// `d` default, `n` nothing, `f` full, `i` index.
-    identity: char,
-    /// Column name → (type name, may be stored out of line as TOAST).
-    columns: HashMap<String, (String, bool)>,
-    /// Columns of the replica identity key (primary key, or the identity index).
-    key_columns: Vec<String>,
-}
+use crate::source::catalog::{self, ColumnInfo, Member, PublicationInfo, TableInfo, ToPublish};
+use crate::source::{SourceError, TableName};
 
 /// One problem `check` found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,9 +36,16 @@ impl fmt::Display for CheckProblem {
 /// What `check` found.
 #[derive(Debug, Clone, Default)]
 pub struct CheckReport {
+    /// What stops `setup` and `run`.
     pub problems: Vec<CheckProblem>,
-    /// Tables `setup` will add to the publication.
+    /// What works but deserves a look (printed by `check`, logged by `run`).
+    pub warnings: Vec<CheckProblem>,
+    /// Tables `setup` will add to the publication, as the rules file writes them.
     pub to_publish: Vec<String>,
+    /// The same, as publication objects.
+    pub publish: Vec<ToPublish>,
+    /// `server_version_num`.
+    pub server_version: i32,
 }
 
 /// The rules failed `check`.
@@ -72,72 +69,6 @@ impl fmt::Display for CheckError {
     }
 }
 
-fn pg(context: &str) -> impl FnOnce(tokio_postgres::Error) -> SourceError + '_ {
-    move |source| SourceError::Postgres {
-        context: context.to_string(),
-        source,
-    }
-}
-
-async fn table_info(client: &Client, table: &str) -> Result<Option<TableInfo>, SourceError> {
-    let Some(row) = client
-        .query_opt(
-            "SELECT c.oid, c.relreplident::text FROM pg_class c
-              WHERE c.oid = to_regclass($1) AND c.relkind IN ('r', 'p')",
-            &[&quote_table(table)],
-        )
-        .await
-        .map_err(pg("reading pg_class"))?
-    else {
-        return Ok(None);
-    };
-    let oid: u32 = row.get(0);
-    let identity: String = row.get(1);
-    let columns = client
-        .query(
-            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), t.typstorage <> 'p'
-               FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
-              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
-            &[&oid],
-        )
-        .await
-        .map_err(pg("reading pg_attribute"))?
-        .iter()
-        .map(|r| {
-            (
-                r.get::<_, String>(0),
-                (r.get::<_, String>(1), r.get::<_, bool>(2)),
-            )
-        })
-        .collect();
-    let key_columns = client
-        .query(
-            "SELECT a.attname::text FROM pg_index i
-               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-              WHERE i.indrelid = $1
-                AND CASE (SELECT relreplident FROM pg_class WHERE oid = $1)
-                      WHEN 'd' THEN i.indisprimary WHEN 'i' THEN i.indisreplident ELSE false END",
-            &[&oid],
-        )
-        .await
-        .map_err(pg("reading pg_index"))?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    Ok(Some(TableInfo {
-        identity: identity.chars().next().unwrap_or('d'),
-        columns,
-        key_columns,
-    }))
-}
-
-fn quote_table(qualified: &str) -> String {
-    match qualified.split_once('.') {
-        Some((s, t)) => format!("{}.{}", escape_identifier(s), escape_identifier(t)),
-        None => escape_identifier(qualified),
-    }
-}
-
 /// Checks every rule against the catalog of the database `client` is connected to.
 /// `publication` is the configured one; with `create`, missing tables will be added.
 pub async fn check(
@@ -146,76 +77,186 @@ pub async fn check(
     publication: &str,
     create: bool,
 ) -> Result<CheckReport, SourceError> {
-    let mut report = CheckReport::default();
-    let pub_row = client
-        .query_opt(
-            "SELECT puballtables FROM pg_publication WHERE pubname = $1",
-            &[&publication],
-        )
-        .await
-        .map_err(pg("reading pg_publication"))?;
-    let published: Option<Vec<String>> = match pub_row {
-        Some(r) if r.get::<_, bool>(0) => None,
-        Some(_) => Some(
-            client
-                .query(
-                    "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1",
-                    &[&publication],
-                )
-                .await
-                .map_err(pg("reading pg_publication_tables"))?
-                .iter()
-                .map(|r| r.get(0))
-                .collect(),
-        ),
-        None => Some(Vec::new()),
+    let version = catalog::server_version(client).await?;
+    let mut report = CheckReport {
+        server_version: version,
+        ..CheckReport::default()
     };
-    let mut infos: HashMap<String, Option<TableInfo>> = HashMap::new();
+    let publ = catalog::publication(client, publication, version).await?;
+    let mut infos: HashMap<TableName, TableInfo> = HashMap::new();
     for (table, origin) in rules.tables() {
-        let info = table_info(client, &table).await?;
-        match &info {
-            None => report.problems.push(CheckProblem {
+        let Some(info) = catalog::table_info(client, &table).await? else {
+            report.problems.push(CheckProblem {
                 origin,
                 message: format!("table {table} does not exist: create it, or fix the table name"),
                 fix: None,
-            }),
-            Some(_) if published.as_ref().is_some_and(|p| !p.contains(&table)) => {
-                if create {
-                    report.to_publish.push(table.clone());
-                } else {
-                    report.problems.push(CheckProblem {
-                        origin,
-                        message: format!("table {table} is not in publication {publication:?} (and postgres.create is false)"),
-                        fix: Some(format!("ALTER PUBLICATION {} ADD TABLE {};", escape_identifier(publication), quote_table(&table))),
-                    });
+            });
+            continue;
+        };
+        let missing = catalog::unpublished(client, publ.as_ref(), &table, &info, version).await?;
+        if !missing.is_empty() {
+            if create {
+                for m in missing {
+                    report.to_publish.push(m.table.to_string());
+                    report.publish.push(m);
                 }
+            } else {
+                report.problems.push(CheckProblem {
+                    origin: origin.clone(),
+                    message: format!(
+                        "table {} {} not in publication {publication:?} (and postgres.create is false)",
+                        missing.iter().map(|m| m.table.to_string()).collect::<Vec<_>>().join(", "),
+                        if missing.len() == 1 { "is" } else { "are" },
+                    ),
+                    fix: Some(format!(
+                        "ALTER PUBLICATION {} ADD {};",
+                        escape_identifier(publication),
+                        missing.iter().map(ToPublish::sql).collect::<Vec<_>>().join(", ")
+                    )),
+                });
             }
-            Some(_) => {}
         }
+        table_problems(&table, &origin, &info, publ.as_ref(), &mut report);
         infos.insert(table, info);
     }
+    if let Some(p) = &publ {
+        publication_problems(publication, p, rules, &infos, &mut report);
+    }
     for rule in rules.rules() {
-        if let Some(Some(info)) = infos.get(&rule.table.to_string()) {
-            check_rule(rule, info, &mut report.problems);
+        if let Some(info) = infos.get(&rule.table) {
+            check_rule(rule, info, version, publication, publ.as_ref(), &mut report);
         }
     }
     Ok(report)
 }
 
-fn check_rule(rule: &Rule, info: &TableInfo, problems: &mut Vec<CheckProblem>) {
+/// What is wrong with a table whatever its rules say.
+fn table_problems(
+    table: &TableName,
+    origin: &str,
+    info: &TableInfo,
+    publ: Option<&PublicationInfo>,
+    report: &mut CheckReport,
+) {
+    // A published table without a replica identity makes the application's UPDATE and
+    // DELETE fail ("cannot update table ... because it does not have a replica identity
+    // and publishes updates"): refused whatever the rule listens to.
+    let publishes_changes = publ.is_none_or(|p| p.update || p.delete);
+    let unidentified: Vec<&Member> = info
+        .members
+        .iter()
+        .filter(|m| m.identity == 'n' || m.key_columns.is_empty() && m.identity != 'f')
+        .collect();
+    if publishes_changes && !unidentified.is_empty() {
+        let names: Vec<String> = unidentified
+            .iter()
+            .map(|m| {
+                let what = if m.identity == 'n' {
+                    "REPLICA IDENTITY NOTHING"
+                } else {
+                    "no primary key and no replica identity index"
+                };
+                format!("{} ({what})", m.table)
+            })
+            .collect();
+        report.problems.push(CheckProblem {
+            origin: origin.to_string(),
+            message: format!(
+                "{} cannot be published as it is: PostgreSQL would refuse the application's UPDATE and DELETE on it once it is in a publication that publishes them, and the WAL would never say which row changed",
+                names.join(", ")
+            ),
+            fix: Some(format!(
+                "{} (or give it a primary key)",
+                unidentified
+                    .iter()
+                    .map(|m| format!("ALTER TABLE {} REPLICA IDENTITY FULL;", m.table.quoted()))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            )),
+        });
+    }
+    if !info.children.is_empty() {
+        report.warnings.push(CheckProblem {
+            origin: origin.to_string(),
+            message: format!(
+                "table {table} has inheritance children ({}): their rows' changes arrive under their own names; wal2cache applies {table}'s rules to them and publishes each child, but a child added later (CREATE TABLE ... INHERITS, ALTER TABLE ... INHERIT) is only published at the next start or reload of wal2cache",
+                info.children.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            ),
+            fix: None,
+        });
+    }
+}
+
+/// What is wrong with an existing publication for these rules.
+fn publication_problems(
+    name: &str,
+    p: &PublicationInfo,
+    rules: &RuleSet,
+    infos: &HashMap<TableName, TableInfo>,
+    report: &mut CheckReport,
+) {
+    let mut missing = Vec::new();
+    let needs = |f: fn(&Rule) -> bool| rules.rules().iter().any(|r| f(r));
+    if !p.insert && needs(|r| r.on_insert) {
+        missing.push("insert");
+    }
+    if !p.update && needs(|r| r.on_update) {
+        missing.push("update");
+    }
+    if !p.delete && needs(|r| r.on_delete) {
+        missing.push("delete");
+    }
+    if !p.truncate && !rules.rules().is_empty() {
+        missing.push("truncate");
+    }
+    if !missing.is_empty() {
+        report.problems.push(CheckProblem {
+            origin: format!("publication {name:?}"),
+            message: format!(
+                "does not publish {}: the rules' {} changes would never reach wal2cache",
+                missing.join(", "),
+                missing.join(" and ")
+            ),
+            fix: Some(format!(
+                "ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate');",
+                escape_identifier(name)
+            )),
+        });
+    }
+    let partitioned: Vec<String> = infos
+        .iter()
+        .filter(|(_, i)| i.kind == 'p' || i.is_partition)
+        .map(|(t, _)| t.to_string())
+        .collect();
+    if p.via_root && !partitioned.is_empty() {
+        report.problems.push(CheckProblem {
+            origin: format!("publication {name:?}"),
+            message: format!(
+                "publishes via the partition root (publish_via_partition_root = true), and the rules follow partitioned tables ({}): PostgreSQL then does not publish a TRUNCATE of a single partition at all, so caches would stay stale",
+                partitioned.join(", ")
+            ),
+            fix: Some(format!(
+                "ALTER PUBLICATION {} SET (publish_via_partition_root = false);",
+                escape_identifier(name)
+            )),
+        });
+    }
+}
+
+fn check_rule(
+    rule: &Rule,
+    info: &TableInfo,
+    server_version: i32,
+    publication: &str,
+    publ: Option<&PublicationInfo>,
+    report: &mut CheckReport,
+) {
     let table = rule.table.to_string();
-    let mut add = |message: String, fix: Option<String>| {
-        problems.push(CheckProblem {
-            origin: rule.origin(),
-            message,
-            fix,
-        })
-    };
-    let full_fix = || {
-        Some(format!(
-            "ALTER TABLE {} REPLICA IDENTITY FULL;",
-            quote_table(&table)
-        ))
+    let origin = rule.origin();
+    let problem = |message: String, fix: Option<String>| CheckProblem {
+        origin: origin.clone(),
+        message,
+        fix,
     };
     let mut named: Vec<(&str, &str)> = rule
         .template_columns()
@@ -231,58 +272,168 @@ fn check_rule(rule: &Rule, info: &TableInfo, problems: &mut Vec<CheckProblem>) {
     {
         named.extend(cols.iter().map(|c| (c.as_str(), "columns")));
     }
-    let mut unknown = Vec::new();
+    let mut reported = Vec::new();
     for (column, field) in named {
-        if !info.columns.contains_key(column) && !unknown.contains(&column) {
-            unknown.push(column);
-            let mut known: Vec<&String> = info.columns.keys().collect();
+        if reported.contains(&column) {
+            continue;
+        }
+        let Some(col) = info.columns.get(column) else {
+            reported.push(column);
+            let mut known: Vec<&str> = info.columns.keys().map(String::as_str).collect();
             known.sort();
-            add(
+            report.problems.push(problem(
                 format!(
                     "{field} names column {column:?}, which {table} does not have (it has {})",
-                    known
-                        .iter()
-                        .map(|s| s.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    known.join(", ")
                 ),
                 None,
-            );
-        }
-    }
-    if info.identity == 'n' && (rule.on_update || rule.on_delete) {
-        add(
-            format!("{table} has REPLICA IDENTITY NOTHING: PostgreSQL refuses its updates and deletes once published, and the WAL never says which row changed"),
-            full_fix(),
-        );
-        return;
-    }
-    if info.identity == 'f' {
-        return;
-    }
-    let mut reported_old = false;
-    let mut reported_toast = false;
-    for column in rule.template_columns() {
-        let Some((type_name, toastable)) = info.columns.get(column) else {
+            ));
             continue;
         };
-        let is_key = info.key_columns.iter().any(|k| k == column);
-        if (rule.on_update || rule.on_delete) && !is_key && !reported_old {
-            reported_old = true;
-            add(
-                format!(
-                    "a key or tag uses column {column:?}, which is not in {table}'s replica identity ({}): the WAL does not carry its old value, so an update or delete cannot invalidate the old key",
-                    if info.key_columns.is_empty() { "no key".to_string() } else { info.key_columns.join(", ") }
+        if let Some(why) = unpublished_generated(col, server_version, publ) {
+            reported.push(column);
+            report.problems.push(problem(
+                format!("{field} names column {column:?}, a generated column: {why}"),
+                (server_version >= 180000 && col.generated == Some('s') && publ.is_some()).then(
+                    || {
+                        format!(
+                            "ALTER PUBLICATION {} SET (publish_generated_columns = stored);",
+                            escape_identifier(publication)
+                        )
+                    },
                 ),
-                full_fix(),
-            );
+            ));
         }
-        if rule.on_update && *toastable && !reported_toast {
-            reported_toast = true;
-            add(
-                format!("a key or tag uses column {column:?} of type {type_name}, which PostgreSQL may store out of line (TOAST) and then leave out of an update that does not change it"),
-                full_fix(),
-            );
+    }
+    if let Action::Republish { columns: None, .. } = &rule.action {
+        let mut left_out: Vec<&str> = info
+            .columns
+            .iter()
+            .filter(|(_, c)| unpublished_generated(c, server_version, publ).is_some())
+            .map(|(n, _)| n.as_str())
+            .collect();
+        left_out.sort();
+        if !left_out.is_empty() {
+            report.warnings.push(problem(
+                format!(
+                    "the republished row leaves out the generated column{} {}: the replication stream does not carry {} on this server",
+                    if left_out.len() == 1 { "" } else { "s" },
+                    left_out.join(", "),
+                    if left_out.len() == 1 { "it" } else { "them" },
+                ),
+                None,
+            ));
         }
+    }
+    let mut unbounded: Vec<&str> = Vec::new();
+    for column in rule.template_columns() {
+        if info.columns.get(column).is_some_and(|c| c.unbounded) && !unbounded.contains(&column) {
+            unbounded.push(column);
+        }
+    }
+    if !unbounded.is_empty() {
+        report.warnings.push(problem(
+            format!(
+                "a key or tag renders column{} {} of a type without a length limit: a very long value makes a very long key (an event too large for the broker is replaced by a flush of the subscribers' caches); prefer a bounded column such as the primary key",
+                if unbounded.len() == 1 { "" } else { "s" },
+                unbounded.iter().map(|c| format!("{c:?}")).collect::<Vec<_>>().join(", ")
+            ),
+            None,
+        ));
+    }
+    if !(rule.on_update || rule.on_delete) {
+        return;
+    }
+    // What the WAL carries of an old row depends on each member's own replica
+    // identity (a partition's, not its parent's).
+    let single = info.members.len() == 1 && info.members[0].table == rule.table;
+    let mut old_missing: Vec<(&Member, &str)> = Vec::new();
+    let mut toast: Option<(&str, &str)> = None;
+    let mut toast_members: Vec<&Member> = Vec::new();
+    for m in &info.members {
+        if m.identity == 'f' || m.identity == 'n' || m.key_columns.is_empty() {
+            // FULL carries everything; the others are refused by table_problems.
+            continue;
+        }
+        if let Some(column) = rule
+            .template_columns()
+            .find(|c| info.columns.contains_key(*c) && !m.key_columns.iter().any(|k| k == c))
+        {
+            old_missing.push((m, column));
+        }
+        if rule.on_update {
+            if let Some((column, col)) = rule.template_columns().find_map(|c| {
+                info.columns
+                    .get(c)
+                    .filter(|col| col.toastable && !m.key_columns.iter().any(|k| k == c))
+                    .map(|col| (c, col))
+            }) {
+                toast.get_or_insert((column, col.type_name.as_str()));
+                toast_members.push(m);
+            }
+        }
+    }
+    let full_fix = |members: &[&Member]| {
+        Some(
+            members
+                .iter()
+                .map(|m| format!("ALTER TABLE {} REPLICA IDENTITY FULL;", m.table.quoted()))
+                .collect::<Vec<_>>()
+                .join(" "),
+        )
+    };
+    if let Some((_, column)) = old_missing.first() {
+        let members: Vec<&Member> = old_missing.iter().map(|(m, _)| *m).collect();
+        let whose = if single {
+            format!(
+                "{table}'s replica identity ({})",
+                members[0].key_columns.join(", ")
+            )
+        } else {
+            format!(
+                "the replica identity of {}",
+                members
+                    .iter()
+                    .map(|m| format!("{} ({})", m.table, m.key_columns.join(", ")))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        report.problems.push(problem(
+            format!(
+                "a key or tag uses column {column:?}, which is not in {whose}: the WAL does not carry its old value, so an update or delete cannot invalidate the old key{}",
+                if single { "" } else { " (each partition or child sends its own replica identity; a partition attached later needs the same fix)" }
+            ),
+            full_fix(&members),
+        ));
+    }
+    if let Some((column, type_name)) = toast {
+        report.problems.push(problem(
+            format!("a key or tag uses column {column:?} of type {type_name}, which PostgreSQL may store out of line (TOAST) and then leave out of an update that does not change it"),
+            full_fix(&toast_members),
+        ));
+    }
+}
+
+/// Why the stream does not carry a generated column on this server, if it does not.
+fn unpublished_generated(
+    column: &ColumnInfo,
+    server_version: i32,
+    publ: Option<&PublicationInfo>,
+) -> Option<String> {
+    match column.generated? {
+        _ if server_version < 180000 => Some(format!(
+            "PostgreSQL {} does not send generated columns in logical replication (18 does, with publish_generated_columns = stored): use the columns it is computed from",
+            server_version / 10000
+        )),
+        'v' => Some(
+            "PostgreSQL does not send virtual generated columns in logical replication: make it STORED, or use the columns it is computed from"
+                .into(),
+        ),
+        _ if publ.is_some_and(|p| p.generated_columns != Some('s')) => Some(
+            "the publication does not publish generated columns (publish_generated_columns = none)"
+                .into(),
+        ),
+        _ => None,
     }
 }

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use crate::rules::raw::{self, RawRule, SourcedRule};
 use crate::rules::template::Template;
-use crate::source::Op;
+pub use crate::source::TableName;
+use crate::source::{Op, Relation};
 
 /// A compiled rule.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,24 +63,11 @@ pub enum Action {
     },
 }
 
-/// `schema.table`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct TableName {
-    pub schema: String,
-    pub name: String,
-}
-
-impl fmt::Display for TableName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.schema, self.name)
-    }
-}
-
 /// Every rule, indexed by table so a change finds its rules without a scan.
 #[derive(Debug, Clone, Default)]
 pub struct RuleSet {
     rules: Vec<Arc<Rule>>,
-    by_table: HashMap<String, Vec<Arc<Rule>>>,
+    by_table: HashMap<TableName, Vec<Arc<Rule>>>,
 }
 
 impl RuleSet {
@@ -87,18 +75,31 @@ impl RuleSet {
         &self.rules
     }
 
-    /// The rules of a table, by its `schema.table` name.
-    pub fn for_table(&self, qualified: &str) -> &[Arc<Rule>] {
-        self.by_table.get(qualified).map_or(&[], Vec::as_slice)
+    /// The rules of a table.
+    pub fn for_table(&self, table: &TableName) -> &[Arc<Rule>] {
+        self.by_table.get(table).map_or(&[], Vec::as_slice)
+    }
+
+    /// The rules that apply to a relation's changes: its own table's, then those of
+    /// the tables it is a partition or inheritance child of, each rule once.
+    pub fn for_relation(&self, relation: &Relation) -> Vec<&Arc<Rule>> {
+        let mut out: Vec<&Arc<Rule>> = self.for_table(&relation.table()).iter().collect();
+        for ancestor in &relation.ancestors {
+            for rule in self.for_table(ancestor) {
+                if !out.iter().any(|r| Arc::ptr_eq(r, rule)) {
+                    out.push(rule);
+                }
+            }
+        }
+        out
     }
 
     /// The tables, each with the first rule naming it, in rule order.
-    pub fn tables(&self) -> Vec<(String, String)> {
-        let mut out: Vec<(String, String)> = Vec::new();
+    pub fn tables(&self) -> Vec<(TableName, String)> {
+        let mut out: Vec<(TableName, String)> = Vec::new();
         for r in &self.rules {
-            let t = r.table.to_string();
-            if !out.iter().any(|(x, _)| *x == t) {
-                out.push((t, r.origin()));
+            if !out.iter().any(|(x, _)| *x == r.table) {
+                out.push((r.table.clone(), r.origin()));
             }
         }
         out
@@ -206,12 +207,9 @@ pub fn compile(raw: Vec<SourcedRule>) -> Result<RuleSet, RulesError> {
     if !problems.is_empty() {
         return Err(RulesError { problems });
     }
-    let mut by_table: HashMap<String, Vec<Arc<Rule>>> = HashMap::new();
+    let mut by_table: HashMap<TableName, Vec<Arc<Rule>>> = HashMap::new();
     for r in &rules {
-        by_table
-            .entry(r.table.to_string())
-            .or_default()
-            .push(r.clone());
+        by_table.entry(r.table.clone()).or_default().push(r.clone());
     }
     Ok(RuleSet { rules, by_table })
 }
@@ -235,18 +233,17 @@ impl Problems<'_> {
 
 fn compile_rule(file: &Path, raw: RawRule, p: &mut Problems<'_>) -> Option<Rule> {
     let before = p.out.len();
-    let table = match raw.table.split_once('.') {
-        Some((schema, name)) if !schema.is_empty() && !name.is_empty() && !name.contains('.') => {
-            Some(TableName {
-                schema: schema.to_string(),
-                name: name.to_string(),
-            })
-        }
-        _ => {
+    let table = match TableName::parse(&raw.table) {
+        Ok(t) if t.is_system() => {
             p.add(
                 "table",
-                format!("{:?} is not schema-qualified: write it as \"schema.table\", e.g. \"public.{}\"", raw.table, raw.table),
+                format!("{:?} is in {:?}, one of PostgreSQL's own schemas: its tables are not published to logical replication, so no rule can follow them", raw.table, t.schema),
             );
+            None
+        }
+        Ok(t) => Some(t),
+        Err(why) => {
+            p.add("table", format!("{:?} {why}", raw.table));
             None
         }
     };
@@ -474,9 +471,10 @@ ttl = "1h"
     #[test]
     fn compiles_the_documented_example() {
         let set = rules(DOC_EXAMPLE).unwrap();
-        assert_eq!(set.for_table("public.products").len(), 2);
-        assert!(set.for_table("public.other").is_empty());
-        let json = &set.for_table("public.products")[1];
+        let products = TableName::new("public", "products");
+        assert_eq!(set.for_table(&products).len(), 2);
+        assert!(set.for_table(&TableName::new("public", "other")).is_empty());
+        let json = &set.for_table(&products)[1];
         assert_eq!(
             json.action,
             Action::Republish {
@@ -485,7 +483,7 @@ ttl = "1h"
             }
         );
         assert!(json.on_insert && json.on_update && json.on_delete);
-        let product = &set.for_table("public.products")[0];
+        let product = &set.for_table(&products)[0];
         let cols: Vec<_> = product.template_columns().collect();
         assert_eq!(cols, ["id", "slug", "category_id"]);
     }

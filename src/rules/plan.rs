@@ -11,10 +11,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
-
 use crate::rules::compile::{Action, Rule, RuleSet};
 use crate::rules::template::Segment;
+use crate::source::change::ReplicaIdentity;
 use crate::source::value::write_json;
 use crate::source::{Change, Op, Relation, Row, Value};
 
@@ -139,7 +138,7 @@ impl NoteKind {
 
 /// A rule names a column the table no longer has (DDL after the rules were checked).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{origin} uses column {column:?} ({field}), which table {table} does not have: fix the rule (or the table) and reload the rules with SIGHUP")]
+#[error("{origin} uses column {column:?} ({field}), which table {table} does not have in the replication stream (dropped or renamed since the rules were checked?): wal2cache stops before confirming this change; fix the rule or the table (`wal2cache check` lists what does not fit), then start wal2cache again")]
 pub struct PlanError {
     pub origin: String,
     pub table: String,
@@ -390,6 +389,36 @@ impl BoundRule {
     }
 }
 
+/// Says, once per table shape, when the stream will not carry the old values a rule's
+/// keys need: a table whose replica identity changed, or a partition attached after
+/// `check` ran, without REPLICA IDENTITY FULL. The plans then note `not_in_wal`.
+fn warn_if_old_values_missing(rule: &Rule, relation: &Relation) {
+    if relation.replica_identity == ReplicaIdentity::Full || !(rule.on_update || rule.on_delete) {
+        return;
+    }
+    let missing: Vec<&str> = rule
+        .template_columns()
+        .filter(|c| {
+            relation
+                .columns
+                .iter()
+                .any(|col| col.name == *c && !col.is_key)
+        })
+        .collect();
+    if let Some(column) = missing.first() {
+        metrics::counter!("wal2cache_identity_warnings_total").increment(1);
+        tracing::warn!(
+            rule = %rule.name,
+            table = %relation.table(),
+            replica_identity = relation.replica_identity.as_str(),
+            "{} uses column {column:?}, which is not in the replica identity of {}: an update or delete cannot invalidate its old keys; fix: ALTER TABLE {} REPLICA IDENTITY FULL;",
+            rule.origin(),
+            relation.table(),
+            relation.table().quoted(),
+        );
+    }
+}
+
 fn quoted(name: &str) -> String {
     serde_json::to_string(name).unwrap_or_default()
 }
@@ -424,10 +453,13 @@ impl Planner {
         if !fresh {
             let rules = self
                 .rules
-                .for_table(&relation.qualified_name())
-                .iter()
+                .for_relation(relation)
+                .into_iter()
                 .map(|r| BoundRule::bind(r, relation))
                 .collect::<Result<Vec<_>, _>>()?;
+            for b in &rules {
+                warn_if_old_values_missing(&b.rule, relation);
+            }
             self.bound.insert(
                 relation.oid,
                 Bound {
@@ -519,7 +551,7 @@ impl Planner {
     pub fn plan_truncate(&self, relations: &[Arc<Relation>]) -> Plan {
         let mut plan = Plan::default();
         for relation in relations {
-            for rule in self.rules.for_table(&relation.qualified_name()) {
+            for rule in self.rules.for_relation(relation) {
                 if !plan.rules.contains(&rule.name) {
                     plan.rules.push(rule.name.clone());
                 }
@@ -542,35 +574,60 @@ impl Planner {
 }
 
 /// The plan for a logical message: `None` when the message is not for wal2cache.
+///
+/// A message that is not an object of `keys` and `tags` arrays is an error. Inside the
+/// arrays, every string is taken; an entry that is not a non-empty string (a NULL from
+/// `wal2cache.invalidate(ARRAY['k', NULL])`) is skipped, counted and logged, and never
+/// drops the valid entries beside it.
 pub fn plan_message(prefix: &str, content: &[u8]) -> Option<Result<Plan, MessageError>> {
     if prefix != MESSAGE_PREFIX {
         return None;
-    }
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Payload {
-        #[serde(default)]
-        keys: Vec<String>,
-        #[serde(default)]
-        tags: Vec<String>,
     }
     let err = |problem: String| MessageError {
         content: String::from_utf8_lossy(content).chars().take(200).collect(),
         problem,
     };
-    Some(
-        serde_json::from_slice::<Payload>(content)
-            .map_err(|e| err(e.to_string()))
-            .and_then(|p| {
-                if p.keys.iter().chain(&p.tags).any(|k| k.is_empty()) {
-                    return Err(err("a key or tag is an empty string".into()));
-                }
-                let mut plan = Plan::default();
-                p.keys.into_iter().for_each(|k| plan.delete(k));
-                p.tags.into_iter().for_each(|t| plan.purge(t));
-                Ok(plan)
-            }),
-    )
+    let parsed = match serde_json::from_slice::<serde_json::Value>(content) {
+        Ok(serde_json::Value::Object(m)) => m,
+        Ok(_) => return Some(Err(err("not a JSON object".into()))),
+        Err(e) => return Some(Err(err(e.to_string()))),
+    };
+    if let Some(unknown) = parsed.keys().find(|k| *k != "keys" && *k != "tags") {
+        return Some(Err(err(format!("unknown field {unknown:?}"))));
+    }
+    let mut plan = Plan::default();
+    let mut skipped = Vec::new();
+    for field in ["keys", "tags"] {
+        let entries = match parsed.get(field) {
+            None | Some(serde_json::Value::Null) => continue,
+            Some(serde_json::Value::Array(a)) => a,
+            Some(other) => {
+                return Some(Err(err(format!(
+                    "{field:?} is {other}, not an array of strings"
+                ))))
+            }
+        };
+        for entry in entries {
+            match entry.as_str() {
+                Some(s) if !s.is_empty() && field == "keys" => plan.delete(s.to_string()),
+                Some(s) if !s.is_empty() => plan.purge(s.to_string()),
+                _ => skipped.push(format!(
+                    "{}: {}",
+                    &field[..3],
+                    entry.to_string().chars().take(40).collect::<String>()
+                )),
+            }
+        }
+    }
+    if !skipped.is_empty() {
+        metrics::counter!("wal2cache_message_entries_skipped_total")
+            .increment(skipped.len() as u64);
+        tracing::warn!(
+            skipped = ?skipped,
+            "a wal2cache message holds entries that are not non-empty strings (NULL or empty in wal2cache.invalidate?): they were skipped, the other keys and tags are invalidated"
+        );
+    }
+    Some(Ok(plan))
 }
 
 #[cfg(test)]
@@ -624,6 +681,7 @@ mod tests {
                 col("price", oid::NUMERIC, full),
                 col("body", oid::TEXT, full),
             ],
+            ancestors: Vec::new(),
         })
     }
 
@@ -959,11 +1017,22 @@ truncate_tags = [\"shop:products\"]
             (vec!["a".to_string(), "b".into()], vec!["t".to_string()])
         );
         assert!(plan_message("other-app", b"anything").is_none());
+        let p = plan_message(
+            "wal2cache",
+            br#"{"keys":["k:3",null,"",7],"tags":[null,"t"]}"#,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (p.delete, p.purge_tags),
+            (vec!["k:3".to_string()], vec!["t".to_string()]),
+            "invalid entries drop only themselves"
+        );
         for bad in [
             &b"not json"[..],
             br#"{"keys":"a"}"#,
             br#"{"key":["a"]}"#,
-            br#"{"keys":[""]}"#,
+            br#"["a"]"#,
         ] {
             let err = plan_message("wal2cache", bad).unwrap().unwrap_err();
             assert!(err.to_string().contains("expected {\"keys\""), "{err}");
@@ -985,7 +1054,11 @@ truncate_tags = [\"shop:products\"]
         );
         let err = planner.plan_change(&change).unwrap_err();
         assert_eq!((err.column.as_str(), err.field), ("slug", "keys"));
-        assert!(err.to_string().contains("SIGHUP"), "{err}");
+        assert!(
+            !err.to_string().contains("SIGHUP"),
+            "the process is stopping: {err}"
+        );
+        assert!(err.to_string().contains("start wal2cache again"), "{err}");
     }
 
     fn arb_datum() -> impl Strategy<Value = Datum> {

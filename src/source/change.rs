@@ -8,6 +8,7 @@ use bytes::Bytes;
 
 use crate::lsn::Lsn;
 use crate::source::pgoutput::{ColumnBody, Datum, OldKind, RelationBody, TupleData};
+use crate::source::table::TableName;
 
 /// A table as Postgres last described it in the stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,12 +18,21 @@ pub struct Relation {
     pub name: String,
     pub replica_identity: ReplicaIdentity,
     pub columns: Vec<Column>,
+    /// The tables this one is a partition or an inheritance child of, nearest first,
+    /// as the catalog said when the stream described the table. Their rules apply to
+    /// its changes too.
+    pub ancestors: Vec<TableName>,
 }
 
 impl Relation {
-    /// `schema.name`, the form the rules file uses.
+    /// `schema.name`, as events and logs show it.
     pub fn qualified_name(&self) -> String {
         format!("{}.{}", self.schema, self.name)
+    }
+
+    /// The table's name as rules name it.
+    pub fn table(&self) -> TableName {
+        TableName::new(self.schema.clone(), self.name.clone())
     }
 
     pub fn column_index(&self, name: &str) -> Option<usize> {
@@ -38,6 +48,7 @@ impl From<RelationBody> for Relation {
             name: body.name,
             replica_identity: ReplicaIdentity::from_byte(body.replica_identity),
             columns: body.columns.into_iter().map(Column::from).collect(),
+            ancestors: Vec::new(),
         }
     }
 }

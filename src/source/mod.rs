@@ -3,18 +3,21 @@
 //! are ensured over an ordinary connection; the stream confirms a position only when
 //! the pipeline says so.
 
+pub mod catalog;
 pub mod change;
 pub mod error;
 pub mod pgoutput;
 pub mod relations;
 pub mod slot;
 pub mod stream;
+pub mod table;
 pub mod value;
 
 pub use change::{Change, CommitInfo, Op, Relation, Row, SourceEvent, TxnInfo, Value};
 pub use error::{ErrorKind, SourceError};
 pub use slot::{PgTarget, SetupPlan, SetupReport};
 pub use stream::{Confirmer, Source, StreamConfig};
+pub use table::TableName;
 
 /// Postgres timestamps count microseconds from 2000-01-01 UTC.
 pub const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;

@@ -37,6 +37,11 @@ impl Relations {
         self.current = None;
     }
 
+    /// Describes (or describes again) a table.
+    pub fn insert(&mut self, relation: Relation) {
+        self.by_oid.insert(relation.oid, Arc::new(relation));
+    }
+
     pub fn get(&self, oid: u32) -> Option<&Arc<Relation>> {
         self.by_oid.get(&oid)
     }

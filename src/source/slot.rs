@@ -9,7 +9,9 @@ use postgres_protocol::escape::{escape_identifier, escape_literal};
 use tokio_postgres::{Client, NoTls};
 
 use crate::lsn::Lsn;
+use crate::source::catalog::{self, ToPublish};
 use crate::source::error::SourceError;
+use crate::source::table::TableName;
 
 /// Where Postgres is, parsed once from `postgres.url`.
 #[derive(Clone)]
@@ -119,9 +121,9 @@ impl PgTarget {
 pub struct SetupPlan {
     pub publication: String,
     pub slot: String,
-    /// Schema-qualified tables the publication must include, each with where it was
-    /// asked for (a rule), for error messages.
-    pub tables: Vec<(String, String)>,
+    /// Tables the publication must follow (with their partitions and children), each
+    /// with where it was asked for (a rule), for error messages.
+    pub tables: Vec<(TableName, String)>,
     /// Create what is missing; otherwise only check.
     pub create: bool,
     /// Ensure the slot too (`tail` uses a temporary slot of its own).
@@ -181,43 +183,30 @@ pub async fn check_preconditions(client: &Client, target: &PgTarget) -> Result<(
     Ok(())
 }
 
-/// `schema.table` quoted for SQL.
-fn quote_table(qualified: &str) -> String {
-    match qualified.split_once('.') {
-        Some((schema, table)) => {
-            format!("{}.{}", escape_identifier(schema), escape_identifier(table))
-        }
-        None => escape_identifier(qualified),
-    }
-}
-
 async fn ensure_publication(
     client: &Client,
     target: &PgTarget,
     plan: &SetupPlan,
     report: &mut SetupReport,
 ) -> Result<(), SourceError> {
+    let version = catalog::server_version(client).await?;
+    let publication = catalog::publication(client, &plan.publication, version).await?;
+    let mut missing: Vec<ToPublish> = Vec::new();
     for (table, origin) in &plan.tables {
-        let row = client
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&quote_table(table)])
-            .await
-            .map_err(pg(format!("looking up table {table}")))?;
-        if !row.get::<_, bool>(0) {
+        let Some(info) = catalog::table_info(client, table).await? else {
             return Err(SourceError::MissingTable {
-                table: table.clone(),
+                table: table.to_string(),
                 database: target.database.clone(),
                 origin: origin.clone(),
             });
+        };
+        for m in catalog::unpublished(client, publication.as_ref(), table, &info, version).await? {
+            if !missing.iter().any(|x| x.table == m.table) {
+                missing.push(m);
+            }
         }
     }
-    let publication = client
-        .query_opt(
-            "SELECT puballtables FROM pg_publication WHERE pubname = $1",
-            &[&plan.publication],
-        )
-        .await
-        .map_err(pg("reading pg_publication"))?;
-    let Some(row) = publication else {
+    if publication.is_none() {
         if !plan.create {
             return Err(SourceError::MissingPublication {
                 publication: plan.publication.clone(),
@@ -227,37 +216,26 @@ async fn ensure_publication(
             "CREATE PUBLICATION {}",
             escape_identifier(&plan.publication)
         );
-        if !plan.tables.is_empty() {
-            let tables: Vec<_> = plan.tables.iter().map(|(t, _)| quote_table(t)).collect();
-            sql.push_str(&format!(" FOR TABLE {}", tables.join(", ")));
+        if !missing.is_empty() {
+            let objects: Vec<String> = missing.iter().map(ToPublish::sql).collect();
+            sql.push_str(&format!(" FOR {}", objects.join(", ")));
         }
+        // Changes to a partition arrive under the partition's own name (and a TRUNCATE
+        // of one partition is published at all); from 18, stored generated columns
+        // are in the stream too.
+        sql.push_str(" WITH (publish_via_partition_root = false");
+        if version >= 180000 {
+            sql.push_str(", publish_generated_columns = stored");
+        }
+        sql.push(')');
         client.batch_execute(&sql).await.map_err(pg(format!(
             "creating publication {:?} (the role must own the tables, or be superuser)",
             plan.publication
         )))?;
-        tracing::info!(publication = %plan.publication, tables = plan.tables.len(), "created publication");
+        tracing::info!(publication = %plan.publication, tables = missing.len(), "created publication");
         report.created_publication = true;
         return Ok(());
-    };
-    if row.get::<_, bool>(0) {
-        return Ok(());
     }
-    let published: Vec<String> = client
-        .query(
-            "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1",
-            &[&plan.publication],
-        )
-        .await
-        .map_err(pg("reading pg_publication_tables"))?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let missing: Vec<&String> = plan
-        .tables
-        .iter()
-        .map(|(t, _)| t)
-        .filter(|t| !published.contains(t))
-        .collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -266,25 +244,33 @@ async fn ensure_publication(
             publication: plan.publication.clone(),
             tables: missing
                 .iter()
-                .map(|t| t.as_str())
+                .map(|m| m.table.to_string())
                 .collect::<Vec<_>>()
                 .join(", "),
         });
     }
-    let tables: Vec<_> = missing.iter().map(|t| quote_table(t)).collect();
+    add_to_publication(client, &plan.publication, &missing).await?;
+    report.added_tables = missing.into_iter().map(|m| m.table.to_string()).collect();
+    Ok(())
+}
+
+/// `ALTER PUBLICATION … ADD` the given relations, in one statement.
+pub async fn add_to_publication(
+    client: &Client,
+    publication: &str,
+    missing: &[ToPublish],
+) -> Result<(), SourceError> {
+    let objects: Vec<String> = missing.iter().map(ToPublish::sql).collect();
     client
         .batch_execute(&format!(
-            "ALTER PUBLICATION {} ADD TABLE {}",
-            escape_identifier(&plan.publication),
-            tables.join(", ")
+            "ALTER PUBLICATION {} ADD {}",
+            escape_identifier(publication),
+            objects.join(", ")
         ))
         .await
-        .map_err(pg(format!(
-            "adding tables to publication {:?}",
-            plan.publication
-        )))?;
-    tracing::info!(publication = %plan.publication, tables = ?missing, "added tables to publication");
-    report.added_tables = missing.into_iter().cloned().collect();
+        .map_err(pg(format!("adding tables to publication {publication:?}")))?;
+    let tables: Vec<String> = missing.iter().map(|m| m.table.to_string()).collect();
+    tracing::info!(publication = %publication, tables = ?tables, "added tables to publication");
     Ok(())
 }
 
@@ -392,11 +378,5 @@ mod tests {
             PgTarget::parse("postgres://u@a,b/shop").is_err(),
             "two hosts"
         );
-    }
-
-    #[test]
-    fn quotes_qualified_tables() {
-        assert_eq!(quote_table("public.products"), "\"public\".\"products\"");
-        assert_eq!(quote_table("Odd\"Schema.t"), "\"Odd\"\"Schema\".\"t\"");
     }
 }

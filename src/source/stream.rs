@@ -16,11 +16,12 @@ use tokio::task::JoinHandle;
 
 use crate::backoff::Backoff;
 use crate::lsn::Lsn;
-use crate::source::change::SourceEvent;
+use crate::source::change::{Relation, SourceEvent};
 use crate::source::error::{ErrorKind, SourceError};
 use crate::source::pgoutput::{self, Begin, Commit, Message};
 use crate::source::relations::Relations;
 use crate::source::slot::PgTarget;
+use crate::source::table::TableName;
 
 #[derive(Debug, Clone)]
 pub struct StreamConfig {
@@ -149,6 +150,7 @@ async fn run(
             confirm: &mut confirm,
             stop: &mut stop,
             started: false,
+            catalog: None,
         };
         let result = session.run().await;
         if session.started {
@@ -197,7 +199,21 @@ struct Session<'a> {
     started: bool,
     /// An earlier session of this stream had started.
     resumed: bool,
+    /// An ordinary connection for what the stream does not say (a table's ancestors),
+    /// opened when first needed.
+    catalog: Option<tokio_postgres::Client>,
 }
+
+/// The tables `oid` is a partition or an inheritance child of, nearest first.
+const ANCESTORS: &str = "
+WITH RECURSIVE up(relid, depth) AS (
+    SELECT inhparent, 1 FROM pg_inherits WHERE inhrelid = $1
+  UNION ALL
+    SELECT i.inhparent, up.depth + 1 FROM pg_inherits i JOIN up ON i.inhrelid = up.relid
+)
+SELECT n.nspname::text, c.relname::text
+  FROM up JOIN pg_class c ON c.oid = up.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+ ORDER BY up.depth, c.relname";
 
 fn wire(lsn: Lsn) -> pgwire_replication::Lsn {
     pgwire_replication::Lsn(lsn.0)
@@ -208,6 +224,32 @@ fn ours(lsn: pgwire_replication::Lsn) -> Lsn {
 }
 
 impl Session<'_> {
+    /// A table as the stream describes it, with its ancestors from the catalog: a
+    /// change to a partition or a child is a change to its parents, whose rules apply.
+    async fn describe(&mut self, body: pgoutput::RelationBody) -> Result<(), SourceError> {
+        let mut relation = Relation::from(body);
+        if self.catalog.is_none() {
+            self.catalog = Some(self.config.target.connect().await?);
+        }
+        let catalog = self.catalog.as_ref().expect("connected above");
+        let rows = catalog
+            .query(ANCESTORS, &[&relation.oid])
+            .await
+            .map_err(|source| {
+                self.catalog = None;
+                SourceError::Postgres {
+                    context: format!("reading the parents of table {}", relation.table()),
+                    source,
+                }
+            })?;
+        relation.ancestors = rows
+            .iter()
+            .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+            .collect();
+        self.relations.insert(relation);
+        Ok(())
+    }
+
     fn error(&self, e: pgwire_replication::PgWireError) -> SourceError {
         SourceError::from_replication(e, &self.config.slot, &self.config.target.user)
     }
@@ -338,6 +380,13 @@ impl Session<'_> {
                     lsn: ours(wal_start),
                     source,
                 })?,
+            };
+            let message = match message {
+                Message::Relation(body) => {
+                    self.describe(body).await?;
+                    continue;
+                }
+                other => other,
             };
             let Some(event) = self.relations.apply(message)? else {
                 continue;
