@@ -58,6 +58,16 @@ impl Daemon {
         assert_eq!(status.code(), Some(0), "run exits 0 on SIGTERM");
     }
 
+    /// Sends a signal (`"HUP"`, `"TERM"`, ...) to the daemon.
+    pub fn signal(&self, signal: &str) {
+        let child = self.0.as_ref().unwrap();
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{signal}");
+    }
+
     pub fn assert_running(&mut self, when: &str) {
         let child = self.0.as_mut().unwrap();
         assert!(

@@ -1,0 +1,241 @@
+//! `wal2cache run` on schemas that once broke it: a partitioned table invalidates
+//! through its partitions, and a rule added by SIGHUP for a new table follows every
+//! change the new publication membership sends, even while the reload is in progress.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::daemon::*;
+use common::*;
+use redis::AsyncCommands;
+
+fn write_config(dir: &Path, db: &TestDb, rules: &str, topic: &str) -> PathBuf {
+    std::fs::write(dir.join("rules.toml"), rules).unwrap();
+    let config = dir.join("wal2cache.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "name = \"schemas\"\n[postgres]\nurl = \"{}\"\nslot = \"{}_d\"\npublication = \"w2c\"\n\
+             [rules]\npath = \"rules.toml\"\n[redis]\nurl = \"{}\"\n[kafka]\nbrokers = \"{}\"\n\
+             topic = \"{topic}\"\npartitions = 1\n[pipeline]\nshutdown_timeout = \"10s\"\n",
+            db.url,
+            db.name,
+            redis_url(),
+            kafka_brokers()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+async fn gone(r: &redis::aio::MultiplexedConnection, keys: &[String]) -> bool {
+    let mut r = r.clone();
+    for k in keys {
+        if r.exists::<_, bool>(k).await.unwrap() {
+            return false;
+        }
+    }
+    true
+}
+
+#[tokio::test]
+async fn a_partitioned_table_invalidates_through_its_partitions() {
+    let db = TestDb::new("d_part").await;
+    db.exec(
+        "CREATE TABLE orders (id int, region text, total int, PRIMARY KEY (id, region))
+             PARTITION BY LIST (region);
+         CREATE TABLE orders_eu PARTITION OF orders FOR VALUES IN ('eu');
+         CREATE TABLE orders_us PARTITION OF orders FOR VALUES IN ('us');",
+    )
+    .await;
+    let prefix = unique("part");
+    let topic = format!("{prefix}.events");
+    let rules = format!(
+        "[[rule]]\nname = \"order\"\ntable = \"public.orders\"\nkeys = [\"{prefix}:o:{{id}}:{{region}}\"]\n\
+         truncate_tags = [\"{prefix}:orders\"]\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db, &rules, &topic);
+    let mut r = redis().await;
+    let daemon = Daemon::start(&config, &[]);
+    wait_streaming(&db, &format!("{}_d", db.name)).await;
+
+    let keys: Vec<String> = ["1:eu", "2:us"]
+        .iter()
+        .map(|k| format!("{prefix}:o:{k}"))
+        .collect();
+    for k in &keys {
+        let _: () = r.set(k, "stale").await.unwrap();
+    }
+    db.exec("INSERT INTO orders VALUES (1, 'eu', 10), (2, 'us', 20)")
+        .await;
+    eventually(
+        "the partitions' inserts to invalidate",
+        Duration::from_secs(30),
+        || gone(&r, &keys),
+    )
+    .await;
+    let member = format!("{prefix}:page");
+    let _: () = r.set(&member, "stale").await.unwrap();
+    let tag_set = format!("tag:{prefix}:orders");
+    let _: () = r.sadd(&tag_set, &member).await.unwrap();
+    let _: () = r.set(&keys[1], "stale").await.unwrap();
+    db.exec_each(&[
+        "UPDATE orders SET total = 21 WHERE id = 2",
+        "TRUNCATE orders_eu",
+    ])
+    .await;
+    let purged = [keys[1].clone(), member.clone(), tag_set.clone()];
+    eventually(
+        "an update and a TRUNCATE of one partition to invalidate",
+        Duration::from_secs(30),
+        || gone(&r, &purged),
+    )
+    .await;
+    let events = tokio::task::spawn_blocking(move || {
+        read_topic(&topic, |evs| evs.iter().any(|e| e["op"] == "truncate"))
+    })
+    .await
+    .unwrap();
+    let tables: Vec<&str> = events.iter().filter_map(|e| e["table"].as_str()).collect();
+    assert!(
+        tables.contains(&"public.orders_eu") && tables.contains(&"public.orders_us"),
+        "events name the partition: {tables:?}"
+    );
+    daemon.stop();
+}
+
+#[tokio::test]
+async fn a_rule_added_by_sighup_for_a_new_table_follows_its_changes() {
+    let db = TestDb::new("d_hup").await;
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, v int)")
+        .await;
+    let prefix = unique("hup");
+    let topic = format!("{prefix}.events");
+    let first = format!(
+        "[[rule]]\nname = \"item\"\ntable = \"public.items\"\nkeys = [\"{prefix}:i:{{id}}\"]\naction = \"republish\"\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db, &first, &topic);
+    let mut daemon = Daemon::start(&config, &[("WAL2CACHE_LOG", "info")]);
+    wait_streaming(&db, &format!("{}_d", db.name)).await;
+
+    db.exec("CREATE TABLE bulk2 (id int PRIMARY KEY, v int)")
+        .await;
+    std::fs::write(
+        dir.path().join("rules.toml"),
+        format!(
+            "{first}[[rule]]\nname = \"bulk\"\ntable = \"public.bulk2\"\nkeys = [\"{prefix}:b:{{id}}\"]\naction = \"republish\"\n"
+        ),
+    )
+    .unwrap();
+
+    // A writer that inserts throughout the reload and notes, before each insert, whether
+    // bulk2 is in the publication yet: every row inserted once it is must be cached.
+    let writer_url = db.url.clone();
+    let writer = tokio::spawn(async move {
+        let client = connect(&writer_url).await;
+        let mut after = Vec::new();
+        let mut published_at = None;
+        for id in 0..3000 {
+            let published = client
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_publication_tables
+                                     WHERE pubname = 'w2c' AND tablename = 'bulk2')",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get::<_, bool>(0);
+            client
+                .execute("INSERT INTO bulk2 VALUES ($1, $1)", &[&id])
+                .await
+                .unwrap();
+            if published {
+                published_at.get_or_insert(id);
+                after.push(id);
+                if after.len() >= 500 {
+                    break;
+                }
+            }
+        }
+        (published_at, after)
+    });
+    daemon.signal("HUP");
+    let (published_at, after) = writer.await.unwrap();
+    assert!(
+        published_at.is_some(),
+        "the reload added bulk2 to the publication while rows were written"
+    );
+    daemon.assert_running("after the reload");
+    let r = redis().await;
+    let keys: Vec<String> = after.iter().map(|id| format!("{prefix}:b:{id}")).collect();
+    eventually(
+        "every row inserted after the table was published to be republished",
+        Duration::from_secs(60),
+        || {
+            let mut r = r.clone();
+            let keys = keys.clone();
+            async move {
+                let found: Vec<Option<String>> = r.mget(&keys).await.unwrap();
+                found.iter().all(Option::is_some)
+            }
+        },
+    )
+    .await;
+    daemon.stop();
+}
+
+#[tokio::test]
+async fn a_reload_that_cannot_publish_its_table_keeps_the_old_rules() {
+    let db = TestDb::new("d_hup_no").await;
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, v int)")
+        .await;
+    let prefix = unique("hupno");
+    let topic = format!("{prefix}.events");
+    let first = format!(
+        "[[rule]]\nname = \"item\"\ntable = \"public.items\"\nkeys = [\"{prefix}:i:{{id}}\"]\naction = \"republish\"\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db, &first, &topic);
+    let mut daemon = Daemon::start(&config, &[]);
+    wait_streaming(&db, &format!("{}_d", db.name)).await;
+    // A table without a replica identity: check refuses it, the reload must not publish it.
+    db.exec("CREATE TABLE nokey (id int, v int)").await;
+    std::fs::write(
+        dir.path().join("rules.toml"),
+        format!(
+            "{first}[[rule]]\nname = \"nokey\"\ntable = \"public.nokey\"\non = [\"insert\"]\nkeys = [\"{prefix}:n:{{id}}\"]\n"
+        ),
+    )
+    .unwrap();
+    daemon.signal("HUP");
+    db.exec("INSERT INTO items VALUES (1, 1)").await;
+    let r = redis().await;
+    let key = format!("{prefix}:i:1");
+    eventually(
+        "the old rules to go on working",
+        Duration::from_secs(30),
+        || {
+            let mut r = r.clone();
+            let key = key.clone();
+            async move { r.exists::<_, bool>(&key).await.unwrap() }
+        },
+    )
+    .await;
+    let published: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM pg_publication_tables WHERE tablename = 'nokey'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(published, 0, "a refused reload publishes nothing");
+    db.exec("UPDATE nokey SET v = 2").await;
+    daemon.assert_running("after a refused reload");
+    daemon.stop();
+}
