@@ -128,11 +128,10 @@ async fn reload(config: &Config, rules_tx: &mpsc::UnboundedSender<Reload>) -> Re
             &[&pipeline::RELOAD_PREFIX, &marker],
         )
         .await?;
-        let objects: Vec<String> = report.publish.iter().map(|m| m.sql()).collect();
         txn.batch_execute(&format!(
             "ALTER PUBLICATION {} ADD {}",
             postgres_protocol::escape::escape_identifier(publication),
-            objects.join(", ")
+            crate::source::catalog::table_list(&report.publish)
         ))
         .await?;
         txn.commit().await

@@ -111,7 +111,7 @@ pub async fn check(
                     fix: Some(format!(
                         "ALTER PUBLICATION {} ADD {};",
                         escape_identifier(publication),
-                        missing.iter().map(ToPublish::sql).collect::<Vec<_>>().join(", ")
+                        catalog::table_list(&missing)
                     )),
                 });
             }

@@ -225,14 +225,21 @@ pub struct ToPublish {
 }
 
 impl ToPublish {
-    /// The publication object: `TABLE ONLY "s"."t"` or `TABLE "s"."p"`.
-    pub fn sql(&self) -> String {
+    /// The relation in a publication's table list: `ONLY "s"."t"` or `"s"."p"`.
+    pub fn object(&self) -> String {
         if self.partitioned {
-            format!("TABLE {}", self.table.quoted())
+            self.table.quoted()
         } else {
-            format!("TABLE ONLY {}", self.table.quoted())
+            format!("ONLY {}", self.table.quoted())
         }
     }
+}
+
+/// `TABLE ONLY "s"."a", ONLY "s"."b"`: what follows `FOR` or `ADD` (one `TABLE`
+/// keyword for the list, the form PostgreSQL 14 accepts too).
+pub fn table_list(tables: &[ToPublish]) -> String {
+    let objects: Vec<String> = tables.iter().map(ToPublish::object).collect();
+    format!("TABLE {}", objects.join(", "))
 }
 
 /// Whether a relation's changes are published by `publication`: it, or a partitioned

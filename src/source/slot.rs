@@ -217,8 +217,7 @@ async fn ensure_publication(
             escape_identifier(&plan.publication)
         );
         if !missing.is_empty() {
-            let objects: Vec<String> = missing.iter().map(ToPublish::sql).collect();
-            sql.push_str(&format!(" FOR {}", objects.join(", ")));
+            sql.push_str(&format!(" FOR {}", catalog::table_list(&missing)));
         }
         // Changes to a partition arrive under the partition's own name (and a TRUNCATE
         // of one partition is published at all); from 18, stored generated columns
@@ -260,12 +259,11 @@ pub async fn add_to_publication(
     publication: &str,
     missing: &[ToPublish],
 ) -> Result<(), SourceError> {
-    let objects: Vec<String> = missing.iter().map(ToPublish::sql).collect();
     client
         .batch_execute(&format!(
             "ALTER PUBLICATION {} ADD {}",
             escape_identifier(publication),
-            objects.join(", ")
+            catalog::table_list(missing)
         ))
         .await
         .map_err(pg(format!("adding tables to publication {publication:?}")))?;
