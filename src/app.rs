@@ -268,7 +268,10 @@ pub async fn tail(
             _ = &mut shutdown => break,
             Some(()) = reload.recv() => {
                 match reload_rules(config).await {
-                    Ok((rules, _)) => {
+                    Ok((rules, report)) => {
+                        if !report.to_publish.is_empty() {
+                            tracing::warn!(tables = ?report.to_publish, "tail does not add tables to the publication on a reload: their changes are not shown until `wal2cache setup` (or `run`) adds them");
+                        }
                         tracing::info!(rules = rules.rules().len(), "rules reloaded");
                         formatter.set_planner(Planner::new(rules));
                     }
