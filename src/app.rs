@@ -217,10 +217,7 @@ pub async fn tail(
             Some(Err(e)) => return Err(e.into()),
             Some(Ok(event)) => event,
         };
-        if let Some(line) = formatter
-            .line(&event)
-            .map_err(crate::source::SourceError::from)?
-        {
+        if let Some(line) = formatter.line(&event) {
             writeln!(out, "{line}").map_err(io_err)?;
         }
         if let SourceEvent::Commit(commit) = event {

@@ -397,3 +397,148 @@ async fn tail_shows_plans_and_reloads_rules_on_sighup_keeping_old_ones_on_failur
     assert!(kill.success());
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
+
+/// splitmix64: random bit patterns without a dependency, reproducible from the seed.
+fn random_bits(seed: u64, n: usize) -> Vec<u64> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        })
+        .collect()
+}
+
+/// The `new` row of a tail line with each value's JSON text exactly as printed.
+fn raw_new_row(line: &str) -> std::collections::HashMap<String, String> {
+    #[derive(serde::Deserialize)]
+    struct Line {
+        new: std::collections::HashMap<String, Box<serde_json::value::RawValue>>,
+    }
+    let parsed: Line = serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+    parsed
+        .new
+        .into_iter()
+        .map(|(k, v)| (k, v.get().to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn tail_prints_every_value_exactly_as_postgres_does() {
+    let db = TestDb::new("cli_tail_exact").await;
+    db.exec("CREATE TABLE v (id int PRIMARY KEY, f float8, j json, jb jsonb)")
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db.url, "unused_slot", &["public.v"]);
+    let mut child = Command::new(BIN)
+        .args(["tail", "--config", config.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let out = lines_of(child.stdout.take().unwrap());
+    let temp_slot = format!("wal2cache_tail_{}", child.id());
+    eventually(
+        "tail's temporary slot to stream",
+        Duration::from_secs(30),
+        || daemon::slot_active(&db, &temp_slot),
+    )
+    .await;
+
+    // Random bit patterns cover every exponent (subnormals, NaN and infinities too),
+    // plus the edges.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let mut floats: Vec<f64> = random_bits(seed, 1000)
+        .into_iter()
+        .map(f64::from_bits)
+        .collect();
+    floats.extend([
+        0.0,
+        -0.0,
+        5e-324,
+        f64::MIN_POSITIVE,
+        f64::MAX,
+        1e20,
+        0.1,
+        1e22,
+        1e-7,
+    ]);
+    let ids: Vec<i32> = (1..=floats.len() as i32).collect();
+    db.client
+        .execute(
+            "INSERT INTO v (id, f) SELECT * FROM unnest($1::int[], $2::float8[])",
+            &[&ids, &floats],
+        )
+        .await
+        .unwrap();
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    let deep_object = format!("{}0{}", "{\"a\": ".repeat(200), "}".repeat(200));
+    db.exec_each(&[
+        "INSERT INTO v (id, j, jb) VALUES (-1, '1e400', '10000000000000000000000001')",
+        &format!("INSERT INTO v (id, j, jb) VALUES (-2, '{deep_object}', '{deep}')"),
+        "INSERT INTO v (id, j) VALUES (-3, '{\"a\":\n  [1e-400, -0.0e+0]}')",
+    ])
+    .await;
+
+    let expected: std::collections::HashMap<i32, (Option<String>, Option<String>, Option<String>)> =
+        db.client
+            .query("SELECT id, f::text, j::text, jb::text FROM v", &[])
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
+            .collect();
+    let as_json = |text: &Option<String>, float: bool| match text.as_deref() {
+        None => "null".to_string(),
+        Some(t) if float && !t.starts_with(|c: char| c == '-' || c.is_ascii_digit()) => {
+            format!("{t:?}")
+        }
+        Some(t) if float && t.starts_with("-I") => format!("{t:?}"),
+        Some(t) => t.replace('\n', " "),
+    };
+    let mut wrong = Vec::new();
+    for printed in 0..expected.len() {
+        let line = out
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "tail printed {printed} lines of {}, {} of them wrong (seed {seed}): {:?}",
+                    expected.len(),
+                    wrong.len(),
+                    &wrong[..wrong.len().min(5)]
+                )
+            });
+        let row = raw_new_row(&line);
+        let id: i32 = row["id"].parse().unwrap();
+        let (f, j, jb) = &expected[&id];
+        for (column, text, float) in [("f", f, true), ("j", j, false), ("jb", jb, false)] {
+            let want = as_json(text, float);
+            if row[column] != want {
+                wrong.push(format!(
+                    "id {id} {column}: printed {} for {want}",
+                    row[column]
+                ));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} values printed differently from PostgreSQL's text (seed {seed}), e.g. {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+    assert_eq!(child.try_wait().unwrap(), None, "tail is still running");
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}

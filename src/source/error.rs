@@ -3,7 +3,6 @@
 
 use crate::source::pgoutput::DecodeError;
 use crate::source::relations::UnknownRelation;
-use crate::source::value::ValueError;
 
 /// What to do about an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,9 +84,6 @@ pub enum SourceError {
 
     #[error(transparent)]
     UnknownRelation(#[from] UnknownRelation),
-
-    #[error(transparent)]
-    Value(#[from] ValueError),
 
     #[error("the replication stream ended: PostgreSQL closed it")]
     Ended,
