@@ -102,16 +102,7 @@ pub async fn run(
     check_rules(config, &rules).await?;
     let target = config.pg_target();
     let report = slot::ensure(&target, &setup_plan(config, &rules, true)).await?;
-    if let Some(addr) = config.metrics.listen {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .map_err(|e| Error::Io {
-                context: format!("serving metrics on {addr}"),
-                source: std::io::Error::other(e.to_string()),
-            })?;
-        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
-    }
+    crate::serve::start(&config.metrics).await?;
     let confirmed = report.confirmed_lsn.unwrap_or(Lsn::ZERO);
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let (progress, progress_rx) = tokio::sync::watch::channel(Progress {

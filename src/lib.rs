@@ -24,6 +24,8 @@ pub mod l1;
 #[cfg(feature = "daemon")]
 pub mod rules;
 #[cfg(feature = "daemon")]
+pub mod serve;
+#[cfg(feature = "daemon")]
 pub mod source;
 #[cfg(feature = "daemon")]
 pub mod tail;
