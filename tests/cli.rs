@@ -237,6 +237,28 @@ fn an_unreachable_server_exits_1_naming_it() {
         !err.contains("secret"),
         "the password must not be printed: {err}"
     );
+    assert!(
+        err.contains("Connection refused") && err.contains("check the host and port"),
+        "the cause is shown: {err}"
+    );
+}
+
+#[test]
+fn a_missing_database_shows_the_server_message_and_sqlstate() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = unique("w2c_no_such_db");
+    let config = write_config(dir.path(), &url_for(&database, None), "s", &[]);
+    std::fs::write(dir.path().join("rules.toml"), "").unwrap();
+    for command in ["setup", "check"] {
+        let (code, _, err) = run(&[command, "--config", config.to_str().unwrap()], &[]);
+        assert_eq!(code, 1, "{err}");
+        assert!(
+            err.contains(&format!(
+                "database \"{database}\" does not exist (SQLSTATE 3D000)"
+            )) && err.contains("check the database name in postgres.url"),
+            "{command}: {err}"
+        );
+    }
 }
 
 #[test]
