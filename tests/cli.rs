@@ -223,6 +223,29 @@ fn environment_overrides_the_file() {
 }
 
 #[test]
+fn unknown_keys_are_listed_together_from_the_file_and_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "postgres://u@127.0.0.1:1/db",
+        "s",
+        &["public.t"],
+    );
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[rules]", "[rules]\npaths = \"x\"");
+    std::fs::write(&config, text + "[pipeline]\nbatch = 1\n").unwrap();
+    let (code, _, err) = run(
+        &["check", "--config", config.to_str().unwrap()],
+        &[("WAL2CACHE__POSTGRES__SLOTNAME", "x")],
+    );
+    assert_eq!(code, 3, "{err}");
+    for key in ["rules.paths", "pipeline.batch", "postgres.slotname"] {
+        assert!(err.contains(&format!("{key}: unknown key")), "{key}: {err}");
+    }
+}
+
+#[test]
 fn an_unreachable_server_exits_1_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "postgres://u:secret@127.0.0.1:1/db", "s", &[]);
