@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::redact::redact;
 use crate::source::slot::PgTarget;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -272,6 +273,15 @@ impl Config {
             }
         }
         if let Some(r) = &self.redis {
+            if !r.cluster {
+                use redis::IntoConnectionInfo;
+                if let Err(e) = r.url.as_str().into_connection_info() {
+                    problems.push(format!(
+                        "redis.url = {:?}: not a Redis URL ({e}): write redis://[user:password@]host[:port][/db]",
+                        redact(&r.url)
+                    ));
+                }
+            }
             if !r.cluster && !r.nodes.is_empty() {
                 problems.push(
                     "redis.nodes: only used with redis.cluster = true (a single server takes redis.url alone)"
@@ -288,7 +298,8 @@ impl Config {
                 for (field, url) in seeds {
                     use redis::IntoConnectionInfo;
                     match url.as_str().into_connection_info() {
-                        Err(e) => problems.push(format!("{field}: not a Redis URL: {e}")),
+                        Err(e) => problems
+                            .push(format!("{field} = {:?}: not a Redis URL: {e}", redact(url))),
                         Ok(info) => {
                             if matches!(info.addr(), redis::ConnectionAddr::Unix(_)) {
                                 problems.push(format!(
@@ -306,8 +317,13 @@ impl Config {
                 }
             }
         }
-        if let Err(e) = PgTarget::parse(&self.postgres.url) {
-            problems.push(format!("postgres.url: {e}"));
+        match PgTarget::parse(&self.postgres.url) {
+            Err(crate::source::SourceError::Url(why)) => problems.push(format!(
+                "postgres.url = {:?}: {why}",
+                redact(&self.postgres.url)
+            )),
+            Err(e) => problems.push(format!("postgres.url: {e}")),
+            Ok(_) => {}
         }
         for (field, value) in [
             ("postgres.slot", &self.postgres.slot),
@@ -511,6 +527,37 @@ brokers = "127.0.0.1:9092"
         for needle in ["name: missing", "postgres: missing", "rules: missing"] {
             assert!(err.contains(needle), "{needle} missing from {err}");
         }
+    }
+
+    #[test]
+    fn malformed_urls_are_problems_shown_without_their_password() {
+        let text = GOOD
+            .replace("redis://127.0.0.1:6379/0", "redis//:secret@host/0")
+            .replace(
+                "postgres://wal2cache@127.0.0.1:5432/app",
+                "postgres//u:secret@h:x/app",
+            );
+        let f = write(&text);
+        let err = Config::load(f.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("redis.url = \"redis//:***@host/0\": not a Redis URL"),
+            "{err}"
+        );
+        assert!(
+            err.contains("postgres.url = \"postgres//u:***@h:x/app\""),
+            "{err}"
+        );
+        assert!(!err.contains("secret"), "{err}");
+        let cluster = GOOD
+            .replace("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379")
+            .replace(
+                "[redis]",
+                "[redis]\ncluster = true\nnodes = [\"redis//:secret@h\"]",
+            );
+        let f = write(&cluster);
+        let err = Config::load(f.path()).unwrap_err().to_string();
+        assert!(err.contains("redis.nodes[0] = \"redis//:***@h\""), "{err}");
+        assert!(!err.contains("secret"), "{err}");
     }
 
     #[test]

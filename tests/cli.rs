@@ -587,3 +587,19 @@ async fn tail_prints_every_value_exactly_as_postgres_does() {
     assert!(kill.success());
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
+
+#[test]
+fn a_malformed_redis_url_is_shown_without_its_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "postgres://u@127.0.0.1:1/db", "s", &[]);
+    let text = std::fs::read_to_string(&config).unwrap()
+        + "[redis]\nurl = \"redis//:secret@host/0\"\n[kafka]\nbrokers = \"127.0.0.1:1\"\n";
+    std::fs::write(&config, text).unwrap();
+    let (code, _, err) = run(&["run", "--config", config.to_str().unwrap()], &[]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("redis//:***@host/0"), "{err}");
+    assert!(
+        !err.contains("secret"),
+        "the password must not be printed: {err}"
+    );
+}
