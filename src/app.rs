@@ -99,6 +99,9 @@ pub async fn run(
         .as_ref()
         .ok_or(ConfigError::MissingSection("kafka"))?;
     let rules = load_rules(config)?;
+    if rules.rules().is_empty() {
+        tracing::warn!(rules = %config.rules.path.display(), "the rules have no [[rule]]: no change will invalidate anything; add rules (see rules/README.md) and restart wal2cache");
+    }
     check_rules(config, &rules).await?;
     let target = config.pg_target();
     let report = slot::ensure(&target, &setup_plan(config, &rules, true)).await?;

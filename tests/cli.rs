@@ -603,3 +603,146 @@ fn a_malformed_redis_url_is_shown_without_its_password() {
         "the password must not be printed: {err}"
     );
 }
+
+/// A config for `run` whose Redis and broker do not answer: it gets as far as
+/// connecting to Redis, then exits 1.
+fn write_run_config(dir: &Path, url: &str, slot: &str, tables: &[&str]) -> PathBuf {
+    let config = write_config(dir, url, slot, tables);
+    let text = std::fs::read_to_string(&config).unwrap()
+        + "[redis]\nurl = \"redis://127.0.0.1:1\"\n[kafka]\nbrokers = \"127.0.0.1:1\"\n";
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+#[tokio::test]
+async fn run_with_no_rules_warns() {
+    let db = TestDb::new("cli_no_rules").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_run_config(dir.path(), &db.url, &format!("{}_s", db.name), &[]);
+    let (code, _, err) = run(
+        &["run", "--config", config.to_str().unwrap()],
+        &[("WAL2CACHE_LOG", "warn")],
+    );
+    assert_eq!(code, 1, "Redis does not answer: {err}");
+    assert!(
+        err.contains("WARN") && err.contains("the rules have no [[rule]]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_fatal_error_is_printed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "postgres://u@127.0.0.1:1/db", "s", &[]);
+    std::fs::write(dir.path().join("rules.toml"), "").unwrap();
+    let (code, _, err) = run(&["setup", "--config", config.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(
+        err.matches("cannot connect to PostgreSQL").count(),
+        1,
+        "once: {err}"
+    );
+    assert!(
+        err.trim_end()
+            .lines()
+            .last()
+            .unwrap()
+            .starts_with("error: "),
+        "{err}"
+    );
+}
+
+/// The exit code of `wal2cache args` when its standard error is a pipe nobody reads
+/// (the read end is closed: every write fails with EPIPE).
+fn exit_code_with_stderr_closed(args: &[&str], envs: &[(&str, &str)]) -> Option<i32> {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    Command::new(BIN)
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(writer))
+        .status()
+        .unwrap()
+        .code()
+}
+
+#[tokio::test]
+async fn a_closed_stderr_does_not_make_it_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "postgres://u@127.0.0.1:1/db", "s", &[]);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[postgres]", "[postgres]\nsloot = 1");
+    std::fs::write(&config, text).unwrap();
+    assert_eq!(
+        exit_code_with_stderr_closed(&["check", "--config", config.to_str().unwrap()], &[]),
+        Some(3),
+        "a bad config exits 3, not 101 (a panic)"
+    );
+
+    // Logs first (a warning), then a fatal error.
+    let db = TestDb::new("cli_closed_stderr").await;
+    let config = write_run_config(dir.path(), &db.url, &format!("{}_s", db.name), &[]);
+    assert_eq!(
+        exit_code_with_stderr_closed(
+            &["run", "--config", config.to_str().unwrap()],
+            &[("WAL2CACHE_LOG", "info")]
+        ),
+        Some(1),
+        "run exits 1, not 101 (a panic)"
+    );
+}
+
+#[tokio::test]
+async fn a_dropped_replication_connection_is_reported_by_wal2cache_alone() {
+    let db = TestDb::new("cli_quiet").await;
+    db.exec("CREATE TABLE items (id int PRIMARY KEY)").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db.url, "s", &["public.items"]);
+    let mut child = Command::new(BIN)
+        .args(["tail", "--config", config.to_str().unwrap()])
+        .env("WAL2CACHE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = lines_of(child.stderr.take().unwrap());
+    wait_for_line(&err, "streaming");
+    let temp_slot = format!("wal2cache_tail_{}", child.id());
+    db.client
+        .execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&temp_slot],
+        )
+        .await
+        .unwrap();
+    // Everything it logs until it streams again.
+    let mut logged = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = err
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("tail did not stream again within 30 s: {logged:#?}"));
+        let done = line.contains("streaming");
+        logged.push(line);
+        if done {
+            break;
+        }
+    }
+    assert!(
+        logged
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("wal2cache")),
+        "wal2cache says the connection dropped: {logged:#?}"
+    );
+    assert!(
+        !logged.iter().any(|l| l.contains("pgwire_replication")),
+        "the replication crate's own events are not shown: {logged:#?}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
