@@ -532,14 +532,16 @@ async fn tail_prints_every_value_exactly_as_postgres_does() {
     ])
     .await;
 
-    let expected: std::collections::HashMap<i32, (Option<String>, Option<String>, Option<String>)> =
-        db.client
-            .query("SELECT id, f::text, j::text, jb::text FROM v", &[])
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
-            .collect();
+    /// PostgreSQL's own text of f, j and jb, by id.
+    type Texts = (Option<String>, Option<String>, Option<String>);
+    let expected: std::collections::HashMap<i32, Texts> = db
+        .client
+        .query("SELECT id, f::text, j::text, jb::text FROM v", &[])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
+        .collect();
     let as_json = |text: &Option<String>, float: bool| match text.as_deref() {
         None => "null".to_string(),
         Some(t) if float && !t.starts_with(|c: char| c == '-' || c.is_ascii_digit()) => {
