@@ -277,7 +277,7 @@ impl Config {
                 use redis::IntoConnectionInfo;
                 if let Err(e) = r.url.as_str().into_connection_info() {
                     problems.push(format!(
-                        "redis.url = {:?}: not a Redis URL ({e}): write redis://[user:password@]host[:port][/db]",
+                        "redis.url: not a Redis URL ({:?}): {e}; write redis://[user:password@]host[:port][/db]",
                         redact(&r.url)
                     ));
                 }
@@ -299,7 +299,7 @@ impl Config {
                     use redis::IntoConnectionInfo;
                     match url.as_str().into_connection_info() {
                         Err(e) => problems
-                            .push(format!("{field} = {:?}: not a Redis URL: {e}", redact(url))),
+                            .push(format!("{field}: not a Redis URL ({:?}): {e}", redact(url))),
                         Ok(info) => {
                             if matches!(info.addr(), redis::ConnectionAddr::Unix(_)) {
                                 problems.push(format!(
@@ -540,7 +540,7 @@ brokers = "127.0.0.1:9092"
         let f = write(&text);
         let err = Config::load(f.path()).unwrap_err().to_string();
         assert!(
-            err.contains("redis.url = \"redis//:***@host/0\": not a Redis URL"),
+            err.contains("redis.url: not a Redis URL (\"redis//:***@host/0\")"),
             "{err}"
         );
         assert!(
@@ -556,7 +556,10 @@ brokers = "127.0.0.1:9092"
             );
         let f = write(&cluster);
         let err = Config::load(f.path()).unwrap_err().to_string();
-        assert!(err.contains("redis.nodes[0] = \"redis//:***@h\""), "{err}");
+        assert!(
+            err.contains("redis.nodes[0]: not a Redis URL (\"redis//:***@h\")"),
+            "{err}"
+        );
         assert!(!err.contains("secret"), "{err}");
     }
 
