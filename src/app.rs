@@ -167,20 +167,14 @@ pub async fn run(
         .as_ref()
         .ok_or(ConfigError::MissingSection("kafka"))?;
     let rules = load_rules(config)?;
+    if rules.rules().is_empty() {
+        tracing::warn!(rules = %config.rules.path.display(), "the rules have no [[rule]]: no change will invalidate anything; add rules (see rules/README.md) and send SIGHUP, or restart wal2cache");
+    }
     let checked = check_rules(config, &rules, config.postgres.create).await?;
     log_warnings(&checked);
     let target = config.pg_target();
     let report = slot::ensure(&target, &setup_plan(config, &rules, true)).await?;
-    if let Some(addr) = config.metrics.listen {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .map_err(|e| Error::Io {
-                context: format!("serving metrics on {addr}"),
-                source: std::io::Error::other(e.to_string()),
-            })?;
-        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
-    }
+    crate::serve::start(&config.metrics).await?;
     let confirmed = report.confirmed_lsn.unwrap_or(Lsn::ZERO);
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let (progress, progress_rx) = tokio::sync::watch::channel(Progress {
@@ -286,10 +280,7 @@ pub async fn tail(
             Some(Err(e)) => return Err(e.into()),
             Some(Ok(event)) => event,
         };
-        if let Some(line) = formatter
-            .line(&event)
-            .map_err(crate::source::SourceError::from)?
-        {
+        if let Some(line) = formatter.line(&event) {
             writeln!(out, "{line}").map_err(io_err)?;
         }
         if let SourceEvent::Commit(commit) = event {

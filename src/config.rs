@@ -1,16 +1,20 @@
 //! The configuration file (`wal2cache.toml`), read with the `config` crate: the file,
 //! then `WAL2CACHE__SECTION__KEY` environment variables over it. Unknown keys are
 //! errors, and every problem found is reported at once, naming the file and the key.
+//!
+//! Each section is read on its own, with `serde_ignored` collecting the keys its type
+//! does not have (the types do not `deny_unknown_fields`, which would stop at the
+//! first): so one section's problem does not hide another's.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::redact::redact;
 use crate::source::slot::PgTarget;
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Config {
     /// Appears in every event as `source`.
     pub name: String,
@@ -28,7 +32,7 @@ pub struct Config {
 
 /// How the daemon batches and stops.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct PipelineConfig {
     /// A batch closes at this many planned changes...
     pub batch_size: usize,
@@ -59,7 +63,6 @@ impl Default for PipelineConfig {
 
 /// The Prometheus endpoint.
 #[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     /// `host:port` to serve `/metrics` on; none by default.
     #[serde(default)]
@@ -67,7 +70,6 @@ pub struct MetricsConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PostgresConfig {
     pub url: String,
     #[serde(default = "default_name")]
@@ -80,14 +82,12 @@ pub struct PostgresConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RulesConfig {
     /// One file, or a directory of `*.toml`; relative to the config file's directory.
     pub path: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     /// The server; with `cluster`, a node of the cluster (the client finds the others).
     pub url: String,
@@ -102,7 +102,6 @@ pub struct RedisConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     pub brokers: String,
     #[serde(default = "default_topic")]
@@ -150,6 +149,11 @@ pub enum ConfigError {
     MissingSection(&'static str),
 }
 
+/// The top-level keys: each is read by `Config::from_sections`.
+const SECTIONS: [&str; 7] = [
+    "name", "postgres", "rules", "redis", "kafka", "pipeline", "metrics",
+];
+
 impl Config {
     /// Reads the file, applies environment overrides, checks every field.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -162,7 +166,7 @@ impl Config {
                 "no such file: pass the path of a wal2cache.toml with --config".into(),
             ));
         }
-        let raw = config::Config::builder()
+        let root = config::Config::builder()
             .add_source(config::File::from(path).format(config::FileFormat::Toml))
             .add_source(
                 config::Environment::with_prefix("WAL2CACHE")
@@ -171,23 +175,84 @@ impl Config {
                     .try_parsing(true),
             )
             .build()
+            .and_then(config::Config::try_deserialize::<config::Map<String, config::Value>>)
             .map_err(|e| load_err(e.to_string()))?;
-        let mut config: Config = raw.try_deserialize().map_err(|e| ConfigError::Invalid {
+        let invalid = |problems| ConfigError::Invalid {
             path: path.to_path_buf(),
-            problems: vec![e.to_string()],
-        })?;
+            problems,
+        };
+        let mut config = Config::from_sections(&root).map_err(invalid)?;
         if config.rules.path.is_relative() {
             let base = path.parent().unwrap_or(Path::new("."));
             config.rules.path = base.join(&config.rules.path);
         }
-        let problems = config.problems();
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError::Invalid {
-                path: path.to_path_buf(),
-                problems,
+        Ok(config)
+    }
+
+    /// Every section, or every problem of every section: unknown keys, values of the
+    /// wrong type, missing sections, and what `problems` finds in the ones that read.
+    fn from_sections(root: &config::Map<String, config::Value>) -> Result<Config, Vec<String>> {
+        let mut problems: Vec<String> = root
+            .keys()
+            .filter(|k| !SECTIONS.contains(&k.as_str()))
+            .map(|k| {
+                format!(
+                    "{k}: unknown key (the top level has {})",
+                    SECTIONS.join(", ")
+                )
             })
+            .collect();
+        let p = &mut problems;
+        let name: Option<String> = read_section(root, "name", p);
+        let postgres: Option<PostgresConfig> = read_section(root, "postgres", p);
+        let rules: Option<RulesConfig> = read_section(root, "rules", p);
+        let redis: Option<RedisConfig> = read_section(root, "redis", p);
+        let kafka: Option<KafkaConfig> = read_section(root, "kafka", p);
+        let pipeline: Option<PipelineConfig> = read_section(root, "pipeline", p);
+        let metrics: Option<MetricsConfig> = read_section(root, "metrics", p);
+        for (key, present, what) in [
+            (
+                "name",
+                name.is_some(),
+                "name = \"...\" (it names this source in every event)",
+            ),
+            (
+                "postgres",
+                postgres.is_some(),
+                "a [postgres] section with its url",
+            ),
+            (
+                "rules",
+                rules.is_some(),
+                "a [rules] section with the path of the rules file",
+            ),
+        ] {
+            if !present && !root.contains_key(key) {
+                problems.push(format!("{key}: missing: add {what}"));
+            }
+        }
+        let config = match (name, postgres, rules) {
+            (Some(name), Some(postgres), Some(rules)) => Some(Config {
+                name,
+                postgres,
+                rules,
+                redis,
+                kafka,
+                pipeline: pipeline.unwrap_or_default(),
+                metrics: metrics.unwrap_or_default(),
+            }),
+            _ => None,
+        };
+        match config {
+            Some(config) => {
+                problems.extend(config.problems());
+                if problems.is_empty() {
+                    Ok(config)
+                } else {
+                    Err(problems)
+                }
+            }
+            None => Err(problems),
         }
     }
 
@@ -208,6 +273,15 @@ impl Config {
             }
         }
         if let Some(r) = &self.redis {
+            if !r.cluster {
+                use redis::IntoConnectionInfo;
+                if let Err(e) = r.url.as_str().into_connection_info() {
+                    problems.push(format!(
+                        "redis.url: not a Redis URL ({:?}): {e}; write redis://[user:password@]host[:port][/db]",
+                        redact(&r.url)
+                    ));
+                }
+            }
             if !r.cluster && !r.nodes.is_empty() {
                 problems.push(
                     "redis.nodes: only used with redis.cluster = true (a single server takes redis.url alone)"
@@ -224,7 +298,8 @@ impl Config {
                 for (field, url) in seeds {
                     use redis::IntoConnectionInfo;
                     match url.as_str().into_connection_info() {
-                        Err(e) => problems.push(format!("{field}: not a Redis URL: {e}")),
+                        Err(e) => problems
+                            .push(format!("{field}: not a Redis URL ({:?}): {e}", redact(url))),
                         Ok(info) => {
                             if matches!(info.addr(), redis::ConnectionAddr::Unix(_)) {
                                 problems.push(format!(
@@ -242,8 +317,13 @@ impl Config {
                 }
             }
         }
-        if let Err(e) = PgTarget::parse(&self.postgres.url) {
-            problems.push(format!("postgres.url: {e}"));
+        match PgTarget::parse(&self.postgres.url) {
+            Err(crate::source::SourceError::Url(why)) => problems.push(format!(
+                "postgres.url = {:?}: {why}",
+                redact(&self.postgres.url)
+            )),
+            Err(e) => problems.push(format!("postgres.url: {e}")),
+            Ok(_) => {}
         }
         for (field, value) in [
             ("postgres.slot", &self.postgres.slot),
@@ -259,6 +339,74 @@ impl Config {
     pub fn pg_target(&self) -> PgTarget {
         PgTarget::parse(&self.postgres.url).expect("checked when the config was loaded")
     }
+}
+
+/// One top-level key read as `T`; `None`, with its problems added, when it is absent
+/// or does not read. A key `T` does not have is a problem named by its path
+/// (`postgres.slott`), whether or not the rest of the section reads.
+fn read_section<T: serde::de::DeserializeOwned>(
+    root: &config::Map<String, config::Value>,
+    key: &str,
+    problems: &mut Vec<String>,
+) -> Option<T> {
+    let value = root.get(key)?;
+    let mut unknown = std::collections::BTreeSet::new();
+    let fields = field_names::<T>();
+    if let (Some(fields), Ok(table)) = (fields, value.clone().into_table()) {
+        unknown.extend(
+            table
+                .keys()
+                .filter(|k| !fields.contains(&k.as_str()))
+                .map(|k| format!("{key}.{k}")),
+        );
+    }
+    // Read as the one entry of a table, so errors name the key (`pipeline.batch_size`).
+    let table = config::Value::new(None, config::Map::from([(key.to_string(), value.clone())]));
+    let read: Result<BTreeMap<String, T>, _> = serde_ignored::deserialize(table, |path| {
+        unknown.insert(path.to_string());
+    });
+    problems.extend(unknown.into_iter().map(|path| match fields {
+        Some(fields) => format!("{path}: unknown key ([{key}] has {})", fields.join(", ")),
+        None => format!("{path}: unknown key (see the README's Configuration)"),
+    }));
+    match read {
+        Ok(mut map) => map.remove(key),
+        Err(e) => {
+            problems.push(e.to_string());
+            None
+        }
+    }
+}
+
+/// The keys of a config struct, as its derived `Deserialize` names them (`None` for
+/// what is not a struct): asked of `T` through a deserializer that only records them.
+fn field_names<T: serde::de::DeserializeOwned>() -> Option<&'static [&'static str]> {
+    use serde::de::{Error, Visitor};
+    type Err = serde::de::value::Error;
+    struct Probe<'a>(&'a mut Option<&'static [&'static str]>);
+    impl<'de> serde::Deserializer<'de> for Probe<'_> {
+        type Error = Err;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Err> {
+            Err(Err::custom("not a struct"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Err> {
+            *self.0 = Some(fields);
+            Err(Err::custom("fields recorded"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map
+            enum identifier ignored_any
+        }
+    }
+    let mut fields = None;
+    let _ = T::deserialize(Probe(&mut fields));
+    fields
 }
 
 /// Slot names may only hold lower-case letters, digits and underscores (Postgres's
@@ -337,6 +485,82 @@ brokers = "127.0.0.1:9092"
         for needle in ["name:", "postgres.slot", "postgres.publication"] {
             assert!(err.contains(needle), "{needle} missing from {err}");
         }
+    }
+
+    #[test]
+    fn every_unknown_key_of_every_section_is_listed_with_its_path() {
+        let text = GOOD
+            .replace("name = \"main-db\"", "name = \"main-db\"\nnmae = \"x\"")
+            .replace(
+                "[postgres]",
+                "[postgres]\nslott = \"x\"\npublication = \"P\"",
+            )
+            .replace("[redis]", "[redis]\nurll = \"x\"")
+            .replace("[kafka]", "[kafka]\ntopicc = \"x\"\nbrokerz = \"y\"")
+            + "[pipeline]\nbatch_size = \"lots\"\n[metrics]\nlisten = \"nowhere\"\nport = 1\n";
+        let f = write(&text);
+        let err = Config::load(f.path()).unwrap_err().to_string();
+        for needle in [
+            "nmae: unknown key",
+            "postgres.slott: unknown key ([postgres] has url, slot, publication, create)",
+            "redis.urll: unknown key",
+            "kafka.topicc: unknown key",
+            "kafka.brokerz: unknown key",
+            "metrics.port: unknown key",
+            "pipeline.batch_size",
+            "metrics.listen",
+            "postgres.publication = \"P\"",
+        ] {
+            assert!(err.contains(needle), "{needle} missing from {err}");
+        }
+        assert_eq!(
+            err.lines().filter(|l| l.starts_with("  - ")).count(),
+            9,
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn missing_sections_are_listed_together() {
+        let f = write("[redis]\nurl = \"redis://127.0.0.1\"\n");
+        let err = Config::load(f.path()).unwrap_err().to_string();
+        for needle in ["name: missing", "postgres: missing", "rules: missing"] {
+            assert!(err.contains(needle), "{needle} missing from {err}");
+        }
+    }
+
+    #[test]
+    fn malformed_urls_are_problems_shown_without_their_password() {
+        let text = GOOD
+            .replace("redis://127.0.0.1:6379/0", "redis//:secret@host/0")
+            .replace(
+                "postgres://wal2cache@127.0.0.1:5432/app",
+                "postgres//u:secret@h:x/app",
+            );
+        let f = write(&text);
+        let err = Config::load(f.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("redis.url: not a Redis URL (\"redis//:***@host/0\")"),
+            "{err}"
+        );
+        assert!(
+            err.contains("postgres.url = \"postgres//u:***@h:x/app\""),
+            "{err}"
+        );
+        assert!(!err.contains("secret"), "{err}");
+        let cluster = GOOD
+            .replace("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379")
+            .replace(
+                "[redis]",
+                "[redis]\ncluster = true\nnodes = [\"redis//:secret@h\"]",
+            );
+        let f = write(&cluster);
+        let err = Config::load(f.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("redis.nodes[0]: not a Redis URL (\"redis//:***@h\")"),
+            "{err}"
+        );
+        assert!(!err.contains("secret"), "{err}");
     }
 
     #[test]

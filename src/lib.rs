@@ -22,7 +22,11 @@ pub mod event;
 #[cfg(feature = "l1")]
 pub mod l1;
 #[cfg(feature = "daemon")]
+pub mod redact;
+#[cfg(feature = "daemon")]
 pub mod rules;
+#[cfg(feature = "daemon")]
+pub mod serve;
 #[cfg(feature = "daemon")]
 pub mod source;
 #[cfg(feature = "daemon")]

@@ -1,6 +1,7 @@
 //! The `wal2cache` command: parses the command line, loads the configuration, runs
 //! the command, maps failures to exit codes.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -41,28 +42,56 @@ enum Command {
     },
 }
 
+/// The default log filter. `pgwire_replication` logs an ERROR of its own each time its
+/// worker stops (a standby retrying, every reconnect); wal2cache reports those errors
+/// itself, once and with the fix, so the crate's own events are off unless
+/// `WAL2CACHE_LOG` names it.
+const DEFAULT_LOG: &str = "info";
+const QUIET_CRATES: &str = "pgwire_replication=off";
+
+fn log_filter(env: Option<&str>) -> tracing_subscriber::EnvFilter {
+    let directives = match env {
+        Some(env) if env.contains("pgwire_replication") => env.to_string(),
+        Some(env) if !env.trim().is_empty() => format!("{env},{QUIET_CRATES}"),
+        _ => format!("{DEFAULT_LOG},{QUIET_CRATES}"),
+    };
+    tracing_subscriber::EnvFilter::try_new(&directives).unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{DEFAULT_LOG},{QUIET_CRATES}"))
+    })
+}
+
+/// Writes a line to standard error; a closed or broken stderr is not worth a panic.
+fn say_err(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Writes a line to standard output, ignoring a closed or broken pipe.
+fn say(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("WAL2CACHE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(log_filter(std::env::var("WAL2CACHE_LOG").ok().as_deref()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A log line that cannot be written is dropped: reporting it on the same
+        // broken stderr would panic.
+        .log_internal_errors(false)
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            say_err(format_args!("error: cannot start the async runtime: {e}"));
             return ExitCode::from(1);
         }
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("error: {e}");
+            // Once, as the last line: not also as a log line.
+            say_err(format_args!("error: {e}"));
             ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
         }
     }
@@ -73,7 +102,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
         Command::Setup { config } => {
             let config = Config::load(&config)?;
             let report = wal2cache::app::setup(&config).await?;
-            println!(
+            say(format_args!(
                 "publication {:?}: {}; slot {:?}: {}{}",
                 config.postgres.publication,
                 if report.created_publication {
@@ -89,7 +118,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     .confirmed_lsn
                     .map(|l| format!(", confirmed up to {l}"))
                     .unwrap_or_default(),
-            );
+            ));
             Ok(())
         }
         Command::Run { config } => {
@@ -100,19 +129,19 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let config = Config::load(&config)?;
             let (rules, report) = wal2cache::app::check(&config).await?;
             for w in &report.warnings {
-                println!("warning: {w}");
+                say(format_args!("warning: {w}"));
             }
-            println!(
+            say(format_args!(
                 "ok: {} rules on {} tables",
                 rules.rules().len(),
                 rules.tables().len()
-            );
+            ));
             if !report.to_publish.is_empty() {
-                println!(
+                say(format_args!(
                     "setup will add to publication {:?}: {}",
                     config.postgres.publication,
                     report.to_publish.join(", ")
-                );
+                ));
             }
             Ok(())
         }
@@ -155,4 +184,23 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
     }
     tracing::info!("signal received: stopping");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn the_replication_crate_is_quiet_unless_named() {
+        assert!(log_filter(None)
+            .to_string()
+            .contains("pgwire_replication=off"));
+        let user = log_filter(Some("wal2cache=debug")).to_string();
+        assert!(
+            user.contains("wal2cache=debug") && user.contains("pgwire_replication=off"),
+            "{user}"
+        );
+        let named = log_filter(Some("info,pgwire_replication=debug")).to_string();
+        assert!(!named.contains("pgwire_replication=off"), "{named}");
+    }
 }

@@ -223,6 +223,29 @@ fn environment_overrides_the_file() {
 }
 
 #[test]
+fn unknown_keys_are_listed_together_from_the_file_and_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "postgres://u@127.0.0.1:1/db",
+        "s",
+        &["public.t"],
+    );
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[rules]", "[rules]\npaths = \"x\"");
+    std::fs::write(&config, text + "[pipeline]\nbatch = 1\n").unwrap();
+    let (code, _, err) = run(
+        &["check", "--config", config.to_str().unwrap()],
+        &[("WAL2CACHE__POSTGRES__SLOTNAME", "x")],
+    );
+    assert_eq!(code, 3, "{err}");
+    for key in ["rules.paths", "pipeline.batch", "postgres.slotname"] {
+        assert!(err.contains(&format!("{key}: unknown key")), "{key}: {err}");
+    }
+}
+
+#[test]
 fn an_unreachable_server_exits_1_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "postgres://u:secret@127.0.0.1:1/db", "s", &[]);
@@ -237,6 +260,28 @@ fn an_unreachable_server_exits_1_naming_it() {
         !err.contains("secret"),
         "the password must not be printed: {err}"
     );
+    assert!(
+        err.contains("Connection refused") && err.contains("check the host and port"),
+        "the cause is shown: {err}"
+    );
+}
+
+#[test]
+fn a_missing_database_shows_the_server_message_and_sqlstate() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = unique("w2c_no_such_db");
+    let config = write_config(dir.path(), &url_for(&database, None), "s", &[]);
+    std::fs::write(dir.path().join("rules.toml"), "").unwrap();
+    for command in ["setup", "check"] {
+        let (code, _, err) = run(&[command, "--config", config.to_str().unwrap()], &[]);
+        assert_eq!(code, 1, "{err}");
+        assert!(
+            err.contains(&format!(
+                "database \"{database}\" does not exist (SQLSTATE 3D000)"
+            )) && err.contains("check the database name in postgres.url"),
+            "{command}: {err}"
+        );
+    }
 }
 
 #[test]
@@ -396,4 +441,310 @@ async fn tail_shows_plans_and_reloads_rules_on_sighup_keeping_old_ones_on_failur
         .unwrap();
     assert!(kill.success());
     assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+/// splitmix64: random bit patterns without a dependency, reproducible from the seed.
+fn random_bits(seed: u64, n: usize) -> Vec<u64> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        })
+        .collect()
+}
+
+/// The `new` row of a tail line with each value's JSON text exactly as printed.
+fn raw_new_row(line: &str) -> std::collections::HashMap<String, String> {
+    #[derive(serde::Deserialize)]
+    struct Line {
+        new: std::collections::HashMap<String, Box<serde_json::value::RawValue>>,
+    }
+    let parsed: Line = serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+    parsed
+        .new
+        .into_iter()
+        .map(|(k, v)| (k, v.get().to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn tail_prints_every_value_exactly_as_postgres_does() {
+    let db = TestDb::new("cli_tail_exact").await;
+    db.exec("CREATE TABLE v (id int PRIMARY KEY, f float8, j json, jb jsonb)")
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db.url, "unused_slot", &["public.v"]);
+    let mut child = Command::new(BIN)
+        .args(["tail", "--config", config.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let out = lines_of(child.stdout.take().unwrap());
+    let temp_slot = format!("wal2cache_tail_{}", child.id());
+    eventually(
+        "tail's temporary slot to stream",
+        Duration::from_secs(30),
+        || daemon::slot_active(&db, &temp_slot),
+    )
+    .await;
+
+    // Random bit patterns cover every exponent (subnormals, NaN and infinities too),
+    // plus the edges.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let mut floats: Vec<f64> = random_bits(seed, 1000)
+        .into_iter()
+        .map(f64::from_bits)
+        .collect();
+    floats.extend([
+        0.0,
+        -0.0,
+        5e-324,
+        f64::MIN_POSITIVE,
+        f64::MAX,
+        1e20,
+        0.1,
+        1e22,
+        1e-7,
+    ]);
+    let ids: Vec<i32> = (1..=floats.len() as i32).collect();
+    db.client
+        .execute(
+            "INSERT INTO v (id, f) SELECT * FROM unnest($1::int[], $2::float8[])",
+            &[&ids, &floats],
+        )
+        .await
+        .unwrap();
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    let deep_object = format!("{}0{}", "{\"a\": ".repeat(200), "}".repeat(200));
+    db.exec_each(&[
+        "INSERT INTO v (id, j, jb) VALUES (-1, '1e400', '10000000000000000000000001')",
+        &format!("INSERT INTO v (id, j, jb) VALUES (-2, '{deep_object}', '{deep}')"),
+        "INSERT INTO v (id, j) VALUES (-3, '{\"a\":\n  [1e-400, -0.0e+0]}')",
+    ])
+    .await;
+
+    /// PostgreSQL's own text of f, j and jb, by id.
+    type Texts = (Option<String>, Option<String>, Option<String>);
+    let expected: std::collections::HashMap<i32, Texts> = db
+        .client
+        .query("SELECT id, f::text, j::text, jb::text FROM v", &[])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
+        .collect();
+    let as_json = |text: &Option<String>, float: bool| match text.as_deref() {
+        None => "null".to_string(),
+        Some(t) if float && !t.starts_with(|c: char| c == '-' || c.is_ascii_digit()) => {
+            format!("{t:?}")
+        }
+        Some(t) if float && t.starts_with("-I") => format!("{t:?}"),
+        Some(t) => t.replace('\n', " "),
+    };
+    let mut wrong = Vec::new();
+    for printed in 0..expected.len() {
+        let line = out
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "tail printed {printed} lines of {}, {} of them wrong (seed {seed}): {:?}",
+                    expected.len(),
+                    wrong.len(),
+                    &wrong[..wrong.len().min(5)]
+                )
+            });
+        let row = raw_new_row(&line);
+        let id: i32 = row["id"].parse().unwrap();
+        let (f, j, jb) = &expected[&id];
+        for (column, text, float) in [("f", f, true), ("j", j, false), ("jb", jb, false)] {
+            let want = as_json(text, float);
+            if row[column] != want {
+                wrong.push(format!(
+                    "id {id} {column}: printed {} for {want}",
+                    row[column]
+                ));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} values printed differently from PostgreSQL's text (seed {seed}), e.g. {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+    assert_eq!(child.try_wait().unwrap(), None, "tail is still running");
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+#[test]
+fn a_malformed_redis_url_is_shown_without_its_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "postgres://u@127.0.0.1:1/db", "s", &[]);
+    let text = std::fs::read_to_string(&config).unwrap()
+        + "[redis]\nurl = \"redis//:secret@host/0\"\n[kafka]\nbrokers = \"127.0.0.1:1\"\n";
+    std::fs::write(&config, text).unwrap();
+    let (code, _, err) = run(&["run", "--config", config.to_str().unwrap()], &[]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("redis//:***@host/0"), "{err}");
+    assert!(
+        !err.contains("secret"),
+        "the password must not be printed: {err}"
+    );
+}
+
+/// A config for `run` whose Redis and broker do not answer: it gets as far as
+/// connecting to Redis, then exits 1.
+fn write_run_config(dir: &Path, url: &str, slot: &str, tables: &[&str]) -> PathBuf {
+    let config = write_config(dir, url, slot, tables);
+    let text = std::fs::read_to_string(&config).unwrap()
+        + "[redis]\nurl = \"redis://127.0.0.1:1\"\n[kafka]\nbrokers = \"127.0.0.1:1\"\n";
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+#[tokio::test]
+async fn run_with_no_rules_warns() {
+    let db = TestDb::new("cli_no_rules").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_run_config(dir.path(), &db.url, &format!("{}_s", db.name), &[]);
+    let (code, _, err) = run(
+        &["run", "--config", config.to_str().unwrap()],
+        &[("WAL2CACHE_LOG", "warn")],
+    );
+    assert_eq!(code, 1, "Redis does not answer: {err}");
+    assert!(
+        err.contains("WARN") && err.contains("the rules have no [[rule]]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_fatal_error_is_printed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "postgres://u@127.0.0.1:1/db", "s", &[]);
+    std::fs::write(dir.path().join("rules.toml"), "").unwrap();
+    let (code, _, err) = run(&["setup", "--config", config.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(
+        err.matches("cannot connect to PostgreSQL").count(),
+        1,
+        "once: {err}"
+    );
+    assert!(
+        err.trim_end()
+            .lines()
+            .last()
+            .unwrap()
+            .starts_with("error: "),
+        "{err}"
+    );
+}
+
+/// The exit code of `wal2cache args` when its standard error is a pipe nobody reads
+/// (the read end is closed: every write fails with EPIPE).
+fn exit_code_with_stderr_closed(args: &[&str], envs: &[(&str, &str)]) -> Option<i32> {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    Command::new(BIN)
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(writer))
+        .status()
+        .unwrap()
+        .code()
+}
+
+#[tokio::test]
+async fn a_closed_stderr_does_not_make_it_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "postgres://u@127.0.0.1:1/db", "s", &[]);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[postgres]", "[postgres]\nsloot = 1");
+    std::fs::write(&config, text).unwrap();
+    assert_eq!(
+        exit_code_with_stderr_closed(&["check", "--config", config.to_str().unwrap()], &[]),
+        Some(3),
+        "a bad config exits 3, not 101 (a panic)"
+    );
+
+    // Logs first (a warning), then a fatal error.
+    let db = TestDb::new("cli_closed_stderr").await;
+    let config = write_run_config(dir.path(), &db.url, &format!("{}_s", db.name), &[]);
+    assert_eq!(
+        exit_code_with_stderr_closed(
+            &["run", "--config", config.to_str().unwrap()],
+            &[("WAL2CACHE_LOG", "info")]
+        ),
+        Some(1),
+        "run exits 1, not 101 (a panic)"
+    );
+}
+
+#[tokio::test]
+async fn a_dropped_replication_connection_is_reported_by_wal2cache_alone() {
+    let db = TestDb::new("cli_quiet").await;
+    db.exec("CREATE TABLE items (id int PRIMARY KEY)").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db.url, "s", &["public.items"]);
+    let mut child = Command::new(BIN)
+        .args(["tail", "--config", config.to_str().unwrap()])
+        .env("WAL2CACHE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = lines_of(child.stderr.take().unwrap());
+    wait_for_line(&err, "streaming");
+    let temp_slot = format!("wal2cache_tail_{}", child.id());
+    db.client
+        .execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&temp_slot],
+        )
+        .await
+        .unwrap();
+    // Everything it logs until it streams again.
+    let mut logged = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = err
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("tail did not stream again within 30 s: {logged:#?}"));
+        let done = line.contains("streaming");
+        logged.push(line);
+        if done {
+            break;
+        }
+    }
+    assert!(
+        logged
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("wal2cache")),
+        "wal2cache says the connection dropped: {logged:#?}"
+    );
+    assert!(
+        !logged.iter().any(|l| l.contains("pgwire_replication")),
+        "the replication crate's own events are not shown: {logged:#?}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
 }

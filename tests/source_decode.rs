@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use serde_json::json;
 use wal2cache::source::pgoutput::OldKind;
-use wal2cache::source::value::row_to_json;
+use wal2cache::source::value::RowJson;
 use wal2cache::source::{Op, Source, SourceEvent, Value};
 use wal2cache::Lsn;
 
@@ -180,7 +180,7 @@ async fn every_listed_type_decodes_to_its_json_form() {
     .await;
     let events = commits(&mut source, 1).await;
     let c = changes(&events)[0];
-    let json = row_to_json(&c.relation, c.new.as_ref().unwrap()).unwrap();
+    let json = serde_json::to_value(RowJson::new(&c.relation, c.new.as_ref().unwrap())).unwrap();
     let expected = json!({
         "id": 9223372036854775807i64, "i2": -32768, "i4": 2147483647,
         "n": "123456789012345678901234567890.123456789",
@@ -191,7 +191,7 @@ async fn every_listed_type_decodes_to_its_json_form() {
         "j": {"a": [1, 2.5, null]}, "jb": {"k": {"n": true}},
         "arr": "{1,2,3}", "tarr": "{\"a b\",c}", "m": "happy", "nul": null,
     });
-    assert_eq!(serde_json::Value::Object(json), expected);
+    assert_eq!(json, expected);
     source.stop().await;
 }
 
@@ -223,9 +223,10 @@ async fn an_unchanged_toast_column_is_marked_never_a_value() {
     let body = update.relation.column_index("body").unwrap();
     assert_eq!(update.new.as_ref().unwrap().0[body], Value::UnchangedToast);
     assert_eq!(update.unchanged_columns().collect::<Vec<_>>(), ["body"]);
-    let json = row_to_json(&update.relation, update.new.as_ref().unwrap()).unwrap();
+    let json =
+        serde_json::to_value(RowJson::new(&update.relation, update.new.as_ref().unwrap())).unwrap();
     assert!(
-        !json.contains_key("body"),
+        json.get("body").is_none(),
         "an unchanged column has no value: {json:?}"
     );
     assert_eq!(json["title"], "b");

@@ -30,6 +30,7 @@ use tokio::sync::watch;
 
 use crate::backoff::Backoff;
 use crate::config::RedisConfig;
+use crate::redact::redact;
 use crate::sink::{Batch, Item, SinkError};
 
 /// Version sidecars live at least this long.
@@ -850,20 +851,6 @@ pub fn describe(item: &Item) -> String {
     )
 }
 
-/// A URL without its password.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let userinfo = &url[s + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -931,15 +918,5 @@ mod tests {
     #[test]
     fn scan_patterns_escape_globs() {
         assert_eq!(scan_pattern("shop:p[1]*:"), "shop:p\\[1\\]\\*:*");
-    }
-
-    #[test]
-    fn urls_are_redacted() {
-        assert_eq!(
-            redact("redis://:pw@host:6379/0"),
-            "redis://:***@host:6379/0"
-        );
-        assert_eq!(redact("redis://user:pw@host"), "redis://user:***@host");
-        assert_eq!(redact("redis://host:6379"), "redis://host:6379");
     }
 }

@@ -3,7 +3,6 @@
 
 use crate::source::pgoutput::DecodeError;
 use crate::source::relations::UnknownRelation;
-use crate::source::value::ValueError;
 
 /// What to do about an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,7 +20,7 @@ pub enum SourceError {
     #[error("invalid postgres.url: {0}")]
     Url(String),
 
-    #[error("cannot connect to PostgreSQL at {target}: {source}")]
+    #[error("cannot connect to PostgreSQL at {target}: {}{}", pg_error(.source), connect_hint(.source))]
     Connect {
         target: String,
         #[source]
@@ -59,7 +58,7 @@ pub enum SourceError {
     #[error("replication slot {slot:?} is in use by another process ({detail}); this instance is on standby and retries")]
     SlotInUse { slot: String, detail: String },
 
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", pg_error(.source))]
     Postgres {
         context: String,
         #[source]
@@ -85,9 +84,6 @@ pub enum SourceError {
 
     #[error(transparent)]
     UnknownRelation(#[from] UnknownRelation),
-
-    #[error(transparent)]
-    Value(#[from] ValueError),
 
     #[error("the replication stream ended: PostgreSQL closed it")]
     Ended,
@@ -151,6 +147,43 @@ impl SourceError {
                 sqlstate,
             },
         }
+    }
+}
+
+/// What went wrong, in full: the server's message with its detail, hint and SQLSTATE
+/// for an error the server sent; otherwise the error and its causes ("error connecting
+/// to server: Connection refused (os error 111)"). `tokio_postgres::Error`'s own
+/// `Display` shows only "db error" or "error connecting to server".
+pub fn pg_error(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut out = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+        if let Some(detail) = db.detail() {
+            out.push_str(&format!("; detail: {detail}"));
+        }
+        if let Some(hint) = db.hint() {
+            out.push_str(&format!("; hint: {hint}"));
+        }
+        return out;
+    }
+    let mut out = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
+/// What to check when a connection fails.
+fn connect_hint(e: &tokio_postgres::Error) -> &'static str {
+    match e.code().map(|c| c.code()) {
+        Some("3D000") => ": check the database name in postgres.url",
+        Some(_) => "",
+        None => ": check the host and port in postgres.url and that PostgreSQL runs and accepts TCP connections there",
     }
 }
 

@@ -2,7 +2,8 @@
 //! string (a JSON number would lose digits in most readers), json/jsonb embedded,
 //! booleans as booleans, everything else as its Postgres text form.
 
-use serde_json::{Map, Value as Json};
+use serde::{Serialize, Serializer};
+use serde_json::value::RawValue;
 
 use crate::source::change::{Column, Relation, Row, Value};
 
@@ -20,15 +21,6 @@ pub mod oid {
     pub const VARCHAR: u32 = 1043;
     pub const NUMERIC: u32 = 1700;
     pub const JSONB: u32 = 3802;
-}
-
-/// A column value Postgres sent that is not what its type promises.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("column {column:?} of {table}: {problem}")]
-pub struct ValueError {
-    pub table: String,
-    pub column: String,
-    pub problem: String,
 }
 
 /// Appends the JSON form of one value to `out`. Returns `Ok(false)`, writing nothing,
@@ -71,15 +63,95 @@ pub fn write_json(out: &mut String, column: &Column, value: &Value) -> Result<bo
     Ok(true)
 }
 
-/// The JSON form of one value as a tree (for display); `None` when not sent.
-pub fn to_json(column: &Column, value: &Value) -> Result<Option<Json>, String> {
-    let mut out = String::new();
-    if !write_json(&mut out, column, value)? {
-        return Ok(None);
+/// One value for display: its exact JSON text, or, when that is not valid JSON (a
+/// value Postgres sent that is not what its type promises), its text as a JSON string.
+#[derive(Debug, Clone)]
+pub enum JsonCell {
+    /// The JSON text `write_json` produced, validated, on one line.
+    Exact(Box<RawValue>),
+    /// The value's text, shown as a string, and why it could not be shown as JSON.
+    Text { text: String, problem: String },
+}
+
+impl Serialize for JsonCell {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            JsonCell::Exact(raw) => raw.serialize(s),
+            JsonCell::Text { text, .. } => s.serialize_str(text),
+        }
     }
-    serde_json::from_str(&out)
-        .map(Some)
-        .map_err(|e| format!("value is not valid JSON: {e}"))
+}
+
+impl JsonCell {
+    /// Validates JSON text without building a tree: no depth limit, and numbers are
+    /// never converted, so they stay exactly as Postgres printed them. Line breaks
+    /// (whitespace between tokens in valid JSON) become spaces, so a line stays a line.
+    pub fn from_json_text(text: String) -> Result<JsonCell, String> {
+        let text = if text.contains(['\n', '\r']) {
+            text.replace(['\n', '\r'], " ")
+        } else {
+            text
+        };
+        match RawValue::from_string(text) {
+            Ok(raw) => Ok(JsonCell::Exact(raw)),
+            Err(e) => Err(format!("not valid JSON: {e}")),
+        }
+    }
+}
+
+/// One value for display; `None` when it was not sent (unchanged TOAST, outside a
+/// key-only old row). Never fails: what is not valid JSON is shown as text.
+pub fn display_json(column: &Column, value: &Value) -> Option<JsonCell> {
+    let mut out = String::new();
+    let problem = match write_json(&mut out, column, value) {
+        Ok(false) => return None,
+        Ok(true) => match JsonCell::from_json_text(out) {
+            Ok(cell) => return Some(cell),
+            Err(problem) => problem,
+        },
+        Err(problem) => problem,
+    };
+    let text = match value {
+        Value::Text(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::Binary(b) => hex(b),
+        Value::Null | Value::UnchangedToast | Value::NotSent => String::new(),
+    };
+    Some(JsonCell::Text { text, problem })
+}
+
+/// The values of a row that were sent, by column name, for display; serializes as a
+/// JSON object. Built from the same text as republished values (`write_json`), never
+/// re-parsed into a tree.
+#[derive(Debug, Clone, Default)]
+pub struct RowJson(pub Vec<(String, JsonCell)>);
+
+impl RowJson {
+    pub fn new(relation: &Relation, row: &Row) -> RowJson {
+        RowJson(
+            relation
+                .columns
+                .iter()
+                .zip(&row.0)
+                .filter_map(|(column, value)| {
+                    display_json(column, value).map(|cell| (column.name.clone(), cell))
+                })
+                .collect(),
+        )
+    }
+
+    /// Columns shown as text instead of JSON, with why.
+    pub fn as_text(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().filter_map(|(name, cell)| match cell {
+            JsonCell::Text { problem, .. } => Some((name.as_str(), problem.as_str())),
+            JsonCell::Exact(_) => None,
+        })
+    }
+}
+
+impl Serialize for RowJson {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+    }
 }
 
 fn write_string(out: &mut String, s: &str) {
@@ -123,22 +195,6 @@ fn is_json_number(s: &str) -> bool {
     i == b.len()
 }
 
-/// The known columns of a row as a JSON object, by column name.
-pub fn row_to_json(relation: &Relation, row: &Row) -> Result<Map<String, Json>, ValueError> {
-    let mut out = Map::with_capacity(row.0.len());
-    for (column, value) in relation.columns.iter().zip(&row.0) {
-        let json = to_json(column, value).map_err(|problem| ValueError {
-            table: relation.qualified_name(),
-            column: column.name.clone(),
-            problem,
-        })?;
-        if let Some(json) = json {
-            out.insert(column.name.clone(), json);
-        }
-    }
-    Ok(out)
-}
-
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
     let mut s = String::with_capacity(2 + bytes.len() * 2);
@@ -153,7 +209,7 @@ fn hex(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
     use bytes::Bytes;
-    use serde_json::json;
+    use serde_json::{json, Value as Json};
 
     fn col(type_oid: u32) -> Column {
         Column {
@@ -166,6 +222,11 @@ mod tests {
 
     fn text(s: &str) -> Value {
         Value::Text(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    /// The JSON text a value is shown as.
+    fn shown(type_oid: u32, value: &Value) -> Option<String> {
+        display_json(&col(type_oid), value).map(|cell| serde_json::to_string(&cell).unwrap())
     }
 
     #[test]
@@ -187,19 +248,40 @@ mod tests {
             (oid::BYTEA, "\\x00ff", json!("\\x00ff")),
         ];
         for (type_oid, input, expected) in cases {
+            let shown = shown(type_oid, &text(input)).unwrap();
             assert_eq!(
-                to_json(&col(type_oid), &text(input)),
-                Ok(Some(expected)),
+                serde_json::from_str::<Json>(&shown).unwrap(),
+                expected,
                 "{input}"
             );
         }
     }
 
     #[test]
-    fn values_not_sent_have_no_json() {
-        assert_eq!(to_json(&col(oid::TEXT), &Value::UnchangedToast), Ok(None));
-        assert_eq!(to_json(&col(oid::TEXT), &Value::NotSent), Ok(None));
-        assert_eq!(to_json(&col(oid::TEXT), &Value::Null), Ok(Some(Json::Null)));
+    fn numbers_and_nesting_are_shown_exactly_as_postgres_printed_them() {
+        let deep = format!("{}1{}", "[".repeat(500), "]".repeat(500));
+        for (type_oid, input) in [
+            (oid::FLOAT8, "1.2345678901234567e-300"),
+            (oid::FLOAT8, "1e+20"),
+            (oid::FLOAT4, "-0"),
+            (oid::JSON, "1e400"),
+            (oid::JSONB, "10000000000000000000000001"),
+            (oid::JSONB, deep.as_str()),
+        ] {
+            assert_eq!(shown(type_oid, &text(input)).as_deref(), Some(input));
+        }
+        assert_eq!(
+            shown(oid::JSON, &text("{\"a\":\r\n [1, \"x\\ny\"]}")).as_deref(),
+            Some("{\"a\":   [1, \"x\\ny\"]}"),
+            "a line break between tokens becomes a space, one inside a string stays escaped"
+        );
+    }
+
+    #[test]
+    fn values_not_sent_are_not_shown() {
+        assert_eq!(shown(oid::TEXT, &Value::UnchangedToast), None);
+        assert_eq!(shown(oid::TEXT, &Value::NotSent), None);
+        assert_eq!(shown(oid::TEXT, &Value::Null).as_deref(), Some("null"));
     }
 
     #[test]
@@ -224,10 +306,35 @@ mod tests {
     }
 
     #[test]
-    fn malformed_values_are_errors() {
-        assert!(to_json(&col(oid::INT4), &text("4x")).is_err());
-        assert!(to_json(&col(oid::BOOL), &text("yes")).is_err());
-        let bad = Value::Text(Bytes::from_static(&[0xff, 0xfe]));
-        assert!(to_json(&col(oid::TEXT), &bad).is_err());
+    fn malformed_values_are_shown_as_text_with_the_problem() {
+        for (type_oid, value, shown_as) in [
+            (oid::INT4, text("4x"), "4x"),
+            (oid::BOOL, text("yes"), "yes"),
+            (oid::JSONB, text("{nope"), "{nope"),
+            (
+                oid::TEXT,
+                Value::Text(Bytes::from_static(&[b'a', 0xff])),
+                "a\u{fffd}",
+            ),
+        ] {
+            match display_json(&col(type_oid), &value) {
+                Some(JsonCell::Text { text, problem }) => {
+                    assert_eq!(text, shown_as);
+                    assert!(!problem.is_empty());
+                }
+                other => panic!("{value:?}: {other:?}"),
+            }
+        }
+        let relation = Relation {
+            oid: 1,
+            schema: "public".into(),
+            name: "t".into(),
+            replica_identity: crate::source::change::ReplicaIdentity::Default,
+            columns: vec![col(oid::INT4)],
+            ancestors: Vec::new(),
+        };
+        let row = RowJson::new(&relation, &Row(vec![text("4x")]));
+        assert_eq!(serde_json::to_string(&row).unwrap(), r#"{"c":"4x"}"#);
+        assert_eq!(row.as_text().count(), 1);
     }
 }
