@@ -23,7 +23,7 @@ cargo check --locked --lib --no-default-features
 log_info "the L1 library builds without the daemon's dependencies (feature l1)"
 cargo check --locked --lib --no-default-features --features l1
 if cargo tree --locked --no-default-features --features l1 -e normal --prefix none |
-    grep -Ei '^(tokio-postgres|postgres-protocol|pgwire-replication|redis|clap|config|tracing-subscriber|metrics-exporter-prometheus|humantime|rand) '; then
+    grep -Ei '^(tokio-postgres|postgres-protocol|pgwire-replication|redis|clap|config|tracing-subscriber|metrics-exporter-prometheus|humantime|rand|axum|serde_ignored) '; then
     die "feature l1 pulls in a daemon dependency"
 fi
 
