@@ -280,15 +280,35 @@ pub async fn tail(
             Some(Err(e)) => return Err(e.into()),
             Some(Ok(event)) => event,
         };
+        let mut written = Ok(());
         if let Some(line) = formatter.line(&event) {
-            writeln!(out, "{line}").map_err(io_err)?;
+            written = writeln!(out, "{line}");
         }
-        if let SourceEvent::Commit(commit) = event {
-            out.flush().map_err(io_err)?;
-            source.confirm(commit.end_lsn);
+        let commit = match &event {
+            SourceEvent::Commit(commit) => {
+                written = written.and_then(|()| out.flush());
+                Some(commit.end_lsn)
+            }
+            _ => None,
+        };
+        match written {
+            Ok(()) => {
+                if let Some(lsn) = commit {
+                    source.confirm(lsn);
+                }
+            }
+            // The reader went away (`tail | head`): a normal end, not an error.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                source.stop().await;
+                return Ok(());
+            }
+            Err(e) => return Err(io_err(e)),
         }
     }
-    out.flush().map_err(io_err)?;
+    match out.flush() {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(io_err(e)),
+        _ => {}
+    }
     source.stop().await;
     Ok(())
 }

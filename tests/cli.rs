@@ -748,3 +748,55 @@ async fn a_dropped_replication_connection_is_reported_by_wal2cache_alone() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[tokio::test]
+async fn tail_ends_quietly_when_its_reader_goes_away() {
+    let db = TestDb::new("cli_tail_pipe").await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db.url, "unused_slot", &["public.t"]);
+    let mut child = Command::new(BIN)
+        .args(["tail", "--config", config.to_str().unwrap()])
+        .env("WAL2CACHE_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let temp_slot = format!("wal2cache_tail_{}", child.id());
+    eventually("tail to stream", Duration::from_secs(20), || async {
+        db.client
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active AND confirmed_flush_lsn IS NOT NULL",
+                &[&temp_slot],
+            )
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    db.exec("INSERT INTO t VALUES (1)").await;
+    // `tail | head -1`: read one line, then close the pipe.
+    let mut first = String::new();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    stdout.read_line(&mut first).unwrap();
+    assert!(first.contains("\"op\":\"insert\""), "{first}");
+    drop(stdout);
+    let mut id = 2;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(id < 600, "tail kept running with nobody reading");
+        db.client
+            .execute("INSERT INTO t VALUES ($1)", &[&id])
+            .await
+            .unwrap();
+        id += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(!err.contains("Broken pipe"), "{err}");
+}
