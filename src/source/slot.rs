@@ -34,7 +34,8 @@ impl PgTarget {
     pub fn parse(url: &str) -> Result<Self, SourceError> {
         let config = tokio_postgres::Config::from_str(url).map_err(|e| {
             SourceError::Url(format!(
-                "{e}: expected postgres://user:password@host:port/database"
+                "{}: expected postgres://user:password@host:port/database",
+                crate::source::error::pg_error(&e)
             ))
         })?;
         let host = match config.get_hosts().first() {
@@ -366,6 +367,14 @@ mod tests {
         assert_eq!(t.password(), "s3cret");
         assert!(!t.display().contains("s3cret"));
         assert!(format!("{t:?}").contains("db.example") && !format!("{t:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn says_why_a_url_does_not_parse() {
+        let err = PgTarget::parse("postgres://u@h:notaport/db")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("invalid value for option `port`"), "{err}");
     }
 
     #[test]
