@@ -332,9 +332,10 @@ async fn unreachable_sinks_and_failing_rules_stop_with_a_clear_error() {
     let (code, err) = run(&[("WAL2CACHE__KAFKA__BROKERS", "127.0.0.1:1")]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("cannot reach the Kafka brokers"), "{err}");
+    // A URL that does not parse is a config error, found before connecting anywhere.
     let (code, err) = run(&[("WAL2CACHE__REDIS__URL", "not a url")]);
-    assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("invalid redis.url"), "{err}");
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("redis.url: not a Redis URL"), "{err}");
     db.exec("ALTER TABLE products REPLICA IDENTITY DEFAULT")
         .await;
     let (code, err) = run(&[]);
