@@ -44,6 +44,10 @@ pub struct PipelineConfig {
     /// tables do not change; `0s` turns it off.
     #[serde(with = "humantime_serde")]
     pub idle_heartbeat: std::time::Duration,
+    /// A sink (Redis or Kafka) failing for longer than this is logged at ERROR, once
+    /// per outage, with what was tried; it keeps retrying.
+    #[serde(with = "humantime_serde")]
+    pub sink_error_after: std::time::Duration,
 }
 
 impl Default for PipelineConfig {
@@ -53,6 +57,7 @@ impl Default for PipelineConfig {
             batch_deadline: std::time::Duration::from_millis(5),
             shutdown_timeout: std::time::Duration::from_secs(30),
             idle_heartbeat: std::time::Duration::from_secs(10),
+            sink_error_after: crate::sink::retry::ERROR_AFTER,
         }
     }
 }

@@ -319,11 +319,12 @@ pub async fn run(
     let Pipeline {
         config,
         mut source,
-        redis,
+        mut redis,
         kafka,
         progress,
         stop,
     } = pipeline;
+    redis.set_error_after(config.sink_error_after);
     let (tx, rx) = mpsc::channel::<Batch>(QUEUED_BATCHES);
     let mut applier = tokio::spawn(applier(rx, redis, kafka, source.confirmer(), progress));
     let mut b = Batcher {

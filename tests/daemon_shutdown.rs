@@ -32,7 +32,7 @@ async fn sigterm_stops_the_daemon_while_redis_refuses_writes() {
         &redis.url,
         &format!("{prefix}.events"),
         &format!(
-            "[pipeline]\nshutdown_timeout = \"{}s\"\nidle_heartbeat = \"0s\"\n",
+            "[pipeline]\nshutdown_timeout = \"{}s\"\nidle_heartbeat = \"0s\"\nsink_error_after = \"1s\"\n",
             SHUTDOWN_TIMEOUT.as_secs()
         ),
     );
@@ -44,9 +44,11 @@ async fn sigterm_stops_the_daemon_while_redis_refuses_writes() {
     // A first row is applied and confirmed.
     db.exec("INSERT INTO items VALUES (0, 0)").await;
     let first = db.current_lsn().await;
-    eventually("the first row to be confirmed", Duration::from_secs(30), || async {
-        db.confirmed_lsn(&slot).await.is_some_and(|l| l >= first)
-    })
+    eventually(
+        "the first row to be confirmed",
+        Duration::from_secs(30),
+        || async { db.confirmed_lsn(&slot).await.is_some_and(|l| l >= first) },
+    )
     .await;
     let key0 = format!("{prefix}:json:0");
     assert!(r.exists::<_, bool>(&key0).await.unwrap());
@@ -89,6 +91,17 @@ async fn sigterm_stops_the_daemon_while_redis_refuses_writes() {
             .is_some()
     })
     .await;
+    // Failing for longer than pipeline.sink_error_after: said once at ERROR.
+    eventually(
+        "the ERROR about the failing sink",
+        Duration::from_secs(30),
+        || async {
+            std::fs::read_to_string(&log)
+                .unwrap()
+                .contains("Redis has been failing for")
+        },
+    )
+    .await;
     // Writes go on while it stops.
     let writer_url = db.url.clone();
     let writer = tokio::spawn(async move {
@@ -113,12 +126,34 @@ async fn sigterm_stops_the_daemon_while_redis_refuses_writes() {
     let (code, took) = exited.unwrap_or_else(|| {
         panic!("still running {:?} after SIGTERM with shutdown_timeout = {SHUTDOWN_TIMEOUT:?}:\n{stderr}", SHUTDOWN_TIMEOUT + margin)
     });
-    assert_eq!(code, Some(1), "exit code past the shutdown deadline:\n{stderr}");
+    assert_eq!(
+        code,
+        Some(1),
+        "exit code past the shutdown deadline:\n{stderr}"
+    );
     assert!(
         took >= SHUTDOWN_TIMEOUT,
         "exited after {took:?}, before the deadline: did it drain?\n{stderr}"
     );
     assert!(stderr.contains("shutdown deadline"), "{stderr}");
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("ERROR") && l.contains("has been failing for"))
+        .collect();
+    assert_eq!(errors.len(), 1, "one ERROR per outage: {errors:#?}");
+    assert!(
+        errors[0].contains("attempts") && errors[0].contains("OOM"),
+        "{}",
+        errors[0]
+    );
+    let warns = stderr
+        .lines()
+        .filter(|l| l.contains("Redis failed; retrying"))
+        .count();
+    assert!(
+        warns <= 3,
+        "retry WARNs are rate-limited: {warns}\n{stderr}"
+    );
     assert_eq!(
         db.confirmed_lsn(&slot).await,
         Some(applied),
