@@ -320,11 +320,12 @@ pub async fn run(
         config,
         mut source,
         mut redis,
-        kafka,
+        mut kafka,
         progress,
         stop,
     } = pipeline;
     redis.set_error_after(config.sink_error_after);
+    kafka.set_error_after(config.sink_error_after);
     let (tx, rx) = mpsc::channel::<Batch>(QUEUED_BATCHES);
     let mut applier = tokio::spawn(applier(rx, redis, kafka, source.confirmer(), progress));
     let mut b = Batcher {

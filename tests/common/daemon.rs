@@ -265,9 +265,11 @@ impl PrivateRedis {
             child,
             url: format!("redis://127.0.0.1:{port}"),
         };
-        eventually("the private redis-server to answer", Duration::from_secs(20), || async {
-            redis.try_connect().await.is_some()
-        })
+        eventually(
+            "the private redis-server to answer",
+            Duration::from_secs(20),
+            || async { redis.try_connect().await.is_some() },
+        )
         .await;
         redis
     }
@@ -283,7 +285,9 @@ impl PrivateRedis {
     }
 
     pub async fn connect(&self) -> redis::aio::MultiplexedConnection {
-        self.try_connect().await.expect("the private redis-server answers")
+        self.try_connect()
+            .await
+            .expect("the private redis-server answers")
     }
 }
 
@@ -321,4 +325,19 @@ pub fn write_config(
     )
     .unwrap();
     config
+}
+
+/// The topic exists with at least one partition. Blocking.
+pub fn topic_exists(topic: &str) -> bool {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .create()
+        .unwrap();
+    consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(5))
+        .is_ok_and(|md| {
+            md.topics()
+                .first()
+                .is_some_and(|t| t.error().is_none() && !t.partitions().is_empty())
+        })
 }
