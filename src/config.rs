@@ -118,6 +118,11 @@ pub struct KafkaConfig {
     /// Replication factor of the topic when wal2cache creates it.
     #[serde(default = "default_replication")]
     pub replication_factor: i32,
+    /// The largest event (its JSON) published; a larger one is split, and one whose
+    /// single key or tag cannot fit becomes a `flush_all`. Lowered to fit
+    /// `message.max.bytes` when `properties` sets it.
+    #[serde(default = "default_max_event_bytes")]
+    pub max_event_bytes: usize,
     /// Passed to librdkafka as they are.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
@@ -137,6 +142,9 @@ fn default_partitions() -> i32 {
 }
 fn default_replication() -> i32 {
     1
+}
+fn default_max_event_bytes() -> usize {
+    900_000
 }
 fn default_topic() -> String {
     "wal2cache.invalidations".into()
@@ -209,6 +217,13 @@ impl Config {
                 problems.push(format!(
                     "kafka.partitions = {}: must be at least 1",
                     k.partitions
+                ));
+            }
+            let min = crate::sink::kafka::MIN_EVENT_BYTES;
+            if k.max_event_bytes < min {
+                problems.push(format!(
+                    "kafka.max_event_bytes = {}: must be at least {min} (a flush_all event with its detail must fit)",
+                    k.max_event_bytes
                 ));
             }
         }

@@ -1,6 +1,7 @@
-//! `wal2cache run` and what the broker loses: the topic deleted under the running
-//! daemon. The daemon keeps running, Redis is invalidated, and the events arrive on
-//! the topic created again.
+//! `wal2cache run` and what the broker cannot take or loses: events too large for a
+//! Kafka message (a key rendered from a free-text column, a manual invalidation of a
+//! huge key or of many keys), and the topic deleted under the running daemon. The
+//! daemon keeps running, Redis is invalidated, and the topic carries events that fit.
 
 mod common;
 
@@ -10,6 +11,8 @@ use common::daemon::*;
 use common::*;
 use redis::AsyncCommands;
 use serde_json::Value;
+
+const INVALIDATE: &str = include_str!("../migrations/002_invalidate_function.sql");
 
 /// A key rule over a free-text column.
 fn rules(prefix: &str) -> String {
@@ -27,6 +30,192 @@ async fn events(topic: &str, done: impl Fn(&[Value]) -> bool + Send + 'static) -
     tokio::task::spawn_blocking(move || read_topic(&topic, done))
         .await
         .unwrap()
+}
+
+fn oversized(e: &Value) -> bool {
+    e["kind"] == "flush_all" && e["reason"] == "oversized"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_key_does_not_stop_invalidation() {
+    let db = TestDb::new("oversized").await;
+    db.exec("CREATE TABLE probe (id int PRIMARY KEY, k text NOT NULL); ALTER TABLE probe REPLICA IDENTITY FULL")
+        .await;
+    db.exec(INVALIDATE).await;
+    let prefix = unique("oversized");
+    let topic = format!("{prefix}.events");
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &db,
+        "k",
+        &rules(&prefix),
+        &redis_url(),
+        &topic,
+        "",
+    );
+    let log = dir.path().join("daemon.log");
+    let mut daemon = Daemon::start_logging(&config, &[], &log);
+    wait_streaming(&db, &format!("{}_k", db.name)).await;
+    let mut r = redis().await;
+
+    // A 600 kB value in the key's column: far more than a Kafka message takes.
+    let big = "k".repeat(600_000);
+    let big_key = format!("{prefix}:lk:{big}");
+    let _: () = r.set(&big_key, "stale").await.unwrap();
+    db.client
+        .execute("INSERT INTO probe VALUES (1, $1)", &[&big])
+        .await
+        .unwrap();
+    eventually(
+        "the 600 kB key to be deleted",
+        Duration::from_secs(30),
+        || gone(&r, &big_key),
+    )
+    .await;
+
+    // The same through wal2cache.invalidate(): a manual invalidation of a huge key.
+    let manual_key = format!("{prefix}:m:{}", "k".repeat(600_000));
+    let _: () = r.set(&manual_key, "stale").await.unwrap();
+    db.client
+        .execute(
+            "SELECT wal2cache.invalidate(array[$1 || ':m:' || repeat('k', 600000)])",
+            &[&prefix],
+        )
+        .await
+        .unwrap();
+    eventually(
+        "the manual 600 kB key to be deleted",
+        Duration::from_secs(30),
+        || gone(&r, &manual_key),
+    )
+    .await;
+
+    // Later small changes are still invalidated and published.
+    let small = format!("{prefix}:lk:small");
+    let _: () = r.set(&small, "stale").await.unwrap();
+    db.exec("INSERT INTO probe VALUES (2, 'small')").await;
+    eventually(
+        "the small key to be deleted",
+        Duration::from_secs(30),
+        || gone(&r, &small),
+    )
+    .await;
+    daemon.assert_running("after the oversized keys");
+
+    let small_read = small.clone();
+    let events = events(&topic, move |e| {
+        e.iter().filter(|e| oversized(e)).count() >= 2 && keys_of(e).contains(small_read.as_str())
+    })
+    .await;
+    let flushes: Vec<&Value> = events.iter().filter(|e| oversized(e)).collect();
+    assert_eq!(flushes.len(), 2, "{events:#?}");
+    let row = flushes
+        .iter()
+        .find(|e| e["table"] == "public.probe")
+        .expect("a flush_all for the row");
+    assert_eq!(row["op"], "insert");
+    let detail = row["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("rule \"lk\"")
+            && detail.contains("public.probe")
+            && detail.contains(row["lsn"].as_str().unwrap()),
+        "{detail}"
+    );
+    let manual = flushes
+        .iter()
+        .find(|e| e["op"] == "message")
+        .expect("a flush_all for the message");
+    assert!(
+        manual["detail"]
+            .as_str()
+            .unwrap()
+            .contains("a wal2cache message"),
+        "{manual}"
+    );
+    for e in &events {
+        assert!(
+            e.to_string().len() < 10_000,
+            "no event carries the huge key"
+        );
+    }
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    let warn = stderr
+        .lines()
+        .find(|l| l.contains("too large for a Kafka event") && l.contains("public.probe"))
+        .unwrap_or_else(|| panic!("no WARN naming the table:\n{stderr}"));
+    assert!(warn.contains("lk") && warn.contains("lsn="), "{warn}");
+    assert!(
+        stderr.len() < 20_000,
+        "the huge key is never logged whole: {} bytes",
+        stderr.len()
+    );
+    daemon.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_invalidation_of_many_keys_is_split_into_events_that_fit() {
+    let db = TestDb::new("split").await;
+    db.exec("CREATE TABLE probe (id int PRIMARY KEY, k text NOT NULL); ALTER TABLE probe REPLICA IDENTITY FULL")
+        .await;
+    db.exec(INVALIDATE).await;
+    let prefix = unique("split");
+    let topic = format!("{prefix}.events");
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &db,
+        "k",
+        &rules(&prefix),
+        &redis_url(),
+        &topic,
+        "",
+    );
+    let mut daemon = Daemon::start(&config, &[]);
+    wait_streaming(&db, &format!("{}_k", db.name)).await;
+    let mut r = redis().await;
+
+    // 12,000 keys of about 120 bytes: 1.5 MB of keys in one change.
+    let n = 12_000;
+    let key = |i: i32| format!("{prefix}:many:{i}:{}", "x".repeat(80));
+    for i in [1, n / 2, n] {
+        let _: () = r.set(key(i), "stale").await.unwrap();
+    }
+    db.client
+        .execute(
+            "SELECT wal2cache.invalidate(array(SELECT $1 || ':many:' || g || ':' || repeat('x', 80) FROM generate_series(1, $2) g))",
+            &[&prefix, &n],
+        )
+        .await
+        .unwrap();
+    for i in [1, n / 2, n] {
+        let k = key(i);
+        eventually("the keys to be deleted", Duration::from_secs(30), || {
+            gone(&r, &k)
+        })
+        .await;
+    }
+    daemon.assert_running("after the large invalidation");
+    let events = events(&topic, move |e| keys_of(e).len() >= n as usize).await;
+    assert!(
+        events.len() >= 2,
+        "split into several events: {}",
+        events.len()
+    );
+    let lsn = &events[0]["lsn"];
+    for e in &events {
+        assert_eq!(
+            (&e["kind"], &e["op"], &e["lsn"]),
+            (&Value::from("invalidate"), &Value::from("message"), lsn)
+        );
+        assert!(
+            e.to_string().len() <= 900_000,
+            "{} bytes",
+            e.to_string().len()
+        );
+    }
+    assert_eq!(keys_of(&events).len(), n as usize, "every key, once");
+    daemon.stop();
 }
 
 /// The topic deleted under the running daemon (as a broker without persistence that
