@@ -1,7 +1,8 @@
-//! SIGTERM while a sink refuses writes: the daemon stops within
+//! SIGTERM while a sink refuses writes or is gone: the daemon stops within
 //! `pipeline.shutdown_timeout` with exit code 1, and confirms nothing past what the
 //! sinks applied. The Redis here is a private `redis-server`, made to refuse writes
-//! (`maxmemory 1`, `noeviction`), so that no other test sees it fail.
+//! (`maxmemory 1`, `noeviction`), and the broker a private Tansu, killed, so that no
+//! other test sees them fail.
 
 mod common;
 
@@ -171,4 +172,90 @@ async fn sigterm_stops_the_daemon_while_redis_refuses_writes() {
         .exists::<_, bool>(format!("{prefix}:json:1"))
         .await
         .unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_daemon_while_the_broker_is_gone() {
+    let db = TestDb::new("shutdown_k").await;
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL)")
+        .await;
+    let mut broker = PrivateBroker::start().await;
+    let prefix = unique("shutdown_k");
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &db,
+        "s",
+        &format!(
+            "[[rule]]\nname = \"item\"\ntable = \"public.items\"\nkeys = [\"{prefix}:k:{{id}}\"]\n"
+        ),
+        &redis_url(),
+        &format!("{prefix}.events"),
+        &format!(
+            "[pipeline]\nshutdown_timeout = \"{}s\"\nidle_heartbeat = \"0s\"\n",
+            SHUTDOWN_TIMEOUT.as_secs()
+        ),
+    );
+    let config_text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        config_text.replace(&kafka_brokers(), &broker.brokers),
+    )
+    .unwrap();
+    let slot = format!("{}_s", db.name);
+    let log = dir.path().join("daemon.log");
+    let daemon = Daemon::start_logging(&config, &[("WAL2CACHE_LOG", "info")], &log);
+    wait_streaming(&db, &slot).await;
+    db.exec("INSERT INTO items VALUES (0, 0)").await;
+    let first = db.current_lsn().await;
+    eventually(
+        "the first row to be confirmed",
+        Duration::from_secs(30),
+        || async { db.confirmed_lsn(&slot).await.is_some_and(|l| l >= first) },
+    )
+    .await;
+    let applied = db.confirmed_lsn(&slot).await.unwrap();
+
+    // The broker is gone: deliveries wait, the channel fills.
+    broker.kill();
+    for id in 1..=200 {
+        db.client
+            .execute("INSERT INTO items VALUES ($1, $1)", &[&id])
+            .await
+            .unwrap();
+    }
+    eventually(
+        "librdkafka to notice the broker is gone",
+        Duration::from_secs(30),
+        || async {
+            std::fs::read_to_string(&log)
+                .unwrap()
+                .contains("librdkafka")
+        },
+    )
+    .await;
+
+    let margin = Duration::from_secs(8);
+    let exited = tokio::task::spawn_blocking(move || daemon.terminate(SHUTDOWN_TIMEOUT + margin))
+        .await
+        .unwrap();
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    let (code, took) = exited.unwrap_or_else(|| {
+        panic!(
+            "still running {:?} after SIGTERM with shutdown_timeout = {SHUTDOWN_TIMEOUT:?}:\n{stderr}",
+            SHUTDOWN_TIMEOUT + margin
+        )
+    });
+    assert_eq!(
+        code,
+        Some(1),
+        "exit code past the shutdown deadline:\n{stderr}"
+    );
+    assert!(stderr.contains("shutdown deadline"), "{stderr}");
+    println!("exited {took:?} after SIGTERM");
+    assert_eq!(
+        db.confirmed_lsn(&slot).await,
+        Some(applied),
+        "nothing the broker did not acknowledge is confirmed"
+    );
 }

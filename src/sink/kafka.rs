@@ -199,7 +199,20 @@ async fn announce_topic_lost(
 /// Drops a replaced producer off the async threads: dropping one purges its queue and
 /// waits up to 500 ms for it.
 fn retire(old: SinkProducer) {
-    tokio::task::spawn_blocking(move || drop(old));
+    off_runtime(move || drop(old));
+}
+
+/// Runs a blocking librdkafka call on a thread of its own, not on the runtime's
+/// blocking pool: the runtime waits for its blocking tasks when it shuts down, and a
+/// metadata request to an unreachable broker must not hold the exit after SIGTERM.
+fn off_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> tokio::sync::oneshot::Receiver<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx
 }
 
 /// Now, as an event's `commit_time`.
@@ -268,9 +281,9 @@ async fn ensure_topic(
         }))
     };
     let p = producer.clone();
-    let found = tokio::task::spawn_blocking(move || partitions(&p))
+    let found = off_runtime(move || partitions(&p))
         .await
-        .map_err(|e| fatal(config, "metadata task", e))?
+        .map_err(|e| fatal(config, "metadata thread", e))?
         .map_err(|e| {
             fatal(
                 config,

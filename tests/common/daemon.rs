@@ -341,3 +341,64 @@ pub fn topic_exists(topic: &str) -> bool {
                 .is_some_and(|t| t.error().is_none() && !t.partitions().is_empty())
         })
 }
+
+/// A Tansu broker of the test's own (memory storage), for tests that stop it; killed
+/// when dropped.
+pub struct PrivateBroker {
+    child: Child,
+    _dir: tempfile::TempDir,
+    pub brokers: String,
+}
+
+impl PrivateBroker {
+    pub async fn start() -> PrivateBroker {
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        // tansu reads a .env from its working directory or any parent: an empty one
+        // keeps a project-level one out.
+        std::fs::write(dir.path().join(".env"), "").unwrap();
+        let bin = std::env::var("HOME")
+            .map(|h| format!("{h}/.cargo/bin/tansu"))
+            .ok()
+            .filter(|p| Path::new(p).exists())
+            .unwrap_or_else(|| "tansu".into());
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(bin)
+            .args(["broker", "--cluster-id", "wal2cache-test"])
+            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .current_dir(dir.path())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tansu is installed (deploy/local/services.sh installs it)");
+        let broker = PrivateBroker {
+            child,
+            _dir: dir,
+            brokers: format!("127.0.0.1:{port}"),
+        };
+        eventually(
+            "the private broker to listen",
+            Duration::from_secs(30),
+            || async {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+            },
+        )
+        .await;
+        broker
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
