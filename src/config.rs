@@ -219,7 +219,7 @@ impl Config {
                     k.partitions
                 ));
             }
-            let min = crate::sink::kafka::MIN_EVENT_BYTES;
+            let min = crate::sink::fit::MIN_EVENT_BYTES;
             if k.max_event_bytes < min {
                 problems.push(format!(
                     "kafka.max_event_bytes = {}: must be at least {min} (a flush_all event with its detail must fit)",

@@ -12,6 +12,7 @@
 //! - The pipeline confirms an LSN to Postgres only after every sink applied every batch
 //!   up to it.
 
+pub mod fit;
 pub mod kafka;
 pub mod redis;
 pub mod retry;
