@@ -335,3 +335,50 @@ async fn the_topic_deleted_under_the_daemon_is_created_again() {
     daemon.assert_running("after the topic came back");
     daemon.stop();
 }
+
+/// With the brokers unreachable, librdkafka repeats the same connection error many
+/// times a second, through its log and its error callback: each distinct message is
+/// logged at most once per 30 s.
+#[tokio::test]
+async fn an_unreachable_broker_is_not_a_flood_of_log_lines() {
+    let db = TestDb::new("kafka_noise").await;
+    db.exec("CREATE TABLE probe (id int PRIMARY KEY, k text NOT NULL); ALTER TABLE probe REPLICA IDENTITY FULL")
+        .await;
+    let prefix = unique("noise");
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &db,
+        "k",
+        &rules(&prefix),
+        &redis_url(),
+        &format!("{prefix}.events"),
+        "",
+    );
+    // Nothing listens on port 1: `run` tries for 10 s, then stops with a clear error.
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(bin())
+            .args(["run", "--config", config.to_str().unwrap()])
+            .env("WAL2CACHE_LOG", "info")
+            .env("WAL2CACHE__KAFKA__BROKERS", "127.0.0.1:1")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot reach the Kafka brokers"), "{err}");
+    let librdkafka: Vec<&str> = err.lines().filter(|l| l.contains("librdkafka")).collect();
+    assert!(
+        !librdkafka.is_empty() && librdkafka.len() <= 5,
+        "{} librdkafka lines in 10 s:\n{}",
+        librdkafka.len(),
+        librdkafka.join("\n")
+    );
+    assert!(
+        librdkafka.iter().all(|l| !l.contains("ERROR")),
+        "a broker that does not answer is retried, not an error of its own: {librdkafka:#?}"
+    );
+}
