@@ -127,6 +127,27 @@ pub fn flush_all_for(source: &str, item: &Item, index: usize, why: &str) -> Outg
     }
 }
 
+/// The broker refused `event` (of `item`) as too large, its limit being below ours:
+/// the small flush_all that stands for it, or `None` when `event` already is one
+/// (then nothing smaller can be sent).
+pub fn refused(
+    source: &str,
+    event: &Outgoing,
+    item: &Item,
+    limits: &EventLimits,
+    error: &str,
+) -> Option<Outgoing> {
+    if event.degraded {
+        return None;
+    }
+    let why = format!(
+        "the broker refused its event of {} bytes as too large ({error}): its limit is below kafka.max_event_bytes ({}); subscribers flush everything instead",
+        event.payload.len(),
+        limits.max_event_bytes
+    );
+    Some(flush_all_for(source, item, event.item, &why))
+}
+
 /// The events of an item (`index` in its batch), each within `limits`.
 pub fn events_for(
     source: &str,
@@ -451,6 +472,42 @@ mod tests {
             "{v}"
         );
         assert_eq!(out[0].key, "wal2cache");
+    }
+
+    #[test]
+    fn an_event_the_broker_refuses_becomes_its_flush_all_once() {
+        let plan = Plan {
+            delete: (0..100).map(|i| format!("k:{i}")).collect(),
+            rules: vec!["r".into()],
+            ..Plan::default()
+        };
+        let item = item(Some("public.t"), plan);
+        let (out, _) = events_for("db", &item, 4, &limits(900_000));
+        let flush = refused(
+            "db",
+            &out[0],
+            &item,
+            &limits(900_000),
+            "MessageSizeTooLarge",
+        )
+        .expect("a flush_all stands for the refused event");
+        assert!(flush.degraded);
+        assert_eq!(flush.item, 4);
+        let v = parse(&flush);
+        assert_eq!(
+            (v["kind"].as_str(), v["reason"].as_str()),
+            (Some("flush_all"), Some("oversized"))
+        );
+        let detail = v["detail"].as_str().unwrap();
+        assert!(
+            detail.contains("refused") && detail.contains("rule \"r\""),
+            "{detail}"
+        );
+        assert_eq!(
+            refused("db", &flush, &item, &limits(900_000), "MessageSizeTooLarge"),
+            None,
+            "nothing smaller than the flush_all: the caller stops with an error"
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::backoff::Backoff;
 use crate::config::KafkaConfig;
 use crate::event::{Event, Kind};
 use crate::lsn::Lsn;
-use crate::sink::fit::{events_for, flush_all_for, EventLimits, Fitted, Outgoing};
+use crate::sink::fit::{events_for, refused, EventLimits, Fitted, Outgoing};
 use crate::sink::redis::cut;
 use crate::sink::retry::{Repeats, WARN_EVERY};
 use crate::sink::{describe, Batch, RetryLog, SinkError};
@@ -474,19 +474,16 @@ impl KafkaSink {
                 // flush_all instead, at once. Only if even that is refused is it fatal.
                 let event = &events[index];
                 let item = &batch.items[event.item];
-                if event.degraded {
+                let Some(replacement) =
+                    refused(&self.source, event, item, &self.limits, &error.to_string())
+                else {
                     return Err(SinkError::Kafka(format!(
                         "the broker refused even a {} byte flush_all event for topic {:?} ({}): {error}; raise the topic's max.message.bytes (or the broker's message.max.bytes)",
                         event.payload.len(),
                         self.topic,
                         describe(item)
                     )));
-                }
-                let why = format!(
-                    "the broker refused its event of {} bytes as too large ({error}): its limit is below kafka.max_event_bytes ({}); subscribers flush everything instead",
-                    event.payload.len(),
-                    self.limits.max_event_bytes
-                );
+                };
                 metrics::counter!("wal2cache_oversized_events_total", "outcome" => "refused")
                     .increment(1);
                 tracing::warn!(
@@ -496,7 +493,7 @@ impl KafkaSink {
                     event_bytes = event.payload.len(),
                     "the broker refused an event as too large: published a flush_all (reason \"oversized\") instead; lower kafka.max_event_bytes below the topic's max.message.bytes"
                 );
-                events[index] = flush_all_for(&self.source, item, event.item, &why);
+                events[index] = replacement;
                 continue;
             }
             if is_poison(&error) {
