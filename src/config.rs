@@ -360,6 +360,29 @@ brokers = "127.0.0.1:9092"
     }
 
     #[test]
+    fn event_size_and_sink_error_bound_are_read_and_checked() {
+        let f = write(&GOOD.replace(
+            "[kafka]\n",
+            "[pipeline]\nsink_error_after = \"90s\"\n[kafka]\nmax_event_bytes = 500000\n",
+        ));
+        let c = Config::load(f.path()).unwrap();
+        assert_eq!(c.kafka.unwrap().max_event_bytes, 500_000);
+        assert_eq!(
+            c.pipeline.sink_error_after,
+            std::time::Duration::from_secs(90)
+        );
+        let defaults = Config::load(write(GOOD).path()).unwrap();
+        assert_eq!(defaults.kafka.unwrap().max_event_bytes, 900_000);
+        assert_eq!(
+            defaults.pipeline.sink_error_after,
+            std::time::Duration::from_secs(300)
+        );
+        let f = write(&GOOD.replace("[kafka]\n", "[kafka]\nmax_event_bytes = 100\n"));
+        let err = Config::load(f.path()).unwrap_err().to_string();
+        assert!(err.contains("kafka.max_event_bytes = 100"), "{err}");
+    }
+
+    #[test]
     fn a_missing_file_says_so() {
         let err = Config::load(Path::new("/nonexistent/w2c.toml")).unwrap_err();
         assert!(err.to_string().contains("no such file"), "{err}");
