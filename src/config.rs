@@ -48,6 +48,10 @@ pub struct PipelineConfig {
     /// tables do not change; `0s` turns it off.
     #[serde(with = "humantime_serde")]
     pub idle_heartbeat: std::time::Duration,
+    /// A sink (Redis or Kafka) failing for longer than this is logged at ERROR, once
+    /// per outage, with what was tried; it keeps retrying.
+    #[serde(with = "humantime_serde")]
+    pub sink_error_after: std::time::Duration,
 }
 
 impl Default for PipelineConfig {
@@ -57,6 +61,7 @@ impl Default for PipelineConfig {
             batch_deadline: std::time::Duration::from_millis(5),
             shutdown_timeout: std::time::Duration::from_secs(30),
             idle_heartbeat: std::time::Duration::from_secs(10),
+            sink_error_after: crate::sink::retry::ERROR_AFTER,
         }
     }
 }
@@ -112,6 +117,11 @@ pub struct KafkaConfig {
     /// Replication factor of the topic when wal2cache creates it.
     #[serde(default = "default_replication")]
     pub replication_factor: i32,
+    /// The largest event (its JSON) published; a larger one is split, and one whose
+    /// single key or tag cannot fit becomes a `flush_all`. Lowered to fit
+    /// `message.max.bytes` when `properties` sets it.
+    #[serde(default = "default_max_event_bytes")]
+    pub max_event_bytes: usize,
     /// Passed to librdkafka as they are.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
@@ -131,6 +141,9 @@ fn default_partitions() -> i32 {
 }
 fn default_replication() -> i32 {
     1
+}
+fn default_max_event_bytes() -> usize {
+    900_000
 }
 fn default_topic() -> String {
     "wal2cache.invalidations".into()
@@ -269,6 +282,13 @@ impl Config {
                 problems.push(format!(
                     "kafka.partitions = {}: must be at least 1",
                     k.partitions
+                ));
+            }
+            let min = crate::sink::fit::MIN_EVENT_BYTES;
+            if k.max_event_bytes < min {
+                problems.push(format!(
+                    "kafka.max_event_bytes = {}: must be at least {min} (a flush_all event with its detail must fit)",
+                    k.max_event_bytes
                 ));
             }
         }
@@ -561,6 +581,29 @@ brokers = "127.0.0.1:9092"
             "{err}"
         );
         assert!(!err.contains("secret"), "{err}");
+    }
+
+    #[test]
+    fn event_size_and_sink_error_bound_are_read_and_checked() {
+        let f = write(&GOOD.replace(
+            "[kafka]\n",
+            "[pipeline]\nsink_error_after = \"90s\"\n[kafka]\nmax_event_bytes = 500000\n",
+        ));
+        let c = Config::load(f.path()).unwrap();
+        assert_eq!(c.kafka.unwrap().max_event_bytes, 500_000);
+        assert_eq!(
+            c.pipeline.sink_error_after,
+            std::time::Duration::from_secs(90)
+        );
+        let defaults = Config::load(write(GOOD).path()).unwrap();
+        assert_eq!(defaults.kafka.unwrap().max_event_bytes, 900_000);
+        assert_eq!(
+            defaults.pipeline.sink_error_after,
+            std::time::Duration::from_secs(300)
+        );
+        let f = write(&GOOD.replace("[kafka]\n", "[kafka]\nmax_event_bytes = 100\n"));
+        let err = Config::load(f.path()).unwrap_err().to_string();
+        assert!(err.contains("kafka.max_event_bytes = 100"), "{err}");
     }
 
     #[test]

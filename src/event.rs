@@ -43,9 +43,15 @@ pub struct Event {
     pub keys: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
-    /// `flush_all` only: `truncate`, `slot_lost` or `manual`.
+    /// `flush_all` only: `truncate`, `slot_lost`, `manual`, `topic_lost` (the topic
+    /// was created again: events may have been lost with it) or `oversized` (a key or
+    /// tag too large for an event). A subscriber flushes whatever the reason, also one
+    /// it does not know.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// `flush_all` only, optional: what fired it (rule, table, LSN), for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 impl Event {
@@ -62,6 +68,7 @@ impl Event {
             keys: Vec::new(),
             tags: Vec::new(),
             reason: None,
+            detail: None,
         }
     }
 

@@ -27,6 +27,9 @@ use crate::source::{Confirmer, Source, SourceEvent, TxnInfo, PG_EPOCH_UNIX_MICRO
 /// Batches waiting for the applier: small, so that a stalled sink stops the reader.
 const QUEUED_BATCHES: usize = 2;
 
+/// How long the source may take to close after the drain.
+const SOURCE_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The prefix of the messages `heartbeats` writes into the WAL.
 pub const HEARTBEAT_PREFIX: &str = "wal2cache.heartbeat";
 
@@ -357,11 +360,13 @@ pub async fn run(
     let Pipeline {
         config,
         mut source,
-        redis,
-        kafka,
+        mut redis,
+        mut kafka,
         progress,
         stop,
     } = pipeline;
+    redis.set_error_after(config.sink_error_after);
+    kafka.set_error_after(config.sink_error_after);
     let (tx, rx) = mpsc::channel::<Batch>(QUEUED_BATCHES);
     let mut applier = tokio::spawn(applier(rx, redis, kafka, source.confirmer(), progress));
     let mut b = Batcher {
@@ -404,17 +409,31 @@ pub async fn run(
                 }
             },
         };
-        if flush && !b.is_empty() && tx.send(b.take()).await.is_err() {
-            // The applier stopped; its result says why.
-            continue;
+        if flush && !b.is_empty() {
+            // The channel is full while a sink is slow or down: wait for room, but
+            // keep watching the shutdown and the applier, or SIGTERM would wait for
+            // the sink. The batch stays in `b` until there is room for it.
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break Ok(()),
+                permit = tx.reserve() => match permit {
+                    Ok(permit) => permit.send(b.take()),
+                    // The applier stopped; its result says why.
+                    Err(_) => continue,
+                },
+            }
         }
     };
-    // Drain: what was read is applied and confirmed, within the deadline.
-    if !b.is_empty() {
-        let _ = tx.send(b.take()).await;
-    }
-    drop(tx);
-    let drained = tokio::time::timeout(b.config.shutdown_timeout, async {
+    // Drain: what was read is applied and confirmed, within the deadline, whatever the
+    // sinks do: every await below is under it.
+    let timeout = b.config.shutdown_timeout;
+    let drained = tokio::time::timeout(timeout, async {
+        if !b.is_empty() {
+            if let Ok(permit) = tx.reserve().await {
+                permit.send(b.take());
+            }
+        }
+        drop(tx);
         if applier.is_finished() {
             return Ok(());
         }
@@ -431,10 +450,18 @@ pub async fn run(
     let drained = match drained {
         Ok(r) => r,
         Err(_) => {
+            // Nothing more is confirmed: only the applier confirms, after both sinks.
             applier.abort();
-            Err(Error::ShutdownTimeout(b.config.shutdown_timeout))
+            Err(Error::ShutdownTimeout(timeout))
         }
     };
-    source.stop().await;
+    // The source reports the last confirmation and closes; bounded, so that a
+    // replication connection that does not answer cannot hold the exit.
+    if tokio::time::timeout(SOURCE_STOP_TIMEOUT, source.stop())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the replication connection did not close within {SOURCE_STOP_TIMEOUT:?}; exiting anyway (nothing unapplied was confirmed)");
+    }
     result.and(drained)
 }

@@ -486,3 +486,29 @@ async fn local_invalidation_and_heartbeat_lag() {
     })
     .await;
 }
+
+/// `flush_all` empties the cache whatever its reason: `oversized` (a key too large for
+/// an event, with a `detail`) and a reason this version does not know.
+#[tokio::test]
+async fn flush_all_empties_the_cache_whatever_its_reason() {
+    let s = Setup::new("flush_reason", 1).await;
+    let c = &s.cache;
+    for (n, reason) in ["oversized", "a_reason_from_the_future"]
+        .into_iter()
+        .enumerate()
+    {
+        c.get_with("k", &["t"], || value("v")).await;
+        c.run_pending_tasks().await;
+        assert_eq!(c.get("k").await.as_deref(), Some("v"));
+        let mut e = Event::new(Kind::FlushAll, "test");
+        e.reason = Some(reason.into());
+        e.detail = Some("rule \"lk\", for public.probe insert at LSN 0/1 (xid 1)".into());
+        e.commit_time = Some(now_rfc3339());
+        s.events.send(0, &e).await;
+        eventually("the flush", Duration::from_secs(10), || async {
+            c.metrics().flushes == n as u64 + 1
+        })
+        .await;
+        assert_eq!(c.get("k").await, None, "reason {reason}");
+    }
+}

@@ -2,7 +2,10 @@
 //! (`deploy/local/services.sh start redis-cluster`, `WAL2CACHE_TEST_REDIS_CLUSTER`):
 //! deletes, republishes, tombstones, tag purges and prefix flushes whose keys spread
 //! over every slot and master, through `RedisSink::apply` directly. Every test works
-//! under a key prefix of its own.
+//! under a key prefix of its own. Also the sink's errors and retries on a single
+//! server (the shared one, or a private `redis-server` for tests that break it).
+
+mod common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
@@ -740,4 +743,212 @@ fn cluster_config_is_checked() {
         err.contains("redis.nodes: only used with redis.cluster = true"),
         "{err}"
     );
+}
+
+fn single_config(url: &str, prefix: &str) -> RedisConfig {
+    RedisConfig {
+        url: url.into(),
+        tag_prefix: format!("{prefix}:tag:"),
+        cluster: false,
+        nodes: vec![],
+    }
+}
+
+/// A republish whose version sidecar is not a string: the error names the republish
+/// script and the sidecar, not a tag purge of the same change.
+#[tokio::test]
+async fn a_version_sidecar_of_the_wrong_type_is_named_as_such() {
+    for cluster in [false, true] {
+        let prefix = unique("sidecar");
+        let config = if cluster {
+            cluster_config(&prefix)
+        } else {
+            single_config(&redis_url(), &prefix)
+        };
+        let key = format!("{prefix}:json:1");
+        let sidecar = version_key(&key);
+        let check = redis::Client::open(if cluster { cluster_url() } else { redis_url() }).unwrap();
+        let () = if cluster {
+            let mut c = checker().await;
+            c.sadd(&sidecar, "not a version").await.unwrap()
+        } else {
+            let mut c = check.get_multiplexed_async_connection().await.unwrap();
+            c.sadd(&sidecar, "not a version").await.unwrap()
+        };
+        let mut sink = connect(config).await;
+        let err = sink
+            .apply(vec![item(
+                100,
+                0,
+                Plan {
+                    delete: vec![format!("{prefix}:plain:1")],
+                    republish: vec![republish(&key, r#"{"id":1}"#)],
+                    purge_tags: vec!["fine".into()],
+                    rules: vec!["item_json".into()],
+                    ..Plan::default()
+                },
+            )])
+            .await
+            .unwrap_err();
+        match &err {
+            SinkError::RedisPoison {
+                command,
+                key: named,
+                origin,
+                message,
+                ..
+            } => {
+                assert!(
+                    command.contains("republish script") && command.contains("version sidecar"),
+                    "cluster {cluster}: {err}"
+                );
+                assert_eq!(named, &sidecar, "cluster {cluster}: {err}");
+                assert!(origin.contains("rule \"item_json\""), "{origin}");
+                assert!(message.contains("WRONGTYPE"), "{message}");
+            }
+            other => panic!("expected poison, got {other}"),
+        }
+        let () = if cluster {
+            checker().await.del(&sidecar).await.unwrap()
+        } else {
+            check
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap()
+                .del(&sidecar)
+                .await
+                .unwrap()
+        };
+    }
+}
+
+/// After a Redis restart the scripts are gone: the batch is applied at once after
+/// loading them, not after a backoff step (30 s here, so that a wait shows).
+#[tokio::test]
+async fn noscript_is_answered_without_a_backoff_step() {
+    let redis = common::daemon::PrivateRedis::start().await;
+    let prefix = unique("noscript");
+    let mut sink = connect(single_config(&redis.url, &prefix)).await;
+    sink.sink
+        .set_backoff(Duration::from_secs(30), Duration::from_secs(60));
+    let key = format!("{prefix}:json:1");
+    let mut r = redis.connect().await;
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let batch = Batch {
+        items: vec![item(
+            100,
+            0,
+            Plan {
+                republish: vec![republish(&key, r#"{"id":1}"#)],
+                ..Plan::default()
+            },
+        )],
+        ..Batch::default()
+    };
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), sink.sink.apply(&batch))
+        .await
+        .expect("applied well before a 30 s backoff step")
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(
+        r.get::<_, Option<String>>(&key).await.unwrap().as_deref(),
+        Some(r#"{"id":1}"#)
+    );
+    println!("applied {took:?} after SCRIPT FLUSH");
+}
+
+/// A log writer the test can read.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// A pipeline of 1,000 commands refused by Redis (OOM): one short WARN line, not one
+/// listing every command.
+#[tokio::test]
+async fn a_failing_pipeline_logs_one_short_line() {
+    let redis = common::daemon::PrivateRedis::start().await;
+    let mut r = redis.connect().await;
+    let prefix = unique("oom");
+    let mut sink = connect(single_config(&redis.url, &prefix)).await;
+    for (k, v) in [("maxmemory-policy", "noeviction"), ("maxmemory", "1")] {
+        let () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(k)
+            .arg(v)
+            .query_async(&mut r)
+            .await
+            .unwrap();
+    }
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let items: Vec<Item> = (0..1000)
+        .map(|i| {
+            item(
+                100,
+                i,
+                Plan {
+                    republish: vec![republish(&format!("{prefix}:json:{i}"), r#"{"v":1}"#)],
+                    ..Plan::default()
+                },
+            )
+        })
+        .collect();
+    let batch = Batch {
+        items,
+        ..Batch::default()
+    };
+    tokio::select! {
+        r = sink.sink.apply(&batch) => panic!("applied under OOM: {r:?}"),
+        _ = common::eventually("a retry WARN", Duration::from_secs(30), || {
+            let logs = logs.clone();
+            async move { logs.text().contains("Redis failed") }
+        }) => {}
+    }
+    let text = logs.text();
+    let line = text
+        .lines()
+        .find(|l| l.contains("Redis failed"))
+        .unwrap()
+        .to_string();
+    assert!(line.len() < 1_500, "{} bytes: {line}", line.len());
+    assert!(
+        line.contains("OOM") && line.contains("1000 command(s) of 1000"),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!("{prefix}:json:0")),
+        "names the first failing key: {line}"
+    );
+    assert_eq!(
+        line.matches(&format!("{prefix}:json:")).count(),
+        1,
+        "names one command only: {line}"
+    );
+    println!("WARN line, {} bytes: {line}", line.len());
 }

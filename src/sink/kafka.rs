@@ -1,13 +1,16 @@
 //! The Kafka sink: one schema-1 event per planned change, through librdkafka's
 //! idempotent producer; a batch is done when the broker acknowledged every event of it.
 //! Heartbeats go to every partition every second, so a subscriber can tell a quiet
-//! stream from a dead one and measure its lag.
+//! stream from a dead one and measure its lag. Events are fitted to the broker's size
+//! limit by `sink::fit`. librdkafka's own log lines go through `LogContext`, which
+//! keeps repeats quiet.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio::sync::watch;
@@ -16,17 +19,80 @@ use crate::backoff::Backoff;
 use crate::config::KafkaConfig;
 use crate::event::{Event, Kind};
 use crate::lsn::Lsn;
-use crate::sink::{Batch, Item, SinkError};
+use crate::sink::fit::{events_for, refused, EventLimits, Fitted, Outgoing};
+use crate::sink::redis::cut;
+use crate::sink::retry::{Repeats, WARN_EVERY};
+use crate::sink::{describe, Batch, RetryLog, SinkError};
 use crate::source::format_pg_time;
+
+/// librdkafka's log lines and errors as tracing events, each distinct message at most
+/// once per `WARN_EVERY` with the count of repeats kept quiet (with a broker down it
+/// prints the same connection error many times a second, once as a log line and once
+/// as an error).
+#[derive(Clone)]
+pub struct LogContext {
+    repeats: Arc<Repeats>,
+}
+
+impl Default for LogContext {
+    fn default() -> Self {
+        LogContext {
+            repeats: Arc::new(Repeats::new(WARN_EVERY)),
+        }
+    }
+}
+
+impl ClientContext for LogContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        let Some(suppressed) = self.repeats.allow(log_message) else {
+            return;
+        };
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical => {
+                tracing::error!(target: "librdkafka", facility = fac, suppressed, "{log_message}")
+            }
+            // Broker connections failing are retried: wal2cache says at WARN and then
+            // ERROR what it does about them.
+            RDKafkaLogLevel::Error | RDKafkaLogLevel::Warning => {
+                tracing::warn!(target: "librdkafka", facility = fac, suppressed, "{log_message}")
+            }
+            RDKafkaLogLevel::Notice => {
+                tracing::info!(target: "librdkafka", facility = fac, suppressed, "{log_message}")
+            }
+            RDKafkaLogLevel::Info | RDKafkaLogLevel::Debug => {
+                tracing::debug!(target: "librdkafka", facility = fac, suppressed, "{log_message}")
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        // Most errors are logged as well, with the same text: counted once.
+        let Some(suppressed) = self.repeats.allow(reason) else {
+            return;
+        };
+        if matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal)) {
+            tracing::error!(target: "librdkafka", %error, suppressed, "{reason}");
+        } else {
+            tracing::warn!(target: "librdkafka", %error, suppressed, "{reason}");
+        }
+    }
+}
+
+/// The producer, logging through `LogContext`.
+pub type SinkProducer = FutureProducer<LogContext>;
 
 pub struct KafkaSink {
     config: KafkaConfig,
-    producer: FutureProducer,
-    /// Hands a replaced producer to the heartbeats.
-    producers: watch::Sender<FutureProducer>,
+    context: LogContext,
+    /// The producer in use, shared with the heartbeats: either may replace it.
+    producers: Arc<watch::Sender<SinkProducer>>,
     topic: String,
     source: String,
+    limits: EventLimits,
     backoff: Backoff,
+    retries: RetryLog,
+    /// Keeps the WARN about oversized events to one line per rule and interval.
+    oversized: Repeats,
     stop: watch::Receiver<bool>,
 }
 
@@ -63,6 +129,82 @@ fn fatal(config: &KafkaConfig, what: &str, e: impl std::fmt::Display) -> SinkErr
     ))
 }
 
+/// How often the heartbeat task checks that the topic exists. Some brokers (Tansu
+/// 0.6.0) acknowledge writes to a topic that was deleted, so a lost topic does not
+/// always show as a delivery error.
+const TOPIC_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+fn new_producer(config: &KafkaConfig, context: &LogContext) -> Result<SinkProducer, KafkaError> {
+    client_config(config).create_with_context(context.clone())
+}
+
+/// Tells subscribers that events may have been lost with the topic: a `flush_all`
+/// (reason `topic_lost`) on every partition of the topic created again, sent until the
+/// broker acknowledged it (a new topic may refuse writes for a moment). Runs as a task
+/// of its own.
+async fn announce_topic_lost(
+    producers: Arc<watch::Sender<SinkProducer>>,
+    topic: String,
+    source: String,
+    partitions: i32,
+    confirmed: Lsn,
+) {
+    const ATTEMPTS: u32 = 20;
+    let mut e = Event::new(Kind::FlushAll, source);
+    e.lsn = Some(confirmed.to_string());
+    e.commit_time = Some(now());
+    e.reason = Some("topic_lost".into());
+    e.detail = Some(format!(
+        "the topic {topic:?} had disappeared (deleted, or the broker lost its state) and was created again: events published before may not have reached subscribers"
+    ));
+    let payload = e.to_json();
+    for partition in 0..partitions {
+        for attempt in 1..=ATTEMPTS {
+            let producer = producers.borrow().clone();
+            let record = FutureRecord::to(&topic)
+                .key("wal2cache")
+                .payload(&payload)
+                .partition(partition);
+            match producer.send(record, Duration::from_secs(5)).await {
+                Ok(_) => break,
+                Err((e, _)) if attempt < ATTEMPTS => {
+                    tracing::debug!(error = %e, attempt, "the flush_all for the lost topic is not delivered yet");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err((e, _)) => {
+                    tracing::warn!(error = %e, partition, "the flush_all for the lost topic was not delivered; subscribers notice the loss by themselves (no heartbeats, lost partitions)")
+                }
+            }
+        }
+    }
+}
+
+/// Drops a replaced producer off the async threads: dropping one purges its queue and
+/// waits up to 500 ms for it.
+fn retire(old: SinkProducer) {
+    off_runtime(move || drop(old));
+}
+
+/// Runs a blocking librdkafka call on a thread of its own, not on the runtime's
+/// blocking pool: the runtime waits for its blocking tasks when it shuts down, and a
+/// metadata request to an unreachable broker must not hold the exit after SIGTERM.
+fn off_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> tokio::sync::oneshot::Receiver<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx
+}
+
+/// Now, as an event's `commit_time`.
+fn now() -> String {
+    chrono::Utc::now()
+        .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+        .to_string()
+}
+
 /// Is retrying this delivery error pointless?
 fn is_poison(e: &KafkaError) -> bool {
     matches!(
@@ -70,28 +212,61 @@ fn is_poison(e: &KafkaError) -> bool {
         Some(
             RDKafkaErrorCode::TopicAuthorizationFailed
                 | RDKafkaErrorCode::ClusterAuthorizationFailed
-                | RDKafkaErrorCode::MessageSizeTooLarge
-                | RDKafkaErrorCode::InvalidMessageSize
         )
     )
 }
 
-/// The topic's partition count, creating the topic when missing.
-async fn ensure_topic(config: &KafkaConfig, producer: &FutureProducer) -> Result<i32, SinkError> {
+/// The broker (or librdkafka) refused a message for its size.
+fn is_too_large(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)
+    )
+}
+
+/// The idempotent producer's state is gone on the broker (topic deleted, broker
+/// restarted without persistence, another producer with the same id): it cannot send
+/// again and must be replaced.
+fn is_fenced(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+                | RDKafkaErrorCode::UnknownProducerId
+                | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                | RDKafkaErrorCode::Fatal
+        )
+    )
+}
+
+/// The topic is known to be gone.
+fn is_unknown_topic(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::UnknownTopic | RDKafkaErrorCode::UnknownTopicOrPartition)
+    )
+}
+
+/// The topic's partition count, and whether it had to be created.
+async fn ensure_topic(
+    config: &KafkaConfig,
+    context: &LogContext,
+    producer: &SinkProducer,
+    wait: Duration,
+) -> Result<(i32, bool), SinkError> {
     let topic_name = config.topic.clone();
-    let partitions = move |producer: &FutureProducer| -> Result<Option<i32>, KafkaError> {
-        let md = producer
-            .client()
-            .fetch_metadata(Some(&topic_name), Duration::from_secs(10))?;
+    let partitions = move |producer: &SinkProducer| -> Result<Option<i32>, KafkaError> {
+        let md = producer.client().fetch_metadata(Some(&topic_name), wait)?;
         Ok(md.topics().first().and_then(|t| match t.error() {
             None if !t.partitions().is_empty() => Some(t.partitions().len() as i32),
             _ => None,
         }))
     };
     let p = producer.clone();
-    let found = tokio::task::spawn_blocking(move || partitions(&p))
+    let found = off_runtime(move || partitions(&p))
         .await
-        .map_err(|e| fatal(config, "metadata task", e))?
+        .map_err(|e| fatal(config, "metadata thread", e))?
         .map_err(|e| {
             fatal(
                 config,
@@ -100,10 +275,10 @@ async fn ensure_topic(config: &KafkaConfig, producer: &FutureProducer) -> Result
             )
         })?;
     if let Some(n) = found {
-        return Ok(n);
+        return Ok((n, false));
     }
-    let admin: AdminClient<DefaultClientContext> = client_config(config)
-        .create()
+    let admin: AdminClient<LogContext> = client_config(config)
+        .create_with_context(context.clone())
         .map_err(|e| fatal(config, "cannot create the admin client", e))?;
     let topic = NewTopic::new(
         &config.topic,
@@ -111,15 +286,16 @@ async fn ensure_topic(config: &KafkaConfig, producer: &FutureProducer) -> Result
         TopicReplication::Fixed(config.replication_factor),
     );
     let results = admin
-        .create_topics(
-            [&topic],
-            &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
-        )
+        .create_topics([&topic], &AdminOptions::new().request_timeout(Some(wait)))
         .await
         .map_err(|e| fatal(config, "cannot create the topic", e))?;
+    let mut created = false;
     for r in results {
         match r {
-            Ok(_) => tracing::info!(topic = %config.topic, partitions = config.partitions, "created topic"),
+            Ok(_) => {
+                created = true;
+                tracing::info!(topic = %config.topic, partitions = config.partitions, "created topic")
+            }
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((_, code)) => {
                 return Err(fatal(
@@ -130,7 +306,7 @@ async fn ensure_topic(config: &KafkaConfig, producer: &FutureProducer) -> Result
             }
         }
     }
-    Ok(config.partitions)
+    Ok((config.partitions, created))
 }
 
 impl KafkaSink {
@@ -142,18 +318,23 @@ impl KafkaSink {
         progress: watch::Receiver<Progress>,
         stop: watch::Receiver<bool>,
     ) -> Result<KafkaSink, SinkError> {
-        let producer: FutureProducer = client_config(config).create().map_err(|e| {
+        let context = LogContext::default();
+        let producer = new_producer(config, &context).map_err(|e| {
             fatal(
                 config,
                 "invalid Kafka configuration (check kafka.properties)",
                 e,
             )
         })?;
-        let partitions = ensure_topic(config, &producer).await?;
-        let (producers, producer_rx) = watch::channel(producer.clone());
+        let (partitions, _) =
+            ensure_topic(config, &context, &producer, Duration::from_secs(10)).await?;
+        let producers = Arc::new(watch::channel(producer).0);
         tokio::spawn(heartbeats(
-            producer_rx,
-            config.topic.clone(),
+            TopicWatch {
+                config: config.clone(),
+                context: context.clone(),
+                producers: producers.clone(),
+            },
             source.to_string(),
             partitions,
             progress,
@@ -161,24 +342,44 @@ impl KafkaSink {
         ));
         Ok(KafkaSink {
             config: config.clone(),
-            producer,
+            context,
             producers,
             topic: config.topic.clone(),
             source: source.to_string(),
+            limits: EventLimits::from_config(config),
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
+            retries: RetryLog::new(
+                "Kafka",
+                "retrying the batch with backoff, checking the topic (and creating it when missing) from the second failed attempt, replacing the producer when the broker fenced it",
+                "check that the brokers in kafka.brokers run and are reachable, and that wal2cache may write to the topic; nothing is confirmed meanwhile and Postgres keeps the WAL",
+            ),
+            oversized: Repeats::new(WARN_EVERY),
             stop,
         })
     }
 
-    /// One attempt: enqueue every event, then wait for every acknowledgement.
-    async fn try_apply(&self, events: &[(String, String)]) -> Result<(), KafkaError> {
+    /// The producer in use.
+    fn producer(&self) -> SinkProducer {
+        self.producers.borrow().clone()
+    }
+
+    /// How long the sink may fail before it says so at ERROR.
+    pub fn set_error_after(&mut self, bound: Duration) {
+        self.retries.error_after = bound;
+    }
+
+    /// One attempt: enqueue every event, then wait for every acknowledgement. An error
+    /// comes with the index of the event it is about.
+    async fn try_apply(&self, events: &[Outgoing]) -> Result<(), (usize, KafkaError)> {
+        let producer = self.producer();
         let mut deliveries: Vec<DeliveryFuture> = Vec::with_capacity(events.len());
-        for (key, payload) in events {
+        for (i, e) in events.iter().enumerate() {
             loop {
-                match self
-                    .producer
-                    .send_result(FutureRecord::to(&self.topic).key(key).payload(payload))
-                {
+                match producer.send_result(
+                    FutureRecord::to(&self.topic)
+                        .key(&e.key)
+                        .payload(&e.payload),
+                ) {
                     Ok(d) => {
                         deliveries.push(d);
                         break;
@@ -186,18 +387,68 @@ impl KafkaSink {
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
-                    Err((e, _)) => return Err(e),
+                    Err((e, _)) => return Err((i, e)),
                 }
             }
         }
-        for d in deliveries {
+        for (i, d) in deliveries.into_iter().enumerate() {
             match d.await {
                 Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(e),
-                Err(_) => return Err(KafkaError::Canceled),
+                Ok(Err((e, _))) => return Err((i, e)),
+                Err(_) => return Err((i, KafkaError::Canceled)),
             }
         }
         Ok(())
+    }
+
+    /// A batch's events, each fitted to the limits; what did not fit is counted and
+    /// logged.
+    fn build(&self, batch: &Batch) -> Vec<Outgoing> {
+        let mut events = Vec::with_capacity(batch.items.len());
+        for (index, item) in batch.items.iter().enumerate() {
+            let (out, fitted) = events_for(&self.source, item, index, &self.limits);
+            events.extend(out);
+            let outcome = match &fitted {
+                Fitted::Whole => continue,
+                Fitted::Split(_) => "split",
+                Fitted::FlushAll { .. } => "flush_all",
+            };
+            metrics::counter!("wal2cache_oversized_events_total", "outcome" => outcome)
+                .increment(1);
+            let o = &item.origin;
+            let table = o.table.as_deref().unwrap_or("(a wal2cache message)");
+            let rules = item.plan.rules.join(", ");
+            let Some(suppressed) = self.oversized.allow(&format!("{outcome} {table} {rules}"))
+            else {
+                continue;
+            };
+            match fitted {
+                Fitted::Split(n) => tracing::info!(
+                    table, rules = %rules, lsn = %o.version.commit_lsn, events = n, suppressed,
+                    "an event over kafka.max_event_bytes ({} bytes) was split into {n} events of the same change",
+                    self.limits.max_event_bytes
+                ),
+                Fitted::FlushAll { largest, preview } => tracing::warn!(
+                    table, rules = %rules, lsn = %o.version.commit_lsn, key_bytes = largest, key = %preview, suppressed,
+                    "a key or tag too large for a Kafka event (over {} bytes): published a flush_all (reason \"oversized\") instead, so subscribers empty themselves; Redis was invalidated as usual. Shorten the rule's key template (a free-text column makes unbounded keys)",
+                    self.limits.max_key_bytes
+                ),
+                Fitted::Whole => {}
+            }
+        }
+        events
+    }
+
+    /// Replaces a producer the broker fenced (or that hit a fatal error) with a new
+    /// one, for the batches and the heartbeats.
+    fn replace_producer(&mut self, why: &str) {
+        match new_producer(&self.config, &self.context) {
+            Ok(p) => {
+                tracing::warn!(why, "replaced the Kafka producer with a new one (the broker no longer accepts the old one's writes); the failed events are sent again");
+                retire(self.producers.send_replace(p));
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot create a new Kafka producer yet"),
+        }
     }
 
     /// Publishes a batch's events, retrying transient errors until the broker has
@@ -207,56 +458,93 @@ impl KafkaSink {
         if batch.items.is_empty() {
             return Ok(());
         }
-        let events: Vec<(String, String)> = batch
-            .items
-            .iter()
-            .map(|i| event_for(&self.source, i))
-            .collect();
+        let mut events = self.build(batch);
+        let mut failures = 0u32;
         loop {
-            let error = match self.try_apply(&events).await {
+            let (index, error) = match self.try_apply(&events).await {
                 Ok(()) => {
                     self.backoff.reset();
+                    self.retries.succeeded();
                     return Ok(());
                 }
                 Err(e) => e,
             };
+            if is_too_large(&error) {
+                // The broker's limit is lower than ours: publish that event's small
+                // flush_all instead, at once. Only if even that is refused is it fatal.
+                let event = &events[index];
+                let item = &batch.items[event.item];
+                let Some(replacement) =
+                    refused(&self.source, event, item, &self.limits, &error.to_string())
+                else {
+                    return Err(SinkError::Kafka(format!(
+                        "the broker refused even a {} byte flush_all event for topic {:?} ({}): {error}; raise the topic's max.message.bytes (or the broker's message.max.bytes)",
+                        event.payload.len(),
+                        self.topic,
+                        describe(item)
+                    )));
+                };
+                metrics::counter!("wal2cache_oversized_events_total", "outcome" => "refused")
+                    .increment(1);
+                tracing::warn!(
+                    table = item.origin.table.as_deref().unwrap_or("(a wal2cache message)"),
+                    rules = %item.plan.rules.join(", "),
+                    lsn = %item.origin.version.commit_lsn,
+                    event_bytes = event.payload.len(),
+                    "the broker refused an event as too large: published a flush_all (reason \"oversized\") instead; lower kafka.max_event_bytes below the topic's max.message.bytes"
+                );
+                events[index] = replacement;
+                continue;
+            }
             if is_poison(&error) {
                 return Err(SinkError::Kafka(format!(
                     "the broker refused events for topic {:?}: {error}; fix the topic or its permissions, then restart",
                     self.topic
                 )));
             }
-            if let Some(fatal) = self.producer.client().fatal_error() {
-                // An idempotent producer that hit a fatal error (e.g. the broker lost its
-                // state and no longer knows the producer id) is unusable: replace it.
-                // Events of the failed attempt are sent again; subscribers are idempotent.
-                match client_config(&self.config).create::<FutureProducer>() {
-                    Ok(p) => {
-                        tracing::warn!(error = ?fatal, "the Kafka producer hit a fatal error; replaced it with a new one");
-                        self.producer = p.clone();
-                        let _ = self.producers.send(p);
-                    }
-                    Err(e) => tracing::warn!(error = %e, "cannot create a new Kafka producer yet"),
-                }
+            failures += 1;
+            let mut summary = error.to_string();
+            if let Some(fatal) = self.producer().client().fatal_error() {
+                self.replace_producer(&format!("fatal error {fatal:?}"));
+            } else if is_fenced(&error) {
+                self.replace_producer(&error.to_string());
             }
-            if matches!(
-                error.rdkafka_error_code(),
-                Some(RDKafkaErrorCode::UnknownTopic | RDKafkaErrorCode::UnknownTopicOrPartition)
-            ) {
-                // The topic is gone (deleted, or a broker without persistence restarted):
-                // create it again, as at start.
-                match ensure_topic(&self.config, &self.producer).await {
-                    Ok(_) => {
-                        tracing::warn!(topic = %self.topic, "the topic had disappeared and was created again")
+            // From the second failed attempt, whatever librdkafka said (under load a
+            // missing topic shows as timeouts): is the topic there?
+            if failures >= 2 || is_unknown_topic(&error) {
+                let producer = self.producer();
+                match ensure_topic(
+                    &self.config,
+                    &self.context,
+                    &producer,
+                    Duration::from_secs(5),
+                )
+                .await
+                {
+                    Ok((partitions, true)) => {
+                        tracing::warn!(topic = %self.topic, "the topic had disappeared and was created again; subscribers are told to flush (reason \"topic_lost\")");
+                        // A new topic: the old producer's sequence numbers mean nothing
+                        // to it.
+                        self.replace_producer("the topic was created again");
+                        let confirmed = batch
+                            .items
+                            .first()
+                            .map_or(Lsn::ZERO, |i| i.origin.version.commit_lsn);
+                        tokio::spawn(announce_topic_lost(
+                            self.producers.clone(),
+                            self.topic.clone(),
+                            self.source.clone(),
+                            partitions,
+                            confirmed,
+                        ));
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "the topic is missing and cannot be created yet")
-                    }
+                    Ok((_, false)) => {}
+                    Err(e) => summary = format!("{summary}; checking the topic: {e}"),
                 }
             }
             let delay = self.backoff.next_delay();
             metrics::counter!("wal2cache_sink_retries_total", "sink" => "kafka").increment(1);
-            tracing::warn!(error = %error, attempt = self.backoff.attempts(), retry_in = ?delay, "Kafka failed; retrying the batch");
+            self.retries.failed(&cut(&summary, 500), delay);
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = self.stop.wait_for(|s| *s) => return Err(SinkError::Stopped),
@@ -265,68 +553,74 @@ impl KafkaSink {
     }
 }
 
-/// The message key and the JSON event for an item.
-pub fn event_for(source: &str, item: &Item) -> (String, String) {
-    let plan = &item.plan;
-    let o = &item.origin;
-    let mut e = Event::new(
-        if plan.flush_all {
-            Kind::FlushAll
-        } else {
-            Kind::Invalidate
-        },
-        source,
-    );
-    e.lsn = Some(o.version.commit_lsn.to_string());
-    e.xid = Some(o.xid);
-    e.commit_time = Some(format_pg_time(o.commit_time));
-    e.table = o.table.clone();
-    e.op = Some(o.op.to_string());
-    if plan.flush_all {
-        e.reason = Some("truncate".into());
-    }
-    e.keys = plan.delete.clone();
-    for r in &plan.republish {
-        if !e.keys.contains(&r.key) {
-            e.keys.push(r.key.clone());
-        }
-    }
-    e.tags = plan.purge_tags.clone();
-    let key = e
-        .keys
-        .first()
-        .cloned()
-        .or_else(|| o.table.clone())
-        .unwrap_or_else(|| "wal2cache".into());
-    (key, e.to_json())
+/// What the heartbeat task needs to check the topic and replace the producer.
+struct TopicWatch {
+    config: KafkaConfig,
+    context: LogContext,
+    producers: Arc<watch::Sender<SinkProducer>>,
 }
 
+/// Heartbeats every second on every partition; every `TOPIC_CHECK_EVERY`, a check that
+/// the topic exists, creating it again (with a new producer and a `flush_all` for the
+/// subscribers) when it is gone.
 async fn heartbeats(
-    producers: watch::Receiver<FutureProducer>,
-    topic: String,
+    watch: TopicWatch,
     source: String,
-    partitions: i32,
+    mut partitions: i32,
     progress: watch::Receiver<Progress>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let topic = watch.config.topic.clone();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_check = tokio::time::Instant::now();
+    let mut check: Option<tokio::task::JoinHandle<Result<(i32, bool), SinkError>>> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
         let p = *progress.borrow();
+        if check.as_ref().is_some_and(|c| c.is_finished()) {
+            let done = check.take().expect("checked").await;
+            if let Ok(Ok((n, true))) = done {
+                // A new topic: the old producer's id and sequence numbers mean nothing
+                // to it (the broker fences it).
+                match new_producer(&watch.config, &watch.context) {
+                    Ok(producer) => {
+                        retire(watch.producers.send_replace(producer));
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot create a new Kafka producer yet"),
+                }
+                partitions = n;
+                tokio::spawn(announce_topic_lost(
+                    watch.producers.clone(),
+                    topic.clone(),
+                    source.clone(),
+                    partitions,
+                    p.confirmed,
+                ));
+                tracing::warn!(topic = %topic, "the topic had disappeared (deleted, or the broker lost its state) and was created again, with a new producer; subscribers are told to flush (reason \"topic_lost\")");
+            }
+        }
+        if check.is_none() && last_check.elapsed() >= TOPIC_CHECK_EVERY {
+            last_check = tokio::time::Instant::now();
+            let (config, context) = (watch.config.clone(), watch.context.clone());
+            let producer = watch.producers.borrow().clone();
+            // Unreachable brokers show in the sink's retries; only a topic that is
+            // known to be missing is created here.
+            check = Some(tokio::spawn(async move {
+                ensure_topic(&config, &context, &producer, Duration::from_secs(5)).await
+            }));
+        }
         let mut e = Event::new(Kind::Heartbeat, source.clone());
         e.lsn = Some(p.confirmed.to_string());
         e.commit_time = Some(match (p.busy, p.applied_commit_time) {
             (true, Some(t)) => format_pg_time(t),
-            _ => chrono::Utc::now()
-                .format("%Y-%m-%dT%H:%M:%S%.6fZ")
-                .to_string(),
+            _ => now(),
         });
         let payload = e.to_json();
-        let producer = producers.borrow().clone();
+        let producer = watch.producers.borrow().clone();
         for partition in 0..partitions {
             let record = FutureRecord::to(&topic)
                 .key("heartbeat")

@@ -12,10 +12,14 @@
 //! - The pipeline confirms an LSN to Postgres only after every sink applied every batch
 //!   up to it.
 
+pub mod fit;
 pub mod kafka;
 pub mod redis;
+pub mod retry;
 
 use std::sync::Arc;
+
+pub use retry::RetryLog;
 
 use crate::lsn::Lsn;
 use crate::rules::Plan;
@@ -72,7 +76,7 @@ pub struct Batch {
 pub enum SinkError {
     #[error("Redis refused {command} on key {key:?} ({origin}): {message}; fix the key's type or the rule, then restart (nothing after LSN {confirmed} was confirmed)")]
     RedisPoison {
-        command: &'static str,
+        command: String,
         key: String,
         origin: String,
         message: String,
@@ -84,4 +88,29 @@ pub enum SinkError {
     Kafka(String),
     #[error("stopped before the batch was applied")]
     Stopped,
+}
+
+/// `rule "product", for public.products update at LSN 0/1A2B3C4 (xid 7781)`.
+pub fn describe(item: &Item) -> String {
+    let o = &item.origin;
+    let rules = if item.plan.rules.is_empty() {
+        "a wal2cache message".to_string()
+    } else {
+        format!(
+            "rule {}",
+            item.plan
+                .rules
+                .iter()
+                .map(|r| format!("{r:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    format!(
+        "{rules}, for {} {} at LSN {} (xid {})",
+        o.table.as_deref().unwrap_or("a logical message"),
+        o.op,
+        o.version.commit_lsn,
+        o.xid
+    )
 }

@@ -31,7 +31,7 @@ use tokio::sync::watch;
 use crate::backoff::Backoff;
 use crate::config::RedisConfig;
 use crate::redact::redact;
-use crate::sink::{Batch, Item, SinkError};
+use crate::sink::{describe, Batch, Item, RetryLog, SinkError};
 
 /// Version sidecars live at least this long.
 const VERSION_KEEP_SECS: u64 = 86_400;
@@ -235,9 +235,130 @@ pub struct RedisSink {
     tombstone: Script,
     purge: Script,
     backoff: Backoff,
+    retries: RetryLog,
     stop: watch::Receiver<bool>,
     /// Shown in errors: the last LSN confirmed to Postgres.
     pub confirmed: String,
+}
+
+/// A command of a batch as the messages name it: what it does and the key it is for.
+#[derive(Debug, Clone)]
+struct Described {
+    command: &'static str,
+    key: String,
+    /// For the scripts that read a version first: the version sidecar, which is the
+    /// key a WRONGTYPE is about (SET never refuses a type; GET does).
+    sidecar: Option<String>,
+}
+
+impl Described {
+    fn new(command: &'static str, key: impl Into<String>) -> Described {
+        Described {
+            command,
+            key: key.into(),
+            sidecar: None,
+        }
+    }
+
+    /// `(command, key)` for an error with `code`.
+    fn naming(&self, code: Option<&str>) -> (String, String) {
+        match (&self.sidecar, code) {
+            (Some(sidecar), Some("WRONGTYPE")) => (
+                format!(
+                    "{} (its GET of the version sidecar of {:?})",
+                    self.command,
+                    cut(&self.key, KEY_SHOWN)
+                ),
+                sidecar.clone(),
+            ),
+            _ => (self.command.to_string(), self.key.clone()),
+        }
+    }
+}
+
+/// Characters of a key shown in a log line.
+const KEY_SHOWN: usize = 100;
+
+/// Characters of a server's error message shown in a log line.
+const MESSAGE_SHOWN: usize = 300;
+
+/// `s` cut to `max` characters, marked when cut.
+pub fn cut(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        None => s.to_string(),
+        Some((end, _)) => format!("{}… ({} bytes)", &s[..end], s.len()),
+    }
+}
+
+/// A failed attempt: the error, and the commands of the pipeline it came from (when
+/// it came from one pipeline), index for index.
+struct Failure {
+    error: RedisError,
+    commands: Vec<Described>,
+}
+
+impl From<RedisError> for Failure {
+    fn from(error: RedisError) -> Failure {
+        Failure {
+            error,
+            commands: Vec::new(),
+        }
+    }
+}
+
+impl Failure {
+    /// One line: the error code, how many commands failed, the first failing command
+    /// and key (cut short), the first server message (cut short). Never the list of
+    /// every command.
+    fn summary(&self) -> String {
+        let Some(errors) = self.error.clone().into_server_errors() else {
+            return cut(&self.error.to_string(), MESSAGE_SHOWN);
+        };
+        let Some((index, first)) = errors.first() else {
+            return cut(&self.error.to_string(), MESSAGE_SHOWN);
+        };
+        let of = if self.commands.is_empty() {
+            String::new()
+        } else {
+            format!(" of {}", self.commands.len())
+        };
+        let what = match self.commands.get(*index) {
+            Some(d) => {
+                let (command, key) = d.naming(Some(first.code()));
+                format!(", first {command} on {:?}", cut(&key, KEY_SHOWN))
+            }
+            None => String::new(),
+        };
+        format!(
+            "{} on {} command(s){of}{what}: {}",
+            first.code(),
+            errors.len(),
+            cut(&first.to_string(), MESSAGE_SHOWN)
+        )
+    }
+}
+
+/// What to do after a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// The scripts are gone (Redis restarted): load them and retry at once, without
+    /// waiting a backoff step.
+    ReloadAndRetry,
+    /// Wait the next backoff step, then retry.
+    Backoff,
+    /// Retrying cannot help: find the item and stop.
+    Stop,
+}
+
+/// `reloaded`: the scripts were loaded right before this attempt. A NOSCRIPT just
+/// after loading them (a node that lost them again) waits a backoff step instead of
+/// spinning.
+fn next_step(class: &Class, reloaded: bool) -> Next {
+    match class {
+        Class::Poison => Next::Stop,
+        Class::NoScript if !reloaded => Next::ReloadAndRetry,
+        Class::NoScript | Class::Retry => Next::Backoff,
+    }
 }
 
 /// What to do about a Redis error.
@@ -277,14 +398,6 @@ fn classify(e: &RedisError) -> Class {
         Some(code) => classify_code(code),
         None if e.is_unrecoverable_error() => Class::Poison,
         None => Class::Retry,
-    }
-}
-
-/// The server's error codes in `e`, a pipeline's included.
-fn error_codes(e: &RedisError) -> Vec<String> {
-    match e.clone().into_server_errors() {
-        Some(errors) => errors.iter().map(|(_, e)| e.code().to_string()).collect(),
-        None => e.code().map(str::to_string).into_iter().collect(),
     }
 }
 
@@ -456,6 +569,11 @@ impl RedisSink {
             tombstone: Script::new(TOMBSTONE),
             purge: Script::new(PURGE),
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
+            retries: RetryLog::new(
+                "Redis",
+                "reconnecting and retrying the batch with backoff",
+                "check that Redis runs, is reachable at redis.url and accepts writes (memory, ACLs); nothing is confirmed meanwhile and Postgres keeps the WAL",
+            ),
             stop,
             confirmed: "0/0".into(),
         };
@@ -463,6 +581,16 @@ impl RedisSink {
             .await
             .map_err(|e| SinkError::Redis(format!("cannot load the Lua scripts: {e}")))?;
         Ok(sink)
+    }
+
+    /// The backoff between failed attempts (capped exponential, jittered).
+    pub fn set_backoff(&mut self, initial: Duration, max: Duration) {
+        self.backoff = Backoff::new(initial, max);
+    }
+
+    /// How long the sink may fail before it says so at ERROR.
+    pub fn set_error_after(&mut self, bound: Duration) {
+        self.retries.error_after = bound;
     }
 
     /// Loads the scripts (on every node of a cluster: SCRIPT LOAD goes to all of them).
@@ -505,29 +633,70 @@ impl RedisSink {
         cmd
     }
 
-    fn add_item(&self, pipe: &mut Pipeline, item: &Item) {
+    /// An item's commands on a single server, in order, each with what it is. In
+    /// `cluster` mode a tag purge is SMEMBERS of its set (the rest of a cluster purge
+    /// runs after the batch's writes, see `purge_tags_cluster`).
+    fn item_commands(&self, item: &Item, cluster: bool) -> Vec<(Cmd, Described)> {
         let plan = &item.plan;
         let version = item.origin.version.encode();
+        let mut out = Vec::new();
         let unlink: Vec<&String> = plan
             .delete
             .iter()
             .filter(|k| !plan.tombstones.contains(k))
             .collect();
         if !unlink.is_empty() {
-            pipe.cmd("UNLINK").arg(unlink).ignore();
+            let mut cmd = redis::cmd("UNLINK");
+            cmd.arg(&unlink);
+            let keys = unlink
+                .iter()
+                .map(|k| cut(k, KEY_SHOWN))
+                .collect::<Vec<_>>()
+                .join(", ");
+            out.push((cmd, Described::new("UNLINK", keys)));
         }
         for key in &plan.tombstones {
-            pipe.add_command(self.tombstone_cmd(key, &version)).ignore();
+            out.push((
+                self.tombstone_cmd(key, &version),
+                Described {
+                    command: "the tombstone script (EVALSHA)",
+                    key: key.clone(),
+                    sidecar: Some(version_key(key)),
+                },
+            ));
         }
         for r in &plan.republish {
-            pipe.add_command(self.republish_cmd(r, &version)).ignore();
+            out.push((
+                self.republish_cmd(r, &version),
+                Described {
+                    command: "the republish script (EVALSHA)",
+                    key: r.key.clone(),
+                    sidecar: Some(version_key(&r.key)),
+                },
+            ));
         }
         for tag in &plan.purge_tags {
-            pipe.cmd("EVALSHA")
-                .arg(self.purge.get_hash())
-                .arg(1)
-                .arg(format!("{}{tag}", self.tag_prefix))
-                .ignore();
+            let set = format!("{}{tag}", self.tag_prefix);
+            let mut cmd;
+            let command = if cluster {
+                cmd = redis::cmd("SMEMBERS");
+                cmd.arg(&set);
+                "a tag purge (SMEMBERS)"
+            } else {
+                cmd = redis::cmd("EVALSHA");
+                cmd.arg(self.purge.get_hash()).arg(1).arg(&set);
+                "a tag purge (the purge script: SMEMBERS, UNLINK)"
+            };
+            out.push((cmd, Described::new(command, set)));
+        }
+        out
+    }
+
+    /// Adds an item's commands to `pipe`, and what each is to `described`.
+    fn add_item(&self, pipe: &mut Pipeline, described: &mut Vec<Described>, item: &Item) {
+        for (cmd, d) in self.item_commands(item, false) {
+            pipe.add_command(cmd).ignore();
+            described.push(d);
         }
     }
 
@@ -559,19 +728,30 @@ impl RedisSink {
         }
     }
 
+    /// Sends a pipeline; a failure carries what each of its commands is.
+    async fn send(&mut self, pipe: &Pipeline, described: Vec<Described>) -> Result<(), Failure> {
+        pipe.query_async::<()>(&mut self.conn)
+            .await
+            .map_err(|error| Failure {
+                error,
+                commands: described,
+            })
+    }
+
     /// One attempt at the whole batch, in order; a flush ends the pipeline before it.
-    async fn try_apply(&mut self, items: &[Item]) -> Result<(), RedisError> {
+    async fn try_apply(&mut self, items: &[Item]) -> Result<(), Failure> {
         if let Conn::Cluster(conn) = &self.conn {
             let conn = conn.clone();
-            return self.try_apply_cluster(&conn, items).await;
+            return Ok(self.try_apply_cluster(&conn, items).await?);
         }
         // An empty pipeline is never sent: Redis answers it with an error (a plan can be
         // a flush alone).
         let mut pipe = redis::pipe();
+        let mut described = Vec::new();
         for item in items {
             if !item.plan.flush_prefixes.is_empty() {
                 if !pipe.is_empty() {
-                    pipe.query_async::<()>(&mut self.conn).await?;
+                    self.send(&pipe, std::mem::take(&mut described)).await?;
                     pipe = redis::pipe();
                 }
                 for prefix in &item.plan.flush_prefixes {
@@ -579,10 +759,10 @@ impl RedisSink {
                     tracing::info!(prefix = %prefix, keys = n, "flushed key prefix");
                 }
             }
-            self.add_item(&mut pipe, item);
+            self.add_item(&mut pipe, &mut described, item);
         }
         if !pipe.is_empty() {
-            pipe.query_async::<()>(&mut self.conn).await?;
+            self.send(&pipe, described).await?;
         }
         Ok(())
     }
@@ -734,59 +914,72 @@ impl RedisSink {
     }
 
     /// Finds which item a poison error came from, trying them one by one (everything
-    /// here is idempotent).
-    async fn locate_poison(&mut self, items: &[Item], first: RedisError) -> SinkError {
+    /// here is idempotent), then which of its commands: on a single server the item's
+    /// pipeline says which command failed by its index; in a cluster each command runs
+    /// alone (routed by its key), in order.
+    async fn locate_poison(&mut self, items: &[Item], first: Failure) -> SinkError {
+        let cluster = matches!(self.conn, Conn::Cluster(_));
         for item in items {
-            let result = match &self.conn {
-                Conn::Cluster(conn) => {
-                    let conn = conn.clone();
-                    self.apply_cluster_segment(&conn, std::slice::from_ref(item))
+            let commands = self.item_commands(item, cluster);
+            let failed: Option<(Option<&Described>, RedisError)> = if cluster {
+                let mut failed = None;
+                for (cmd, d) in &commands {
+                    if let Err(e) = cmd
+                        .query_async::<Value>(&mut self.conn)
                         .await
+                        .and_then(|v| v.extract_error())
+                    {
+                        failed = Some((Some(d), e));
+                        break;
+                    }
                 }
-                Conn::Single(_) => {
-                    let mut pipe = redis::pipe();
-                    self.add_item(&mut pipe, item);
-                    if pipe.is_empty() {
-                        Ok(())
-                    } else {
-                        pipe.query_async::<()>(&mut self.conn).await
+                failed
+            } else if commands.is_empty() {
+                None
+            } else {
+                let mut pipe = redis::pipe();
+                for (cmd, _) in &commands {
+                    pipe.add_command(cmd.clone()).ignore();
+                }
+                match pipe.query_async::<()>(&mut self.conn).await {
+                    Ok(()) => None,
+                    Err(e) => {
+                        let index = e
+                            .clone()
+                            .into_server_errors()
+                            .and_then(|errors| errors.first().map(|(i, _)| *i));
+                        Some((index.and_then(|i| commands.get(i)).map(|(_, d)| d), e))
                     }
                 }
             };
-            if let Err(e) = result {
-                let plan = &item.plan;
-                let (command, key) = if error_codes(&e).iter().any(|c| c == "WRONGTYPE")
-                    && !plan.purge_tags.is_empty()
-                {
-                    (
-                        "a tag purge (SMEMBERS)",
-                        format!("{}{}", self.tag_prefix, plan.purge_tags.join(", ")),
-                    )
-                } else {
-                    (
-                        "a write",
-                        plan.delete
-                            .iter()
-                            .chain(plan.republish.iter().map(|r| &r.key))
-                            .cloned()
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                    )
-                };
-                return SinkError::RedisPoison {
-                    command,
-                    key,
-                    origin: describe(item),
-                    message: e.to_string(),
-                    confirmed: self.confirmed.clone(),
-                };
-            }
+            let Some((described, e)) = failed else {
+                continue;
+            };
+            let server = e
+                .clone()
+                .into_server_errors()
+                .and_then(|errors| errors.first().map(|(_, se)| se.clone()));
+            let code = server.as_ref().map(|se| se.code().to_string());
+            let (command, key) = match described {
+                Some(d) => d.naming(code.as_deref()),
+                None => ("a write".to_string(), "(unknown)".to_string()),
+            };
+            return SinkError::RedisPoison {
+                command,
+                key,
+                origin: describe(item),
+                message: match server {
+                    Some(se) => cut(&se.to_string(), MESSAGE_SHOWN),
+                    None => cut(&e.to_string(), MESSAGE_SHOWN),
+                },
+                confirmed: self.confirmed.clone(),
+            };
         }
         SinkError::RedisPoison {
-            command: "a command",
+            command: "a command".into(),
             key: "(not found when retried one by one)".into(),
             origin: "the batch".into(),
-            message: first.to_string(),
+            message: first.summary(),
             confirmed: self.confirmed.clone(),
         }
     }
@@ -797,58 +990,42 @@ impl RedisSink {
         if batch.items.is_empty() {
             return Ok(());
         }
+        let mut reloaded = false;
         loop {
-            let error = match self.try_apply(&batch.items).await {
+            let failure = match self.try_apply(&batch.items).await {
                 Ok(()) => {
                     self.backoff.reset();
+                    self.retries.succeeded();
                     return Ok(());
                 }
                 Err(e) => e,
             };
-            match classify(&error) {
-                Class::Poison => return Err(self.locate_poison(&batch.items, error).await),
-                Class::NoScript => {
-                    tracing::info!("Redis lost the scripts (restarted?): loading them again");
-                    if let Err(e) = self.load_scripts().await {
-                        tracing::warn!(error = %e, "cannot load the scripts yet");
+            match next_step(&classify(&failure.error), reloaded) {
+                Next::Stop => return Err(self.locate_poison(&batch.items, failure).await),
+                Next::ReloadAndRetry => {
+                    reloaded = true;
+                    match self.load_scripts().await {
+                        Ok(()) => {
+                            tracing::info!("Redis had lost the scripts (restarted?): loaded them again, retrying the batch at once");
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %cut(&e.to_string(), MESSAGE_SHOWN), "Redis lost the scripts and they cannot be loaded yet")
+                        }
                     }
                 }
-                Class::Retry => {}
+                Next::Backoff => {}
             }
+            reloaded = false;
             let delay = self.backoff.next_delay();
             metrics::counter!("wal2cache_sink_retries_total", "sink" => "redis").increment(1);
-            tracing::warn!(error = %error, attempt = self.backoff.attempts(), retry_in = ?delay, "Redis failed; retrying the batch");
+            self.retries.failed(&failure.summary(), delay);
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = self.stop.wait_for(|s| *s) => return Err(SinkError::Stopped),
             }
         }
     }
-}
-
-/// `rule "product", for public.products update at LSN 0/1A2B3C4 (xid 7781)`.
-pub fn describe(item: &Item) -> String {
-    let o = &item.origin;
-    let rules = if item.plan.rules.is_empty() {
-        "a wal2cache message".to_string()
-    } else {
-        format!(
-            "rule {}",
-            item.plan
-                .rules
-                .iter()
-                .map(|r| format!("{r:?}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    };
-    format!(
-        "{rules}, for {} {} at LSN {} (xid {})",
-        o.table.as_deref().unwrap_or("a logical message"),
-        o.op,
-        o.version.commit_lsn,
-        o.xid
-    )
 }
 
 #[cfg(test)]
@@ -913,6 +1090,28 @@ mod tests {
         assert!(groups.len() > 900, "{} groups", groups.len());
         assert_eq!(groups.iter().map(Vec::len).sum::<usize>(), 1000);
         assert!(group_by_slot(Vec::<&str>::new()).is_empty());
+    }
+
+    #[test]
+    fn noscript_is_answered_at_once_then_with_backoff() {
+        // Redis restarted and lost the scripts: load them and retry without waiting.
+        assert_eq!(next_step(&Class::NoScript, false), Next::ReloadAndRetry);
+        // Still NOSCRIPT right after loading them: wait a step rather than spin.
+        assert_eq!(next_step(&Class::NoScript, true), Next::Backoff);
+        assert_eq!(next_step(&Class::Retry, false), Next::Backoff);
+        assert_eq!(next_step(&Class::Poison, false), Next::Stop);
+        assert_eq!(next_step(&Class::Poison, true), Next::Stop);
+    }
+
+    #[test]
+    fn long_keys_are_cut_in_log_lines() {
+        let long = "k".repeat(600_000);
+        let shown = cut(&long, 100);
+        assert!(shown.len() < 130, "{shown}");
+        assert!(shown.ends_with("… (600000 bytes)"), "{shown}");
+        assert_eq!(cut("short", 100), "short");
+        // Never inside a character.
+        assert_eq!(cut("ééé", 2), "éé… (6 bytes)");
     }
 
     #[test]

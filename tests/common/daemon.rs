@@ -14,6 +14,12 @@ use super::{eventually, TestDb};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_wal2cache");
 
+/// The binary the daemon tests run: `BIN`, or `WAL2CACHE_TEST_BIN` (to run a test
+/// against another build, e.g. to see it fail before a fix).
+pub fn bin() -> String {
+    std::env::var("WAL2CACHE_TEST_BIN").unwrap_or_else(|_| BIN.to_string())
+}
+
 pub fn redis_url() -> String {
     std::env::var("WAL2CACHE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:63790".into())
 }
@@ -36,7 +42,7 @@ pub struct Daemon(Option<Child>);
 impl Daemon {
     /// Starts it with `envs` (logging at warn unless `WAL2CACHE_LOG` is among them).
     pub fn start(config: &Path, envs: &[(&str, &str)]) -> Daemon {
-        let child = Command::new(BIN)
+        let child = Command::new(bin())
             .args(["run", "--config", config.to_str().unwrap()])
             .env("WAL2CACHE_LOG", "warn")
             .envs(envs.iter().copied())
@@ -66,6 +72,40 @@ impl Daemon {
             .status()
             .unwrap();
         assert!(sent.success(), "kill -{signal}");
+    }
+
+    /// Starts it with its standard error written to `log`.
+    pub fn start_logging(config: &Path, envs: &[(&str, &str)], log: &Path) -> Daemon {
+        let child = Command::new(bin())
+            .args(["run", "--config", config.to_str().unwrap()])
+            .env("WAL2CACHE_LOG", "warn")
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        Daemon(Some(child))
+    }
+
+    /// SIGTERM, then waits up to `within` for it to exit: its exit code and how long
+    /// it took, or `None` (and it is killed) if it was still running.
+    pub fn terminate(mut self, within: Duration) -> Option<(Option<i32>, Duration)> {
+        let mut child = self.0.take().unwrap();
+        let sent = Instant::now();
+        let kill = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        while sent.elapsed() < within {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some((status.code(), sent.elapsed()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
     }
 
     pub fn assert_running(&mut self, when: &str) {
@@ -214,6 +254,11 @@ pub fn free_addr() -> std::net::SocketAddr {
         .unwrap()
 }
 
+/// A port nothing listens on (yet).
+pub fn free_port() -> u16 {
+    free_addr().port()
+}
+
 /// One HTTP/1.1 request: the status code and the body, or `None` when nothing
 /// answers at `addr`.
 pub fn http(addr: std::net::SocketAddr, method: &str, path: &str) -> Option<(u16, String)> {
@@ -230,4 +275,162 @@ pub fn http(addr: std::net::SocketAddr, method: &str, path: &str) -> Option<(u16
     let status = response.split(' ').nth(1)?.parse().ok()?;
     let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     Some((status, body.to_string()))
+}
+
+/// A `redis-server` of the test's own, for tests that break it (the shared one on
+/// 63790 serves other tests at the same time); killed when dropped.
+pub struct PrivateRedis {
+    child: Child,
+    pub url: String,
+}
+
+impl PrivateRedis {
+    pub async fn start() -> PrivateRedis {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (deploy/local/services.sh installs it)");
+        let redis = PrivateRedis {
+            child,
+            url: format!("redis://127.0.0.1:{port}"),
+        };
+        eventually(
+            "the private redis-server to answer",
+            Duration::from_secs(20),
+            || async { redis.try_connect().await.is_some() },
+        )
+        .await;
+        redis
+    }
+
+    async fn try_connect(&self) -> Option<redis::aio::MultiplexedConnection> {
+        let mut c = redis::Client::open(self.url.as_str())
+            .ok()?
+            .get_multiplexed_async_connection()
+            .await
+            .ok()?;
+        redis::cmd("PING").query_async::<()>(&mut c).await.ok()?;
+        Some(c)
+    }
+
+    pub async fn connect(&self) -> redis::aio::MultiplexedConnection {
+        self.try_connect()
+            .await
+            .expect("the private redis-server answers")
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A config for `wal2cache run` with the rules in `rules` (TOML), in `dir`: slot
+/// `<db>_<slot>`, publication `w2c`, Redis at `redis`, the topic `topic` (one
+/// partition); `extra` is appended (e.g. a `[pipeline]` section).
+pub fn write_config(
+    dir: &Path,
+    db: &TestDb,
+    slot: &str,
+    rules: &str,
+    redis: &str,
+    topic: &str,
+    extra: &str,
+) -> std::path::PathBuf {
+    std::fs::write(dir.join("rules.toml"), rules).unwrap();
+    let config = dir.join("wal2cache.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "name = \"test\"\n[postgres]\nurl = \"{url}\"\nslot = \"{db}_{slot}\"\npublication = \"w2c\"\n\
+             [rules]\npath = \"rules.toml\"\n[redis]\nurl = \"{redis}\"\n\
+             [kafka]\nbrokers = \"{kafka}\"\ntopic = \"{topic}\"\npartitions = 1\n{extra}",
+            url = db.url,
+            db = db.name,
+            kafka = kafka_brokers(),
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// The topic exists with at least one partition. Blocking.
+pub fn topic_exists(topic: &str) -> bool {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .create()
+        .unwrap();
+    consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(5))
+        .is_ok_and(|md| {
+            md.topics()
+                .first()
+                .is_some_and(|t| t.error().is_none() && !t.partitions().is_empty())
+        })
+}
+
+/// A Tansu broker of the test's own (memory storage), for tests that stop it; killed
+/// when dropped.
+pub struct PrivateBroker {
+    child: Child,
+    _dir: tempfile::TempDir,
+    pub brokers: String,
+}
+
+impl PrivateBroker {
+    pub async fn start() -> PrivateBroker {
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        // tansu reads a .env from its working directory or any parent: an empty one
+        // keeps a project-level one out.
+        std::fs::write(dir.path().join(".env"), "").unwrap();
+        let bin = std::env::var("HOME")
+            .map(|h| format!("{h}/.cargo/bin/tansu"))
+            .ok()
+            .filter(|p| Path::new(p).exists())
+            .unwrap_or_else(|| "tansu".into());
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(bin)
+            .args(["broker", "--cluster-id", "wal2cache-test"])
+            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .current_dir(dir.path())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tansu is installed (deploy/local/services.sh installs it)");
+        let broker = PrivateBroker {
+            child,
+            _dir: dir,
+            brokers: format!("127.0.0.1:{port}"),
+        };
+        eventually(
+            "the private broker to listen",
+            Duration::from_secs(30),
+            || async {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+            },
+        )
+        .await;
+        broker
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
