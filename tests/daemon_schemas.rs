@@ -11,23 +11,17 @@ use common::daemon::*;
 use common::*;
 use redis::AsyncCommands;
 
+/// A config of the shared helper's shape: slot `<db>_d`, the shared Redis.
 fn write_config(dir: &Path, db: &TestDb, rules: &str, topic: &str) -> PathBuf {
-    std::fs::write(dir.join("rules.toml"), rules).unwrap();
-    let config = dir.join("wal2cache.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "name = \"schemas\"\n[postgres]\nurl = \"{}\"\nslot = \"{}_d\"\npublication = \"w2c\"\n\
-             [rules]\npath = \"rules.toml\"\n[redis]\nurl = \"{}\"\n[kafka]\nbrokers = \"{}\"\n\
-             topic = \"{topic}\"\npartitions = 1\n[pipeline]\nshutdown_timeout = \"10s\"\n",
-            db.url,
-            db.name,
-            redis_url(),
-            kafka_brokers()
-        ),
+    common::daemon::write_config(
+        dir,
+        db,
+        "d",
+        rules,
+        &redis_url(),
+        topic,
+        "[pipeline]\nshutdown_timeout = \"10s\"\n",
     )
-    .unwrap();
-    config
 }
 
 async fn gone(r: &redis::aio::MultiplexedConnection, keys: &[String]) -> bool {
