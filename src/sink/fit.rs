@@ -163,6 +163,27 @@ pub fn events_for(
         }
     }
     let tags: Vec<&str> = plan.purge_tags.iter().map(String::as_str).collect();
+    // The common case, serialized once: every key within its bound and the whole event
+    // within the limit (then every key also fits the room an event leaves it).
+    if keys
+        .iter()
+        .chain(&tags)
+        .all(|s| s.len() <= limits.max_key_bytes)
+    {
+        let mut e = base_event(source, item);
+        e.keys = keys.iter().map(|k| k.to_string()).collect();
+        e.tags = tags.iter().map(|t| t.to_string()).collect();
+        let payload = e.to_json();
+        if payload.len() <= limits.max_event_bytes {
+            let out = Outgoing {
+                key: message_key(keys.first().copied(), item),
+                payload,
+                item: index,
+                degraded: false,
+            };
+            return (vec![out], Fitted::Whole);
+        }
+    }
     let base = base_event(source, item);
     let base_len = base.to_json().len();
     // `,"keys":[` and `]`; the same for tags.

@@ -633,13 +633,18 @@ impl RedisSink {
         cmd
     }
 
-    /// An item's commands on a single server, in order, each with what it is. In
-    /// `cluster` mode a tag purge is SMEMBERS of its set (the rest of a cluster purge
-    /// runs after the batch's writes, see `purge_tags_cluster`).
-    fn item_commands(&self, item: &Item, cluster: bool) -> Vec<(Cmd, Described)> {
+    /// An item's commands on a single server, in order, each handed to `each` with a
+    /// way to say what it is (only called for messages, so the hot path builds no
+    /// descriptions). In `cluster` mode a tag purge is SMEMBERS of its set (the rest
+    /// of a cluster purge runs after the batch's writes, see `purge_tags_cluster`).
+    fn for_each_command(
+        &self,
+        item: &Item,
+        cluster: bool,
+        mut each: impl FnMut(Cmd, &dyn Fn() -> Described),
+    ) {
         let plan = &item.plan;
         let version = item.origin.version.encode();
-        let mut out = Vec::new();
         let unlink: Vec<&String> = plan
             .delete
             .iter()
@@ -648,32 +653,28 @@ impl RedisSink {
         if !unlink.is_empty() {
             let mut cmd = redis::cmd("UNLINK");
             cmd.arg(&unlink);
-            let keys = unlink
-                .iter()
-                .map(|k| cut(k, KEY_SHOWN))
-                .collect::<Vec<_>>()
-                .join(", ");
-            out.push((cmd, Described::new("UNLINK", keys)));
+            each(cmd, &|| {
+                let keys = unlink
+                    .iter()
+                    .map(|k| cut(k, KEY_SHOWN))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                Described::new("UNLINK", keys)
+            });
         }
         for key in &plan.tombstones {
-            out.push((
-                self.tombstone_cmd(key, &version),
-                Described {
-                    command: "the tombstone script (EVALSHA)",
-                    key: key.clone(),
-                    sidecar: Some(version_key(key)),
-                },
-            ));
+            each(self.tombstone_cmd(key, &version), &|| Described {
+                command: "the tombstone script (EVALSHA)",
+                key: key.clone(),
+                sidecar: Some(version_key(key)),
+            });
         }
         for r in &plan.republish {
-            out.push((
-                self.republish_cmd(r, &version),
-                Described {
-                    command: "the republish script (EVALSHA)",
-                    key: r.key.clone(),
-                    sidecar: Some(version_key(&r.key)),
-                },
-            ));
+            each(self.republish_cmd(r, &version), &|| Described {
+                command: "the republish script (EVALSHA)",
+                key: r.key.clone(),
+                sidecar: Some(version_key(&r.key)),
+            });
         }
         for tag in &plan.purge_tags {
             let set = format!("{}{tag}", self.tag_prefix);
@@ -687,17 +688,31 @@ impl RedisSink {
                 cmd.arg(self.purge.get_hash()).arg(1).arg(&set);
                 "a tag purge (the purge script: SMEMBERS, UNLINK)"
             };
-            out.push((cmd, Described::new(command, set)));
+            each(cmd, &|| Described::new(command, set.clone()));
+        }
+    }
+
+    /// An item's commands, each with what it is (for error messages).
+    fn item_commands(&self, item: &Item, cluster: bool) -> Vec<(Cmd, Described)> {
+        let mut out = Vec::new();
+        self.for_each_command(item, cluster, |cmd, describe| out.push((cmd, describe())));
+        out
+    }
+
+    /// What each command of `items` is, in pipeline order.
+    fn describe_commands(&self, items: &[Item]) -> Vec<Described> {
+        let mut out = Vec::new();
+        for item in items {
+            self.for_each_command(item, false, |_, describe| out.push(describe()));
         }
         out
     }
 
-    /// Adds an item's commands to `pipe`, and what each is to `described`.
-    fn add_item(&self, pipe: &mut Pipeline, described: &mut Vec<Described>, item: &Item) {
-        for (cmd, d) in self.item_commands(item, false) {
+    /// Adds an item's commands to `pipe`.
+    fn add_item(&self, pipe: &mut Pipeline, item: &Item) {
+        self.for_each_command(item, false, |cmd, _| {
             pipe.add_command(cmd).ignore();
-            described.push(d);
-        }
+        });
     }
 
     /// Every key under `prefix`, unlinked as SCAN finds them.
@@ -728,14 +743,15 @@ impl RedisSink {
         }
     }
 
-    /// Sends a pipeline; a failure carries what each of its commands is.
-    async fn send(&mut self, pipe: &Pipeline, described: Vec<Described>) -> Result<(), Failure> {
-        pipe.query_async::<()>(&mut self.conn)
-            .await
-            .map_err(|error| Failure {
+    /// Sends the pipeline of `items`; a failure carries what each of its commands is.
+    async fn send(&mut self, pipe: &Pipeline, items: &[Item]) -> Result<(), Failure> {
+        match pipe.query_async::<()>(&mut self.conn).await {
+            Ok(()) => Ok(()),
+            Err(error) => Err(Failure {
                 error,
-                commands: described,
-            })
+                commands: self.describe_commands(items),
+            }),
+        }
     }
 
     /// One attempt at the whole batch, in order; a flush ends the pipeline before it.
@@ -747,22 +763,24 @@ impl RedisSink {
         // An empty pipeline is never sent: Redis answers it with an error (a plan can be
         // a flush alone).
         let mut pipe = redis::pipe();
-        let mut described = Vec::new();
-        for item in items {
+        // The items whose commands are in `pipe`.
+        let mut start = 0;
+        for (i, item) in items.iter().enumerate() {
             if !item.plan.flush_prefixes.is_empty() {
                 if !pipe.is_empty() {
-                    self.send(&pipe, std::mem::take(&mut described)).await?;
+                    self.send(&pipe, &items[start..i]).await?;
                     pipe = redis::pipe();
                 }
+                start = i;
                 for prefix in &item.plan.flush_prefixes {
                     let n = self.flush_prefix(prefix).await?;
                     tracing::info!(prefix = %prefix, keys = n, "flushed key prefix");
                 }
             }
-            self.add_item(&mut pipe, &mut described, item);
+            self.add_item(&mut pipe, item);
         }
         if !pipe.is_empty() {
-            self.send(&pipe, described).await?;
+            self.send(&pipe, &items[start..]).await?;
         }
         Ok(())
     }
