@@ -121,30 +121,28 @@ async fn reload(config: &Config, rules_tx: &mpsc::UnboundedSender<Reload>) -> Re
     });
     let mut client = config.pg_target().connect().await?;
     let publication = &config.postgres.publication;
-    let added = async {
-        let txn = client.transaction().await?;
-        txn.execute(
-            "SELECT pg_logical_emit_message(true, $1, $2)",
-            &[&pipeline::RELOAD_PREFIX, &marker],
-        )
-        .await?;
-        txn.batch_execute(&format!(
-            "ALTER PUBLICATION {} ADD {}",
-            postgres_protocol::escape::escape_identifier(publication),
-            crate::source::catalog::table_list(&report.publish)
-        ))
-        .await?;
-        txn.commit().await
-    }
-    .await;
-    added.map_err(|source| crate::source::SourceError::Postgres {
-        context: format!(
-            "adding {} to publication {publication:?} for the new rules",
-            report.to_publish.join(", ")
-        ),
-        source,
-    })?;
-    tracing::info!(publication = %publication, tables = ?report.to_publish, "added tables to the publication; the new rules take effect from there in the stream");
+    let failed = |context: &str| {
+        let context = format!(
+            "{context} to add {} to publication {publication:?} for the new rules",
+            report.to_publish().join(", ")
+        );
+        move |source| crate::source::SourceError::Postgres { context, source }
+    };
+    let txn = client
+        .transaction()
+        .await
+        .map_err(failed("opening the transaction"))?;
+    txn.execute(
+        "SELECT pg_logical_emit_message(true, $1, $2)",
+        &[&pipeline::RELOAD_PREFIX, &marker],
+    )
+    .await
+    .map_err(failed("writing the reload marker"))?;
+    slot::add_to_publication(&txn, publication, &report.publish).await?;
+    txn.commit()
+        .await
+        .map_err(failed("committing the transaction"))?;
+    tracing::info!(publication = %publication, tables = ?report.to_publish(), "added tables to the publication; the new rules take effect from there in the stream");
     Ok(())
 }
 
@@ -263,8 +261,8 @@ pub async fn tail(
             Some(()) = reload.recv() => {
                 match reload_rules(config).await {
                     Ok((rules, report)) => {
-                        if !report.to_publish.is_empty() {
-                            tracing::warn!(tables = ?report.to_publish, "tail does not add tables to the publication on a reload: their changes are not shown until `wal2cache setup` (or `run`) adds them");
+                        if !report.publish.is_empty() {
+                            tracing::warn!(tables = ?report.to_publish(), "tail does not add tables to the publication on a reload: their changes are not shown until `wal2cache setup` (or `run`) adds them");
                         }
                         tracing::info!(rules = rules.rules().len(), "rules reloaded");
                         formatter.set_planner(Planner::new(rules));

@@ -136,11 +136,11 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 rules.rules().len(),
                 rules.tables().len()
             ));
-            if !report.to_publish.is_empty() {
+            if !report.publish.is_empty() {
                 say(format_args!(
                     "setup will add to publication {:?}: {}",
                     config.postgres.publication,
-                    report.to_publish.join(", ")
+                    report.to_publish().join(", ")
                 ));
             }
             Ok(())

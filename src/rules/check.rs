@@ -40,12 +40,17 @@ pub struct CheckReport {
     pub problems: Vec<CheckProblem>,
     /// What works but deserves a look (printed by `check`, logged by `run`).
     pub warnings: Vec<CheckProblem>,
-    /// Tables `setup` will add to the publication, as the rules file writes them.
-    pub to_publish: Vec<String>,
-    /// The same, as publication objects.
+    /// Tables `setup` will add to the publication.
     pub publish: Vec<ToPublish>,
     /// `server_version_num`.
     pub server_version: i32,
+}
+
+impl CheckReport {
+    /// The tables `setup` will add to the publication, as the rules file writes them.
+    pub fn to_publish(&self) -> Vec<String> {
+        self.publish.iter().map(|m| m.table.to_string()).collect()
+    }
 }
 
 /// The rules failed `check`.
@@ -96,10 +101,7 @@ pub async fn check(
         let missing = catalog::unpublished(client, publ.as_ref(), &table, &info, version).await?;
         if !missing.is_empty() {
             if create {
-                for m in missing {
-                    report.to_publish.push(m.table.to_string());
-                    report.publish.push(m);
-                }
+                report.publish.extend(missing);
             } else {
                 report.problems.push(CheckProblem {
                     origin: origin.clone(),

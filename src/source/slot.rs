@@ -251,12 +251,14 @@ async fn ensure_publication(
     }
     add_to_publication(client, &plan.publication, &missing).await?;
     report.added_tables = missing.into_iter().map(|m| m.table.to_string()).collect();
+    tracing::info!(publication = %plan.publication, tables = ?report.added_tables, "added tables to publication");
     Ok(())
 }
 
-/// `ALTER PUBLICATION … ADD` the given relations, in one statement.
+/// `ALTER PUBLICATION … ADD` the given relations, in one statement (on a client, or
+/// inside a transaction).
 pub async fn add_to_publication(
-    client: &Client,
+    client: &impl tokio_postgres::GenericClient,
     publication: &str,
     missing: &[ToPublish],
 ) -> Result<(), SourceError> {
@@ -268,8 +270,6 @@ pub async fn add_to_publication(
         ))
         .await
         .map_err(pg(format!("adding tables to publication {publication:?}")))?;
-    let tables: Vec<String> = missing.iter().map(|m| m.table.to_string()).collect();
-    tracing::info!(publication = %publication, tables = ?tables, "added tables to publication");
     Ok(())
 }
 
