@@ -7,22 +7,14 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 
 use common::*;
 use wal2cache::rules::check::check;
-use wal2cache::rules::{self, plan_message, Planner, RuleSet};
+use wal2cache::rules::{plan_message, Planner};
 use wal2cache::source::{Source, SourceEvent, TableName};
 use wal2cache::Lsn;
 
 const BIN: &str = env!("CARGO_BIN_EXE_wal2cache");
-
-fn compile(text: &str) -> Arc<RuleSet> {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("rules.toml");
-    std::fs::write(&file, text).unwrap();
-    Arc::new(rules::load(&file).unwrap_or_else(|e| panic!("{e}")))
-}
 
 /// A config with `rules` in `dir`, on the test's database (publication `w2c`).
 fn write_config(dir: &Path, db: &TestDb, rules: &str) -> PathBuf {
@@ -58,14 +50,14 @@ fn cli(args: &[&str], config: &Path) -> (i32, String, String) {
 }
 
 async fn problems(db: &TestDb, rules: &str) -> Vec<String> {
-    let report = check(&db.client, &compile(rules), "w2c", true)
+    let report = check(&db.client, &compile_rules(rules), "w2c", true)
         .await
         .unwrap();
     report.problems.iter().map(ToString::to_string).collect()
 }
 
 async fn warnings(db: &TestDb, rules: &str) -> Vec<String> {
-    let report = check(&db.client, &compile(rules), "w2c", true)
+    let report = check(&db.client, &compile_rules(rules), "w2c", true)
         .await
         .unwrap();
     report.warnings.iter().map(ToString::to_string).collect()
@@ -129,7 +121,7 @@ async fn changes_to_partitions_plan_with_the_parents_rules_attached_ones_too() {
     let (code, out, err) = cli(&["setup"], &config);
     assert_eq!(code, 0, "{out}{err}");
     let slot = format!("{}_s", db.name);
-    let mut planner = Planner::new(compile(PARENT_RULE));
+    let mut planner = Planner::new(compile_rules(PARENT_RULE));
     let mut source = Source::start(db.stream(&slot, "w2c"), Lsn::ZERO);
 
     db.exec_each(&[
@@ -265,7 +257,7 @@ async fn inheritance_children_are_warned_about_published_and_planned() {
         "{out}"
     );
 
-    let mut planner = Planner::new(compile(rules));
+    let mut planner = Planner::new(compile_rules(rules));
     let mut source = Source::start(db.stream(&format!("{}_s", db.name), "w2c"), Lsn::ZERO);
     db.exec("INSERT INTO kid VALUES (7, 'x', 1)").await;
     let events = commits(&mut source, 1).await;
@@ -385,7 +377,7 @@ async fn quoted_names_work_and_system_catalogs_are_refused() {
     let (code, out, err) = cli(&["setup"], &config);
     assert_eq!(code, 0, "{out}{err}");
 
-    let mut planner = Planner::new(compile(rules));
+    let mut planner = Planner::new(compile_rules(rules));
     let mut source = Source::start(db.stream(&format!("{}_s", db.name), "w2c"), Lsn::ZERO);
     db.exec("INSERT INTO \"dot.ted\" VALUES (5, 'x')").await;
     let events = commits(&mut source, 1).await;

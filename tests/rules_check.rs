@@ -4,26 +4,17 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use common::*;
 use wal2cache::rules::check::check;
-use wal2cache::rules::{self, plan_message, Planner, RuleSet};
+use wal2cache::rules::{plan_message, Planner};
 use wal2cache::source::{Source, SourceEvent};
 use wal2cache::Lsn;
 
 const EXAMPLE_SCHEMA: &str = include_str!("../migrations/001_example_schema.sql");
 const INVALIDATE_FN: &str = include_str!("../migrations/002_invalidate_function.sql");
 
-fn compile(text: &str) -> Arc<RuleSet> {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("rules.toml");
-    std::fs::write(&file, text).unwrap();
-    Arc::new(rules::load(&file).unwrap_or_else(|e| panic!("{e}")))
-}
-
 async fn problems(db: &TestDb, text: &str, create: bool) -> Vec<String> {
-    let report = check(&db.client, &compile(text), "w2c", create)
+    let report = check(&db.client, &compile_rules(text), "w2c", create)
         .await
         .unwrap();
     report.problems.iter().map(ToString::to_string).collect()
@@ -40,12 +31,12 @@ async fn the_example_rules_pass_on_the_example_schema() {
     let example =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/rules/example.toml"))
             .unwrap();
-    let report = check(&db.client, &compile(&example), "w2c", true)
+    let report = check(&db.client, &compile_rules(&example), "w2c", true)
         .await
         .unwrap();
     assert!(report.problems.is_empty(), "{:#?}", report.problems);
     assert_eq!(
-        report.to_publish,
+        report.to_publish(),
         [
             "public.products",
             "public.categories",
@@ -144,7 +135,7 @@ async fn a_real_slug_change_yields_both_keys_and_functions_emit_plans() {
     let example =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/rules/example.toml"))
             .unwrap();
-    let mut planner = Planner::new(compile(&example));
+    let mut planner = Planner::new(compile_rules(&example));
     let mut source = Source::start(db.stream(&slot, &publication), Lsn::ZERO);
 
     db.exec_each(&[

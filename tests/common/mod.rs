@@ -177,6 +177,14 @@ impl Drop for TestDb {
     }
 }
 
+/// Rules from TOML text, compiled as `rules.path` would load them.
+pub fn compile_rules(text: &str) -> std::sync::Arc<wal2cache::rules::RuleSet> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rules.toml");
+    std::fs::write(&file, text).unwrap();
+    std::sync::Arc::new(wal2cache::rules::load(&file).unwrap_or_else(|e| panic!("{e}")))
+}
+
 /// Waits for a condition with a deadline; never a bare sleep.
 pub async fn eventually<F, Fut>(what: &str, deadline: Duration, mut check: F)
 where
