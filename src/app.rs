@@ -12,8 +12,10 @@ use crate::lsn::Lsn;
 use crate::pipeline::{self, Pipeline, Reload};
 use crate::rules::check::{self, CheckError, CheckReport};
 use crate::rules::{self, Planner, RuleSet};
-use crate::sink::kafka::{KafkaSink, Progress};
+use crate::sink::kafka::KafkaSink;
 use crate::sink::redis::RedisSink;
+use crate::sink::Position;
+use crate::source::messages::{wal_heartbeats, RELOAD_PREFIX};
 use crate::source::slot::{self, SetupPlan, SetupReport};
 use crate::source::{Source, SourceEvent, StreamConfig};
 use crate::tail::TailFormatter;
@@ -134,7 +136,7 @@ async fn reload(config: &Config, rules_tx: &mpsc::UnboundedSender<Reload>) -> Re
         .map_err(failed("opening the transaction"))?;
     txn.execute(
         "SELECT pg_logical_emit_message(true, $1, $2)",
-        &[&pipeline::RELOAD_PREFIX, &marker],
+        &[&RELOAD_PREFIX, &marker],
     )
     .await
     .map_err(failed("writing the reload marker"))?;
@@ -174,52 +176,68 @@ pub async fn run(
     let report = slot::ensure(&target, &setup_plan(config, &rules, true)).await?;
     crate::serve::start(&config.metrics).await?;
     let confirmed = report.confirmed_lsn.unwrap_or(Lsn::ZERO);
+    // One stop signal for every task: the sinks' retries, Kafka's heartbeats, the WAL
+    // heartbeats and the reloader end when the pipeline stops, and are joined.
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let (progress, progress_rx) = tokio::sync::watch::channel(Progress {
+    let (position, position_rx) = tokio::sync::watch::channel(Position {
         confirmed,
-        ..Progress::default()
+        ..Position::default()
     });
     let redis = RedisSink::connect(redis_config, stop_rx.clone()).await?;
-    let kafka = KafkaSink::connect(kafka_config, &config.name, progress_rx, stop_rx).await?;
+    let kafka =
+        KafkaSink::connect(kafka_config, &config.name, position_rx, stop_rx.clone()).await?;
     let mut stream = StreamConfig::new(
         target,
         config.postgres.slot.clone(),
         config.postgres.publication.clone(),
     );
     stream.application_name = format!("wal2cache {}", config.name);
-    if !config.pipeline.idle_heartbeat.is_zero() {
-        tokio::spawn(pipeline::wal_heartbeats(
+    let heartbeats = (!config.pipeline.idle_heartbeat.is_zero()).then(|| {
+        tokio::spawn(wal_heartbeats(
             config.pg_target(),
             config.pipeline.idle_heartbeat,
-            stop.subscribe(),
-        ));
-    }
+            stop_rx.clone(),
+        ))
+    });
     let source = Source::start(stream, confirmed);
     tracing::info!(slot = %config.postgres.slot, confirmed = %confirmed, rules = rules.rules().len(), "running");
 
     let (rules_tx, rules_rx) = mpsc::unbounded_channel();
     let reload_config = config.clone();
+    let mut reload_stop = stop_rx;
     let reloader = tokio::spawn(async move {
-        while reload_signals.recv().await.is_some() {
-            if let Err(e) = reload(&reload_config, &rules_tx).await {
+        loop {
+            tokio::select! {
+                signal = reload_signals.recv() => if signal.is_none() { return },
+                _ = reload_stop.wait_for(|s| *s) => return,
+            }
+            // A reload in progress when the pipeline stops is cut short: its marker
+            // is never read, so its rules never take effect.
+            let reloaded = tokio::select! {
+                r = reload(&reload_config, &rules_tx) => r,
+                _ = reload_stop.wait_for(|s| *s) => return,
+            };
+            if let Err(e) = reloaded {
                 metrics::counter!("wal2cache_reload_failures_total").increment(1);
                 tracing::error!("rules not reloaded, the previous rules stay in force: {e}");
-            }
-            if rules_tx.is_closed() {
-                break;
             }
         }
     });
     let pipeline = Pipeline {
         config: config.pipeline.clone(),
-        source,
+        events: source,
         redis,
         kafka,
-        progress,
-        stop,
+        position,
+        stop: stop.clone(),
     };
     let result = pipeline::run(pipeline, rules, shutdown, rules_rx).await;
-    reloader.abort();
+    // The pipeline has set the stop signal; every task ends on it.
+    let _ = stop.send(true);
+    let _ = reloader.await;
+    if let Some(h) = heartbeats {
+        let _ = h.await;
+    }
     result
 }
 

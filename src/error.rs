@@ -20,6 +20,12 @@ pub enum Error {
     Plan(Box<PlanError>),
     #[error(transparent)]
     Sink(#[from] SinkError),
+    #[error("{error} (nothing after LSN {confirmed} was confirmed: it is applied again at the next start)")]
+    Applying {
+        #[source]
+        error: SinkError,
+        confirmed: crate::lsn::Lsn,
+    },
     #[error("the shutdown deadline ({0:?}) passed before what was in flight was applied; it was not confirmed and will be applied again at the next start")]
     ShutdownTimeout(std::time::Duration),
     #[error("{context}: {source}")]
@@ -49,6 +55,7 @@ impl Error {
             | Error::Io { .. }
             | Error::Plan(_)
             | Error::Sink(_)
+            | Error::Applying { .. }
             | Error::ShutdownTimeout(_) => exit::FATAL,
         }
     }

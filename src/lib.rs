@@ -4,6 +4,10 @@
 //! `rules` maps them to cache keys and tags. The daemon's binary wires them together.
 
 pub mod lsn;
+#[cfg(feature = "daemon")]
+pub mod pgtime;
+#[cfg(feature = "daemon")]
+pub mod plan;
 
 #[cfg(feature = "daemon")]
 pub mod app;

@@ -8,9 +8,10 @@ use std::fmt;
 use serde::{Serialize, Serializer};
 use serde_json::{json, Value as Json};
 
-use crate::rules::plan::{plan_message, NoteKind, Plan, Planner};
+use crate::pgtime::format_pg_time;
+use crate::plan::{NoteKind, Plan};
+use crate::rules::{plan_message, Planner};
 use crate::source::change::{Change, SourceEvent, TxnInfo};
-use crate::source::format_pg_time;
 use crate::source::pgoutput::OldKind;
 use crate::source::value::{JsonCell, RowJson};
 
@@ -139,8 +140,8 @@ impl TailFormatter {
                 m
             }
             SourceEvent::Message { prefix, .. }
-                if prefix == crate::pipeline::HEARTBEAT_PREFIX
-                    || prefix == crate::pipeline::RELOAD_PREFIX =>
+                if prefix == crate::source::messages::HEARTBEAT_PREFIX
+                    || prefix == crate::source::messages::RELOAD_PREFIX =>
             {
                 return None;
             }

@@ -19,9 +19,9 @@ use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot};
 use redis::AsyncCommands;
 use tokio::sync::watch;
 use wal2cache::config::{Config, RedisConfig};
-use wal2cache::rules::{Plan, Republish};
+use wal2cache::plan::{Plan, Republish};
 use wal2cache::sink::redis::{version_key, RedisSink};
-use wal2cache::sink::{Batch, Item, Origin, SinkError, Version};
+use wal2cache::sink::{Batch, Item, Origin, Sink as _, SinkError, Version};
 use wal2cache::Lsn;
 
 fn cluster_url() -> String {

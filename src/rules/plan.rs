@@ -7,134 +7,14 @@
 //! would need such a value deletes the key instead. Each of these is a [`Note`] on the
 //! plan and a counter, never a silent guess.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
 
+use crate::plan::{NoteKind, Plan, Republish};
+use crate::rules::bind::{note, BoundRule};
 use crate::rules::compile::{Action, Rule, RuleSet};
-use crate::rules::template::Segment;
 use crate::source::change::ReplicaIdentity;
-use crate::source::value::write_json;
-use crate::source::{Change, Op, Relation, Row, Value};
-
-/// What one change does to the caches.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Plan {
-    /// Keys to UNLINK.
-    pub delete: Vec<String>,
-    /// The keys of `delete` that a republish rule manages: deleted only if their stored
-    /// version is older, leaving the version behind, so a replayed older value cannot
-    /// come back.
-    pub tombstones: Vec<String>,
-    /// Keys to SET to a new value, if newer than what is stored.
-    pub republish: Vec<Republish>,
-    /// Tags whose member keys (and the tag set itself) are unlinked.
-    pub purge_tags: Vec<String>,
-    /// Table-wide flush (TRUNCATE without truncate_tags): every key under these prefixes.
-    pub flush_prefixes: Vec<String>,
-    /// Subscribers empty their whole cache.
-    pub flush_all: bool,
-    /// What was skipped or replaced, and why.
-    pub notes: Vec<Note>,
-    /// The rules that contributed, for messages about the plan.
-    pub rules: Vec<String>,
-}
-
-impl Plan {
-    /// Nothing to do (notes aside).
-    pub fn is_empty(&self) -> bool {
-        self.delete.is_empty()
-            && self.republish.is_empty()
-            && self.purge_tags.is_empty()
-            && self.flush_prefixes.is_empty()
-            && !self.flush_all
-    }
-
-    /// The first cache key the plan touches (the event's message key).
-    pub fn first_key(&self) -> Option<&str> {
-        self.delete
-            .first()
-            .map(String::as_str)
-            .or_else(|| self.republish.first().map(|r| r.key.as_str()))
-    }
-
-    fn delete(&mut self, key: String) {
-        if !self.delete.contains(&key) {
-            self.delete.push(key);
-        }
-    }
-
-    fn tombstone(&mut self, key: String) {
-        if !self.tombstones.contains(&key) {
-            self.tombstones.push(key.clone());
-        }
-        self.delete(key);
-    }
-
-    fn purge(&mut self, tag: String) {
-        if !self.purge_tags.contains(&tag) {
-            self.purge_tags.push(tag);
-        }
-    }
-
-    fn republish(&mut self, r: Republish) {
-        if !self.republish.iter().any(|x| x.key == r.key) {
-            self.republish.push(r);
-        }
-    }
-
-    /// A key both deleted and republished (two rules disagree) is deleted: the next
-    /// read fills it from the database, which is always right.
-    fn settle(&mut self) {
-        if !self.delete.is_empty() {
-            let (delete, tombstones) = (&self.delete, &mut self.tombstones);
-            self.republish.retain(|r| {
-                let deleted = delete.contains(&r.key);
-                if deleted && !tombstones.contains(&r.key) {
-                    tombstones.push(r.key.clone());
-                }
-                !deleted
-            });
-        }
-    }
-}
-
-/// A key to write with its new value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Republish {
-    pub key: String,
-    /// The row as a JSON object (shared by every key of the rule).
-    pub value: Arc<str>,
-    pub ttl: Option<Duration>,
-}
-
-/// Something the plan could not do as the rule says, and what it did instead.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Note {
-    pub rule: String,
-    pub kind: NoteKind,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NoteKind {
-    /// A placeholder was NULL: the key or tag does not exist, nothing to invalidate.
-    NullPlaceholder { template: String, column: String },
-    /// A placeholder's value is not in the WAL (unchanged TOAST, or outside a key-only
-    /// old row): that key or tag could not be computed. `check` prevents this.
-    NotInWal { template: String, column: String },
-    /// A republished value needed a column not in the WAL: the key was deleted instead.
-    RepublishFellBack { key: String, column: String },
-}
-
-impl NoteKind {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            NoteKind::NullPlaceholder { .. } => "null_placeholder",
-            NoteKind::NotInWal { .. } => "not_in_wal",
-            NoteKind::RepublishFellBack { .. } => "republish_fell_back",
-        }
-    }
-}
+use crate::source::{Change, Op, Relation};
 
 /// A rule names a column the table no longer has (DDL after the rules were checked).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -145,17 +25,6 @@ pub struct PlanError {
     pub column: String,
     pub field: &'static str,
 }
-
-/// A `wal2cache` logical message that is not `{"keys":[...],"tags":[...]}`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("malformed wal2cache message {content:?}: {problem}; expected {{\"keys\":[\"...\"],\"tags\":[\"...\"]}}")]
-pub struct MessageError {
-    pub content: String,
-    pub problem: String,
-}
-
-/// The prefix of logical messages wal2cache acts on.
-pub const MESSAGE_PREFIX: &str = "wal2cache";
 
 /// Turns changes into plans; binds each rule to a table's column positions once per
 /// table shape (again after DDL).
@@ -171,221 +40,84 @@ struct Bound {
     rules: Vec<BoundRule>,
 }
 
-#[derive(Debug)]
-struct BoundRule {
-    rule: Arc<Rule>,
-    keys: Vec<BoundTemplate>,
-    tags: Vec<BoundTemplate>,
-    when_changed: Option<Vec<usize>>,
-    /// Republish: the projected columns with their JSON-quoted names.
-    columns: Vec<(usize, String)>,
+/// A plan being built: entries are pushed as the rules produce them, duplicates are
+/// removed once at the end, in time linear in what was pushed (10,000 rules on one
+/// table, each rendering a key, make a plan of 10,000 keys).
+#[derive(Debug, Default)]
+pub(crate) struct PlanBuilder {
+    plan: Plan,
 }
 
-#[derive(Debug)]
-struct BoundTemplate {
-    text: String,
-    parts: Vec<Part>,
-    /// Length of the literal parts, to size the key.
-    literal_len: usize,
-}
-
-#[derive(Debug)]
-enum Part {
-    Literal(String),
-    Column(usize),
-}
-
-/// A looked-up column: its text, a NULL, or not in the WAL.
-enum Lookup<'a> {
-    Text(&'a str),
-    Null,
-    Unknown,
-}
-
-fn lookup<'a>(row: &'a Row, fallback: Option<&'a Row>, i: usize) -> Lookup<'a> {
-    let value = match row.get(i) {
-        Some(Value::UnchangedToast | Value::NotSent) | None => {
-            match fallback.and_then(|f| f.get(i)) {
-                Some(v) => v,
-                None => return Lookup::Unknown,
-            }
-        }
-        Some(v) => v,
+/// Removes later duplicates, keeping the order of first appearance: by scanning for
+/// short lists, through a set for long ones.
+fn dedup_first<T>(items: &mut Vec<T>, key: impl Fn(&T) -> &str) {
+    const SCAN_UP_TO: usize = 16;
+    if items.len() < 2 {
+        return;
+    }
+    let keep: Vec<bool> = if items.len() <= SCAN_UP_TO {
+        (0..items.len())
+            .map(|i| !items[..i].iter().any(|x| key(x) == key(&items[i])))
+            .collect()
+    } else {
+        let mut seen = HashSet::with_capacity(items.len());
+        items.iter().map(|x| seen.insert(key(x))).collect()
     };
-    match value {
-        Value::Text(b) => std::str::from_utf8(b).map_or(Lookup::Unknown, Lookup::Text),
-        Value::Null => Lookup::Null,
-        _ => Lookup::Unknown,
+    if keep.iter().all(|k| *k) {
+        return;
     }
+    let mut keep = keep.into_iter();
+    items.retain(|_| keep.next().unwrap_or(true));
 }
 
-/// The effective value of a column: from `row`, or from `fallback` when not sent.
-fn effective<'a>(row: &'a Row, fallback: Option<&'a Row>, i: usize) -> Option<&'a Value> {
-    match row.get(i) {
-        Some(Value::UnchangedToast | Value::NotSent) | None => {
-            fallback.and_then(|f| f.get(i)).filter(|v| v.is_known())
+impl PlanBuilder {
+    pub(crate) fn delete(&mut self, key: String) {
+        self.plan.delete.push(key);
+    }
+
+    /// A key a republish rule manages, deleted: it leaves its version behind.
+    pub(crate) fn tombstone(&mut self, key: String) {
+        self.plan.tombstones.push(key.clone());
+        self.plan.delete.push(key);
+    }
+
+    pub(crate) fn purge(&mut self, tag: String) {
+        self.plan.purge_tags.push(tag);
+    }
+
+    pub(crate) fn republish(&mut self, r: Republish) {
+        self.plan.republish.push(r);
+    }
+
+    pub(crate) fn flush_prefix(&mut self, prefix: String) {
+        self.plan.flush_prefixes.push(prefix);
+    }
+
+    pub(crate) fn rule(&mut self, name: &str) {
+        self.plan.rules.push(name.to_string());
+    }
+
+    /// The plan, without duplicates (the first of each republish wins). A key both
+    /// deleted and republished (two rules disagree) is deleted: the next read fills it
+    /// from the database, which is always right.
+    pub(crate) fn finish(self) -> Plan {
+        let mut plan = self.plan;
+        dedup_first(&mut plan.delete, |k| k);
+        dedup_first(&mut plan.purge_tags, |k| k);
+        dedup_first(&mut plan.flush_prefixes, |k| k);
+        dedup_first(&mut plan.rules, |k| k);
+        dedup_first(&mut plan.republish, |r| &r.key);
+        if !plan.delete.is_empty() && !plan.republish.is_empty() {
+            let deleted: HashSet<&str> = plan.delete.iter().map(String::as_str).collect();
+            let (gone, kept): (Vec<Republish>, Vec<Republish>) =
+                std::mem::take(&mut plan.republish)
+                    .into_iter()
+                    .partition(|r| deleted.contains(r.key.as_str()));
+            plan.republish = kept;
+            plan.tombstones.extend(gone.into_iter().map(|r| r.key));
         }
-        Some(v) => Some(v),
-    }
-}
-
-impl BoundTemplate {
-    fn bind(t: &crate::rules::template::Template, relation: &Relation) -> Result<Self, String> {
-        let mut parts = Vec::new();
-        let mut literal_len = 0;
-        for s in t.segments() {
-            parts.push(match s {
-                Segment::Literal(l) => {
-                    literal_len += l.len();
-                    Part::Literal(l.clone())
-                }
-                Segment::Column(c) => {
-                    Part::Column(relation.column_index(c).ok_or_else(|| c.clone())?)
-                }
-            });
-        }
-        Ok(BoundTemplate {
-            text: t.as_str().to_string(),
-            parts,
-            literal_len,
-        })
-    }
-
-    /// The key for a row, or the column that stopped it (and whether it was NULL).
-    fn render(&self, row: &Row, fallback: Option<&Row>) -> Result<String, (usize, bool)> {
-        let mut out = String::with_capacity(self.literal_len + 16);
-        for p in &self.parts {
-            match p {
-                Part::Literal(l) => out.push_str(l),
-                Part::Column(i) => match lookup(row, fallback, *i) {
-                    Lookup::Text(t) => out.push_str(t),
-                    Lookup::Null => return Err((*i, true)),
-                    Lookup::Unknown => return Err((*i, false)),
-                },
-            }
-        }
-        Ok(out)
-    }
-}
-
-impl BoundRule {
-    fn bind(rule: &Arc<Rule>, relation: &Relation) -> Result<BoundRule, PlanError> {
-        let missing = |column: String, field: &'static str| PlanError {
-            origin: rule.origin(),
-            table: relation.qualified_name(),
-            column,
-            field,
-        };
-        let templates = |ts: &[crate::rules::template::Template], field| {
-            ts.iter()
-                .map(|t| BoundTemplate::bind(t, relation).map_err(|c| missing(c, field)))
-                .collect::<Result<Vec<_>, _>>()
-        };
-        let keys = templates(&rule.keys, "keys")?;
-        let tags = templates(&rule.tags, "tags")?;
-        let index = |c: &String, field| {
-            relation
-                .column_index(c)
-                .ok_or_else(|| missing(c.clone(), field))
-        };
-        let when_changed = match &rule.when_changed {
-            Some(cols) => Some(
-                cols.iter()
-                    .map(|c| index(c, "when_changed"))
-                    .collect::<Result<_, _>>()?,
-            ),
-            None => None,
-        };
-        let columns = match &rule.action {
-            Action::Delete => Vec::new(),
-            Action::Republish {
-                columns: Some(cols),
-                ..
-            } => cols
-                .iter()
-                .map(|c| Ok((index(c, "columns")?, quoted(c))))
-                .collect::<Result<_, PlanError>>()?,
-            Action::Republish { columns: None, .. } => relation
-                .columns
-                .iter()
-                .enumerate()
-                .map(|(i, c)| (i, quoted(&c.name)))
-                .collect(),
-        };
-        Ok(BoundRule {
-            rule: rule.clone(),
-            keys,
-            tags,
-            when_changed,
-            columns,
-        })
-    }
-
-    /// Whether an update changed any `when_changed` column. Without the old value
-    /// the column is assumed changed, except an unchanged TOAST column, which Postgres
-    /// says is unchanged.
-    fn update_matters(&self, new: &Row, old: Option<&Row>) -> bool {
-        let Some(cols) = &self.when_changed else {
-            return true;
-        };
-        cols.iter().any(|&i| match new.get(i) {
-            Some(Value::UnchangedToast) => false,
-            n => match old.and_then(|o| o.get(i)) {
-                Some(o) if o.is_known() => Some(o) != n,
-                _ => true,
-            },
-        })
-    }
-
-    /// Renders templates for a row into `out`, noting what could not be rendered.
-    fn render_all(
-        &self,
-        templates: &[BoundTemplate],
-        row: &Row,
-        fallback: Option<&Row>,
-        relation: &Relation,
-        notes: &mut Vec<Note>,
-        mut out: impl FnMut(String),
-    ) {
-        for t in templates {
-            match t.render(row, fallback) {
-                Ok(key) => out(key),
-                Err((i, null)) => {
-                    let template = t.text.clone();
-                    let column = relation.columns[i].name.clone();
-                    let kind = if null {
-                        NoteKind::NullPlaceholder { template, column }
-                    } else {
-                        NoteKind::NotInWal { template, column }
-                    };
-                    note(&self.rule, kind, notes);
-                }
-            }
-        }
-    }
-
-    /// The row as a JSON object, or the first projected column not in the WAL.
-    fn value(
-        &self,
-        row: &Row,
-        fallback: Option<&Row>,
-        relation: &Relation,
-    ) -> Result<Arc<str>, usize> {
-        let mut out = String::with_capacity(16 * self.columns.len() + 2);
-        out.push('{');
-        for (n, (i, name)) in self.columns.iter().enumerate() {
-            let value = effective(row, fallback, *i).ok_or(*i)?;
-            if n > 0 {
-                out.push(',');
-            }
-            out.push_str(name);
-            out.push(':');
-            if !matches!(write_json(&mut out, &relation.columns[*i], value), Ok(true)) {
-                return Err(*i);
-            }
-        }
-        out.push('}');
-        Ok(out.into())
+        dedup_first(&mut plan.tombstones, |k| k);
+        plan
     }
 }
 
@@ -417,19 +149,6 @@ fn warn_if_old_values_missing(rule: &Rule, relation: &Relation) {
             relation.table().quoted(),
         );
     }
-}
-
-fn quoted(name: &str) -> String {
-    serde_json::to_string(name).unwrap_or_default()
-}
-
-fn note(rule: &Rule, kind: NoteKind, notes: &mut Vec<Note>) {
-    metrics::counter!("wal2cache_plan_notes_total", "reason" => kind.reason()).increment(1);
-    tracing::debug!(rule = %rule.name, ?kind, "plan note");
-    notes.push(Note {
-        rule: rule.name.clone(),
-        kind,
-    });
 }
 
 impl Planner {
@@ -475,7 +194,7 @@ impl Planner {
     pub fn plan_change(&mut self, change: &Change) -> Result<Plan, PlanError> {
         let bound = self.bound(&change.relation)?;
         let relation = &*bound.relation;
-        let mut plan = Plan::default();
+        let mut builder = PlanBuilder::default();
         let (new, old) = (change.new.as_ref(), change.old.as_ref());
         for b in &bound.rules {
             let rule = &*b.rule;
@@ -485,179 +204,116 @@ impl Planner {
             if change.op == Op::Update && !new.is_some_and(|n| b.update_matters(n, old)) {
                 continue;
             }
-            let notes = &mut plan.notes;
+            let plan = &mut builder.plan;
+            let before = plan.delete.len() + plan.purge_tags.len() + plan.republish.len();
             // Keys and tags of the old row (a delete, or an update that changed a key
             // column) and of the new row; a value not sent in one is taken from the other.
-            let (mut old_keys, mut new_keys, mut tags) = (Vec::new(), Vec::new(), Vec::new());
-            if let Some(o) = old {
-                b.render_all(&b.keys, o, new, relation, notes, |k| old_keys.push(k));
-                b.render_all(&b.tags, o, new, relation, notes, |t| tags.push(t));
+            for (row, other) in [(old, new), (new, old)] {
+                if let Some(row) = row {
+                    b.render_all(&b.tags, row, other, relation, &mut plan.notes, |t| {
+                        plan.purge_tags.push(t)
+                    });
+                }
             }
-            if let Some(n) = new {
-                b.render_all(&b.keys, n, old, relation, notes, |k| new_keys.push(k));
-                b.render_all(&b.tags, n, old, relation, notes, |t| tags.push(t));
-            }
-            let produced = !(old_keys.is_empty() && new_keys.is_empty() && tags.is_empty());
-            if produced && !plan.rules.contains(&rule.name) {
-                plan.rules.push(rule.name.clone());
-            }
-            tags.into_iter().for_each(|t| plan.purge(t));
             match &rule.action {
-                Action::Delete => old_keys
-                    .into_iter()
-                    .chain(new_keys)
-                    .for_each(|k| plan.delete(k)),
-                Action::Republish { ttl, .. } => {
-                    for k in old_keys {
-                        if !new_keys.contains(&k) {
-                            plan.tombstone(k);
+                Action::Delete => {
+                    for (row, other) in [(old, new), (new, old)] {
+                        if let Some(row) = row {
+                            b.render_all(&b.keys, row, other, relation, &mut plan.notes, |k| {
+                                plan.delete.push(k)
+                            });
                         }
                     }
-                    let Some(n) = new else { continue };
-                    match b.value(n, old, relation) {
-                        Ok(value) => {
-                            for key in new_keys {
-                                plan.republish(Republish {
-                                    key,
-                                    value: value.clone(),
-                                    ttl: *ttl,
-                                });
-                            }
+                }
+                Action::Republish { ttl, .. } => {
+                    let (mut old_keys, mut new_keys) = (Vec::new(), Vec::new());
+                    if let Some(o) = old {
+                        b.render_all(&b.keys, o, new, relation, &mut plan.notes, |k| {
+                            old_keys.push(k)
+                        });
+                    }
+                    if let Some(n) = new {
+                        b.render_all(&b.keys, n, old, relation, &mut plan.notes, |k| {
+                            new_keys.push(k)
+                        });
+                    }
+                    for k in old_keys {
+                        if !new_keys.contains(&k) {
+                            builder.tombstone(k);
                         }
-                        Err(i) => {
-                            for key in new_keys {
-                                let column = relation.columns[i].name.clone();
-                                note(
-                                    rule,
-                                    NoteKind::RepublishFellBack {
-                                        key: key.clone(),
-                                        column,
-                                    },
-                                    &mut plan.notes,
-                                );
-                                plan.tombstone(key);
+                    }
+                    if let Some(n) = new {
+                        match b.value(n, old, relation) {
+                            Ok(value) => {
+                                for key in new_keys {
+                                    builder.republish(Republish {
+                                        key,
+                                        value: value.clone(),
+                                        ttl: *ttl,
+                                    });
+                                }
+                            }
+                            Err(i) => {
+                                for key in new_keys {
+                                    let column = relation.columns[i].name.clone();
+                                    note(
+                                        rule,
+                                        NoteKind::RepublishFellBack {
+                                            key: key.clone(),
+                                            column,
+                                        },
+                                        &mut builder.plan.notes,
+                                    );
+                                    builder.tombstone(key);
+                                }
                             }
                         }
                     }
                 }
             }
+            let plan = &builder.plan;
+            if plan.delete.len() + plan.purge_tags.len() + plan.republish.len() > before {
+                builder.rule(&rule.name);
+            }
         }
-        plan.settle();
-        Ok(plan)
+        Ok(builder.finish())
     }
 
     /// The plan for a TRUNCATE: each rule's `truncate_tags`, or else a flush of its key
     /// prefixes and of every subscriber.
     pub fn plan_truncate(&self, relations: &[Arc<Relation>]) -> Plan {
-        let mut plan = Plan::default();
+        let mut builder = PlanBuilder::default();
         for relation in relations {
             for rule in self.rules.for_relation(relation) {
-                if !plan.rules.contains(&rule.name) {
-                    plan.rules.push(rule.name.clone());
-                }
+                builder.rule(&rule.name);
                 match &rule.truncate_tags {
-                    Some(tags) => tags.iter().for_each(|t| plan.purge(t.clone())),
+                    Some(tags) => tags.iter().for_each(|t| builder.purge(t.clone())),
                     None => {
-                        plan.flush_all = true;
+                        builder.plan.flush_all = true;
                         for k in &rule.keys {
-                            let prefix = k.literal_prefix().to_string();
-                            if !plan.flush_prefixes.contains(&prefix) {
-                                plan.flush_prefixes.push(prefix);
-                            }
+                            builder.flush_prefix(k.literal_prefix().to_string());
                         }
                     }
                 }
             }
         }
-        plan
+        builder.finish()
     }
-}
-
-/// The plan for a logical message: `None` when the message is not for wal2cache.
-///
-/// A message that is not an object of `keys` and `tags` arrays is an error. Inside the
-/// arrays, every string is taken; an entry that is not a non-empty string (a NULL from
-/// `wal2cache.invalidate(ARRAY['k', NULL])`) is skipped, counted and logged, and never
-/// drops the valid entries beside it.
-pub fn plan_message(prefix: &str, content: &[u8]) -> Option<Result<Plan, MessageError>> {
-    if prefix != MESSAGE_PREFIX {
-        return None;
-    }
-    let err = |problem: String| MessageError {
-        content: String::from_utf8_lossy(content).chars().take(200).collect(),
-        problem,
-    };
-    let parsed = match serde_json::from_slice::<serde_json::Value>(content) {
-        Ok(serde_json::Value::Object(m)) => m,
-        Ok(_) => return Some(Err(err("not a JSON object".into()))),
-        Err(e) => return Some(Err(err(e.to_string()))),
-    };
-    if let Some(unknown) = parsed.keys().find(|k| *k != "keys" && *k != "tags") {
-        return Some(Err(err(format!("unknown field {unknown:?}"))));
-    }
-    let mut plan = Plan::default();
-    let mut skipped = Vec::new();
-    for field in ["keys", "tags"] {
-        let entries = match parsed.get(field) {
-            None | Some(serde_json::Value::Null) => continue,
-            Some(serde_json::Value::Array(a)) => a,
-            Some(other) => {
-                return Some(Err(err(format!(
-                    "{field:?} is {other}, not an array of strings"
-                ))))
-            }
-        };
-        for entry in entries {
-            match entry.as_str() {
-                Some(s) if !s.is_empty() && field == "keys" => plan.delete(s.to_string()),
-                Some(s) if !s.is_empty() => plan.purge(s.to_string()),
-                _ => skipped.push(format!(
-                    "{}: {}",
-                    &field[..3],
-                    entry.to_string().chars().take(40).collect::<String>()
-                )),
-            }
-        }
-    }
-    if !skipped.is_empty() {
-        metrics::counter!("wal2cache_message_entries_skipped_total")
-            .increment(skipped.len() as u64);
-        tracing::warn!(
-            skipped = ?skipped,
-            "a wal2cache message holds entries that are not non-empty strings (NULL or empty in wal2cache.invalidate?): they were skipped, the other keys and tags are invalidated"
-        );
-    }
-    Some(Ok(plan))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::Note;
     use crate::rules::compile;
-    use crate::rules::raw::{RawRulesFile, SourcedRule};
+    use crate::rules::plan_message;
+    use crate::rules::testing::rule_set;
     use crate::source::change::{Column, ReplicaIdentity};
     use crate::source::pgoutput::{Datum, OldKind, TupleData};
     use crate::source::value::oid;
     use bytes::Bytes;
     use proptest::prelude::*;
-
-    pub(crate) fn rule_set(text: &str) -> Arc<RuleSet> {
-        let file: RawRulesFile = config::Config::builder()
-            .add_source(config::File::from_str(text, config::FileFormat::Toml))
-            .build()
-            .unwrap()
-            .try_deserialize()
-            .unwrap();
-        let raw = file
-            .rules
-            .into_iter()
-            .map(|rule| SourcedRule {
-                file: "rules.toml".into(),
-                rule,
-            })
-            .collect();
-        Arc::new(compile::compile(raw).unwrap())
-    }
+    use std::time::Duration;
 
     /// public.products (id int key, slug text, category_id int, name text, price numeric, body text)
     fn products(identity: ReplicaIdentity) -> Arc<Relation> {

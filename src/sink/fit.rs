@@ -6,9 +6,9 @@
 
 use crate::config::KafkaConfig;
 use crate::event::{Event, Kind};
-use crate::sink::redis::cut;
+use crate::pgtime::format_pg_time;
+use crate::sink::{cut, KEY_SHOWN};
 use crate::sink::{describe, Item};
-use crate::source::format_pg_time;
 
 /// A key or tag longer than this is never put in an event: the event's message key is
 /// its first key, and no subscriber needs a key this long.
@@ -20,9 +20,6 @@ pub const MESSAGE_KEY_BYTES: usize = 1024;
 /// What a message needs beside its value (key, headers, record overhead), kept free
 /// under librdkafka's `message.max.bytes`.
 const MESSAGE_OVERHEAD: usize = MESSAGE_KEY_BYTES + 1024;
-
-/// Characters of a key shown in a log line.
-const KEY_SHOWN: usize = 100;
 
 /// How large an event may be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,7 +101,7 @@ fn base_event(source: &str, item: &Item) -> Event {
     e.lsn = Some(o.version.commit_lsn.to_string());
     e.xid = Some(o.xid);
     e.commit_time = Some(format_pg_time(o.commit_time));
-    e.table = o.table.clone();
+    e.table = o.table.as_deref().map(str::to_string);
     e.op = Some(o.op.to_string());
     if plan.flush_all {
         e.reason = Some("truncate".into());
@@ -285,7 +282,7 @@ pub fn events_for(
 mod tests {
     use super::*;
     use crate::lsn::Lsn;
-    use crate::rules::Plan;
+    use crate::plan::Plan;
     use crate::sink::{Origin, Version};
     use serde_json::Value;
     use std::sync::Arc;
@@ -299,7 +296,7 @@ mod tests {
                 },
                 xid: 7781,
                 commit_time: 0,
-                table: table.map(str::to_string),
+                table: table.map(Into::into),
                 op: if table.is_some() { "update" } else { "message" },
             },
             plan: Arc::new(plan),

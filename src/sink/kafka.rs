@@ -19,11 +19,11 @@ use crate::backoff::Backoff;
 use crate::config::KafkaConfig;
 use crate::event::{Event, Kind};
 use crate::lsn::Lsn;
+use crate::pgtime::format_pg_time;
+use crate::sink::cut;
 use crate::sink::fit::{events_for, refused, EventLimits, Fitted, Outgoing};
-use crate::sink::redis::cut;
 use crate::sink::retry::{Repeats, WARN_EVERY};
-use crate::sink::{describe, Batch, RetryLog, SinkError};
-use crate::source::format_pg_time;
+use crate::sink::{describe, Batch, Position, RetryLog, Sink, SinkError, SinkErrorKind};
 
 /// librdkafka's log lines and errors as tracing events, each distinct message at most
 /// once per `WARN_EVERY` with the count of repeats kept quiet (with a broker down it
@@ -94,17 +94,8 @@ pub struct KafkaSink {
     /// Keeps the WARN about oversized events to one line per rule and interval.
     oversized: Repeats,
     stop: watch::Receiver<bool>,
-}
-
-/// Where the pipeline is, for heartbeats.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Progress {
-    /// Last LSN confirmed to Postgres.
-    pub confirmed: Lsn,
-    /// Commit time (Postgres micros) of the newest applied transaction.
-    pub applied_commit_time: Option<i64>,
-    /// Work is in flight: the stream is behind.
-    pub busy: bool,
+    /// The heartbeat task, joined on `close`.
+    heartbeats: Option<tokio::task::JoinHandle<()>>,
 }
 
 fn client_config(config: &KafkaConfig) -> ClientConfig {
@@ -122,11 +113,9 @@ fn client_config(config: &KafkaConfig) -> ClientConfig {
     c
 }
 
-fn fatal(config: &KafkaConfig, what: &str, e: impl std::fmt::Display) -> SinkError {
-    SinkError::Kafka(format!(
-        "{what} ({}, topic {:?}): {e}",
-        config.brokers, config.topic
-    ))
+fn fatal(config: &KafkaConfig, what: &str, e: KafkaError) -> SinkError {
+    let message = format!("{what} ({}, topic {:?}): {e}", config.brokers, config.topic);
+    SinkError::kafka(message, Some(e), SinkErrorKind::Stop)
 }
 
 /// How often the heartbeat task checks that the topic exists. Some brokers (Tansu
@@ -266,13 +255,13 @@ async fn ensure_topic(
     let p = producer.clone();
     let found = off_runtime(move || partitions(&p))
         .await
-        .map_err(|e| fatal(config, "metadata thread", e))?
+        .map_err(|_| fatal(config, "metadata thread", KafkaError::Canceled))?
         .map_err(|e| {
-            fatal(
-                config,
-                "cannot reach the Kafka brokers: check kafka.brokers",
-                e,
-            )
+            let message = format!(
+                "cannot reach the Kafka brokers: check kafka.brokers ({}, topic {:?}): {e}",
+                config.brokers, config.topic
+            );
+            SinkError::kafka(message, Some(e), SinkErrorKind::Retry)
         })?;
     if let Some(n) = found {
         return Ok((n, false));
@@ -301,7 +290,7 @@ async fn ensure_topic(
                 return Err(fatal(
                     config,
                     "cannot create the topic: create it yourself, or grant CREATE on it to wal2cache's principal",
-                    code,
+                    KafkaError::AdminOp(code),
                 ))
             }
         }
@@ -315,7 +304,7 @@ impl KafkaSink {
     pub async fn connect(
         config: &KafkaConfig,
         source: &str,
-        progress: watch::Receiver<Progress>,
+        position: watch::Receiver<Position>,
         stop: watch::Receiver<bool>,
     ) -> Result<KafkaSink, SinkError> {
         let context = LogContext::default();
@@ -329,7 +318,7 @@ impl KafkaSink {
         let (partitions, _) =
             ensure_topic(config, &context, &producer, Duration::from_secs(10)).await?;
         let producers = Arc::new(watch::channel(producer).0);
-        tokio::spawn(heartbeats(
+        let heartbeats = tokio::spawn(heartbeats(
             TopicWatch {
                 config: config.clone(),
                 context: context.clone(),
@@ -337,7 +326,7 @@ impl KafkaSink {
             },
             source.to_string(),
             partitions,
-            progress,
+            position,
             stop.clone(),
         ));
         Ok(KafkaSink {
@@ -355,17 +344,13 @@ impl KafkaSink {
             ),
             oversized: Repeats::new(WARN_EVERY),
             stop,
+            heartbeats: Some(heartbeats),
         })
     }
 
     /// The producer in use.
     fn producer(&self) -> SinkProducer {
         self.producers.borrow().clone()
-    }
-
-    /// How long the sink may fail before it says so at ERROR.
-    pub fn set_error_after(&mut self, bound: Duration) {
-        self.retries.error_after = bound;
     }
 
     /// One attempt: enqueue every event, then wait for every acknowledgement. An error
@@ -454,7 +439,7 @@ impl KafkaSink {
     /// Publishes a batch's events, retrying transient errors until the broker has
     /// acknowledged them all or the sink is stopped. Events of a failed attempt may be
     /// published twice: subscribers handle every event idempotently.
-    pub async fn apply(&mut self, batch: &Batch) -> Result<(), SinkError> {
+    async fn publish(&mut self, batch: &Batch) -> Result<(), SinkError> {
         if batch.items.is_empty() {
             return Ok(());
         }
@@ -477,12 +462,13 @@ impl KafkaSink {
                 let Some(replacement) =
                     refused(&self.source, event, item, &self.limits, &error.to_string())
                 else {
-                    return Err(SinkError::Kafka(format!(
+                    let message = format!(
                         "the broker refused even a {} byte flush_all event for topic {:?} ({}): {error}; raise the topic's max.message.bytes (or the broker's message.max.bytes)",
                         event.payload.len(),
                         self.topic,
                         describe(item)
-                    )));
+                    );
+                    return Err(SinkError::kafka(message, Some(error), SinkErrorKind::Stop));
                 };
                 metrics::counter!("wal2cache_oversized_events_total", "outcome" => "refused")
                     .increment(1);
@@ -497,10 +483,11 @@ impl KafkaSink {
                 continue;
             }
             if is_poison(&error) {
-                return Err(SinkError::Kafka(format!(
+                let message = format!(
                     "the broker refused events for topic {:?}: {error}; fix the topic or its permissions, then restart",
                     self.topic
-                )));
+                );
+                return Err(SinkError::kafka(message, Some(error), SinkErrorKind::Stop));
             }
             failures += 1;
             let mut summary = error.to_string();
@@ -553,6 +540,32 @@ impl KafkaSink {
     }
 }
 
+impl Sink for KafkaSink {
+    fn name(&self) -> &'static str {
+        "kafka"
+    }
+
+    fn describe(&self) -> String {
+        format!("Kafka topic {:?} at {}", self.topic, self.config.brokers)
+    }
+
+    async fn apply(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        self.publish(batch).await
+    }
+
+    fn set_error_after(&mut self, bound: Duration) {
+        self.retries.error_after = bound;
+    }
+
+    /// Waits for what is queued to be delivered (bounded), and for the heartbeat task,
+    /// which ends with the pipeline's stop signal.
+    async fn close(mut self) {
+        if let Some(task) = self.heartbeats.take() {
+            let _ = task.await;
+        }
+    }
+}
+
 /// What the heartbeat task needs to check the topic and replace the producer.
 struct TopicWatch {
     config: KafkaConfig,
@@ -567,7 +580,7 @@ async fn heartbeats(
     watch: TopicWatch,
     source: String,
     mut partitions: i32,
-    progress: watch::Receiver<Progress>,
+    position: watch::Receiver<Position>,
     mut stop: watch::Receiver<bool>,
 ) {
     let topic = watch.config.topic.clone();
@@ -580,7 +593,7 @@ async fn heartbeats(
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        let p = *progress.borrow();
+        let p = *position.borrow();
         if check.as_ref().is_some_and(|c| c.is_finished()) {
             let done = check.take().expect("checked").await;
             if let Ok(Ok((n, true))) = done {

@@ -13,13 +13,8 @@ use std::collections::HashMap;
 
 use tokio_postgres::Client;
 
-use crate::source::error::SourceError;
+use crate::source::error::{pg, SourceError};
 use crate::source::table::TableName;
-
-fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SourceError {
-    let context = context.into();
-    move |source| SourceError::Postgres { context, source }
-}
 
 /// `server_version_num`: 150004 for 15.4.
 pub async fn server_version(client: &Client) -> Result<i32, SourceError> {

@@ -15,6 +15,13 @@ pub enum ErrorKind {
     Fatal,
 }
 
+/// Maps a failed query to `SourceError::Postgres` with what it was doing:
+/// `.map_err(pg("reading server_version_num"))`.
+pub fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SourceError {
+    let context = context.into();
+    move |source| SourceError::Postgres { context, source }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("invalid postgres.url: {0}")]

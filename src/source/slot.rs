@@ -10,7 +10,7 @@ use tokio_postgres::{Client, NoTls};
 
 use crate::lsn::Lsn;
 use crate::source::catalog::{self, ToPublish};
-use crate::source::error::SourceError;
+use crate::source::error::{pg, SourceError};
 use crate::source::table::TableName;
 
 /// Where Postgres is, parsed once from `postgres.url`.
@@ -139,11 +139,6 @@ pub struct SetupReport {
     pub created_slot: bool,
     /// The slot's confirmed position (where streaming resumes).
     pub confirmed_lsn: Option<Lsn>,
-}
-
-fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SourceError {
-    let context = context.into();
-    move |source| SourceError::Postgres { context, source }
 }
 
 /// Checks the server's preconditions, then ensures the publication and the slot.

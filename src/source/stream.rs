@@ -70,6 +70,11 @@ pub struct Source {
 pub struct Confirmer(watch::Sender<Lsn>);
 
 impl Confirmer {
+    /// A confirmer that raises `position` (the stream's own, or a test's).
+    pub fn new(position: watch::Sender<Lsn>) -> Confirmer {
+        Confirmer(position)
+    }
+
     /// Everything up to `lsn` is applied: Postgres may recycle the WAL before it, and
     /// a restart resumes after it. Positions never go back.
     pub fn confirm(&self, lsn: Lsn) {

@@ -1,0 +1,51 @@
+//! Postgres timestamps: microseconds since 2000-01-01 UTC, as the replication stream
+//! carries commit times. Neutral ground: the source reads them, the sinks write them
+//! into events, the pipeline measures lag from them.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Postgres timestamps count microseconds from 2000-01-01 UTC.
+pub const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
+
+/// A Postgres timestamp as RFC 3339 with microseconds: `2026-11-23T09:30:00.123456Z`.
+pub fn format_pg_time(micros_since_2000: i64) -> String {
+    let unix = micros_since_2000.saturating_add(PG_EPOCH_UNIX_MICROS);
+    match chrono::DateTime::from_timestamp_micros(unix) {
+        Some(t) => t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+        None => format!("invalid timestamp {micros_since_2000}"),
+    }
+}
+
+/// Now as a Postgres timestamp.
+pub fn pg_now() -> i64 {
+    let unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64);
+    unix - PG_EPOCH_UNIX_MICROS
+}
+
+/// How long ago a Postgres timestamp was; `None` when it is in the future.
+pub fn since_pg_time(micros_since_2000: i64) -> Option<Duration> {
+    u64::try_from(pg_now().checked_sub(micros_since_2000)?)
+        .ok()
+        .map(Duration::from_micros)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_commit_times() {
+        assert_eq!(format_pg_time(0), "2000-01-01T00:00:00.000000Z");
+        assert_eq!(format_pg_time(1_500_001), "2000-01-01T00:00:01.500001Z");
+    }
+
+    #[test]
+    fn measures_time_since_a_commit() {
+        let second_ago = pg_now() - 1_000_000;
+        let since = since_pg_time(second_ago).unwrap();
+        assert!(since >= Duration::from_secs(1) && since < Duration::from_secs(60));
+        assert_eq!(since_pg_time(pg_now() + 60_000_000), None);
+    }
+}

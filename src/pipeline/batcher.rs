@@ -1,0 +1,217 @@
+//! Batches: plans in WAL order, with the position they let the pipeline confirm.
+//!
+//! A batch closes when it holds `batch_size` plans, `batch_deadline` after it opened,
+//! or as soon as a transaction ends and nothing more is waiting in the stream (so an
+//! idle database sees its change applied at once, and a busy one gets full batches).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::config::PipelineConfig;
+use crate::error::Error;
+use crate::lsn::Lsn;
+use crate::pipeline::Reload;
+use crate::plan::Plan;
+use crate::rules::{plan_message, Planner};
+use crate::sink::{Batch, Item, Origin, Version};
+use crate::source::messages::{HEARTBEAT_PREFIX, RELOAD_PREFIX};
+use crate::source::{Relation, SourceEvent, TxnInfo};
+
+/// Builds batches from source events.
+pub(crate) struct Batcher {
+    pub(crate) config: PipelineConfig,
+    planner: Planner,
+    batch: Batch,
+    opened: Option<tokio::time::Instant>,
+    txn: Option<TxnInfo>,
+    seq: u32,
+    /// Rules waiting for their marker in the stream.
+    pending: Option<(String, Arc<crate::rules::RuleSet>)>,
+    /// `schema.table` of each relation, made once per relation shape.
+    names: HashMap<u32, (Arc<Relation>, Arc<str>)>,
+}
+
+impl Batcher {
+    pub(crate) fn new(config: PipelineConfig, planner: Planner) -> Batcher {
+        Batcher {
+            config,
+            planner,
+            batch: Batch::default(),
+            opened: None,
+            txn: None,
+            seq: 0,
+            pending: None,
+            names: HashMap::new(),
+        }
+    }
+
+    pub(crate) fn reload(&mut self, reload: Reload) {
+        match reload.marker {
+            None => {
+                tracing::info!(rules = reload.rules.rules().len(), "rules reloaded");
+                self.planner = Planner::new(reload.rules);
+                self.pending = None;
+            }
+            Some(marker) => self.pending = Some((marker, reload.rules)),
+        }
+    }
+
+    fn push(&mut self, origin: Origin, plan: Plan) {
+        if !plan.is_empty() {
+            self.batch.items.push(Item {
+                origin,
+                plan: Arc::new(plan),
+            });
+        }
+    }
+
+    fn name(&mut self, relation: &Arc<Relation>) -> Arc<str> {
+        match self.names.get(&relation.oid) {
+            Some((r, name)) if Arc::ptr_eq(r, relation) => name.clone(),
+            _ => {
+                let name: Arc<str> = relation.qualified_name().into();
+                self.names
+                    .insert(relation.oid, (relation.clone(), name.clone()));
+                name
+            }
+        }
+    }
+
+    fn origin(&mut self, table: Option<Arc<str>>, op: &'static str) -> Origin {
+        let txn = self.txn.unwrap_or(TxnInfo {
+            xid: 0,
+            commit_lsn: Lsn::ZERO,
+            commit_time: 0,
+        });
+        let seq = self.seq;
+        self.seq += 1;
+        Origin {
+            version: Version {
+                commit_lsn: txn.commit_lsn,
+                seq,
+            },
+            xid: txn.xid,
+            commit_time: txn.commit_time,
+            table,
+            op,
+        }
+    }
+
+    /// Adds an event; `Ok(true)` when it ended a transaction (or is a heartbeat that
+    /// may be confirmed).
+    pub(crate) fn add(&mut self, event: SourceEvent) -> Result<bool, Error> {
+        let ended = self.add_event(event)?;
+        if self.opened.is_none() && !self.is_empty() {
+            self.opened = Some(tokio::time::Instant::now());
+        }
+        Ok(ended)
+    }
+
+    fn add_event(&mut self, event: SourceEvent) -> Result<bool, Error> {
+        match event {
+            SourceEvent::Begin(txn) => {
+                self.txn = Some(txn);
+                self.seq = 0;
+            }
+            SourceEvent::Change(change) => {
+                let plan = self
+                    .planner
+                    .plan_change(&change)
+                    .map_err(|e| Error::Plan(Box::new(e)))?;
+                if !plan.is_empty() {
+                    let table = self.name(&change.relation);
+                    let origin = self.origin(Some(table), change.op.as_str());
+                    self.push(origin, plan);
+                } else {
+                    self.seq += 1;
+                }
+            }
+            SourceEvent::Truncate { relations, .. } => {
+                for r in relations {
+                    let plan = self.planner.plan_truncate(std::slice::from_ref(&r));
+                    let table = self.name(&r);
+                    let origin = self.origin(Some(table), "truncate");
+                    self.push(origin, plan);
+                }
+            }
+            // Our own heartbeat, outside any transaction: every commit before it has been
+            // sent, so its position can be confirmed once what came before is applied.
+            SourceEvent::Message {
+                transactional: false,
+                lsn,
+                prefix,
+                ..
+            } if prefix == HEARTBEAT_PREFIX => {
+                if self.txn.is_none() {
+                    self.batch.confirm = Some(self.batch.confirm.map_or(lsn, |c| c.max(lsn)));
+                    return Ok(true);
+                }
+            }
+            SourceEvent::Message {
+                lsn,
+                prefix,
+                content,
+                ..
+            } if prefix == RELOAD_PREFIX => {
+                let ours = self
+                    .pending
+                    .as_ref()
+                    .is_some_and(|(marker, _)| marker.as_bytes() == &content[..]);
+                if ours {
+                    let (_, rules) = self.pending.take().expect("checked above");
+                    tracing::info!(rules = rules.rules().len(), lsn = %lsn, "rules reloaded, in force from here in the stream");
+                    self.planner = Planner::new(rules);
+                }
+            }
+            SourceEvent::Message {
+                transactional,
+                lsn,
+                prefix,
+                content,
+            } => match plan_message(&prefix, &content) {
+                None => {}
+                Some(Ok(plan)) => {
+                    let mut origin = self.origin(None, "message");
+                    if !transactional {
+                        origin.version = Version {
+                            commit_lsn: lsn,
+                            seq: 0,
+                        };
+                    }
+                    self.push(origin, plan);
+                }
+                Some(Err(e)) => {
+                    metrics::counter!("wal2cache_bad_messages_total").increment(1);
+                    tracing::warn!(lsn = %lsn, "{e}");
+                }
+            },
+            SourceEvent::Commit(commit) => {
+                self.txn = None;
+                self.batch.confirm = Some(commit.end_lsn);
+                self.batch.commit_time = Some(commit.commit_time);
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Whether the batch should close now: it is full, or a transaction just ended and
+    /// nothing more is waiting.
+    pub(crate) fn full_or_done(&self, ended: bool, idle: bool) -> bool {
+        self.batch.items.len() >= self.config.batch_size || (ended && idle)
+    }
+
+    /// When the open batch must close at the latest.
+    pub(crate) fn deadline(&self) -> Option<tokio::time::Instant> {
+        self.opened.map(|t| t + self.config.batch_deadline)
+    }
+
+    pub(crate) fn take(&mut self) -> Batch {
+        self.opened = None;
+        std::mem::take(&mut self.batch)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.batch.items.is_empty() && self.batch.confirm.is_none()
+    }
+}

@@ -1,0 +1,187 @@
+//! The daemon's pipeline: source → plans → batches → sinks → confirmation.
+//!
+//! The reader takes events from the stream, turns them into plans and batches them
+//! (`batcher`); each closed batch goes to every sink's queue (`applier`); a position is
+//! confirmed to Postgres once every sink has applied everything up to it. When a sink
+//! is slow or down, its queue fills, the reader stops reading and Postgres keeps the
+//! WAL. On shutdown what was read is drained to the sinks, within a deadline.
+
+mod applier;
+mod batcher;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::config::PipelineConfig;
+use crate::error::Error;
+use crate::rules::{Planner, RuleSet};
+use crate::sink::{Position, Sink};
+use crate::source::{Confirmer, Source, SourceError, SourceEvent};
+
+use applier::Applier;
+use batcher::Batcher;
+
+/// How long the source may take to close after the drain.
+const SOURCE_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// New rules for the pipeline (already compiled and checked).
+#[derive(Debug)]
+pub struct Reload {
+    pub rules: Arc<RuleSet>,
+    /// In force from the marker message with this content on; `None`: at once.
+    pub marker: Option<String>,
+}
+
+/// Where the pipeline's events come from: the replication stream, or a script of
+/// events in unit tests.
+pub trait Events: Send {
+    /// The next event; `None` at the end of the stream.
+    fn next(&mut self) -> impl Future<Output = Option<Result<SourceEvent, SourceError>>> + Send;
+    /// No event is waiting right now.
+    fn is_idle(&self) -> bool;
+    /// Confirms positions from the sinks' side.
+    fn confirmer(&self) -> Confirmer;
+    /// Reports the last confirmation and closes.
+    fn stop(self) -> impl Future<Output = ()> + Send;
+}
+
+impl Events for Source {
+    async fn next(&mut self) -> Option<Result<SourceEvent, SourceError>> {
+        Source::next(self).await
+    }
+
+    fn is_idle(&self) -> bool {
+        Source::is_idle(self)
+    }
+
+    fn confirmer(&self) -> Confirmer {
+        Source::confirmer(self)
+    }
+
+    async fn stop(self) {
+        Source::stop(self).await
+    }
+}
+
+/// Everything `run` needs, connected.
+pub struct Pipeline<E, R, K> {
+    pub config: PipelineConfig,
+    pub events: E,
+    pub redis: R,
+    pub kafka: K,
+    /// Where the pipeline stands, updated after every batch (Kafka's heartbeats read it).
+    pub position: watch::Sender<Position>,
+    /// Set when the pipeline stops: sinks stop retrying, background tasks end.
+    pub stop: watch::Sender<bool>,
+}
+
+/// Runs until `shutdown`, a fatal error, or the end of the stream. `reload` delivers
+/// new rule sets (already compiled and checked) to plan with from the next change.
+pub async fn run<E: Events, R: Sink, K: Sink>(
+    pipeline: Pipeline<E, R, K>,
+    rules: Arc<RuleSet>,
+    shutdown: impl Future<Output = ()>,
+    mut reload: mpsc::UnboundedReceiver<Reload>,
+) -> Result<(), Error> {
+    let Pipeline {
+        config,
+        mut events,
+        mut redis,
+        mut kafka,
+        position,
+        stop,
+    } = pipeline;
+    redis.set_error_after(config.sink_error_after);
+    kafka.set_error_after(config.sink_error_after);
+    let mut applier = Applier::start(redis, kafka, events.confirmer(), position);
+    let mut b = Batcher::new(config, Planner::new(rules));
+    tokio::pin!(shutdown);
+    let result: Result<(), Error> = loop {
+        let deadline = b.deadline();
+        let flush = tokio::select! {
+            biased;
+            _ = &mut shutdown => break Ok(()),
+            failed = applier.failed() => break failed.map_err(|e| applying(e, &applier)),
+            Some(r) = reload.recv() => {
+                b.reload(r);
+                false
+            }
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => true,
+            event = events.next() => match event {
+                None => break Ok(()),
+                Some(Err(e)) => break Err(e.into()),
+                Some(Ok(event)) => match b.add(event) {
+                    Ok(ended) => b.full_or_done(ended, events.is_idle()),
+                    Err(e) => break Err(e),
+                },
+            },
+        };
+        if flush && !b.is_empty() {
+            // The queues are full while a sink is slow or down: wait for room, but keep
+            // watching the shutdown and the sinks, or SIGTERM would wait for the sink.
+            // The batch stays in `b` until there is room for it.
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break Ok(()),
+                permits = applier.reserve() => match permits {
+                    Some(permits) => permits.send(b.take()),
+                    // A sink task ended; `failed` says why on the next turn.
+                    None => continue,
+                },
+            }
+        }
+    };
+    // Drain: what was read is applied and confirmed, within the deadline, whatever the
+    // sinks do: every await below is under it.
+    let timeout = b.config.shutdown_timeout;
+    let failed = result.is_err();
+    if failed {
+        // Nothing more will be read: the other sink stops retrying.
+        let _ = stop.send(true);
+    }
+    let drained = tokio::time::timeout(timeout, async {
+        if !failed && !b.is_empty() {
+            if let Some(permits) = applier.reserve().await {
+                permits.send(b.take());
+            }
+        }
+        applier.finish().await.map_err(|e| applying(e, &applier))
+    })
+    .await;
+    let _ = stop.send(true);
+    let drained = match drained {
+        Ok(r) => r,
+        Err(_) => {
+            // Nothing more is confirmed: only the sinks' tasks confirm.
+            applier.abort();
+            Err(Error::ShutdownTimeout(timeout))
+        }
+    };
+    // The source reports the last confirmation and closes; bounded, so that a
+    // replication connection that does not answer cannot hold the exit.
+    if tokio::time::timeout(SOURCE_STOP_TIMEOUT, events.stop())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the replication connection did not close within {SOURCE_STOP_TIMEOUT:?}; exiting anyway (nothing unapplied was confirmed)");
+    }
+    match result {
+        // The first error, not the `Stopped` of the sink that was told to stop.
+        Err(e) => Err(e),
+        Ok(()) => drained,
+    }
+}
+
+/// A sink's error as the daemon reports it: with the last confirmed position.
+fn applying(error: crate::sink::SinkError, applier: &Applier) -> Error {
+    Error::Applying {
+        error,
+        confirmed: applier.confirmed(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,291 @@
+//! Redis Cluster: one pipeline per hash slot (the client refuses a pipeline whose
+//! keys span slots), run concurrently; the same coalesced operations as on one server
+//! (`ops`), routed by their key. A tag purge cannot be one script here (the members
+//! live in other slots): it is SMEMBERS, UNLINK of the members grouped by slot, then
+//! SREM of exactly those members, after the batch's other writes. A flush scans every
+//! master.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo, Slot};
+use redis::{ErrorKind, Pipeline, RedisError, Value};
+
+use crate::config::RedisConfig;
+use crate::redact::redact;
+use crate::sink::redis::ops::{for_each_command, group_by_slot, Mode, Ops, CHUNK};
+use crate::sink::redis::scripts::{scan_pattern, Scripts};
+use crate::sink::{SinkError, SinkErrorKind};
+
+/// Pipelines in flight at once (one per hash slot).
+const IN_FLIGHT: usize = 64;
+
+/// One pipeline per hash slot, each holding its slot's commands in the order added.
+#[derive(Default)]
+pub(super) struct SlotPipes {
+    pipes: HashMap<Slot, Pipeline>,
+}
+
+impl SlotPipes {
+    /// The pipeline of `key`'s slot.
+    pub(super) fn pipe(&mut self, key: impl AsRef<[u8]>) -> &mut Pipeline {
+        self.pipes.entry(Slot::for_key(key)).or_default()
+    }
+
+    pub(super) fn into_pipelines(self) -> Vec<Pipeline> {
+        self.pipes.into_values().collect()
+    }
+}
+
+/// Runs single-slot pipelines at most `IN_FLIGHT` at a time; their replies in order.
+pub(super) async fn run_pipelines(
+    conn: &ClusterConnection,
+    pipes: Vec<Pipeline>,
+) -> Result<Vec<Vec<Value>>, RedisError> {
+    let mut replies = vec![Vec::new(); pipes.len()];
+    let mut pending = pipes.into_iter().enumerate();
+    let mut running = tokio::task::JoinSet::new();
+    loop {
+        while running.len() < IN_FLIGHT {
+            let Some((i, pipe)) = pending.next() else {
+                break;
+            };
+            let mut conn = conn.clone();
+            running.spawn(async move { (i, pipe.query_async::<Vec<Value>>(&mut conn).await) });
+        }
+        match running.join_next().await {
+            None => return Ok(replies),
+            Some(Ok((i, Ok(reply)))) => replies[i] = reply,
+            // Everything is idempotent: the caller retries the whole batch.
+            Some(Ok((_, Err(e)))) => return Err(e),
+            Some(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Some(Err(e)) => {
+                return Err(RedisError::from((
+                    ErrorKind::Client,
+                    "a cluster pipeline task was cancelled",
+                    e.to_string(),
+                )))
+            }
+        }
+    }
+}
+
+/// A cluster, from `url` and `nodes` as seeds: the client reads the slot map from the
+/// first that answers, follows MOVED/ASK and reconnects by itself.
+pub(super) async fn connect_cluster(config: &RedisConfig) -> Result<ClusterConnection, SinkError> {
+    let seeds: Vec<&str> = std::iter::once(config.url.as_str())
+        .chain(config.nodes.iter().map(String::as_str))
+        .collect();
+    let shown = seeds
+        .iter()
+        .map(|s| redact(s))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let client = ClusterClient::builder(seeds.iter().copied())
+        .connection_timeout(Duration::from_secs(5))
+        .response_timeout(Duration::from_secs(30))
+        .retries(5)
+        .min_retry_wait(50)
+        .max_retry_wait(2_000)
+        .build()
+        .map_err(|e| {
+            let message = format!("invalid Redis Cluster seeds ({shown}): {e}");
+            SinkError::redis(message, Some(e), SinkErrorKind::Stop)
+        })?;
+    tokio::time::timeout(Duration::from_secs(15), client.get_async_connection())
+        .await
+        .map_err(|_| {
+            let message = format!(
+                "no answer from the Redis Cluster ({shown}) within 15 s: check redis.url, redis.nodes and that the cluster runs"
+            );
+            SinkError::redis(message, None, SinkErrorKind::Retry)
+        })?
+        .map_err(|e| {
+            let message = format!(
+                "cannot connect to the Redis Cluster ({shown}): {e}; check redis.url, redis.nodes and that the cluster runs (redis.cluster = true needs a Redis Cluster)"
+            );
+            SinkError::redis(message, Some(e), SinkErrorKind::Retry)
+        })
+}
+
+/// `host:port` of every master, as the cluster client knows them. Refuses a partial
+/// list (a master it has no connection to), so that a flush never skips one.
+async fn cluster_masters(conn: &mut ClusterConnection) -> Result<Vec<(String, u16)>, RedisError> {
+    let reply = conn
+        .route_command(
+            redis::cmd("PING"),
+            RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None)),
+        )
+        .await?;
+    let Value::Map(replies) = reply else {
+        return Err(RedisError::from((
+            ErrorKind::Client,
+            "unexpected reply to PING on every master",
+            format!("{reply:?}"),
+        )));
+    };
+    let mut masters = Vec::with_capacity(replies.len());
+    for (address, reply) in replies {
+        if let Value::ServerError(e) = reply {
+            return Err(e.into());
+        }
+        let address: String = redis::from_redis_value(address)?;
+        let parsed = address
+            .rsplit_once(':')
+            .and_then(|(host, port)| Some((host.to_string(), port.parse().ok()?)));
+        match parsed {
+            Some(master) => masters.push(master),
+            None => {
+                return Err(RedisError::from((
+                    ErrorKind::Client,
+                    "unexpected node address",
+                    address,
+                )))
+            }
+        }
+    }
+    let mut info = redis::cmd("CLUSTER");
+    info.arg("INFO");
+    let info: String = redis::from_redis_value(
+        conn.route_command(info, RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random))
+            .await?
+            .extract_error()?,
+    )?;
+    let size = info
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("cluster_size:"))
+        .and_then(|n| n.parse::<usize>().ok());
+    if size != Some(masters.len()) {
+        return Err(RedisError::from((
+            ErrorKind::ClusterConnectionNotFound,
+            "not connected to every master",
+            format!(
+                "{} connected, cluster_size {}",
+                masters.len(),
+                size.map_or("unknown".into(), |n| n.to_string())
+            ),
+        )));
+    }
+    Ok(masters)
+}
+
+/// UNLINKs keys of any slots: one command per slot and chunk, run concurrently.
+pub(super) async fn unlink_cluster<K: AsRef<[u8]> + redis::ToRedisArgs>(
+    conn: &ClusterConnection,
+    keys: Vec<K>,
+) -> Result<(), RedisError> {
+    let mut pipes = SlotPipes::default();
+    for group in group_by_slot(keys) {
+        for chunk in group.chunks(CHUNK) {
+            pipes.pipe(&chunk[0]).cmd("UNLINK").arg(chunk).ignore();
+        }
+    }
+    run_pipelines(conn, pipes.into_pipelines()).await?;
+    Ok(())
+}
+
+/// Coalesced operations without flushes: every key command in its slot's pipeline (so
+/// each key sees its commands in order), the pipelines run concurrently; then the tag
+/// purges.
+pub(super) async fn apply_ops(
+    conn: &ClusterConnection,
+    scripts: &Scripts,
+    tag_prefix: &str,
+    ops: &Ops<'_>,
+) -> Result<(), RedisError> {
+    let mut pipes = SlotPipes::default();
+    for_each_command(ops, scripts, tag_prefix, Mode::Cluster, |cmd, key, _| {
+        pipes.pipe(key).add_command(cmd).ignore();
+    });
+    run_pipelines(conn, pipes.into_pipelines()).await?;
+    if !ops.tags.is_empty() {
+        let sets: Vec<String> = ops
+            .tags
+            .iter()
+            .map(|t| format!("{tag_prefix}{t}"))
+            .collect();
+        purge_tags_cluster(conn, &sets).await?;
+    }
+    Ok(())
+}
+
+/// A tag purge where the members may live in any slot: SMEMBERS of every set, UNLINK
+/// of the members (grouped by slot), then SREM of exactly the members read, so a
+/// member added meanwhile stays in its set for the next purge. Not atomic.
+pub(super) async fn purge_tags_cluster(
+    conn: &ClusterConnection,
+    sets: &[String],
+) -> Result<(), RedisError> {
+    let by_slot = group_by_slot(sets.iter().map(String::as_str));
+    let mut reads = Vec::with_capacity(by_slot.len());
+    for group in &by_slot {
+        let mut pipe = redis::pipe();
+        for set in group {
+            pipe.cmd("SMEMBERS").arg(*set);
+        }
+        reads.push(pipe);
+    }
+    let replies = run_pipelines(conn, reads).await?;
+    let mut members: Vec<(&str, Vec<Vec<u8>>)> = Vec::with_capacity(sets.len());
+    for (group, replies) in by_slot.iter().zip(replies) {
+        for (set, reply) in group.iter().zip(replies) {
+            members.push((set, redis::from_redis_value(reply)?));
+        }
+    }
+    let mut seen = HashSet::new();
+    let unlink: Vec<&[u8]> = members
+        .iter()
+        .flat_map(|(_, m)| m.iter().map(Vec::as_slice))
+        .filter(|m| seen.insert(*m))
+        .collect();
+    if unlink.is_empty() {
+        return Ok(());
+    }
+    unlink_cluster(conn, unlink).await?;
+    let mut srem = SlotPipes::default();
+    for (set, members) in &members {
+        for chunk in members.chunks(CHUNK) {
+            srem.pipe(set).cmd("SREM").arg(*set).arg(chunk).ignore();
+        }
+    }
+    run_pipelines(conn, srem.into_pipelines()).await?;
+    Ok(())
+}
+
+/// Every key under `prefix` on every master, unlinked as SCAN finds them.
+pub(super) async fn flush_prefix_cluster(
+    conn: &ClusterConnection,
+    prefix: &str,
+) -> Result<u64, RedisError> {
+    let mut conn = conn.clone();
+    let pattern = scan_pattern(prefix);
+    let mut total = 0;
+    for (host, port) in cluster_masters(&mut conn).await? {
+        let node = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+        let mut cursor: u64 = 0;
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000);
+            let (next, keys): (u64, Vec<Vec<u8>>) = redis::from_redis_value(
+                conn.route_command(scan, node.clone())
+                    .await?
+                    .extract_error()?,
+            )?;
+            if !keys.is_empty() {
+                total += keys.len() as u64;
+                unlink_cluster(&conn, keys).await?;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    Ok(total)
+}

@@ -1,0 +1,395 @@
+//! The Redis sink: a batch's operations, coalesced (`ops`), in one pipeline. Deletes
+//! are `UNLINK`; a republish is a Lua script that writes the value only when its
+//! version is newer than the one stored beside the key (`scripts`); the batch's tag
+//! purges are one script call that unlinks every member of each tag's set and the
+//! set; a table-wide flush is `SCAN` + `UNLINK` on the key prefixes. With
+//! `redis.cluster` the same operations go through the cluster client (`cluster`).
+//! Transient errors are retried with backoff; a poison error is traced to its item
+//! and key (`errors`).
+
+mod cluster;
+mod errors;
+mod ops;
+mod scripts;
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Client, Cmd, Pipeline, RedisError, RedisFuture, Value};
+use tokio::sync::watch;
+
+use crate::backoff::Backoff;
+use crate::config::RedisConfig;
+use crate::redact::redact;
+use crate::sink::{cut, describe, Batch, Item, RetryLog, Sink, SinkError, SinkErrorKind};
+
+use errors::{classify, next_step, Described, Failure, Next, MESSAGE_SHOWN};
+use ops::{for_each_command, Mode, Ops};
+use scripts::{scan_pattern, Scripts};
+
+pub use ops::group_by_slot;
+pub use scripts::version_key;
+
+/// The connection: one server, or a cluster.
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// One server, through a connection manager that reconnects by itself.
+async fn connect_single(config: &RedisConfig) -> Result<ConnectionManager, SinkError> {
+    let client = Client::open(config.url.as_str()).map_err(|e| {
+        let message = format!("invalid redis.url {:?}: {e}", redact(&config.url));
+        SinkError::redis(message, Some(e), SinkErrorKind::Stop)
+    })?;
+    let manager_config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(30)))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(2));
+    tokio::time::timeout(
+        Duration::from_secs(15),
+        ConnectionManager::new_with_config(client, manager_config),
+    )
+    .await
+    .map_err(|_| {
+        let message = format!(
+            "no answer from {} within 15 s: check redis.url and that Redis runs",
+            redact(&config.url)
+        );
+        SinkError::redis(message, None, SinkErrorKind::Retry)
+    })?
+    .map_err(|e| {
+        let message = format!(
+            "cannot connect to {}: {e}; check redis.url and that Redis runs",
+            redact(&config.url)
+        );
+        SinkError::redis(message, Some(e), SinkErrorKind::Retry)
+    })
+}
+
+pub struct RedisSink {
+    conn: Conn,
+    url: String,
+    tag_prefix: String,
+    scripts: Scripts,
+    backoff: Backoff,
+    retries: RetryLog,
+    stop: watch::Receiver<bool>,
+}
+
+impl RedisSink {
+    /// Connects (failing fast when Redis cannot be reached at start) and loads the
+    /// scripts. Later outages are retried by `apply`.
+    pub async fn connect(
+        config: &RedisConfig,
+        stop: watch::Receiver<bool>,
+    ) -> Result<RedisSink, SinkError> {
+        let conn = if config.cluster {
+            Conn::Cluster(cluster::connect_cluster(config).await?)
+        } else {
+            Conn::Single(connect_single(config).await?)
+        };
+        let mut sink = RedisSink {
+            conn,
+            url: redact(&config.url),
+            tag_prefix: config.tag_prefix.clone(),
+            scripts: Scripts::new(),
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
+            retries: RetryLog::new(
+                "Redis",
+                "reconnecting and retrying the batch with backoff",
+                "check that Redis runs, is reachable at redis.url and accepts writes (memory, ACLs); nothing is confirmed meanwhile and Postgres keeps the WAL",
+            ),
+            stop,
+        };
+        sink.load_scripts().await.map_err(|e| {
+            let message = format!("cannot load the Lua scripts: {e}");
+            SinkError::redis(message, Some(e), SinkErrorKind::Retry)
+        })?;
+        Ok(sink)
+    }
+
+    /// The backoff between failed attempts (capped exponential, jittered).
+    pub fn set_backoff(&mut self, initial: Duration, max: Duration) {
+        self.backoff = Backoff::new(initial, max);
+    }
+
+    /// Loads the scripts (on every node of a cluster: SCRIPT LOAD goes to all of them).
+    async fn load_scripts(&mut self) -> Result<(), RedisError> {
+        for script in self.scripts.all() {
+            script.load_async(&mut self.conn).await?;
+        }
+        Ok(())
+    }
+
+    fn mode(&self) -> Mode {
+        match self.conn {
+            Conn::Single(_) => Mode::Single,
+            Conn::Cluster(_) => Mode::Cluster,
+        }
+    }
+
+    /// What each command of `ops` is, in pipeline order.
+    fn describe_commands(&self, ops: &Ops<'_>) -> Vec<Described> {
+        let mut out = Vec::new();
+        for_each_command(
+            ops,
+            &self.scripts,
+            &self.tag_prefix,
+            self.mode(),
+            |_, _, d| out.push(d()),
+        );
+        out
+    }
+
+    /// Every key under `prefix`, unlinked as SCAN finds them.
+    async fn flush_prefix(&mut self, prefix: &str) -> Result<u64, RedisError> {
+        let pattern = scan_pattern(prefix);
+        let mut cursor: u64 = 0;
+        let mut total = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut self.conn)
+                .await?;
+            if !keys.is_empty() {
+                total += keys.len() as u64;
+                redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async::<()>(&mut self.conn)
+                    .await?;
+            }
+            if next == 0 {
+                return Ok(total);
+            }
+            cursor = next;
+        }
+    }
+
+    /// Applies coalesced operations on one server: one pipeline; a failure carries
+    /// what each of its commands is.
+    async fn apply_ops(&mut self, ops: &Ops<'_>) -> Result<(), Failure> {
+        if let Conn::Cluster(conn) = &self.conn {
+            return Ok(cluster::apply_ops(conn, &self.scripts, &self.tag_prefix, ops).await?);
+        }
+        // An empty pipeline is never sent: Redis answers it with an error.
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = Pipeline::with_capacity(
+            ops.versioned.len() + ops.tags.len() / scripts::SETS_PER_PURGE + 3,
+        );
+        for_each_command(
+            ops,
+            &self.scripts,
+            &self.tag_prefix,
+            Mode::Single,
+            |cmd, _, _| {
+                pipe.add_command(cmd).ignore();
+            },
+        );
+        match pipe.query_async::<()>(&mut self.conn).await {
+            Ok(()) => Ok(()),
+            Err(error) => Err(Failure {
+                error,
+                commands: self.describe_commands(ops),
+            }),
+        }
+    }
+
+    /// Every key under `prefix`, on one server or every master.
+    async fn flush(&mut self, prefix: &str) -> Result<(), RedisError> {
+        let n = match &self.conn {
+            Conn::Cluster(conn) => {
+                let conn = conn.clone();
+                cluster::flush_prefix_cluster(&conn, prefix).await?
+            }
+            Conn::Single(_) => self.flush_prefix(prefix).await?,
+        };
+        tracing::info!(prefix = %prefix, keys = n, "flushed key prefix");
+        Ok(())
+    }
+
+    /// One attempt at the whole batch, in order: the items between flushes coalesced,
+    /// each flush after what came before it.
+    async fn try_apply(&mut self, items: &[Item]) -> Result<(), Failure> {
+        let mut start = 0;
+        for (i, item) in items.iter().enumerate() {
+            if item.plan.flush_prefixes.is_empty() {
+                continue;
+            }
+            self.apply_ops(&Ops::build(&items[start..i])).await?;
+            for prefix in &item.plan.flush_prefixes {
+                self.flush(prefix).await?;
+            }
+            start = i;
+        }
+        self.apply_ops(&Ops::build(&items[start..])).await
+    }
+
+    /// Finds which item a poison error came from, trying them one by one (everything
+    /// here is idempotent), then which of its commands: each command runs alone, in
+    /// order (routed by its key in a cluster).
+    async fn locate_poison(&mut self, items: &[Item], first: Failure) -> SinkError {
+        let mode = self.mode();
+        for item in items {
+            let one = std::slice::from_ref(item);
+            let ops = Ops::build(one);
+            let mut commands: Vec<(Cmd, Described)> = Vec::new();
+            for_each_command(&ops, &self.scripts, &self.tag_prefix, mode, |cmd, _, d| {
+                commands.push((cmd, d()))
+            });
+            if mode == Mode::Cluster {
+                // The cluster purge is several steps; SMEMBERS is the one that can be
+                // refused.
+                for tag in &ops.tags {
+                    let set = format!("{}{tag}", self.tag_prefix);
+                    let mut cmd = redis::cmd("SMEMBERS");
+                    cmd.arg(&set);
+                    commands.push((cmd, Described::new("a tag purge (SMEMBERS)", set)));
+                }
+            }
+            let mut failed = None;
+            for (cmd, d) in &commands {
+                if let Err(e) = cmd
+                    .query_async::<Value>(&mut self.conn)
+                    .await
+                    .and_then(|v| v.extract_error())
+                {
+                    failed = Some((d, e));
+                    break;
+                }
+            }
+            let Some((described, e)) = failed else {
+                continue;
+            };
+            let server = e
+                .clone()
+                .into_server_errors()
+                .and_then(|errors| errors.first().map(|(_, se)| se.clone()));
+            let code = server
+                .as_ref()
+                .map(|se| se.code().to_string())
+                .or_else(|| e.code().map(str::to_string));
+            let (command, key) = described.naming(code.as_deref());
+            return SinkError::RedisPoison {
+                command,
+                key,
+                origin: describe(item),
+                message: match server {
+                    Some(se) => cut(&se.to_string(), MESSAGE_SHOWN),
+                    None => cut(&e.to_string(), MESSAGE_SHOWN),
+                },
+            };
+        }
+        SinkError::RedisPoison {
+            command: "a command".into(),
+            key: "(not found when retried one by one)".into(),
+            origin: "the batch".into(),
+            message: first.summary(),
+        }
+    }
+
+    /// Applies a batch, retrying transient errors until it succeeds or the sink is
+    /// stopped.
+    async fn apply_batch(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        if batch.items.is_empty() {
+            return Ok(());
+        }
+        let mut reloaded = false;
+        loop {
+            let failure = match self.try_apply(&batch.items).await {
+                Ok(()) => {
+                    self.backoff.reset();
+                    self.retries.succeeded();
+                    return Ok(());
+                }
+                Err(e) => e,
+            };
+            match next_step(&classify(&failure.error), reloaded) {
+                Next::Stop => return Err(self.locate_poison(&batch.items, failure).await),
+                Next::ReloadAndRetry => {
+                    reloaded = true;
+                    match self.load_scripts().await {
+                        Ok(()) => {
+                            tracing::info!("Redis had lost the scripts (restarted?): loaded them again, retrying the batch at once");
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %cut(&e.to_string(), MESSAGE_SHOWN), "Redis lost the scripts and they cannot be loaded yet")
+                        }
+                    }
+                }
+                Next::Backoff => {}
+            }
+            reloaded = false;
+            let delay = self.backoff.next_delay();
+            metrics::counter!("wal2cache_sink_retries_total", "sink" => "redis").increment(1);
+            self.retries.failed(&failure.summary(), delay);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.stop.wait_for(|s| *s) => return Err(SinkError::Stopped),
+            }
+        }
+    }
+}
+
+impl Sink for RedisSink {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn describe(&self) -> String {
+        match self.conn {
+            Conn::Single(_) => format!("Redis at {}", self.url),
+            Conn::Cluster(_) => format!("the Redis Cluster at {}", self.url),
+        }
+    }
+
+    async fn apply(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        self.apply_batch(batch).await
+    }
+
+    fn set_error_after(&mut self, bound: Duration) {
+        self.retries.error_after = bound;
+    }
+
+    async fn close(self) {}
+}
+
+#[cfg(test)]
+mod tests;

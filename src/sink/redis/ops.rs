@@ -1,0 +1,259 @@
+//! A batch's Redis operations, coalesced, and the one builder of the commands that
+//! carry them out (on one server and in a cluster alike).
+//!
+//! Coalescing keeps the state a reader sees once the batch is applied exactly as if
+//! every item had been applied one by one, in order:
+//! - Per key, of the versioned writes (republish, tombstone) only the one with the
+//!   highest version is sent: each runs only when newer than the stored version, so
+//!   applied one by one the highest is the one that stays, with its version.
+//! - Per key, plain deletes (UNLINK) are sent once, before the versioned write when
+//!   the last delete came before it in the batch, after it otherwise.
+//! - Tag purges are sent once per tag, after the batch's key writes: wal2cache never
+//!   adds to a tag set, so purging a tag twice is purging it once, at the end. The one
+//!   difference: a republished key that an application also added to a purged tag's
+//!   set may be absent rather than present once the batch is applied; absent is never
+//!   stale.
+//! - Flushes split the batch: what comes before a flush is applied before it.
+
+use std::collections::{HashMap, HashSet};
+
+use redis::cluster_routing::Slot;
+use redis::Cmd;
+
+use crate::plan::{Plan, Republish};
+use crate::sink::redis::errors::Described;
+use crate::sink::redis::scripts::{version_key, Scripts, SETS_PER_PURGE};
+use crate::sink::{cut, Item, Version, KEY_SHOWN};
+
+/// Keys per UNLINK or SREM command when the count is unbounded (tag members, SCAN
+/// pages, a batch's deletes).
+pub(super) const CHUNK: usize = 500;
+
+/// A write that carries a version.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Write<'a> {
+    Tombstone(&'a str),
+    Republish(&'a Republish),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Versioned<'a> {
+    pub(super) write: Write<'a>,
+    pub(super) version: Version,
+}
+
+impl<'a> Versioned<'a> {
+    pub(super) fn key(&self) -> &'a str {
+        match self.write {
+            Write::Tombstone(k) => k,
+            Write::Republish(r) => &r.key,
+        }
+    }
+}
+
+/// The coalesced operations of a run of items without flushes.
+#[derive(Debug, Default)]
+pub(super) struct Ops<'a> {
+    /// Plain deletes of keys that also get a versioned write after them.
+    pub(super) unlink_first: Vec<&'a str>,
+    pub(super) versioned: Vec<Versioned<'a>>,
+    /// Every other plain delete.
+    pub(super) unlink: Vec<&'a str>,
+    /// Tags to purge (without the tag prefix), once each.
+    pub(super) tags: Vec<&'a str>,
+}
+
+#[derive(Default)]
+struct KeyState<'a> {
+    /// Position (in the batch's order of operations) of the last plain delete.
+    unlink_at: Option<usize>,
+    /// The versioned write that stays, and its position.
+    versioned: Option<(Versioned<'a>, usize)>,
+}
+
+/// The keys of `plan.delete` that are plain deletes (not tombstones).
+fn plain_deletes(plan: &Plan) -> impl Iterator<Item = &String> {
+    let set: Option<HashSet<&str>> =
+        (plan.tombstones.len() > 8).then(|| plan.tombstones.iter().map(String::as_str).collect());
+    plan.delete.iter().filter(move |k| match &set {
+        Some(set) => !set.contains(k.as_str()),
+        None => !plan.tombstones.contains(k),
+    })
+}
+
+impl<'a> Ops<'a> {
+    /// The operations of `items`, coalesced. `flush_prefixes` are not looked at: the
+    /// caller splits the batch at each flush.
+    pub(super) fn build(items: &'a [Item]) -> Ops<'a> {
+        let keys_hint: usize = items
+            .iter()
+            .map(|i| i.plan.delete.len() + i.plan.republish.len())
+            .sum();
+        let mut index: HashMap<&'a str, usize> = HashMap::with_capacity(keys_hint);
+        let mut states: Vec<(&'a str, KeyState<'a>)> = Vec::with_capacity(keys_hint);
+        let mut tags: Vec<&'a str> = Vec::new();
+        let mut tag_seen: HashSet<&'a str> = HashSet::new();
+        let mut at = 0usize;
+        fn state<'s, 'a>(
+            index: &mut HashMap<&'a str, usize>,
+            states: &'s mut Vec<(&'a str, KeyState<'a>)>,
+            key: &'a str,
+        ) -> &'s mut KeyState<'a> {
+            let i = *index.entry(key).or_insert_with(|| {
+                states.push((key, KeyState::default()));
+                states.len() - 1
+            });
+            &mut states[i].1
+        }
+        for item in items {
+            let plan = &*item.plan;
+            let version = item.origin.version;
+            for key in plain_deletes(plan) {
+                state(&mut index, &mut states, key).unlink_at = Some(at);
+                at += 1;
+            }
+            let writes = plan
+                .tombstones
+                .iter()
+                .map(|k| Write::Tombstone(k))
+                .chain(plan.republish.iter().map(Write::Republish));
+            for write in writes {
+                let v = Versioned { write, version };
+                let s = state(&mut index, &mut states, v.key());
+                if s.versioned.is_none_or(|(old, _)| version >= old.version) {
+                    s.versioned = Some((v, at));
+                }
+                at += 1;
+            }
+            for tag in &plan.purge_tags {
+                if tag_seen.insert(tag) {
+                    tags.push(tag);
+                }
+            }
+        }
+        let mut ops = Ops {
+            tags,
+            ..Ops::default()
+        };
+        for (key, s) in states {
+            match (s.unlink_at, s.versioned) {
+                (Some(_), None) => ops.unlink.push(key),
+                (None, Some((v, _))) => ops.versioned.push(v),
+                (Some(u), Some((v, at))) if u < at => {
+                    ops.unlink_first.push(key);
+                    ops.versioned.push(v);
+                }
+                (Some(_), Some((v, _))) => {
+                    ops.versioned.push(v);
+                    ops.unlink.push(key);
+                }
+                (None, None) => {}
+            }
+        }
+        ops
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.unlink_first.is_empty()
+            && self.versioned.is_empty()
+            && self.unlink.is_empty()
+            && self.tags.is_empty()
+    }
+}
+
+/// How commands are grouped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mode {
+    /// One server: any keys in one command; tag purges as the purge script.
+    Single,
+    /// A cluster: a command's keys share a slot; tag purges are left to the caller
+    /// (their members live in other slots).
+    Cluster,
+}
+
+/// A command, the key that routes it, and what it is (built only when asked).
+type EachCommand<'e> = dyn FnMut(Cmd, &str, &dyn Fn() -> Described) + 'e;
+
+/// Hands each command for `ops` to `each`, in order, with the key that routes it and a
+/// way to say what it is (called only for messages, so the hot path builds none).
+pub(super) fn for_each_command(
+    ops: &Ops<'_>,
+    scripts: &Scripts,
+    tag_prefix: &str,
+    mode: Mode,
+    mut each: impl FnMut(Cmd, &str, &dyn Fn() -> Described),
+) {
+    let unlinks = |keys: &[&str], each: &mut EachCommand<'_>| {
+        let groups: Vec<Vec<&str>> = match mode {
+            Mode::Single => vec![keys.to_vec()],
+            Mode::Cluster => group_by_slot(keys.iter().copied()),
+        };
+        for group in &groups {
+            for chunk in group.chunks(CHUNK) {
+                let mut cmd = redis::cmd("UNLINK");
+                cmd.arg(chunk);
+                each(cmd, chunk[0], &|| {
+                    let keys = chunk
+                        .iter()
+                        .map(|k| cut(k, KEY_SHOWN))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    Described::new("UNLINK", keys)
+                });
+            }
+        }
+    };
+    unlinks(&ops.unlink_first, &mut each);
+    let mut version = String::with_capacity(24);
+    for v in &ops.versioned {
+        version.clear();
+        v.version.encode_into(&mut version);
+        match v.write {
+            Write::Tombstone(key) => {
+                each(scripts.tombstone_cmd(key, &version), key, &|| Described {
+                    command: "the tombstone script (EVALSHA)",
+                    key: key.to_string(),
+                    sidecar: Some(version_key(key)),
+                })
+            }
+            Write::Republish(r) => {
+                each(scripts.republish_cmd(r, &version), &r.key, &|| Described {
+                    command: "the republish script (EVALSHA)",
+                    key: r.key.clone(),
+                    sidecar: Some(version_key(&r.key)),
+                })
+            }
+        }
+    }
+    unlinks(&ops.unlink, &mut each);
+    if mode == Mode::Single && !ops.tags.is_empty() {
+        let sets: Vec<String> = ops
+            .tags
+            .iter()
+            .map(|t| format!("{tag_prefix}{t}"))
+            .collect();
+        for chunk in sets.chunks(SETS_PER_PURGE) {
+            each(scripts.purge_cmd(chunk), &chunk[0], &|| {
+                Described::new(
+                    "a tag purge (the purge script: SMEMBERS, UNLINK)",
+                    chunk.join(", "),
+                )
+            });
+        }
+    }
+}
+
+/// Keys grouped by cluster hash slot: groups in the order their slot first appears,
+/// keys in their order within each group.
+pub fn group_by_slot<K: AsRef<[u8]>>(keys: impl IntoIterator<Item = K>) -> Vec<Vec<K>> {
+    let mut index: HashMap<Slot, usize> = HashMap::new();
+    let mut groups: Vec<Vec<K>> = Vec::new();
+    for key in keys {
+        let i = *index.entry(Slot::for_key(&key)).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[i].push(key);
+    }
+    groups
+}

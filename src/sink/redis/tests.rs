@@ -1,0 +1,174 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::cluster_routing::Slot;
+
+use super::ops::{group_by_slot, Ops, Write};
+use crate::lsn::Lsn;
+use crate::plan::{Plan, Republish};
+use crate::sink::{Item, Origin, Version};
+
+fn item(lsn: u64, seq: u32, plan: Plan) -> Item {
+    Item {
+        origin: Origin {
+            version: Version {
+                commit_lsn: Lsn(lsn),
+                seq,
+            },
+            xid: 1,
+            commit_time: 0,
+            table: Some("public.t".into()),
+            op: "update",
+        },
+        plan: Arc::new(plan),
+    }
+}
+
+fn deletes(keys: &[&str], tags: &[&str]) -> Plan {
+    Plan {
+        delete: keys.iter().map(|k| k.to_string()).collect(),
+        purge_tags: tags.iter().map(|t| t.to_string()).collect(),
+        ..Plan::default()
+    }
+}
+
+fn republish(key: &str, value: &str) -> Plan {
+    Plan {
+        republish: vec![Republish {
+            key: key.into(),
+            value: value.into(),
+            ttl: Some(Duration::from_secs(60)),
+        }],
+        ..Plan::default()
+    }
+}
+
+fn tombstone(key: &str) -> Plan {
+    Plan {
+        delete: vec![key.into()],
+        tombstones: vec![key.into()],
+        ..Plan::default()
+    }
+}
+
+/// `(key, "t"|"r", lsn)` of each versioned write.
+fn writes(ops: &Ops<'_>) -> Vec<(String, &'static str, u64)> {
+    ops.versioned
+        .iter()
+        .map(|v| {
+            let kind = match v.write {
+                Write::Tombstone(_) => "t",
+                Write::Republish(_) => "r",
+            };
+            (v.key().to_string(), kind, v.version.commit_lsn.0)
+        })
+        .collect()
+}
+
+#[test]
+fn deletes_and_purges_are_sent_once_per_batch() {
+    // 1,000 updates of rows that each delete their key and purge the list page.
+    let items: Vec<Item> = (0..1000)
+        .map(|i| item(100 + i, 0, deletes(&[&format!("p:{}", i % 10)], &["list"])))
+        .collect();
+    let ops = Ops::build(&items);
+    assert_eq!(ops.unlink.len(), 10, "{:?}", ops.unlink);
+    assert_eq!(ops.unlink[0], "p:0");
+    assert_eq!(ops.tags, ["list"]);
+    assert!(ops.versioned.is_empty() && ops.unlink_first.is_empty());
+}
+
+#[test]
+fn the_newest_versioned_write_of_a_key_stays() {
+    let items = vec![
+        item(100, 0, republish("r:1", "a")),
+        item(200, 0, tombstone("r:1")),
+        item(300, 0, republish("r:1", "c")),
+        item(300, 1, republish("r:2", "x")),
+        item(400, 0, tombstone("r:2")),
+    ];
+    let ops = Ops::build(&items);
+    assert_eq!(
+        writes(&ops),
+        [("r:1".into(), "r", 300), ("r:2".into(), "t", 400)]
+    );
+    match ops.versioned[0].write {
+        Write::Republish(r) => assert_eq!(&*r.value, "c"),
+        other => panic!("{other:?}"),
+    }
+    // A replayed older write after a newer one (a batch out of order) does not win:
+    // the version guard would refuse it one by one too.
+    let items = vec![
+        item(500, 0, republish("r:1", "new")),
+        item(450, 0, republish("r:1", "old")),
+    ];
+    assert_eq!(writes(&Ops::build(&items)), [("r:1".into(), "r", 500)]);
+}
+
+#[test]
+fn plain_deletes_keep_their_place_around_a_versioned_write() {
+    // Deleted, then republished: the delete goes first.
+    let items = vec![
+        item(100, 0, deletes(&["k"], &[])),
+        item(200, 0, republish("k", "v")),
+    ];
+    let ops = Ops::build(&items);
+    assert_eq!(ops.unlink_first, ["k"]);
+    assert!(ops.unlink.is_empty());
+    // Republished, then deleted: the delete goes last.
+    let items = vec![
+        item(100, 0, republish("k", "v")),
+        item(200, 0, deletes(&["k"], &[])),
+    ];
+    let ops = Ops::build(&items);
+    assert!(ops.unlink_first.is_empty());
+    assert_eq!(ops.unlink, ["k"]);
+    assert_eq!(writes(&ops), [("k".into(), "r", 100)]);
+}
+
+#[test]
+fn tombstones_are_not_unlinked_plainly() {
+    let mut plan = tombstone("r:1");
+    plan.delete.push("d:1".into());
+    let items = [item(100, 0, plan)];
+    let ops = Ops::build(&items);
+    assert_eq!(ops.unlink, ["d:1"]);
+    assert_eq!(writes(&ops), [("r:1".into(), "t", 100)]);
+    // With many tombstones (looked up through a set).
+    let keys: Vec<String> = (0..50).map(|i| format!("r:{i}")).collect();
+    let plan = Plan {
+        delete: keys.iter().cloned().chain(["d:2".to_string()]).collect(),
+        tombstones: keys.clone(),
+        ..Plan::default()
+    };
+    let items = [item(100, 0, plan)];
+    let ops = Ops::build(&items);
+    assert_eq!(ops.unlink, ["d:2"]);
+    assert_eq!(ops.versioned.len(), 50);
+}
+
+#[test]
+fn keys_group_by_slot_in_order() {
+    // `foo` is slot 12182 and `bar` 5061; a hash tag decides for the key.
+    let keys = ["foo", "bar", "{foo}:a", "x{bar}", "foo", "{}foo"];
+    let groups = group_by_slot(keys);
+    assert_eq!(
+        groups,
+        vec![
+            vec!["foo", "{foo}:a", "foo"],
+            vec!["bar", "x{bar}"],
+            vec!["{}foo"]
+        ]
+    );
+    assert_eq!(Slot::for_key("foo"), Slot::new(12182).unwrap());
+    for group in &groups {
+        assert!(group
+            .iter()
+            .all(|k| Slot::for_key(k) == Slot::for_key(group[0])));
+    }
+    let spread: Vec<String> = (0..1000).map(|i| format!("k:{i}")).collect();
+    let groups = group_by_slot(spread.iter());
+    assert!(groups.len() > 900, "{} groups", groups.len());
+    assert_eq!(groups.iter().map(Vec::len).sum::<usize>(), 1000);
+    assert!(group_by_slot(Vec::<&str>::new()).is_empty());
+}
