@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::config::{Config, ConfigError};
+use crate::config::Config;
 use crate::error::Error;
 use crate::lsn::Lsn;
 use crate::pipeline::{self, Pipeline, Reload};
@@ -58,6 +58,8 @@ fn log_warnings(report: &CheckReport) {
 /// `wal2cache check`: the config, the rules, and the rules against the live catalog.
 /// Every problem is in the error.
 pub async fn check(config: &Config) -> Result<(Arc<RuleSet>, CheckReport), Error> {
+    // What `run` would refuse is reported here, before the database is asked.
+    config.sinks()?;
     let rules = load_rules(config)?;
     let report = check_rules(config, &rules, config.postgres.create).await?;
     Ok((rules, report))
@@ -158,14 +160,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     mut reload_signals: mpsc::UnboundedReceiver<()>,
 ) -> Result<(), Error> {
-    let redis_config = config
-        .redis
-        .as_ref()
-        .ok_or(ConfigError::MissingSection("redis"))?;
-    let kafka_config = config
-        .kafka
-        .as_ref()
-        .ok_or(ConfigError::MissingSection("kafka"))?;
+    let (redis_config, kafka_config) = config.sinks()?;
     let rules = load_rules(config)?;
     if rules.rules().is_empty() {
         tracing::warn!(rules = %config.rules.path.display(), "the rules have no [[rule]]: no change will invalidate anything; add rules (see rules/README.md) and send SIGHUP, or restart wal2cache");

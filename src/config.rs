@@ -14,19 +14,17 @@ use serde::Deserialize;
 use crate::redact::redact;
 use crate::source::slot::PgTarget;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct Config {
     /// Appears in every event as `source`.
     pub name: String,
     pub postgres: PostgresConfig,
+    /// `postgres.url`, parsed when the config was loaded.
+    pub target: PgTarget,
     pub rules: RulesConfig,
-    #[serde(default)]
     pub redis: Option<RedisConfig>,
-    #[serde(default)]
     pub kafka: Option<KafkaConfig>,
-    #[serde(default)]
     pub pipeline: PipelineConfig,
-    #[serde(default)]
     pub metrics: MetricsConfig,
 }
 
@@ -158,8 +156,17 @@ pub enum ConfigError {
         path: PathBuf,
         problems: Vec<String>,
     },
-    #[error("the config has no [{0}] section: `wal2cache run` needs one (see the README's Configuration)")]
-    MissingSection(&'static str),
+    #[error("the config has no {} section: `wal2cache run` needs {} (see the README's Configuration)", sections(.0), if .0.len() == 1 { "it" } else { "them" })]
+    MissingSections(Vec<&'static str>),
+}
+
+/// `[redis]` or `[redis] and [kafka]`.
+fn sections(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| format!("[{n}]"))
+        .collect::<Vec<_>>()
+        .join(" and ")
 }
 
 /// The top-level keys: each is read by `Config::from_sections`.
@@ -244,10 +251,24 @@ impl Config {
                 problems.push(format!("{key}: missing: add {what}"));
             }
         }
-        let config = match (name, postgres, rules) {
-            (Some(name), Some(postgres), Some(rules)) => Some(Config {
+        let target = postgres
+            .as_ref()
+            .and_then(|pg| match PgTarget::parse(&pg.url) {
+                Ok(target) => Some(target),
+                Err(crate::source::SourceError::Url(why)) => {
+                    problems.push(format!("postgres.url = {:?}: {why}", redact(&pg.url)));
+                    None
+                }
+                Err(e) => {
+                    problems.push(format!("postgres.url: {e}"));
+                    None
+                }
+            });
+        let config = match (name, postgres, rules, target) {
+            (Some(name), Some(postgres), Some(rules), Some(target)) => Some(Config {
                 name,
                 postgres,
+                target,
                 rules,
                 redis,
                 kafka,
@@ -337,14 +358,6 @@ impl Config {
                 }
             }
         }
-        match PgTarget::parse(&self.postgres.url) {
-            Err(crate::source::SourceError::Url(why)) => problems.push(format!(
-                "postgres.url = {:?}: {why}",
-                redact(&self.postgres.url)
-            )),
-            Err(e) => problems.push(format!("postgres.url: {e}")),
-            Ok(_) => {}
-        }
         for (field, value) in [
             ("postgres.slot", &self.postgres.slot),
             ("postgres.publication", &self.postgres.publication),
@@ -357,7 +370,22 @@ impl Config {
     }
 
     pub fn pg_target(&self) -> PgTarget {
-        PgTarget::parse(&self.postgres.url).expect("checked when the config was loaded")
+        self.target.clone()
+    }
+
+    /// The sections `run` needs beside `[postgres]` and `[rules]`: both, or every one
+    /// that is missing (so that `check` reports them, not only `run`).
+    pub fn sinks(&self) -> Result<(&RedisConfig, &KafkaConfig), ConfigError> {
+        match (&self.redis, &self.kafka) {
+            (Some(r), Some(k)) => Ok((r, k)),
+            (r, k) => Err(ConfigError::MissingSections(
+                [("redis", r.is_none()), ("kafka", k.is_none())]
+                    .into_iter()
+                    .filter(|(_, missing)| *missing)
+                    .map(|(s, _)| s)
+                    .collect(),
+            )),
+        }
     }
 }
 

@@ -27,7 +27,8 @@ fn write_config(dir: &Path, url: &str, slot: &str, tables: &[&str]) -> PathBuf {
         &config,
         format!(
             "name = \"test\"\n[postgres]\nurl = \"{url}\"\nslot = \"{slot}\"\npublication = \"w2c\"\n\
-             [rules]\npath = \"rules.toml\"\n"
+             [rules]\npath = \"rules.toml\"\n\
+             [redis]\nurl = \"redis://127.0.0.1:1\"\n[kafka]\nbrokers = \"127.0.0.1:1\"\n"
         ),
     )
     .unwrap();
@@ -594,8 +595,9 @@ async fn tail_prints_every_value_exactly_as_postgres_does() {
 fn a_malformed_redis_url_is_shown_without_its_password() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "postgres://u@127.0.0.1:1/db", "s", &[]);
-    let text = std::fs::read_to_string(&config).unwrap()
-        + "[redis]\nurl = \"redis//:secret@host/0\"\n[kafka]\nbrokers = \"127.0.0.1:1\"\n";
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("redis://127.0.0.1:1", "redis//:secret@host/0");
     std::fs::write(&config, text).unwrap();
     let (code, _, err) = run(&["run", "--config", config.to_str().unwrap()], &[]);
     assert_eq!(code, 3, "{err}");
@@ -609,11 +611,29 @@ fn a_malformed_redis_url_is_shown_without_its_password() {
 /// A config for `run` whose Redis and broker do not answer: it gets as far as
 /// connecting to Redis, then exits 1.
 fn write_run_config(dir: &Path, url: &str, slot: &str, tables: &[&str]) -> PathBuf {
-    let config = write_config(dir, url, slot, tables);
-    let text = std::fs::read_to_string(&config).unwrap()
-        + "[redis]\nurl = \"redis://127.0.0.1:1\"\n[kafka]\nbrokers = \"127.0.0.1:1\"\n";
-    std::fs::write(&config, text).unwrap();
-    config
+    write_config(dir, url, slot, tables)
+}
+
+#[test]
+fn check_reports_the_sections_run_would_miss() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "postgres://u@127.0.0.1:1/db", "s", &[]);
+    let text = std::fs::read_to_string(&config).unwrap();
+    let without = text[..text.find("[redis]").unwrap()].to_string();
+    std::fs::write(&config, &without).unwrap();
+    // Before the database is asked (it does not answer here).
+    let (code, _, err) = run(&["check", "--config", config.to_str().unwrap()], &[]);
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains("no [redis] and [kafka] section")
+            && err.contains("`wal2cache run` needs them"),
+        "{err}"
+    );
+    std::fs::write(&config, without + "[kafka]\nbrokers = \"127.0.0.1:1\"\n").unwrap();
+    let (code, _, err) = run(&["check", "--config", config.to_str().unwrap()], &[]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("no [redis] section"), "{err}");
+    assert_eq!(err.matches("[redis]").count(), 1, "printed once: {err}");
 }
 
 #[tokio::test]
