@@ -251,6 +251,17 @@ impl Config {
                 problems.push(format!("{key}: missing: add {what}"));
             }
         }
+        let pipeline = pipeline.unwrap_or_default();
+        let metrics = metrics.unwrap_or_default();
+        if let (Some(name), Some(postgres)) = (&name, &postgres) {
+            problems.extend(Config::problems(
+                name,
+                postgres,
+                &pipeline,
+                redis.as_ref(),
+                kafka.as_ref(),
+            ));
+        }
         let target = postgres
             .as_ref()
             .and_then(|pg| match PgTarget::parse(&pg.url) {
@@ -264,41 +275,39 @@ impl Config {
                     None
                 }
             });
-        let config = match (name, postgres, rules, target) {
-            (Some(name), Some(postgres), Some(rules), Some(target)) => Some(Config {
-                name,
-                postgres,
-                target,
-                rules,
-                redis,
-                kafka,
-                pipeline: pipeline.unwrap_or_default(),
-                metrics: metrics.unwrap_or_default(),
-            }),
-            _ => None,
-        };
-        match config {
-            Some(config) => {
-                problems.extend(config.problems());
-                if problems.is_empty() {
-                    Ok(config)
-                } else {
-                    Err(problems)
-                }
+        match (name, postgres, rules, target) {
+            (Some(name), Some(postgres), Some(rules), Some(target)) if problems.is_empty() => {
+                Ok(Config {
+                    name,
+                    postgres,
+                    target,
+                    rules,
+                    redis,
+                    kafka,
+                    pipeline,
+                    metrics,
+                })
             }
-            None => Err(problems),
+            _ => Err(problems),
         }
     }
 
-    fn problems(&self) -> Vec<String> {
+    /// What is wrong inside the sections that read.
+    fn problems(
+        name: &str,
+        postgres: &PostgresConfig,
+        pipeline: &PipelineConfig,
+        redis: Option<&RedisConfig>,
+        kafka: Option<&KafkaConfig>,
+    ) -> Vec<String> {
         let mut problems = Vec::new();
-        if self.name.trim().is_empty() {
+        if name.trim().is_empty() {
             problems.push("name: must not be empty (it names this source in every event)".into());
         }
-        if self.pipeline.batch_size == 0 {
+        if pipeline.batch_size == 0 {
             problems.push("pipeline.batch_size: must be at least 1".into());
         }
-        if let Some(k) = &self.kafka {
+        if let Some(k) = kafka {
             if k.partitions < 1 {
                 problems.push(format!(
                     "kafka.partitions = {}: must be at least 1",
@@ -313,7 +322,7 @@ impl Config {
                 ));
             }
         }
-        if let Some(r) = &self.redis {
+        if let Some(r) = redis {
             if !r.cluster {
                 use redis::IntoConnectionInfo;
                 if let Err(e) = r.url.as_str().into_connection_info() {
@@ -359,8 +368,8 @@ impl Config {
             }
         }
         for (field, value) in [
-            ("postgres.slot", &self.postgres.slot),
-            ("postgres.publication", &self.postgres.publication),
+            ("postgres.slot", &postgres.slot),
+            ("postgres.publication", &postgres.publication),
         ] {
             if let Err(why) = check_identifier(value) {
                 problems.push(format!("{field} = {value:?}: {why}"));

@@ -77,9 +77,98 @@ impl Event {
     }
 }
 
+/// An event borrowed from what it describes, for the daemon's hot path: serialized
+/// straight into its message buffer (no owned copy of every key, no intermediate
+/// strings for the LSN and the time, which are written through `Display`). Writes
+/// exactly what [`Event::to_json`] writes for the same content.
+#[derive(Serialize)]
+pub struct EventRef<'a> {
+    pub schema: u32,
+    pub kind: &'a Kind,
+    pub source: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "display")]
+    pub lsn: Option<&'a dyn std::fmt::Display>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub xid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "display")]
+    pub commit_time: Option<&'a dyn std::fmt::Display>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub table: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub op: Option<&'a str>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub keys: &'a [&'a str],
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub tags: &'a [&'a str],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<&'a str>,
+}
+
+fn display<S: serde::Serializer>(
+    value: &Option<&dyn std::fmt::Display>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(v) => s.collect_str(v),
+        None => s.serialize_none(),
+    }
+}
+
+impl EventRef<'_> {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("an event always serializes")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_borrowed_event_writes_what_an_owned_one_does() {
+        let mut e = Event::new(Kind::Invalidate, "main-db");
+        let borrowed = EventRef {
+            schema: SCHEMA,
+            kind: &Kind::Invalidate,
+            source: "main-db",
+            lsn: None,
+            xid: None,
+            commit_time: None,
+            table: None,
+            op: None,
+            keys: &[],
+            tags: &[],
+            reason: None,
+            detail: None,
+        };
+        assert_eq!(borrowed.to_json(), e.to_json());
+        e.lsn = Some("0/1A2B3C4".into());
+        e.xid = Some(7781);
+        e.commit_time = Some("2026-11-23T09:30:00.123456Z".into());
+        e.table = Some("public.products".into());
+        e.op = Some("update".into());
+        e.keys = vec!["shop:product:v3:42".into(), "k\"2".into()];
+        e.tags = vec!["shop:category:7".into()];
+        e.reason = Some("oversized".into());
+        e.detail = Some("why".into());
+        let lsn = "0/1A2B3C4";
+        let time = "2026-11-23T09:30:00.123456Z";
+        let borrowed = EventRef {
+            lsn: Some(&lsn),
+            xid: Some(7781),
+            commit_time: Some(&time),
+            table: Some("public.products"),
+            op: Some("update"),
+            keys: &["shop:product:v3:42", "k\"2"],
+            tags: &["shop:category:7"],
+            reason: Some("oversized"),
+            detail: Some("why"),
+            ..borrowed
+        };
+        assert_eq!(borrowed.to_json(), e.to_json());
+    }
 
     #[test]
     fn matches_the_documented_example() {

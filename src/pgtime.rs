@@ -9,10 +9,32 @@ pub const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 
 /// A Postgres timestamp as RFC 3339 with microseconds: `2026-11-23T09:30:00.123456Z`.
 pub fn format_pg_time(micros_since_2000: i64) -> String {
-    let unix = micros_since_2000.saturating_add(PG_EPOCH_UNIX_MICROS);
-    match chrono::DateTime::from_timestamp_micros(unix) {
-        Some(t) => t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
-        None => format!("invalid timestamp {micros_since_2000}"),
+    PgTime(micros_since_2000).to_string()
+}
+
+/// A Postgres timestamp that displays as RFC 3339 with microseconds, written without
+/// parsing a format string (it is in every event).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PgTime(pub i64);
+
+impl std::fmt::Display for PgTime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use chrono::{Datelike, Timelike};
+        let unix = self.0.saturating_add(PG_EPOCH_UNIX_MICROS);
+        match chrono::DateTime::from_timestamp_micros(unix) {
+            Some(t) => write!(
+                f,
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+                t.year(),
+                t.month(),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second(),
+                t.timestamp_subsec_micros()
+            ),
+            None => write!(f, "invalid timestamp {}", self.0),
+        }
     }
 }
 
@@ -39,6 +61,20 @@ mod tests {
     fn formats_commit_times() {
         assert_eq!(format_pg_time(0), "2000-01-01T00:00:00.000000Z");
         assert_eq!(format_pg_time(1_500_001), "2000-01-01T00:00:01.500001Z");
+        // As chrono's own formatting, over a spread of instants.
+        for micros in [
+            -1,
+            86_399_999_999,
+            849_000_000_123_456,
+            1_000_000_000_000_001,
+        ] {
+            let unix = micros + PG_EPOCH_UNIX_MICROS;
+            let t = chrono::DateTime::from_timestamp_micros(unix).unwrap();
+            assert_eq!(
+                format_pg_time(micros),
+                t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+            );
+        }
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //! stream.
 
 use crate::config::KafkaConfig;
-use crate::event::{Event, Kind};
-use crate::pgtime::format_pg_time;
+use crate::event::{Event, EventRef, Kind, SCHEMA};
+use crate::pgtime::{format_pg_time, PgTime};
 use crate::sink::{cut, KEY_SHOWN};
 use crate::sink::{describe, Item};
 
@@ -167,10 +167,28 @@ pub fn events_for(
         .chain(&tags)
         .all(|s| s.len() <= limits.max_key_bytes)
     {
-        let mut e = base_event(source, item);
-        e.keys = keys.iter().map(|k| k.to_string()).collect();
-        e.tags = tags.iter().map(|t| t.to_string()).collect();
-        let payload = e.to_json();
+        let o = &item.origin;
+        let (lsn, time) = (o.version.commit_lsn, PgTime(o.commit_time));
+        let flush_all = plan.flush_all;
+        let payload = EventRef {
+            schema: SCHEMA,
+            kind: if flush_all {
+                &Kind::FlushAll
+            } else {
+                &Kind::Invalidate
+            },
+            source,
+            lsn: Some(&lsn),
+            xid: Some(o.xid),
+            commit_time: Some(&time),
+            table: o.table.as_deref(),
+            op: Some(o.op),
+            keys: &keys,
+            tags: &tags,
+            reason: flush_all.then_some("truncate"),
+            detail: None,
+        }
+        .to_json();
         if payload.len() <= limits.max_event_bytes {
             let out = Outgoing {
                 key: message_key(keys.first().copied(), item),
