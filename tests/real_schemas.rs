@@ -24,7 +24,8 @@ fn write_config(dir: &Path, db: &TestDb, rules: &str) -> PathBuf {
         &config,
         format!(
             "name = \"schemas\"\n[postgres]\nurl = \"{}\"\nslot = \"{}_s\"\npublication = \"w2c\"\n\
-             [rules]\npath = \"rules.toml\"\n",
+             [rules]\npath = \"rules.toml\"\n\
+             [redis]\nurl = \"redis://127.0.0.1:1\"\n[kafka]\nbrokers = \"127.0.0.1:1\"\n",
             db.url, db.name
         ),
     )

@@ -94,8 +94,9 @@ pub struct KafkaSink {
     /// Keeps the WARN about oversized events to one line per rule and interval.
     oversized: Repeats,
     stop: watch::Receiver<bool>,
-    /// The heartbeat task, joined on `close`.
-    heartbeats: Option<tokio::task::JoinHandle<()>>,
+    /// The heartbeat task, stopped and joined on `close` (or stopped with the
+    /// pipeline's stop signal).
+    heartbeats: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
 }
 
 fn client_config(config: &KafkaConfig) -> ClientConfig {
@@ -318,6 +319,7 @@ impl KafkaSink {
         let (partitions, _) =
             ensure_topic(config, &context, &producer, Duration::from_secs(10)).await?;
         let producers = Arc::new(watch::channel(producer).0);
+        let (closing, closed) = watch::channel(false);
         let heartbeats = tokio::spawn(heartbeats(
             TopicWatch {
                 config: config.clone(),
@@ -327,7 +329,7 @@ impl KafkaSink {
             source.to_string(),
             partitions,
             position,
-            stop.clone(),
+            [stop.clone(), closed],
         ));
         Ok(KafkaSink {
             config: config.clone(),
@@ -344,7 +346,7 @@ impl KafkaSink {
             ),
             oversized: Repeats::new(WARN_EVERY),
             stop,
-            heartbeats: Some(heartbeats),
+            heartbeats: Some((closing, heartbeats)),
         })
     }
 
@@ -557,10 +559,11 @@ impl Sink for KafkaSink {
         self.retries.error_after = bound;
     }
 
-    /// Waits for what is queued to be delivered (bounded), and for the heartbeat task,
-    /// which ends with the pipeline's stop signal.
+    /// Stops the heartbeat task and waits for it. Every event was acknowledged by the
+    /// time `apply` returned.
     async fn close(mut self) {
-        if let Some(task) = self.heartbeats.take() {
+        if let Some((closing, task)) = self.heartbeats.take() {
+            let _ = closing.send(true);
             let _ = task.await;
         }
     }
@@ -581,7 +584,7 @@ async fn heartbeats(
     source: String,
     mut partitions: i32,
     position: watch::Receiver<Position>,
-    mut stop: watch::Receiver<bool>,
+    [mut stop, mut closed]: [watch::Receiver<bool>; 2],
 ) {
     let topic = watch.config.topic.clone();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -592,6 +595,7 @@ async fn heartbeats(
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
+            _ = closed.wait_for(|s| *s) => return,
         }
         let p = *position.borrow();
         if check.as_ref().is_some_and(|c| c.is_finished()) {
