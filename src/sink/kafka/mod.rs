@@ -8,7 +8,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -17,13 +16,15 @@ use tokio::sync::watch;
 
 use crate::backoff::Backoff;
 use crate::config::KafkaConfig;
-use crate::event::{Event, Kind};
 use crate::lsn::Lsn;
-use crate::pgtime::format_pg_time;
 use crate::sink::cut;
 use crate::sink::fit::{events_for, refused, EventLimits, Fitted, Outgoing};
 use crate::sink::retry::{Repeats, WARN_EVERY};
 use crate::sink::{describe, Batch, Position, RetryLog, Sink, SinkError, SinkErrorKind};
+
+mod topic;
+
+use topic::{announce_topic_lost, ensure_topic, heartbeats, off_runtime, TopicWatch};
 
 /// librdkafka's log lines and errors as tracing events, each distinct message at most
 /// once per `WARN_EVERY` with the count of repeats kept quiet (with a broker down it
@@ -99,7 +100,7 @@ pub struct KafkaSink {
     heartbeats: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
 }
 
-fn client_config(config: &KafkaConfig) -> ClientConfig {
+pub(super) fn client_config(config: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.brokers)
         .set("enable.idempotence", "true")
@@ -114,85 +115,22 @@ fn client_config(config: &KafkaConfig) -> ClientConfig {
     c
 }
 
-fn fatal(config: &KafkaConfig, what: &str, e: KafkaError) -> SinkError {
+pub(super) fn fatal(config: &KafkaConfig, what: &str, e: KafkaError) -> SinkError {
     let message = format!("{what} ({}, topic {:?}): {e}", config.brokers, config.topic);
     SinkError::kafka(message, Some(e), SinkErrorKind::Stop)
 }
 
-/// How often the heartbeat task checks that the topic exists. Some brokers (Tansu
-/// 0.6.0) acknowledge writes to a topic that was deleted, so a lost topic does not
-/// always show as a delivery error.
-const TOPIC_CHECK_EVERY: Duration = Duration::from_secs(5);
-
-fn new_producer(config: &KafkaConfig, context: &LogContext) -> Result<SinkProducer, KafkaError> {
+pub(super) fn new_producer(
+    config: &KafkaConfig,
+    context: &LogContext,
+) -> Result<SinkProducer, KafkaError> {
     client_config(config).create_with_context(context.clone())
-}
-
-/// Tells subscribers that events may have been lost with the topic: a `flush_all`
-/// (reason `topic_lost`) on every partition of the topic created again, sent until the
-/// broker acknowledged it (a new topic may refuse writes for a moment). Runs as a task
-/// of its own.
-async fn announce_topic_lost(
-    producers: Arc<watch::Sender<SinkProducer>>,
-    topic: String,
-    source: String,
-    partitions: i32,
-    confirmed: Lsn,
-) {
-    const ATTEMPTS: u32 = 20;
-    let mut e = Event::new(Kind::FlushAll, source);
-    e.lsn = Some(confirmed.to_string());
-    e.commit_time = Some(now());
-    e.reason = Some("topic_lost".into());
-    e.detail = Some(format!(
-        "the topic {topic:?} had disappeared (deleted, or the broker lost its state) and was created again: events published before may not have reached subscribers"
-    ));
-    let payload = e.to_json();
-    for partition in 0..partitions {
-        for attempt in 1..=ATTEMPTS {
-            let producer = producers.borrow().clone();
-            let record = FutureRecord::to(&topic)
-                .key("wal2cache")
-                .payload(&payload)
-                .partition(partition);
-            match producer.send(record, Duration::from_secs(5)).await {
-                Ok(_) => break,
-                Err((e, _)) if attempt < ATTEMPTS => {
-                    tracing::debug!(error = %e, attempt, "the flush_all for the lost topic is not delivered yet");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err((e, _)) => {
-                    tracing::warn!(error = %e, partition, "the flush_all for the lost topic was not delivered; subscribers notice the loss by themselves (no heartbeats, lost partitions)")
-                }
-            }
-        }
-    }
 }
 
 /// Drops a replaced producer off the async threads: dropping one purges its queue and
 /// waits up to 500 ms for it.
-fn retire(old: SinkProducer) {
+pub(super) fn retire(old: SinkProducer) {
     off_runtime(move || drop(old));
-}
-
-/// Runs a blocking librdkafka call on a thread of its own, not on the runtime's
-/// blocking pool: the runtime waits for its blocking tasks when it shuts down, and a
-/// metadata request to an unreachable broker must not hold the exit after SIGTERM.
-fn off_runtime<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> tokio::sync::oneshot::Receiver<T> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx
-}
-
-/// Now, as an event's `commit_time`.
-fn now() -> String {
-    chrono::Utc::now()
-        .format("%Y-%m-%dT%H:%M:%S%.6fZ")
-        .to_string()
 }
 
 /// Is retrying this delivery error pointless?
@@ -236,67 +174,6 @@ fn is_unknown_topic(e: &KafkaError) -> bool {
         e.rdkafka_error_code(),
         Some(RDKafkaErrorCode::UnknownTopic | RDKafkaErrorCode::UnknownTopicOrPartition)
     )
-}
-
-/// The topic's partition count, and whether it had to be created.
-async fn ensure_topic(
-    config: &KafkaConfig,
-    context: &LogContext,
-    producer: &SinkProducer,
-    wait: Duration,
-) -> Result<(i32, bool), SinkError> {
-    let topic_name = config.topic.clone();
-    let partitions = move |producer: &SinkProducer| -> Result<Option<i32>, KafkaError> {
-        let md = producer.client().fetch_metadata(Some(&topic_name), wait)?;
-        Ok(md.topics().first().and_then(|t| match t.error() {
-            None if !t.partitions().is_empty() => Some(t.partitions().len() as i32),
-            _ => None,
-        }))
-    };
-    let p = producer.clone();
-    let found = off_runtime(move || partitions(&p))
-        .await
-        .map_err(|_| fatal(config, "metadata thread", KafkaError::Canceled))?
-        .map_err(|e| {
-            let message = format!(
-                "cannot reach the Kafka brokers: check kafka.brokers ({}, topic {:?}): {e}",
-                config.brokers, config.topic
-            );
-            SinkError::kafka(message, Some(e), SinkErrorKind::Retry)
-        })?;
-    if let Some(n) = found {
-        return Ok((n, false));
-    }
-    let admin: AdminClient<LogContext> = client_config(config)
-        .create_with_context(context.clone())
-        .map_err(|e| fatal(config, "cannot create the admin client", e))?;
-    let topic = NewTopic::new(
-        &config.topic,
-        config.partitions,
-        TopicReplication::Fixed(config.replication_factor),
-    );
-    let results = admin
-        .create_topics([&topic], &AdminOptions::new().request_timeout(Some(wait)))
-        .await
-        .map_err(|e| fatal(config, "cannot create the topic", e))?;
-    let mut created = false;
-    for r in results {
-        match r {
-            Ok(_) => {
-                created = true;
-                tracing::info!(topic = %config.topic, partitions = config.partitions, "created topic")
-            }
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((_, code)) => {
-                return Err(fatal(
-                    config,
-                    "cannot create the topic: create it yourself, or grant CREATE on it to wal2cache's principal",
-                    KafkaError::AdminOp(code),
-                ))
-            }
-        }
-    }
-    Ok((config.partitions, created))
 }
 
 impl KafkaSink {
@@ -565,87 +442,6 @@ impl Sink for KafkaSink {
         if let Some((closing, task)) = self.heartbeats.take() {
             let _ = closing.send(true);
             let _ = task.await;
-        }
-    }
-}
-
-/// What the heartbeat task needs to check the topic and replace the producer.
-struct TopicWatch {
-    config: KafkaConfig,
-    context: LogContext,
-    producers: Arc<watch::Sender<SinkProducer>>,
-}
-
-/// Heartbeats every second on every partition; every `TOPIC_CHECK_EVERY`, a check that
-/// the topic exists, creating it again (with a new producer and a `flush_all` for the
-/// subscribers) when it is gone.
-async fn heartbeats(
-    watch: TopicWatch,
-    source: String,
-    mut partitions: i32,
-    position: watch::Receiver<Position>,
-    [mut stop, mut closed]: [watch::Receiver<bool>; 2],
-) {
-    let topic = watch.config.topic.clone();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_check = tokio::time::Instant::now();
-    let mut check: Option<tokio::task::JoinHandle<Result<(i32, bool), SinkError>>> = None;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.wait_for(|s| *s) => return,
-            _ = closed.wait_for(|s| *s) => return,
-        }
-        let p = *position.borrow();
-        if check.as_ref().is_some_and(|c| c.is_finished()) {
-            let done = check.take().expect("checked").await;
-            if let Ok(Ok((n, true))) = done {
-                // A new topic: the old producer's id and sequence numbers mean nothing
-                // to it (the broker fences it).
-                match new_producer(&watch.config, &watch.context) {
-                    Ok(producer) => {
-                        retire(watch.producers.send_replace(producer));
-                    }
-                    Err(e) => tracing::warn!(error = %e, "cannot create a new Kafka producer yet"),
-                }
-                partitions = n;
-                tokio::spawn(announce_topic_lost(
-                    watch.producers.clone(),
-                    topic.clone(),
-                    source.clone(),
-                    partitions,
-                    p.confirmed,
-                ));
-                tracing::warn!(topic = %topic, "the topic had disappeared (deleted, or the broker lost its state) and was created again, with a new producer; subscribers are told to flush (reason \"topic_lost\")");
-            }
-        }
-        if check.is_none() && last_check.elapsed() >= TOPIC_CHECK_EVERY {
-            last_check = tokio::time::Instant::now();
-            let (config, context) = (watch.config.clone(), watch.context.clone());
-            let producer = watch.producers.borrow().clone();
-            // Unreachable brokers show in the sink's retries; only a topic that is
-            // known to be missing is created here.
-            check = Some(tokio::spawn(async move {
-                ensure_topic(&config, &context, &producer, Duration::from_secs(5)).await
-            }));
-        }
-        let mut e = Event::new(Kind::Heartbeat, source.clone());
-        e.lsn = Some(p.confirmed.to_string());
-        e.commit_time = Some(match (p.busy, p.applied_commit_time) {
-            (true, Some(t)) => format_pg_time(t),
-            _ => now(),
-        });
-        let payload = e.to_json();
-        let producer = watch.producers.borrow().clone();
-        for partition in 0..partitions {
-            let record = FutureRecord::to(&topic)
-                .key("heartbeat")
-                .payload(&payload)
-                .partition(partition);
-            if let Err((e, _)) = producer.send_result(record) {
-                tracing::debug!(error = %e, "heartbeat not queued");
-            }
         }
     }
 }
