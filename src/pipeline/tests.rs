@@ -401,3 +401,32 @@ async fn a_drain_that_cannot_finish_gives_up_at_the_deadline_unconfirmed() {
     assert!(redis.sizes().is_empty());
     assert!(stopped);
 }
+
+#[tokio::test]
+async fn shutdown_drains_the_batch_still_open() {
+    let config = PipelineConfig {
+        batch_deadline: Duration::from_secs(3600),
+        ..config(1000)
+    };
+    // A committed transaction, then the start of another: the commit does not find
+    // the stream idle, so its batch stays open (its deadline is an hour away).
+    let mut events = txn(100, 0..2);
+    events.extend(txn(200, 2..3).into_iter().take(2));
+    let mut run = start_with(
+        config,
+        events,
+        MemorySink::new("redis"),
+        MemorySink::new("kafka"),
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(run.redis.applied().is_empty(), "still open");
+    let _ = run.shutdown.take().unwrap().send(());
+    tokio::time::timeout(Duration::from_secs(5), &mut run.done)
+        .await
+        .expect("drained")
+        .unwrap()
+        .unwrap();
+    assert_eq!(run.redis.sizes(), [3], "the open batch was applied");
+    assert_eq!(run.kafka.sizes(), [3]);
+    assert_eq!(run.confirmed(), Lsn(101), "up to the last commit in it");
+}
