@@ -179,12 +179,16 @@ async fn the_daemon_keeps_redis_and_the_topic_in_step() {
         || async { db.confirmed_lsn(&slot).await >= Some(last_commit) },
     )
     .await;
-    assert_eq!(db.confirmed_lsn(&slot).await, Some(last_commit));
-    daemon.stop();
+    let confirmed = db.confirmed_lsn(&slot).await.unwrap();
     assert_eq!(
-        db.confirmed_lsn(&slot).await,
-        Some(last_commit),
-        "the stop confirmed nothing else"
+        confirmed, last_commit,
+        "confirmed {confirmed}, the last commit record ends at {last_commit}"
+    );
+    daemon.stop();
+    let confirmed = db.confirmed_lsn(&slot).await.unwrap();
+    assert_eq!(
+        confirmed, last_commit,
+        "after the stop: confirmed {confirmed}, the last commit record ends at {last_commit}"
     );
 
     // Every change that matched has its event, in schema 1, once: the daemon has
