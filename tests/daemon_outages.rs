@@ -154,12 +154,23 @@ async fn redis_then_the_broker_down_for_10_s_lose_nothing() {
     );
     daemon.assert_running("after the broker came back");
 
-    // The lag recovers: a last write is confirmed promptly.
-    db.exec("INSERT INTO items VALUES (100, 0)").await;
-    let end = db.current_lsn().await;
-    eventually("the slot to catch up", Duration::from_secs(30), || async {
-        db.confirmed_lsn(&slot).await.is_some_and(|l| l >= end)
-            || all_applied(&r, &prefix, 100..=100, 0).await
-    })
+    // The lag recovers: a last write is applied and confirmed promptly. Applied is not
+    // enough (Redis gets it while the broker still refuses, and nothing is confirmed
+    // then): the slot must move from where it stood before the write to the end of the
+    // write's commit.
+    let before = db.confirmed_lsn(&slot).await.unwrap();
+    let end = db
+        .exec_commit_end("INSERT INTO items VALUES (100, 0)")
+        .await;
+    assert!(end > before, "the write ends at {end}, after {before}");
+    eventually(
+        "the last write to be applied and confirmed",
+        Duration::from_secs(30),
+        || async {
+            all_applied(&r, &prefix, 100..=100, 0).await
+                && db.confirmed_lsn(&slot).await.is_some_and(|l| l >= end)
+        },
+    )
     .await;
+    daemon.assert_running("at the end");
 }

@@ -181,6 +181,23 @@ pub fn read_topic(topic: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
     out
 }
 
+/// Every event but heartbeats, from the topic's beginning, until at least `expected`
+/// came and then none for `quiet` (or 60 s have passed): so that a test asserting the
+/// exact count also sees duplicates and extra events. Blocking: call it from
+/// `spawn_blocking`.
+pub fn read_topic_until_quiet(topic: &str, expected: usize, quiet: Duration) -> Vec<Value> {
+    // (events seen, when that count was first seen)
+    let last = std::cell::Cell::new((0, Instant::now()));
+    read_topic(topic, |events| {
+        let (seen, since) = last.get();
+        if events.len() != seen {
+            last.set((events.len(), Instant::now()));
+            return false;
+        }
+        seen >= expected && since.elapsed() >= quiet
+    })
+}
+
 /// The cache keys the events name.
 pub fn keys_of(events: &[Value]) -> HashSet<&str> {
     events

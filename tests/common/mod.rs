@@ -121,6 +121,41 @@ impl TestDb {
         row.get::<_, String>(0).parse().unwrap()
     }
 
+    /// Runs `sql` in a transaction of its own and returns the end of its commit record:
+    /// exactly the position a consumer confirms once it has applied the transaction.
+    ///
+    /// Not `pg_current_wal_lsn()` read after the commit: other databases of the server
+    /// (other tests, a daemon's WAL heartbeats) may write WAL in between. Not a position
+    /// read before the commit either. The commit record itself is looked up with
+    /// `pg_walinspect` (contrib, created here; the test role is a superuser), from the
+    /// insert position read inside the transaction, by the transaction's xid.
+    pub async fn exec_commit_end(&self, sql: &str) -> Lsn {
+        self.exec("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+            .await;
+        self.exec("BEGIN").await;
+        self.exec(sql).await;
+        let row = self
+            .client
+            .query_one(
+                "SELECT pg_current_wal_insert_lsn()::text, (txid_current() % 4294967296)::text",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (before, xid): (String, String) = (row.get(0), row.get(1));
+        self.exec("COMMIT").await;
+        let row = self
+            .client
+            .query_one(
+                "SELECT end_lsn::text FROM pg_get_wal_records_info($1::text::pg_lsn, pg_current_wal_flush_lsn())
+                  WHERE resource_manager = 'Transaction' AND record_type LIKE 'COMMIT%' AND xid::text = $2",
+                &[&before, &xid],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("the commit record of xid {xid} after {before}: {e}"));
+        row.get::<_, String>(0).parse().unwrap()
+    }
+
     pub async fn confirmed_lsn(&self, slot: &str) -> Option<Lsn> {
         let row = self
             .client
