@@ -60,6 +60,9 @@ impl Ledger {
             self.confirmer.confirm(lsn);
             metrics::gauge!("wal2cache_confirmed_lsn").set(lsn.0 as f64);
         }
+        if changes > 0 {
+            metrics::counter!("wal2cache_changes_applied_total").increment(changes as u64);
+        }
         if changes > 0 || confirm.is_some() {
             self.stats
                 .record(changes, commit_time.and_then(since_pg_time));
@@ -237,7 +240,6 @@ async fn sink_task<S: Sink>(
     let name = sink.name();
     let latency = metrics::histogram!(format!("wal2cache_commit_to_{name}_seconds"));
     let seconds = metrics::histogram!("wal2cache_batch_seconds", "sink" => name);
-    let applied = metrics::counter!("wal2cache_changes_applied_total", "sink" => name);
     while let Some((mut seq, first)) = queue.recv().await {
         let mut merged: Option<Batch> = None;
         while let Ok((next_seq, next)) = queue.try_recv() {
@@ -253,7 +255,6 @@ async fn sink_task<S: Sink>(
         let started = Instant::now();
         sink.apply(batch).await?;
         seconds.record(started.elapsed().as_secs_f64());
-        applied.increment(batch.items.len() as u64);
         // Commit to applied, once per transaction.
         let mut last = None;
         for item in &batch.items {
