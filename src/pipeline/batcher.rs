@@ -196,9 +196,15 @@ impl Batcher {
     }
 
     /// Whether the batch should close now: it is full, or a transaction just ended and
-    /// nothing more is waiting.
+    /// nothing more is waiting (`idle`: in the stream, and in the sinks).
     pub(crate) fn full_or_done(&self, ended: bool, idle: bool) -> bool {
         self.batch.items.len() >= self.config.batch_size || (ended && idle)
+    }
+
+    /// The batch holds a complete transaction (or a heartbeat): it may close as soon as
+    /// the sinks are free.
+    pub(crate) fn has_end(&self) -> bool {
+        self.batch.confirm.is_some()
     }
 
     /// When the open batch must close at the latest.

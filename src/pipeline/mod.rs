@@ -96,11 +96,18 @@ pub async fn run<E: Events, R: Sink, K: Sink>(
     } = pipeline;
     redis.set_error_after(config.sink_error_after);
     kafka.set_error_after(config.sink_error_after);
+    // While a batch is in flight, a transaction that ends with the stream idle waits
+    // (up to the deadline) for the sinks to be free, and goes with what follows it:
+    // sending it at once would only queue it behind the busy sink, and on a small host
+    // many tiny batches cost each sink (and the broker) far more per change.
+    let mut sinks = position.subscribe();
+    let sinks_now = sinks.clone();
     let mut applier = Applier::start(redis, kafka, events.confirmer(), position);
     let mut b = Batcher::new(config, Planner::new(rules));
     tokio::pin!(shutdown);
     let result: Result<(), Error> = loop {
         let deadline = b.deadline();
+        let wait_for_sinks = b.has_end() && events.is_idle() && sinks_now.borrow().busy;
         let flush = tokio::select! {
             biased;
             _ = &mut shutdown => break Ok(()),
@@ -110,11 +117,12 @@ pub async fn run<E: Events, R: Sink, K: Sink>(
                 false
             }
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => true,
+            _ = sinks.wait_for(|p| !p.busy), if wait_for_sinks => true,
             event = events.next() => match event {
                 None => break Ok(()),
                 Some(Err(e)) => break Err(e.into()),
                 Some(Ok(event)) => match b.add(event) {
-                    Ok(ended) => b.full_or_done(ended, events.is_idle()),
+                    Ok(ended) => b.full_or_done(ended, events.is_idle() && !sinks_now.borrow().busy),
                     Err(e) => break Err(e),
                 },
             },

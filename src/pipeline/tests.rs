@@ -430,3 +430,36 @@ async fn shutdown_drains_the_batch_still_open() {
     assert_eq!(run.kafka.sizes(), [3]);
     assert_eq!(run.confirmed(), Lsn(101), "up to the last commit in it");
 }
+
+#[tokio::test]
+async fn while_a_sink_is_busy_finished_transactions_gather_into_one_batch() {
+    let config = PipelineConfig {
+        batch_deadline: Duration::from_secs(3600),
+        ..config(1000)
+    };
+    let redis = MemorySink::held("redis");
+    let mut run = start_with(config, Vec::new(), redis, MemorySink::new("kafka"));
+    run.send(txn(100, 0..1));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(run.kafka.sizes(), [1], "idle sinks: sent at once");
+    // Redis is still applying it: the next transactions wait, each ending with the
+    // stream idle.
+    for t in [txn(200, 1..2), txn(300, 2..3)] {
+        run.send(t);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(run.kafka.sizes(), [1], "held back while Redis is busy");
+    run.redis.release(1);
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while run.kafka.sizes().len() < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("sent once the sinks were free");
+    assert_eq!(run.kafka.sizes(), [1, 2], "the two as one batch");
+    run.redis.release(1);
+    run.confirmed_reaches(Lsn(301)).await;
+    let (r, ..) = run.stop().await;
+    r.unwrap();
+}
