@@ -30,7 +30,8 @@
 //! (`W2C_BENCH_OTHER_ROWS` rows, 1,000, default replica identity). Rules: ONE delete
 //! rule on `items` with `W2C_BENCH_KEYS` key templates (1; `PFX:item:v1:{id}`, then
 //! `PFX:item:k<j>:v1:{id}`) and one tag without placeholder, `PFX:list`, that every row
-//! shares (a list page); `W2C_BENCH_RULES - 1` more delete rules on `items` (0 by
+//! shares (a list page; `W2C_BENCH_TAGS` of them, 1: 0 drops the tag, more adds
+//! `PFX:list:t<j>`); `W2C_BENCH_RULES - 1` more delete rules on `items` (0 by
 //! default), one key each (`PFX:item:r<j>:v1:{id}`); a republish rule on `offers`
 //! (a 4-column projection, TTL 1h). Writes: `W2C_BENCH_ROWS - 1` transactions from
 //! `W2C_BENCH_WRITERS` (4) concurrent connections, each calling its own procedure that
@@ -73,7 +74,7 @@
 //!
 //! Env: `W2C_BENCH_SHAPE` (`default` or `tags`), `W2C_BENCH_ROWS` (1,000,000; tags:
 //! 200,000), `W2C_BENCH_TABLE_ROWS` (10,000), tags only: `W2C_BENCH_KEYS` (1),
-//! `W2C_BENCH_RULES` (1), `W2C_BENCH_WRITERS` (4), `W2C_BENCH_OTHER_EVERY` (10),
+//! `W2C_BENCH_RULES` (1), `W2C_BENCH_TAGS` (1), `W2C_BENCH_WRITERS` (4), `W2C_BENCH_OTHER_EVERY` (10),
 //! `W2C_BENCH_OTHER_ROWS` (1,000), `W2C_BENCH_TAG_MEMBERS` (1,000); both:
 //! `W2C_BENCH_BATCH_DEADLINE`, `W2C_BENCH_BATCH_SIZE`, `W2C_BENCH_KAFKA_PROPS`
 //! (`k=v,k=v`), `W2C_BENCH_DAEMON_LOG` (the daemon's `WAL2CACHE_LOG`, `info`),
@@ -448,8 +449,12 @@ async fn run(
         Shape::Default => (2, 2),
         Shape::Tags(t) => (t.keys, t.rules),
     };
+    let tag_count = match shape {
+        Shape::Default => 1,
+        Shape::Tags(t) => t.tags,
+    };
     let result = format!(
-        "result: shape={} changes={rows} keys={keys} rules={rules} pg_rate={:.0} daemon_rate={:.0} ratio={ratio:.3} daemon_us={} redis_us={} broker_us={} walsender_us={} pg_walsender_us={}",
+        "result: shape={} changes={rows} keys={keys} rules={rules} tags={tag_count} pg_rate={:.0} daemon_rate={:.0} ratio={ratio:.3} daemon_us={} redis_us={} broker_us={} walsender_us={} pg_walsender_us={}",
         shape.name(),
         pg.rate(),
         ours.rate(),
@@ -578,14 +583,15 @@ async fn prepare_tags(
             stale.push(key);
         }
     }
-    let set = format!("{p}:tag:{}", TagShape::tag(p));
-    for m in 0..t.tag_members {
+    let set = format!("{p}:tag:{p}:list");
+    let members = if t.tags > 0 { t.tag_members } else { 0 };
+    for m in 0..members {
         let page = format!("{p}:page:list:{m}");
         pipe.set(&page, "stale").ignore();
         pipe.sadd(&set, &page).ignore();
         stale.push(page);
     }
-    if t.tag_members > 0 {
+    if members > 0 {
         stale.push(set);
     }
     pipe.query_async::<()>(r).await?;

@@ -18,6 +18,9 @@ pub struct TagShape {
     /// Delete rules on `items` (`W2C_BENCH_RULES`, 1): `item` and `rules - 1` more of
     /// one key each.
     pub rules: usize,
+    /// Tags every row shares on rule `item` (`W2C_BENCH_TAGS`, 1: `PFX:list`; more:
+    /// `PFX:list:t<j>`; 0: none, to see what the purges cost).
+    pub tags: usize,
     /// Concurrent writers, each a connection calling its own procedure
     /// (`W2C_BENCH_WRITERS`, 4).
     pub writers: usize,
@@ -35,6 +38,7 @@ impl TagShape {
         TagShape {
             keys: env_usize("W2C_BENCH_KEYS", 1).max(1),
             rules: env_usize("W2C_BENCH_RULES", 1).max(1),
+            tags: env_usize("W2C_BENCH_TAGS", 1),
             writers: env_usize("W2C_BENCH_WRITERS", 4).max(1),
             other_every: env_usize("W2C_BENCH_OTHER_EVERY", 10),
             other_rows: env_usize("W2C_BENCH_OTHER_ROWS", 1_000).max(1),
@@ -52,14 +56,22 @@ impl TagShape {
             )
         };
         format!(
-            "{} concurrent writers; items: {} delete rule(s), the first with {} key(s) + the shared tag list ({} members seeded), the others 1 key each; {other}",
-            self.writers, self.rules, self.keys, self.tag_members
+            "{} concurrent writers; items: {} delete rule(s), the first with {} key(s) + {} tag(s) every row shares (the first with {} members seeded), the others 1 key each; {other}",
+            self.writers, self.rules, self.keys, self.tags, self.tag_members
         )
     }
 
-    /// The shared tag.
-    pub fn tag(prefix: &str) -> String {
-        format!("{prefix}:list")
+    /// The shared tags.
+    pub fn tags(&self, prefix: &str) -> Vec<String> {
+        (0..self.tags)
+            .map(|j| {
+                if j == 0 {
+                    format!("{prefix}:list")
+                } else {
+                    format!("{prefix}:list:t{j}")
+                }
+            })
+            .collect()
     }
 
     /// The key templates of rule `item`: `PFX:item:v1:{id}` first (the one the topic
@@ -83,10 +95,11 @@ impl TagShape {
             .iter()
             .map(|t| format!("{t:?}"))
             .collect();
+        let tags: Vec<String> = self.tags(prefix).iter().map(|t| format!("{t:?}")).collect();
         out.push_str(&format!(
-            "[[rule]]\nname = \"item\"\ntable = \"public.items\"\nkeys = [{}]\ntags = [{:?}]\n\n",
+            "[[rule]]\nname = \"item\"\ntable = \"public.items\"\nkeys = [{}]\ntags = [{}]\n\n",
             keys.join(", "),
-            Self::tag(prefix)
+            tags.join(", ")
         ));
         for r in 1..self.rules {
             out.push_str(&format!(
