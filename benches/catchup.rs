@@ -62,7 +62,8 @@
 //! republished keys of a sample of rows hold their final row, the stale keys (and in
 //! the tags shape the tag's set and its pages) are gone, and the topic, read back
 //! whole, holds one event per transaction and per row as many as it had updates
-//! (`W2C_BENCH_CONSUME=0` skips reading it back). The last line, `result: k=v ...`,
+//! (`W2C_BENCH_CONSUME=0` skips reading it back). The daemon's batches (count, size,
+//! time applying them) come from its /metrics at the end. The last line, `result: k=v ...`,
 //! is for scripts (deploy/local/bench-scaling.sh).
 //!
 //! Profiling: `W2C_BENCH_PERF=1` attaches `perf record` (`W2C_BENCH_PERF_ARGS`,
@@ -147,7 +148,9 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let tuning = Tuning::from_env();
+    let mut tuning = Tuning::from_env();
+    // /metrics, for the batches the daemon applied.
+    tuning.metrics_port = daemon::free_port().ok();
     let setup = match Setup::write_rules(&db, "catchup", &tuning, |p| match &shape {
         Shape::Default => daemon::rules(p),
         Shape::Tags(t) => t.rules(p),
@@ -290,12 +293,12 @@ async fn run(
 
     let daemon_first = std::env::var("W2C_BENCH_DAEMON_FIRST").is_ok_and(|v| v == "1");
     let (pg, ours) = if daemon_first {
-        let ours = read_daemon(db, setup, marker, rows).await?;
+        let ours = read_daemon(db, setup, tuning, marker, rows).await?;
         let pg = read_pg_recvlogical(db, &twin, end_lsn, rows).await?;
         (pg, ours)
     } else {
         let pg = read_pg_recvlogical(db, &twin, end_lsn, rows).await?;
-        let ours = read_daemon(db, setup, marker, rows).await?;
+        let ours = read_daemon(db, setup, tuning, marker, rows).await?;
         (pg, ours)
     };
 
@@ -428,6 +431,18 @@ async fn run(
             );
         }
     }
+    if let Some(b) = &ours.batches {
+        println!(
+            "daemon batches: {} applied ({} changes, {:.1} per batch), {:.3} s applying them ({:.2} ms per batch, {:.1}% of the catch-up); {} sink retries",
+            thousands(b.count as u64),
+            thousands(b.applied as u64),
+            b.applied / b.count.max(1.0),
+            b.secs,
+            1000.0 * b.secs / b.count.max(1.0),
+            100.0 * b.secs / ours.elapsed.as_secs_f64(),
+            b.retries
+        );
+    }
     println!(
         "daemon stop: exit {} after {:.2} s",
         ours.exit, ours.stop_secs
@@ -454,7 +469,7 @@ async fn run(
         Shape::Tags(t) => t.tags,
     };
     let result = format!(
-        "result: shape={} changes={rows} keys={keys} rules={rules} tags={tag_count} pg_rate={:.0} daemon_rate={:.0} ratio={ratio:.3} daemon_us={} redis_us={} broker_us={} walsender_us={} pg_walsender_us={}",
+        "result: shape={} changes={rows} keys={keys} rules={rules} tags={tag_count} pg_rate={:.0} daemon_rate={:.0} ratio={ratio:.3} daemon_us={} redis_us={} broker_us={} walsender_us={} pg_walsender_us={} per_batch={}",
         shape.name(),
         pg.rate(),
         ours.rate(),
@@ -463,6 +478,9 @@ async fn run(
         us(other("broker")),
         us(other("walsender (daemon's slot)")),
         us(per_change(pg.walsender.used)),
+        ours.batches
+            .as_ref()
+            .map_or("?".to_string(), |b| format!("{:.1}", b.applied / b.count.max(1.0))),
     );
     if problems.is_empty() {
         println!(
@@ -707,6 +725,7 @@ struct Ours {
     others: Vec<(&'static str, Option<(i32, String)>, Option<f64>)>,
     /// Redis commands over the catch-up: (command, calls, usec), most time first.
     commandstats: Vec<(String, u64, u64)>,
+    batches: Option<Batches>,
 }
 
 impl Ours {
@@ -718,6 +737,7 @@ impl Ours {
 async fn read_daemon(
     db: &BenchDb,
     setup: &Setup,
+    tuning: &Tuning,
     marker: daemon::Marker,
     rows: usize,
 ) -> Result<Ours, BoxError> {
@@ -780,6 +800,22 @@ async fn read_daemon(
     if let Some(perf) = perf {
         perf.stop()?;
     }
+    let batches = match tuning.metrics_port {
+        Some(port) => daemon::scrape(port).await.ok().map(|text| {
+            let get = |name: &str| daemon::metric(&text, name, None).unwrap_or(0.0);
+            Batches {
+                count: get("wal2cache_batch_seconds_count"),
+                secs: get("wal2cache_batch_seconds_sum"),
+                applied: get("wal2cache_changes_applied_total"),
+                retries: text
+                    .lines()
+                    .filter(|l| l.starts_with("wal2cache_sink_retries_total"))
+                    .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<f64>().ok())
+                    .sum(),
+            }
+        }),
+        None => None,
+    };
     let threads = d.threads();
     let vm_hwm_kb = d.status_kb("VmHWM");
     let (status, stop) = d.stop(Duration::from_secs(90)).await?;
@@ -809,7 +845,17 @@ async fn read_daemon(
         log_problems: d.log_problems(),
         others,
         commandstats,
+        batches,
     })
+}
+
+/// The daemon's batches, from its /metrics at the end of the catch-up.
+struct Batches {
+    count: f64,
+    /// Time applying them (both sinks, in parallel), summed.
+    secs: f64,
+    applied: f64,
+    retries: f64,
 }
 
 /// `perf record` attached to the daemon (`W2C_BENCH_PERF=1`).
