@@ -440,7 +440,7 @@ async fn run(
             b.secs,
             1000.0 * b.secs / b.count.max(1.0),
             100.0 * b.secs / ours.elapsed.as_secs_f64(),
-            b.retries
+            b.retries as u64
         );
     }
     println!(
@@ -722,7 +722,7 @@ struct Ours {
     log_problems: Vec<String>,
     /// (label, pid and process name, CPU seconds during the catch-up): Redis, the
     /// broker, the walsender.
-    others: Vec<(&'static str, Option<(i32, String)>, Option<f64>)>,
+    others: Vec<(&'static str, Option<Named>, Option<f64>)>,
     /// Redis commands over the catch-up: (command, calls, usec), most time first.
     commandstats: Vec<(String, u64, u64)>,
     batches: Option<Batches>,
@@ -848,6 +848,9 @@ async fn read_daemon(
         batches,
     })
 }
+
+/// A process's pid and name.
+type Named = (i32, String);
 
 /// The daemon's batches, from its /metrics at the end of the catch-up.
 struct Batches {
