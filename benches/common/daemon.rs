@@ -170,6 +170,16 @@ pub struct Setup {
 impl Setup {
     /// Writes the rules and the config for a daemon on `db`, its slot `<db>_d`.
     pub fn write(db: &BenchDb, label: &str, tuning: &Tuning) -> Result<Setup, BoxError> {
+        Setup::write_rules(db, label, tuning, rules)
+    }
+
+    /// As `write`, with the rules `rules_for(prefix)` instead of [`rules`].
+    pub fn write_rules(
+        db: &BenchDb,
+        label: &str,
+        tuning: &Tuning,
+        rules_for: impl FnOnce(&str) -> String,
+    ) -> Result<Setup, BoxError> {
         let prefix = format!("w2cb_{label}_{}", std::process::id());
         let topic = format!("w2cb-{label}-{}", std::process::id());
         let slot = format!("{}_d", db.name);
@@ -177,7 +187,7 @@ impl Setup {
         let dir = tempfile::Builder::new()
             .prefix(&format!("w2c-bench-{label}-"))
             .tempdir()?;
-        std::fs::write(dir.path().join("rules.toml"), rules(&prefix))?;
+        std::fs::write(dir.path().join("rules.toml"), rules_for(&prefix))?;
         let mut text = format!(
             r#"name = "bench-{label}"
 [postgres]
@@ -264,10 +274,27 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// `wal2cache run`, under `W2C_BENCH_DAEMON_WRAPPER` when it is set (a command
+    /// line split at whitespace, the daemon's own command line appended: e.g.
+    /// `valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.out`; the wrapper must
+    /// become the daemon's process, as valgrind does, for the pid to be the daemon's).
     pub fn start(setup: &Setup) -> Result<Daemon, BoxError> {
         let log = std::fs::File::create(&setup.log)?;
         let started = Instant::now();
-        let child = Command::new(binary())
+        let wrapper: Vec<String> = std::env::var("W2C_BENCH_DAEMON_WRAPPER")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(binary());
+                c
+            }
+            None => Command::new(binary()),
+        };
+        let child = command
             .args(["run", "--config"])
             .arg(&setup.config)
             .env(
@@ -397,6 +424,117 @@ pub fn process_cpu_secs(pid: i32) -> Option<f64> {
         .map(|f| f.parse().unwrap_or(0))
         .collect();
     Some((rest.get(11)? + rest.get(12)?) as f64 / clock_ticks_per_second())
+}
+
+/// The pid of the process listening on TCP `port` (127.0.0.1, 0.0.0.0 or IPv6), from
+/// `/proc/net/tcp{,6}` and the socket inodes of `/proc/*/fd` (readable as root or as
+/// the server's owner); `None` when not found.
+pub fn pid_listening_on(port: u16) -> Option<i32> {
+    let mut inodes = std::collections::HashSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address (ip:port, hex), rem_address, st (0A: LISTEN), ..., inode.
+            let (Some(local), Some(state), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else {
+                continue;
+            };
+            let listening_port = local
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if *state == "0A" && listening_port == Some(port) {
+                inodes.insert(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    let mut pids: Vec<i32> = std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    pids.sort();
+    pids.into_iter().find(|pid| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .any(|fd| {
+                std::fs::read_link(fd.path())
+                    .is_ok_and(|l| inodes.contains(l.to_string_lossy().as_ref()))
+            })
+    })
+}
+
+/// The port of a `host:port` or `scheme://host:port/...` address (the first of a list).
+pub fn port_of(address: &str) -> Option<u16> {
+    let rest = address.split_once("://").map_or(address, |(_, r)| r);
+    let host_port = rest.split([',', '/', '?']).next()?;
+    host_port.rsplit_once(':')?.1.parse().ok()
+}
+
+/// The command name of a process (`/proc/<pid>/comm`).
+pub fn process_name(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// A process observed for its CPU: found once, read before and after.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    pub label: &'static str,
+    pub pid: Option<i32>,
+    pub before: f64,
+}
+
+impl Observed {
+    /// The process listening on `port`, or the pid in the environment variable `env`.
+    pub fn on_port(label: &'static str, port: Option<u16>, env: &str) -> Observed {
+        let pid = std::env::var(env)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .or_else(|| pid_listening_on(port?));
+        Observed::pid(label, pid)
+    }
+
+    pub fn pid(label: &'static str, pid: Option<i32>) -> Observed {
+        let before = pid.and_then(process_cpu_secs).unwrap_or(0.0);
+        Observed { label, pid, before }
+    }
+
+    /// CPU seconds since it was found (`None` when it was not, or is gone).
+    pub fn used(&self) -> Option<f64> {
+        Some(process_cpu_secs(self.pid?)? - self.before)
+    }
+}
+
+/// `INFO commandstats` of the bench's Redis: command -> (calls, usec).
+pub async fn redis_commandstats() -> Result<std::collections::HashMap<String, (u64, u64)>, BoxError>
+{
+    let mut conn = redis_conn().await?;
+    let text: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await?;
+    let mut out = std::collections::HashMap::new();
+    for line in text.lines() {
+        let Some((name, fields)) = line
+            .strip_prefix("cmdstat_")
+            .and_then(|l| l.split_once(':'))
+        else {
+            continue;
+        };
+        let field = |f: &str| {
+            fields
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(f)?.strip_prefix('=')?.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        out.insert(name.to_string(), (field("calls"), field("usec")));
+    }
+    Ok(out)
 }
 
 /// CPU seconds of this process's waited-for children (`cutime + cstime`).
