@@ -433,7 +433,7 @@ async fn run(
     }
     if let Some(b) = &ours.batches {
         println!(
-            "daemon batches: {} applied ({} changes, {:.1} per batch), {:.3} s applying them ({:.2} ms per batch, {:.1}% of the catch-up); {} sink retries",
+            "daemon batches (as the Redis sink applied them): {} applied ({} changes, {:.1} per batch), {:.3} s applying them ({:.2} ms per batch, {:.1}% of the catch-up); {} sink retries",
             thousands(b.count as u64),
             thousands(b.applied as u64),
             b.applied / b.count.max(1.0),
@@ -803,9 +803,13 @@ async fn read_daemon(
     let batches = match tuning.metrics_port {
         Some(port) => daemon::scrape(port).await.ok().map(|text| {
             let get = |name: &str| daemon::metric(&text, name, None).unwrap_or(0.0);
+            // The Redis sink's applications (each sink applies, and times, its own).
+            let redis = |name: &str| {
+                daemon::metric(&text, name, Some("sink=\"redis\"")).unwrap_or(0.0)
+            };
             Batches {
-                count: get("wal2cache_batch_seconds_count"),
-                secs: get("wal2cache_batch_seconds_sum"),
+                count: redis("wal2cache_batch_seconds_count"),
+                secs: redis("wal2cache_batch_seconds_sum"),
                 applied: get("wal2cache_changes_applied_total"),
                 retries: text
                     .lines()
