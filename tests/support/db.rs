@@ -1,0 +1,232 @@
+//! A database of its own for every test on the local PostgreSQL
+//! (`deploy/local/services.sh start`), with its slots and publication, dropped at the
+//! end; and the positions a test asserts on.
+
+use std::time::Duration;
+
+use tokio_postgres::{Client, NoTls};
+use wal2cache::source::{PgTarget, StreamConfig};
+use wal2cache::Lsn;
+
+use super::env::{pg_admin_url, unique};
+use super::wait::eventually;
+
+/// The example schema of the README (`migrations/001_example_schema.sql`), the tables
+/// of `rules/example.toml`.
+#[allow(dead_code)]
+pub const EXAMPLE_SCHEMA: &str = include_str!("../../migrations/001_example_schema.sql");
+
+/// `pg_admin_url` with another database (and optionally another user and password).
+#[allow(dead_code)]
+pub fn url_for(database: &str, user: Option<(&str, &str)>) -> String {
+    let base = pg_admin_url();
+    let (scheme_user, rest) = base.split_once('@').expect("WAL2CACHE_TEST_PG has a user@");
+    let host = rest.split('/').next().unwrap();
+    let userinfo = match user {
+        Some((u, p)) => format!("postgres://{u}:{p}"),
+        None => scheme_user.to_string(),
+    };
+    format!("{userinfo}@{host}/{database}")
+}
+
+#[allow(dead_code)]
+pub async fn connect(url: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await.unwrap_or_else(|e| {
+        panic!("cannot connect to {url}: {e}; start the local services with deploy/local/services.sh start")
+    });
+    tokio::spawn(conn);
+    client
+}
+
+/// A database of its own, dropped with its slots when the test ends.
+#[allow(dead_code)]
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub client: Client,
+}
+
+#[allow(dead_code)]
+impl TestDb {
+    pub async fn new(label: &str) -> TestDb {
+        let name = unique(&format!("w2c_{label}"));
+        let admin = connect(&pg_admin_url()).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let url = url_for(&name, None);
+        let client = connect(&url).await;
+        TestDb { name, url, client }
+    }
+
+    pub fn target(&self) -> PgTarget {
+        PgTarget::parse(&self.url).unwrap()
+    }
+
+    /// A publication for all tables and a pgoutput slot, both named after `label`.
+    pub async fn slot(&self, label: &str) -> (String, String) {
+        let slot = format!("{}_{label}", self.name);
+        let publication = format!("pub_{label}");
+        self.client
+            .batch_execute(&format!("CREATE PUBLICATION {publication} FOR ALL TABLES"))
+            .await
+            .unwrap();
+        self.client
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&slot],
+            )
+            .await
+            .unwrap();
+        (slot, publication)
+    }
+
+    pub fn stream(&self, slot: &str, publication: &str) -> StreamConfig {
+        let mut c = StreamConfig::new(self.target(), slot, publication);
+        c.backoff_initial = Duration::from_millis(50);
+        c.backoff_max = Duration::from_millis(500);
+        c.status_interval = Duration::from_millis(100);
+        c
+    }
+
+    pub async fn exec(&self, sql: &str) {
+        self.client
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// Each statement in a transaction of its own.
+    pub async fn exec_each(&self, statements: &[&str]) {
+        for sql in statements {
+            self.exec(sql).await;
+        }
+    }
+
+    pub async fn current_lsn(&self) -> Lsn {
+        let row = self
+            .client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .unwrap();
+        row.get::<_, String>(0).parse().unwrap()
+    }
+
+    /// Runs `sql` in a transaction of its own and returns the end of its commit record:
+    /// exactly the position a consumer confirms once it has applied the transaction.
+    ///
+    /// Not `pg_current_wal_lsn()` read after the commit: other databases of the server
+    /// (other tests, a daemon's WAL heartbeats) may write WAL in between. Not a position
+    /// read before the commit either. The commit record itself is looked up with
+    /// `pg_walinspect` (contrib, created here; the test role is a superuser), from the
+    /// insert position read inside the transaction, by the transaction's xid.
+    pub async fn exec_commit_end(&self, sql: &str) -> Lsn {
+        self.exec("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+            .await;
+        self.exec("BEGIN").await;
+        self.exec(sql).await;
+        let row = self
+            .client
+            .query_one(
+                "SELECT pg_current_wal_insert_lsn()::text, (txid_current() % 4294967296)::text",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (before, xid): (String, String) = (row.get(0), row.get(1));
+        self.exec("COMMIT").await;
+        let row = self
+            .client
+            .query_one(
+                "SELECT end_lsn::text FROM pg_get_wal_records_info($1::text::pg_lsn, pg_current_wal_flush_lsn())
+                  WHERE resource_manager = 'Transaction' AND record_type LIKE 'COMMIT%' AND xid::text = $2",
+                &[&before, &xid],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("the commit record of xid {xid} after {before}: {e}"));
+        row.get::<_, String>(0).parse().unwrap()
+    }
+
+    pub async fn confirmed_lsn(&self, slot: &str) -> Option<Lsn> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .unwrap()?;
+        row.get::<_, Option<String>>(0).map(|s| s.parse().unwrap())
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs outside async: clean up on a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let Ok((admin, conn)) = tokio_postgres::connect(&pg_admin_url(), NoTls).await
+                else {
+                    return;
+                };
+                tokio::spawn(conn);
+                let _ = admin
+                    .batch_execute(&format!(
+                        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+                           WHERE database = '{name}' AND active_pid IS NOT NULL;"
+                    ))
+                    .await;
+                // Two statements: DROP DATABASE cannot run inside the implicit
+                // transaction of a multi-statement query.
+                for _ in 0..50 {
+                    let _ = admin
+                        .batch_execute(&format!(
+                            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                               WHERE database = '{name}'"
+                        ))
+                        .await;
+                    let dropped = admin
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                    if dropped.is_ok() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A walsender streams from `slot`. `active` alone is not enough: while the backend
+/// that creates a slot waits for running transactions, the slot is already active
+/// (held by that backend) and has no confirmed position yet.
+#[allow(dead_code)]
+pub async fn slot_active(db: &TestDb, slot: &str) -> bool {
+    db.client
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots s
+               JOIN pg_stat_replication r ON r.pid = s.active_pid
+              WHERE s.slot_name = $1 AND s.confirmed_flush_lsn IS NOT NULL",
+            &[&slot],
+        )
+        .await
+        .unwrap()
+        .is_some()
+}
+
+/// Waits until a daemon streams from `slot`.
+#[allow(dead_code)]
+pub async fn wait_streaming(db: &TestDb, slot: &str) {
+    eventually("the daemon to stream", Duration::from_secs(60), || {
+        slot_active(db, slot)
+    })
+    .await;
+}
