@@ -24,10 +24,10 @@ pub async fn redis() -> MultiplexedConnection {
 
 /// None of `keys` exists.
 #[allow(dead_code)]
-pub async fn gone(r: &MultiplexedConnection, keys: &[&str]) -> bool {
+pub async fn gone(r: &MultiplexedConnection, keys: &[impl AsRef<str>]) -> bool {
     let mut r = r.clone();
     for k in keys {
-        if r.exists::<_, bool>(k).await.unwrap() {
+        if r.exists::<_, bool>(k.as_ref()).await.unwrap() {
             return false;
         }
     }
