@@ -2,6 +2,7 @@
 //! text format, 404 for every other path. Routes are added in `router`.
 
 use std::net::SocketAddr;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -40,20 +41,38 @@ async fn not_found() -> impl IntoResponse {
     (StatusCode::NOT_FOUND, "not found: try GET /metrics\n")
 }
 
-/// Binds `metrics.listen` (when set), installs the Prometheus recorder and serves in
-/// the background for as long as the process runs. A port that cannot be bound is an
-/// error naming `metrics.listen`.
-pub async fn start(config: &MetricsConfig) -> Result<(), Error> {
-    let Some(addr) = config.listen else {
-        return Ok(());
-    };
-    let listener = bind(addr).await?;
+/// The Prometheus recorder this process installed, once.
+static RECORDER: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
+
+/// The process's Prometheus recorder: installed as the global recorder the first time,
+/// the same one after. The binary starts once per process; the tests and benches run
+/// the daemon (`app::run`) several times in one process, and a global recorder cannot
+/// be installed twice: each later start reuses the first one (its counters go on from
+/// where the earlier runs left them, as they would in one process).
+fn recorder() -> Result<PrometheusHandle, Error> {
+    let mut installed = RECORDER.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(handle) = installed.as_ref() {
+        return Ok(handle.clone());
+    }
     let handle = PrometheusBuilder::new()
         .install_recorder()
         .map_err(|e| Error::Io {
             context: "installing the Prometheus recorder".into(),
             source: std::io::Error::other(e.to_string()),
         })?;
+    *installed = Some(handle.clone());
+    Ok(handle)
+}
+
+/// Binds `metrics.listen` (when set), installs the Prometheus recorder (see
+/// `recorder`) and serves in the background for as long as the process runs. A port
+/// that cannot be bound is an error naming `metrics.listen`.
+pub async fn start(config: &MetricsConfig) -> Result<(), Error> {
+    let Some(addr) = config.listen else {
+        return Ok(());
+    };
+    let listener = bind(addr).await?;
+    let handle = recorder()?;
     // Histograms are drained into their summaries by upkeep; without it they grow.
     let upkeep = handle.clone();
     tokio::spawn(async move {
@@ -97,6 +116,16 @@ mod tests {
             err.contains("metrics.listen") && err.contains(&addr.to_string()),
             "{err}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_second_start_in_the_same_process_reuses_the_recorder() {
+        for _ in 0..2 {
+            let config = MetricsConfig {
+                listen: Some("127.0.0.1:0".parse().unwrap()),
+            };
+            start(&config).await.unwrap();
+        }
     }
 
     #[tokio::test]

@@ -1,52 +1,36 @@
 //! The `wal2cache` binary: `setup`, `tail`, configuration errors and exit codes.
 
-mod common;
+mod support;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::*;
 use serde_json::{json, Value};
+use support::config::ConfigBuilder;
+use support::daemon::{bin, run_binary};
+use support::db::{slot_active, url_for, TestDb};
+use support::env::unique;
+use support::wait::eventually;
 
-const BIN: &str = env!("CARGO_BIN_EXE_wal2cache");
-
-/// A config file and a rules file naming `tables`, in a temporary directory.
-fn write_config(dir: &Path, url: &str, slot: &str, tables: &[&str]) -> PathBuf {
+/// A rule per table of `tables`, keys `k<i>:{id}`.
+fn rules_on(tables: &[&str]) -> String {
     let mut rules = String::new();
     for (i, t) in tables.iter().enumerate() {
         rules.push_str(&format!(
             "[[rule]]\nname = \"r{i}\"\ntable = \"{t}\"\nkeys = [\"k{i}:{{id}}\"]\n"
         ));
     }
-    std::fs::write(dir.join("rules.toml"), rules).unwrap();
-    let config = dir.join("wal2cache.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "name = \"test\"\n[postgres]\nurl = \"{url}\"\nslot = \"{slot}\"\npublication = \"w2c\"\n\
-             [rules]\npath = \"rules.toml\"\n\
-             [redis]\nurl = \"redis://127.0.0.1:1\"\n[kafka]\nbrokers = \"127.0.0.1:1\"\n"
-        ),
-    )
-    .unwrap();
-    config
+    rules
 }
 
-fn run(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .envs(envs.iter().copied())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+/// A config on `url` with slot `slot` and a rule per table of `tables`; Redis and the
+/// brokers do not answer (`run` gets as far as connecting to Redis, then exits 1).
+fn config_on(url: &str, slot: &str, tables: &[&str]) -> ConfigBuilder {
+    ConfigBuilder::on_url(url)
+        .slot(slot)
+        .rules(&rules_on(tables))
 }
 
 #[tokio::test]
@@ -55,16 +39,16 @@ async fn setup_creates_then_reports_ok() {
     db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
     let dir = tempfile::tempdir().unwrap();
     let slot = format!("{}_s", db.name);
-    let config = write_config(dir.path(), &db.url, &slot, &["public.t"]);
+    let config = config_on(&db.url, &slot, &["public.t"]).write(dir.path());
     let config = config.to_str().unwrap();
 
-    let (code, out, err) = run(&["setup", "--config", config], &[]);
+    let (code, out, err) = run_binary(&["setup", "--config", config], &[]);
     assert_eq!(code, 0, "{err}");
     assert!(
         out.contains("publication \"w2c\": created") && out.contains("created"),
         "{out}"
     );
-    let (code, out, err) = run(&["setup", "--config", config], &[]);
+    let (code, out, err) = run_binary(&["setup", "--config", config], &[]);
     assert_eq!(code, 0, "{err}");
     assert!(
         out.contains("publication \"w2c\": ok; slot") && out.contains(": ok"),
@@ -82,8 +66,8 @@ async fn tail_prints_every_change_as_a_json_line_on_a_temporary_slot() {
     )
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &db.url, "unused_slot", &["public.docs"]);
-    let mut child = Command::new(BIN)
+    let config = config_on(&db.url, "unused_slot", &["public.docs"]).write(dir.path());
+    let mut child = Command::new(bin())
         .args(["tail", "--config", config.to_str().unwrap()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -187,17 +171,10 @@ async fn tail_prints_every_change_as_a_json_line_on_a_temporary_slot() {
 #[test]
 fn a_config_error_names_the_key_and_exits_3() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        "postgres://u@127.0.0.1:1/db",
-        "s",
-        &["public.t"],
-    );
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("[postgres]", "[postgres]\nsloot = \"x\"");
-    std::fs::write(&config, text).unwrap();
-    let (code, _, err) = run(&["setup", "--config", config.to_str().unwrap()], &[]);
+    let config = config_on("postgres://u@127.0.0.1:1/db", "s", &["public.t"])
+        .raw("postgres", "sloot = \"x\"")
+        .write(dir.path());
+    let (code, _, err) = run_binary(&["setup", "--config", config.to_str().unwrap()], &[]);
     assert_eq!(code, 3, "{err}");
     assert!(
         err.contains("sloot") && err.contains("wal2cache.toml"),
@@ -208,14 +185,9 @@ fn a_config_error_names_the_key_and_exits_3() {
 #[test]
 fn environment_overrides_the_file() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        "postgres://u@127.0.0.1:1/db",
-        "s",
-        &["public.t"],
-    );
+    let config = config_on("postgres://u@127.0.0.1:1/db", "s", &["public.t"]).write(dir.path());
     let config = config.to_str().unwrap();
-    let (code, _, err) = run(
+    let (code, _, err) = run_binary(
         &["setup", "--config", config],
         &[("WAL2CACHE__POSTGRES__SLOT", "Not-Valid")],
     );
@@ -226,17 +198,11 @@ fn environment_overrides_the_file() {
 #[test]
 fn unknown_keys_are_listed_together_from_the_file_and_the_environment() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        "postgres://u@127.0.0.1:1/db",
-        "s",
-        &["public.t"],
-    );
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("[rules]", "[rules]\npaths = \"x\"");
-    std::fs::write(&config, text + "[pipeline]\nbatch = 1\n").unwrap();
-    let (code, _, err) = run(
+    let config = config_on("postgres://u@127.0.0.1:1/db", "s", &["public.t"])
+        .raw("rules", "paths = \"x\"")
+        .raw("pipeline", "batch = 1")
+        .write(dir.path());
+    let (code, _, err) = run_binary(
         &["check", "--config", config.to_str().unwrap()],
         &[("WAL2CACHE__POSTGRES__SLOTNAME", "x")],
     );
@@ -249,9 +215,9 @@ fn unknown_keys_are_listed_together_from_the_file_and_the_environment() {
 #[test]
 fn an_unreachable_server_exits_1_naming_it() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "postgres://u:secret@127.0.0.1:1/db", "s", &[]);
+    let config = config_on("postgres://u:secret@127.0.0.1:1/db", "s", &[]).write(dir.path());
     std::fs::write(dir.path().join("rules.toml"), "").unwrap();
-    let (code, _, err) = run(&["setup", "--config", config.to_str().unwrap()], &[]);
+    let (code, _, err) = run_binary(&["setup", "--config", config.to_str().unwrap()], &[]);
     assert_eq!(code, 1, "{err}");
     assert!(
         err.contains("cannot connect to PostgreSQL at postgres://u@127.0.0.1:1/db"),
@@ -271,10 +237,10 @@ fn an_unreachable_server_exits_1_naming_it() {
 fn a_missing_database_shows_the_server_message_and_sqlstate() {
     let dir = tempfile::tempdir().unwrap();
     let database = unique("w2c_no_such_db");
-    let config = write_config(dir.path(), &url_for(&database, None), "s", &[]);
+    let config = config_on(&url_for(&database, None), "s", &[]).write(dir.path());
     std::fs::write(dir.path().join("rules.toml"), "").unwrap();
     for command in ["setup", "check"] {
-        let (code, _, err) = run(&[command, "--config", config.to_str().unwrap()], &[]);
+        let (code, _, err) = run_binary(&[command, "--config", config.to_str().unwrap()], &[]);
         assert_eq!(code, 1, "{err}");
         assert!(
             err.contains(&format!(
@@ -288,9 +254,9 @@ fn a_missing_database_shows_the_server_message_and_sqlstate() {
 #[test]
 fn a_missing_rules_file_says_where_it_looked() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "postgres://u@127.0.0.1:1/db", "s", &[]);
+    let config = config_on("postgres://u@127.0.0.1:1/db", "s", &[]).write(dir.path());
     std::fs::remove_file(dir.path().join("rules.toml")).unwrap();
-    let (code, _, err) = run(&["setup", "--config", config.to_str().unwrap()], &[]);
+    let (code, _, err) = run_binary(&["setup", "--config", config.to_str().unwrap()], &[]);
     assert_eq!(code, 3, "{err}");
     assert!(
         err.contains("rules.toml") && err.contains("rules.path"),
@@ -304,9 +270,9 @@ async fn check_passes_good_rules_and_lists_every_problem_of_bad_ones() {
     db.exec("CREATE TABLE items (id int PRIMARY KEY, qty int)")
         .await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &db.url, "s", &["public.items"]);
+    let config = config_on(&db.url, "s", &["public.items"]).write(dir.path());
     let config = config.to_str().unwrap();
-    let (code, out, err) = run(&["check", "--config", config], &[]);
+    let (code, out, err) = run_binary(&["check", "--config", config], &[]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("ok: 1 rules on 1 tables"), "{out}");
     assert!(
@@ -320,7 +286,7 @@ async fn check_passes_good_rules_and_lists_every_problem_of_bad_ones() {
          [[rule]]\nname = \"b\"\ntable = \"public.items\"\nkeys = [\"b:{qty}\"]\n",
     )
     .unwrap();
-    let (code, _, err) = run(&["check", "--config", config], &[]);
+    let (code, _, err) = run_binary(&["check", "--config", config], &[]);
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("2 problems"), "{err}");
     assert!(
@@ -338,7 +304,7 @@ async fn check_passes_good_rules_and_lists_every_problem_of_bad_ones() {
         "[[rule]]\nname = \"a\"\ntable = \"public.items\"\nkeys = [\"a:{id\"]\naction = \"upsert\"\n",
     )
     .unwrap();
-    let (code, _, err) = run(&["check", "--config", config], &[]);
+    let (code, _, err) = run_binary(&["check", "--config", config], &[]);
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("2 problems in the rules"), "{err}");
     assert!(
@@ -379,8 +345,8 @@ async fn tail_shows_plans_and_reloads_rules_on_sighup_keeping_old_ones_on_failur
     db.exec("CREATE TABLE items (id int PRIMARY KEY, qty int)")
         .await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &db.url, "s", &["public.items"]);
-    let mut child = Command::new(BIN)
+    let config = config_on(&db.url, "s", &["public.items"]).write(dir.path());
+    let mut child = Command::new(bin())
         .args(["tail", "--config", config.to_str().unwrap()])
         .env("WAL2CACHE_LOG", "info")
         .stdin(Stdio::null())
@@ -478,8 +444,8 @@ async fn tail_prints_every_value_exactly_as_postgres_does() {
     db.exec("CREATE TABLE v (id int PRIMARY KEY, f float8, j json, jb jsonb)")
         .await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &db.url, "unused_slot", &["public.v"]);
-    let mut child = Command::new(BIN)
+    let config = config_on(&db.url, "unused_slot", &["public.v"]).write(dir.path());
+    let mut child = Command::new(bin())
         .args(["tail", "--config", config.to_str().unwrap()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -491,7 +457,7 @@ async fn tail_prints_every_value_exactly_as_postgres_does() {
     eventually(
         "tail's temporary slot to stream",
         Duration::from_secs(30),
-        || daemon::slot_active(&db, &temp_slot),
+        || slot_active(&db, &temp_slot),
     )
     .await;
 
@@ -594,12 +560,10 @@ async fn tail_prints_every_value_exactly_as_postgres_does() {
 #[test]
 fn a_malformed_redis_url_is_shown_without_its_password() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "postgres://u@127.0.0.1:1/db", "s", &[]);
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("redis://127.0.0.1:1", "redis//:secret@host/0");
-    std::fs::write(&config, text).unwrap();
-    let (code, _, err) = run(&["run", "--config", config.to_str().unwrap()], &[]);
+    let config = config_on("postgres://u@127.0.0.1:1/db", "s", &[])
+        .redis("redis//:secret@host/0")
+        .write(dir.path());
+    let (code, _, err) = run_binary(&["run", "--config", config.to_str().unwrap()], &[]);
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("redis//:***@host/0"), "{err}");
     assert!(
@@ -608,29 +572,25 @@ fn a_malformed_redis_url_is_shown_without_its_password() {
     );
 }
 
-/// A config for `run` whose Redis and broker do not answer: it gets as far as
-/// connecting to Redis, then exits 1.
-fn write_run_config(dir: &Path, url: &str, slot: &str, tables: &[&str]) -> PathBuf {
-    write_config(dir, url, slot, tables)
-}
-
 #[test]
 fn check_reports_the_sections_run_would_miss() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "postgres://u@127.0.0.1:1/db", "s", &[]);
-    let text = std::fs::read_to_string(&config).unwrap();
-    let without = text[..text.find("[redis]").unwrap()].to_string();
-    std::fs::write(&config, &without).unwrap();
+    let without = config_on("postgres://u@127.0.0.1:1/db", "s", &[])
+        .without_redis()
+        .without_kafka();
+    let config = without.write(dir.path());
     // Before the database is asked (it does not answer here).
-    let (code, _, err) = run(&["check", "--config", config.to_str().unwrap()], &[]);
+    let (code, _, err) = run_binary(&["check", "--config", config.to_str().unwrap()], &[]);
     assert_eq!(code, 3, "{err}");
     assert!(
         err.contains("no [redis] and [kafka] section")
             && err.contains("`wal2cache run` needs them"),
         "{err}"
     );
-    std::fs::write(&config, without + "[kafka]\nbrokers = \"127.0.0.1:1\"\n").unwrap();
-    let (code, _, err) = run(&["check", "--config", config.to_str().unwrap()], &[]);
+    without
+        .kafka_key("brokers", "127.0.0.1:1")
+        .write(dir.path());
+    let (code, _, err) = run_binary(&["check", "--config", config.to_str().unwrap()], &[]);
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("no [redis] section"), "{err}");
     assert_eq!(err.matches("[redis]").count(), 1, "printed once: {err}");
@@ -640,8 +600,8 @@ fn check_reports_the_sections_run_would_miss() {
 async fn run_with_no_rules_warns() {
     let db = TestDb::new("cli_no_rules").await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_run_config(dir.path(), &db.url, &format!("{}_s", db.name), &[]);
-    let (code, _, err) = run(
+    let config = config_on(&db.url, &format!("{}_s", db.name), &[]).write(dir.path());
+    let (code, _, err) = run_binary(
         &["run", "--config", config.to_str().unwrap()],
         &[("WAL2CACHE_LOG", "warn")],
     );
@@ -655,9 +615,9 @@ async fn run_with_no_rules_warns() {
 #[test]
 fn a_fatal_error_is_printed_once() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "postgres://u@127.0.0.1:1/db", "s", &[]);
+    let config = config_on("postgres://u@127.0.0.1:1/db", "s", &[]).write(dir.path());
     std::fs::write(dir.path().join("rules.toml"), "").unwrap();
-    let (code, _, err) = run(&["setup", "--config", config.to_str().unwrap()], &[]);
+    let (code, _, err) = run_binary(&["setup", "--config", config.to_str().unwrap()], &[]);
     assert_eq!(code, 1, "{err}");
     assert_eq!(
         err.matches("cannot connect to PostgreSQL").count(),
@@ -679,7 +639,7 @@ fn a_fatal_error_is_printed_once() {
 fn exit_code_with_stderr_closed(args: &[&str], envs: &[(&str, &str)]) -> Option<i32> {
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
-    Command::new(BIN)
+    Command::new(bin())
         .args(args)
         .envs(envs.iter().copied())
         .stdin(Stdio::null())
@@ -693,11 +653,9 @@ fn exit_code_with_stderr_closed(args: &[&str], envs: &[(&str, &str)]) -> Option<
 #[tokio::test]
 async fn a_closed_stderr_does_not_make_it_panic() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "postgres://u@127.0.0.1:1/db", "s", &[]);
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("[postgres]", "[postgres]\nsloot = 1");
-    std::fs::write(&config, text).unwrap();
+    let config = config_on("postgres://u@127.0.0.1:1/db", "s", &[])
+        .raw("postgres", "sloot = 1")
+        .write(dir.path());
     assert_eq!(
         exit_code_with_stderr_closed(&["check", "--config", config.to_str().unwrap()], &[]),
         Some(3),
@@ -706,7 +664,7 @@ async fn a_closed_stderr_does_not_make_it_panic() {
 
     // Logs first (a warning), then a fatal error.
     let db = TestDb::new("cli_closed_stderr").await;
-    let config = write_run_config(dir.path(), &db.url, &format!("{}_s", db.name), &[]);
+    let config = config_on(&db.url, &format!("{}_s", db.name), &[]).write(dir.path());
     assert_eq!(
         exit_code_with_stderr_closed(
             &["run", "--config", config.to_str().unwrap()],
@@ -722,8 +680,8 @@ async fn a_dropped_replication_connection_is_reported_by_wal2cache_alone() {
     let db = TestDb::new("cli_quiet").await;
     db.exec("CREATE TABLE items (id int PRIMARY KEY)").await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &db.url, "s", &["public.items"]);
-    let mut child = Command::new(BIN)
+    let config = config_on(&db.url, "s", &["public.items"]).write(dir.path());
+    let mut child = Command::new(bin())
         .args(["tail", "--config", config.to_str().unwrap()])
         .env("WAL2CACHE_LOG", "info")
         .stdin(Stdio::null())
@@ -774,8 +732,8 @@ async fn tail_ends_quietly_when_its_reader_goes_away() {
     let db = TestDb::new("cli_tail_pipe").await;
     db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &db.url, "unused_slot", &["public.t"]);
-    let mut child = Command::new(BIN)
+    let config = config_on(&db.url, "unused_slot", &["public.t"]).write(dir.path());
+    let mut child = Command::new(bin())
         .args(["tail", "--config", config.to_str().unwrap()])
         .env("WAL2CACHE_LOG", "warn")
         .stdin(Stdio::null())

@@ -5,7 +5,7 @@
 //! invalidate; keys carry a per-write version column, so each marker is removed only by
 //! its own write's invalidation: a marker left at the end is a lost invalidation.
 
-mod common;
+mod support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,17 +13,25 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::daemon::*;
-use common::*;
 use redis::AsyncCommands;
 use serde_json::{json, Value};
+use support::config::ConfigBuilder;
+use support::daemon::Daemon;
+use support::db::{connect, wait_streaming, TestDb};
+use support::env::unique;
+use support::kafka::{keys_of, read_topic};
+use support::rng::Lcg;
+use support::store::{redis, unlink_matching};
+use support::wait::eventually;
 
 const KILLS: usize = 10;
 
-fn write_config(dir: &Path, db: &TestDb, prefix: &str, topic: &str) -> PathBuf {
-    std::fs::write(
-        dir.join("rules.toml"),
-        format!(
+/// Two rules on `items`: a key per version (each write's own), and its republished row.
+fn crash_config(dir: &Path, db: &TestDb, prefix: &str, topic: &str) -> PathBuf {
+    ConfigBuilder::new(db)
+        .name("crash")
+        .slot_suffix(db, "c")
+        .rules(&format!(
             r#"[[rule]]
 name = "item"
 table = "public.items"
@@ -36,51 +44,12 @@ table = "public.items"
 keys = ["{prefix}:json:{{id}}"]
 action = "republish"
 "#
-        ),
-    )
-    .unwrap();
-    let config = dir.join("wal2cache.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"name = "crash"
-[postgres]
-url = "{url}"
-slot = "{db}_c"
-publication = "w2c"
-[rules]
-path = "rules.toml"
-[redis]
-url = "{redis}"
-tag_prefix = "{prefix}:tag:"
-[kafka]
-brokers = "{kafka}"
-topic = "{topic}"
-partitions = 2
-[pipeline]
-batch_size = 50
-"#,
-            url = db.url,
-            db = db.name,
-            redis = redis_url(),
-            kafka = kafka_brokers(),
-        ),
-    )
-    .unwrap();
-    config
-}
-
-/// A small deterministic generator (no dependency needed).
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % n
-    }
+        ))
+        .redis_key("tag_prefix", format!("{prefix}:tag:"))
+        .kafka_topic(topic)
+        .kafka_key("partitions", 2)
+        .pipeline("batch_size", 50)
+        .write(dir)
 }
 
 /// One committed write: the row's id, and its version before and after (none for
@@ -98,22 +67,18 @@ async fn writer(
     stop: Arc<AtomicBool>,
 ) -> (Vec<Write>, BTreeMap<i32, (i32, String)>) {
     let client = connect(&db_url).await;
-    let mut r = redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut r = redis().await;
     let mut rng = Lcg(0x5eed);
     let mut rows: BTreeMap<i32, (i32, String)> = BTreeMap::new();
     let mut writes = Vec::new();
     let mut next_v = 1;
     while !stop.load(Ordering::Relaxed) {
-        let id = rng.next(40) as i32 + 1;
+        let id = rng.below(40) as i32 + 1;
         let v = next_v;
         next_v += 1;
         let name = format!("name-{v}");
         let write = match rows.get(&id).cloned() {
-            Some((old, _)) if rng.next(4) == 0 => {
+            Some((old, _)) if rng.below(4) == 0 => {
                 // An application re-cached the old row since its last invalidation.
                 let _: () = r
                     .set(format!("{prefix}:item:{id}:{old}"), "stale")
@@ -183,7 +148,7 @@ async fn sigkill_at_random_moments_loses_no_invalidation() {
     let prefix = unique("crash");
     let topic = format!("{prefix}.events");
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &db, &prefix, &topic);
+    let config = crash_config(dir.path(), &db, &prefix, &topic);
     let slot = format!("{}_c", db.name);
 
     let mut daemon = Daemon::start(&config, &[]);
@@ -193,7 +158,7 @@ async fn sigkill_at_random_moments_loses_no_invalidation() {
 
     let mut rng = Lcg(42);
     for round in 0..KILLS {
-        tokio::time::sleep(Duration::from_millis(300 + rng.next(1200))).await;
+        tokio::time::sleep(Duration::from_millis(300 + rng.below(1200))).await;
         drop(daemon); // SIGKILL, and reap it
         assert!(
             !writing.is_finished(),
@@ -209,11 +174,7 @@ async fn sigkill_at_random_moments_loses_no_invalidation() {
     // A sentinel written last: once its value is in Redis, everything before it is.
     db.exec("INSERT INTO items VALUES (1000, 0, 'sentinel')")
         .await;
-    let mut r = redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut r = redis().await;
     let sentinel = format!("{prefix}:json:1000");
     eventually(
         "the sentinel to be applied",
@@ -255,35 +216,13 @@ async fn sigkill_at_random_moments_loses_no_invalidation() {
         .iter()
         .map(|w| format!("{prefix}:item:{}:{}", w.id, w.after.or(w.before).unwrap()))
         .collect();
-    let topic_for_read = topic.clone();
     let wanted_for_read = wanted.clone();
-    let events = tokio::task::spawn_blocking(move || {
-        read_topic(&topic_for_read, |evs| {
-            let seen: std::collections::HashSet<&str> = evs
-                .iter()
-                .flat_map(|e| {
-                    e["keys"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|k| k.as_str())
-                })
-                .collect();
-            wanted_for_read.iter().all(|k| seen.contains(k.as_str()))
-        })
+    let events = read_topic(&topic, move |evs| {
+        let seen = keys_of(evs);
+        wanted_for_read.iter().all(|k| seen.contains(k.as_str()))
     })
-    .await
-    .unwrap();
-    let seen: std::collections::HashSet<&str> = events
-        .iter()
-        .flat_map(|e| {
-            e["keys"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|k| k.as_str())
-        })
-        .collect();
+    .await;
+    let seen = keys_of(&events);
     let missing: Vec<&String> = wanted
         .iter()
         .filter(|k| !seen.contains(k.as_str()))
@@ -301,13 +240,5 @@ async fn sigkill_at_random_moments_loses_no_invalidation() {
     );
 
     drop(daemon);
-    let _: () = redis::cmd("UNLINK")
-        .arg(
-            r.keys::<_, Vec<String>>(format!("{prefix}:*"))
-                .await
-                .unwrap(),
-        )
-        .query_async(&mut r)
-        .await
-        .unwrap_or(());
+    unlink_matching(&mut r, &format!("{prefix}:*")).await;
 }

@@ -2,17 +2,20 @@
 //! broker: keys deleted, values republished equal to the row, tags purged, old and new
 //! keys on key changes, and schema-1 events read back by a real consumer.
 
-mod common;
+mod support;
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::daemon::*;
-use common::*;
 use redis::AsyncCommands;
 use serde_json::{json, Value};
-
-const SCHEMA: &str = include_str!("../migrations/001_example_schema.sql");
+use support::config::ConfigBuilder;
+use support::daemon::run_binary;
+use support::db::{wait_streaming, TestDb, EXAMPLE_SCHEMA as SCHEMA};
+use support::env::unique;
+use support::inproc::InProcess;
+use support::kafka::read_topic_until_quiet;
+use support::store::redis;
+use support::wait::eventually;
 
 #[tokio::test]
 async fn the_daemon_keeps_redis_and_the_topic_in_step() {
@@ -23,23 +26,20 @@ async fn the_daemon_keeps_redis_and_the_topic_in_step() {
     let prefix = unique("e2e");
     let topic = format!("{prefix}.events");
     let dir = tempfile::tempdir().unwrap();
-    let config = write_example_config(dir.path(), "e2e", &db, &prefix, &topic);
     // No WAL heartbeats: the daemon confirms a heartbeat's position when idle, which
     // would move the slot past the last transaction (and heartbeats of other databases'
     // daemons cannot be told apart in the WAL). Without them the slot must end exactly
     // at the end of the last transaction.
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        text.replace("[pipeline]\n", "[pipeline]\nidle_heartbeat = \"0s\"\n"),
-    )
-    .unwrap();
+    let config = ConfigBuilder::example(&db, &prefix, &topic)
+        .name("e2e")
+        .pipeline("idle_heartbeat", "0s")
+        .write(dir.path());
     let mut r = redis().await;
     let k = |s: &str| format!("{prefix}:{s}");
     // A tag's set: the tag prefix, then the (prefixed) tag.
     let tag = |t: &str| format!("{prefix}:tag:{prefix}:{t}");
 
-    let daemon = Daemon::start(&config, &[("WAL2CACHE_LOG", "info")]);
+    let daemon = InProcess::start(&config);
     let slot = format!("{}_d", db.name);
     wait_streaming(&db, &slot).await;
 
@@ -184,7 +184,7 @@ async fn the_daemon_keeps_redis_and_the_topic_in_step() {
         confirmed, last_commit,
         "confirmed {confirmed}, the last commit record ends at {last_commit}"
     );
-    daemon.stop();
+    daemon.stop_ok().await;
     let confirmed = db.confirmed_lsn(&slot).await.unwrap();
     assert_eq!(
         confirmed, last_commit,
@@ -193,11 +193,7 @@ async fn the_daemon_keeps_redis_and_the_topic_in_step() {
 
     // Every change that matched has its event, in schema 1, once: the daemon has
     // stopped, so the topic holds all it will ever publish.
-    let events = tokio::task::spawn_blocking(move || {
-        read_topic_until_quiet(&topic, 6, Duration::from_secs(3))
-    })
-    .await
-    .unwrap();
+    let events = read_topic_until_quiet(&topic, 6, Duration::from_secs(3)).await;
     // Two partitions: the order across them is not kept, so the ops are compared sorted.
     let mut ops: Vec<(&str, &str)> = events
         .iter()
@@ -256,15 +252,12 @@ async fn an_idle_slot_advances_while_other_tables_write() {
         .await;
     let prefix = unique("idle");
     let dir = tempfile::tempdir().unwrap();
-    let config = write_example_config(dir.path(), "e2e", &db, &prefix, &format!("{prefix}.t"));
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        text.replace("[pipeline]\n", "[pipeline]\nidle_heartbeat = \"1s\"\n"),
-    )
-    .unwrap();
+    let config = ConfigBuilder::example(&db, &prefix, &format!("{prefix}.t"))
+        .name("e2e")
+        .pipeline("idle_heartbeat", "1s")
+        .write(dir.path());
     let slot = format!("{}_d", db.name);
-    let daemon = Daemon::start(&config, &[("WAL2CACHE_LOG", "info")]);
+    let daemon = InProcess::start(&config);
     wait_streaming(&db, &slot).await;
     // Lots of WAL, none of it for the rules' tables.
     db.exec("INSERT INTO unrelated (body) SELECT repeat('x', 200) FROM generate_series(1, 20000)")
@@ -276,7 +269,7 @@ async fn an_idle_slot_advances_while_other_tables_write() {
         || async { db.confirmed_lsn(&slot).await.is_some_and(|l| l >= written) },
     )
     .await;
-    daemon.stop();
+    daemon.stop_ok().await;
 }
 
 #[tokio::test]
@@ -286,28 +279,27 @@ async fn a_poison_command_stops_the_daemon_naming_the_key_and_the_rule() {
     db.exec("INSERT INTO categories VALUES (7, 'mugs')").await;
     let prefix = unique("poison");
     let dir = tempfile::tempdir().unwrap();
-    let config = write_example_config(dir.path(), "e2e", &db, &prefix, &format!("{prefix}.t"));
+    let config = ConfigBuilder::example(&db, &prefix, &format!("{prefix}.t"))
+        .name("e2e")
+        .write(dir.path());
     let slot = format!("{}_d", db.name);
     // The tag's set is a string: SMEMBERS answers WRONGTYPE, whatever the retries.
     let tag_key = format!("{prefix}:tag:{prefix}:shop:category:7");
     let mut r = redis().await;
     let _: () = r.set(&tag_key, "not a set").await.unwrap();
 
-    let child = Command::new(BIN)
-        .args(["run", "--config", config.to_str().unwrap()])
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let daemon = InProcess::start(&config);
     wait_streaming(&db, &slot).await;
     let before = db.confirmed_lsn(&slot).await.unwrap();
     db.exec("INSERT INTO products VALUES (1, 'a', 7, 'A', 1.00, NULL)")
         .await;
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+    // The binary prints this error as its last line and exits with its code.
+    let e = daemon
+        .exited(Duration::from_secs(60))
         .await
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+        .expect_err("a poison command stops the daemon");
+    let err = e.to_string();
+    assert_eq!(e.exit_code(), 1, "{err}");
     assert!(err.contains(&tag_key) && err.contains("WRONGTYPE"), "{err}");
     assert!(
         err.contains("rule \"product\"") && err.contains("public.products insert"),
@@ -335,19 +327,14 @@ async fn unreachable_sinks_and_failing_rules_stop_with_a_clear_error() {
     db.exec(SCHEMA).await;
     let prefix = unique("bad");
     let dir = tempfile::tempdir().unwrap();
-    let config = write_example_config(dir.path(), "e2e", &db, &prefix, &format!("{prefix}.t"));
+    let config = ConfigBuilder::example(&db, &prefix, &format!("{prefix}.t"))
+        .name("e2e")
+        .write(dir.path());
     let slot = format!("{}_d", db.name);
+    // The binary, for its exit codes and what it prints.
     let run = |envs: &[(&str, &str)]| {
-        let out = Command::new(BIN)
-            .args(["run", "--config", config.to_str().unwrap()])
-            .envs(envs.iter().copied())
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let (code, _, err) = run_binary(&["run", "--config", config.to_str().unwrap()], envs);
+        (Some(code), err)
     };
     let (code, err) = run(&[("WAL2CACHE__REDIS__URL", "redis://127.0.0.1:1")]);
     assert_eq!(code, Some(1), "{err}");

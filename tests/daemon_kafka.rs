@@ -3,14 +3,20 @@
 //! huge key or of many keys), and the topic deleted under the running daemon. The
 //! daemon keeps running, Redis is invalidated, and the topic carries events that fit.
 
-mod common;
+mod support;
 
 use std::time::Duration;
 
-use common::daemon::*;
-use common::*;
 use redis::AsyncCommands;
 use serde_json::Value;
+use support::config::ConfigBuilder;
+use support::daemon::run_binary;
+use support::db::{wait_streaming, TestDb};
+use support::env::unique;
+use support::inproc::{InProcess, Logs};
+use support::kafka::{delete_topic, keys_of, read_topic, topic_exists};
+use support::store::{gone, redis};
+use support::wait::eventually;
 
 const INVALIDATE: &str = include_str!("../migrations/002_invalidate_function.sql");
 
@@ -19,24 +25,26 @@ fn rules(prefix: &str) -> String {
     format!("[[rule]]\nname = \"lk\"\ntable = \"public.probe\"\nkeys = [\"{prefix}:lk:{{k}}\"]\n")
 }
 
-async fn gone(r: &redis::aio::MultiplexedConnection, key: &str) -> bool {
-    let mut r = r.clone();
-    !r.exists::<_, bool>(key).await.unwrap()
-}
-
-/// Events of the topic until `done` says so (60 s at most).
-async fn events(topic: &str, done: impl Fn(&[Value]) -> bool + Send + 'static) -> Vec<Value> {
-    let topic = topic.to_string();
-    tokio::task::spawn_blocking(move || read_topic(&topic, done))
-        .await
-        .unwrap()
+/// The config of these tests: slot `<db>_k`, the key rule, the topic `topic`.
+fn kafka_config(
+    dir: &std::path::Path,
+    db: &TestDb,
+    prefix: &str,
+    topic: &str,
+) -> std::path::PathBuf {
+    ConfigBuilder::new(db)
+        .slot_suffix(db, "k")
+        .rules(&rules(prefix))
+        .kafka_topic(topic)
+        .write(dir)
 }
 
 fn oversized(e: &Value) -> bool {
     e["kind"] == "flush_all" && e["reason"] == "oversized"
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Current-thread: the daemon's log lines are captured from the test's thread.
+#[tokio::test]
 async fn an_oversized_key_does_not_stop_invalidation() {
     let db = TestDb::new("oversized").await;
     db.exec("CREATE TABLE probe (id int PRIMARY KEY, k text NOT NULL); ALTER TABLE probe REPLICA IDENTITY FULL")
@@ -45,17 +53,9 @@ async fn an_oversized_key_does_not_stop_invalidation() {
     let prefix = unique("oversized");
     let topic = format!("{prefix}.events");
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &db,
-        "k",
-        &rules(&prefix),
-        &redis_url(),
-        &topic,
-        "",
-    );
-    let log = dir.path().join("daemon.log");
-    let mut daemon = Daemon::start_logging(&config, &[], &log);
+    let config = kafka_config(dir.path(), &db, &prefix, &topic);
+    let (log, _guard) = Logs::capture("warn");
+    let mut daemon = InProcess::start(&config);
     wait_streaming(&db, &format!("{}_k", db.name)).await;
     let mut r = redis().await;
 
@@ -70,7 +70,7 @@ async fn an_oversized_key_does_not_stop_invalidation() {
     eventually(
         "the 600 kB key to be deleted",
         Duration::from_secs(30),
-        || gone(&r, &big_key),
+        || gone(&r, std::slice::from_ref(&big_key)),
     )
     .await;
 
@@ -87,7 +87,7 @@ async fn an_oversized_key_does_not_stop_invalidation() {
     eventually(
         "the manual 600 kB key to be deleted",
         Duration::from_secs(30),
-        || gone(&r, &manual_key),
+        || gone(&r, std::slice::from_ref(&manual_key)),
     )
     .await;
 
@@ -98,13 +98,13 @@ async fn an_oversized_key_does_not_stop_invalidation() {
     eventually(
         "the small key to be deleted",
         Duration::from_secs(30),
-        || gone(&r, &small),
+        || gone(&r, std::slice::from_ref(&small)),
     )
     .await;
-    daemon.assert_running("after the oversized keys");
+    daemon.assert_running("after the oversized keys").await;
 
     let small_read = small.clone();
-    let events = events(&topic, move |e| {
+    let events = read_topic(&topic, move |e| {
         e.iter().filter(|e| oversized(e)).count() >= 2 && keys_of(e).contains(small_read.as_str())
     })
     .await;
@@ -139,7 +139,7 @@ async fn an_oversized_key_does_not_stop_invalidation() {
             "no event carries the huge key"
         );
     }
-    let stderr = std::fs::read_to_string(&log).unwrap();
+    let stderr = log.text();
     let warn = stderr
         .lines()
         .find(|l| l.contains("too large for a Kafka event") && l.contains("public.probe"))
@@ -150,7 +150,7 @@ async fn an_oversized_key_does_not_stop_invalidation() {
         "the huge key is never logged whole: {} bytes",
         stderr.len()
     );
-    daemon.stop();
+    daemon.stop_ok().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,16 +162,8 @@ async fn a_manual_invalidation_of_many_keys_is_split_into_events_that_fit() {
     let prefix = unique("split");
     let topic = format!("{prefix}.events");
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &db,
-        "k",
-        &rules(&prefix),
-        &redis_url(),
-        &topic,
-        "",
-    );
-    let mut daemon = Daemon::start(&config, &[]);
+    let config = kafka_config(dir.path(), &db, &prefix, &topic);
+    let mut daemon = InProcess::start(&config);
     wait_streaming(&db, &format!("{}_k", db.name)).await;
     let mut r = redis().await;
 
@@ -191,12 +183,12 @@ async fn a_manual_invalidation_of_many_keys_is_split_into_events_that_fit() {
     for i in [1, n / 2, n] {
         let k = key(i);
         eventually("the keys to be deleted", Duration::from_secs(30), || {
-            gone(&r, &k)
+            gone(&r, std::slice::from_ref(&k))
         })
         .await;
     }
-    daemon.assert_running("after the large invalidation");
-    let events = events(&topic, move |e| keys_of(e).len() >= n as usize).await;
+    daemon.assert_running("after the large invalidation").await;
+    let events = read_topic(&topic, move |e| keys_of(e).len() >= n as usize).await;
     assert!(
         events.len() >= 2,
         "split into several events: {}",
@@ -215,63 +207,36 @@ async fn a_manual_invalidation_of_many_keys_is_split_into_events_that_fit() {
         );
     }
     assert_eq!(keys_of(&events).len(), n as usize, "every key, once");
-    daemon.stop();
+    daemon.stop_ok().await;
 }
 
 /// The topic deleted under the running daemon (as a broker without persistence that
 /// restarted): the daemon notices at its next failed delivery, creates the topic again,
 /// replaces a producer the broker fenced, and later changes arrive on the new topic.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Current-thread: the daemon's log lines are captured from the test's thread.
+#[tokio::test]
 async fn the_topic_deleted_under_the_daemon_is_created_again() {
-    use rdkafka::admin::{AdminClient, AdminOptions};
-    use rdkafka::client::DefaultClientContext;
-
     let db = TestDb::new("topicloss").await;
     db.exec("CREATE TABLE probe (id int PRIMARY KEY, k text NOT NULL); ALTER TABLE probe REPLICA IDENTITY FULL")
         .await;
     let prefix = unique("topicloss");
     let topic = format!("{prefix}.events");
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &db,
-        "k",
-        &rules(&prefix),
-        &redis_url(),
-        &topic,
-        "",
-    );
-    let log = dir.path().join("daemon.log");
-    let mut daemon = Daemon::start_logging(&config, &[("WAL2CACHE_LOG", "info")], &log);
+    let config = kafka_config(dir.path(), &db, &prefix, &topic);
+    let (log, _guard) = Logs::capture("info");
+    let mut daemon = InProcess::start(&config);
     let slot = format!("{}_k", db.name);
     wait_streaming(&db, &slot).await;
 
     db.exec("INSERT INTO probe VALUES (1, 'before')").await;
     let before = format!("{prefix}:lk:before");
     let read = before.clone();
-    let seen = events(&topic, move |e| keys_of(e).contains(read.as_str())).await;
+    let seen = read_topic(&topic, move |e| keys_of(e).contains(read.as_str())).await;
     assert!(keys_of(&seen).contains(before.as_str()));
 
-    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
-        .create()
-        .unwrap();
-    let deleted = admin
-        .delete_topics(
-            &[&topic],
-            &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
-        )
-        .await
-        .expect("the broker answers DeleteTopics");
-    assert!(deleted.iter().all(|r| r.is_ok()), "{deleted:?}");
-    let t = topic.clone();
-    eventually("the topic to be gone", Duration::from_secs(30), || {
-        let t = t.clone();
-        async move {
-            !tokio::task::spawn_blocking(move || topic_exists(&t))
-                .await
-                .unwrap()
-        }
+    delete_topic(&topic).await;
+    eventually("the topic to be gone", Duration::from_secs(30), || async {
+        !topic_exists(&topic).await
     })
     .await;
     // The broker here (Tansu 0.6.0) goes on acknowledging writes to the deleted topic
@@ -280,17 +245,10 @@ async fn the_topic_deleted_under_the_daemon_is_created_again() {
     eventually(
         "the daemon to create the topic again",
         Duration::from_secs(60),
-        || async {
-            std::fs::read_to_string(&log)
-                .unwrap()
-                .contains("was created again")
-        },
+        || async { log.text().contains("was created again") },
     )
     .await;
-    let t = topic.clone();
-    assert!(tokio::task::spawn_blocking(move || topic_exists(&t))
-        .await
-        .unwrap());
+    assert!(topic_exists(&topic).await);
 
     // Changes after the loss reach Redis and the new topic, after a flush_all telling
     // subscribers that events may have been lost.
@@ -311,10 +269,10 @@ async fn the_topic_deleted_under_the_daemon_is_created_again() {
     )
     .await;
     for k in &after {
-        assert!(gone(&r, k).await, "{k} still cached");
+        assert!(gone(&r, std::slice::from_ref(k)).await, "{k} still cached");
     }
     let wanted = after.clone();
-    let seen = events(&topic, move |e| {
+    let seen = read_topic(&topic, move |e| {
         let keys = keys_of(e);
         wanted.iter().all(|k| keys.contains(k.as_str()))
             && e.iter().any(|e| e["reason"] == "topic_lost")
@@ -332,8 +290,8 @@ async fn the_topic_deleted_under_the_daemon_is_created_again() {
         .find(|e| e["kind"] == "flush_all" && e["reason"] == "topic_lost")
         .unwrap_or_else(|| panic!("no flush_all for the lost topic: {seen:#?}"));
     assert!(lost["detail"].as_str().unwrap().contains(&topic), "{lost}");
-    daemon.assert_running("after the topic came back");
-    daemon.stop();
+    daemon.assert_running("after the topic came back").await;
+    daemon.stop_ok().await;
 }
 
 /// With the brokers unreachable, librdkafka repeats the same connection error many
@@ -346,29 +304,21 @@ async fn an_unreachable_broker_is_not_a_flood_of_log_lines() {
         .await;
     let prefix = unique("noise");
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &db,
-        "k",
-        &rules(&prefix),
-        &redis_url(),
-        &format!("{prefix}.events"),
-        "",
-    );
+    let config = kafka_config(dir.path(), &db, &prefix, &format!("{prefix}.events"));
     // Nothing listens on port 1: `run` tries for 10 s, then stops with a clear error.
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(bin())
-            .args(["run", "--config", config.to_str().unwrap()])
-            .env("WAL2CACHE_LOG", "info")
-            .env("WAL2CACHE__KAFKA__BROKERS", "127.0.0.1:1")
-            .stdin(std::process::Stdio::null())
-            .output()
-            .unwrap()
+    // The binary: librdkafka logs from threads of its own, all to its stderr.
+    let (code, _, err) = tokio::task::spawn_blocking(move || {
+        run_binary(
+            &["run", "--config", config.to_str().unwrap()],
+            &[
+                ("WAL2CACHE_LOG", "info"),
+                ("WAL2CACHE__KAFKA__BROKERS", "127.0.0.1:1"),
+            ],
+        )
     })
     .await
     .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(code, 1, "{err}");
     assert!(err.contains("cannot reach the Kafka brokers"), "{err}");
     let librdkafka: Vec<&str> = err.lines().filter(|l| l.contains("librdkafka")).collect();
     assert!(

@@ -4,62 +4,33 @@
 //! This test stops and starts the local services with deploy/local/services.sh; it runs
 //! alone in its binary so that no other test sees the outages.
 
-mod common;
+mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::daemon::*;
-use common::*;
 use redis::AsyncCommands;
 use serde_json::Value;
+use support::config::ConfigBuilder;
+use support::db::{wait_streaming, TestDb};
+use support::env::unique;
+use support::inproc::InProcess;
+use support::kafka::{keys_of, read_topic};
+use support::services::services;
+use support::store::redis;
+use support::wait::eventually;
 
 const OUTAGE: Duration = Duration::from_secs(10);
 
-fn services(args: &[&str]) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/local/services.sh");
-    let out = Command::new("bash")
-        .arg(script)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "services.sh {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn write_config(dir: &Path, db: &TestDb, prefix: &str, topic: &str) -> PathBuf {
-    std::fs::write(
-        dir.join("rules.toml"),
-        format!(
-            "[[rule]]\nname = \"item\"\ntable = \"public.items\"\nkeys = [\"{prefix}:json:{{id}}\"]\naction = \"republish\"\n"
-        ),
-    )
-    .unwrap();
-    let config = dir.join("wal2cache.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "name = \"outage\"\n[postgres]\nurl = \"{}\"\nslot = \"{}_o\"\npublication = \"w2c\"\n[rules]\npath = \"rules.toml\"\n\
-             [redis]\nurl = \"{}\"\n[kafka]\nbrokers = \"{}\"\ntopic = \"{topic}\"\npartitions = 1\n",
-            db.url,
-            db.name,
-            redis_url(),
-            kafka_brokers()
-        ),
-    )
-    .unwrap();
-    config
+/// `services.sh args` off the runtime's workers: the daemon runs on them meanwhile.
+fn services_blocking(args: &[&str]) {
+    tokio::task::block_in_place(|| services(args));
 }
 
 /// Writes rows `ids` (v = `v`) one a time for the length of an outage, checking the
 /// daemon stays up.
 async fn write_through(
     db: &TestDb,
-    daemon: &mut Daemon,
+    daemon: &mut InProcess,
     ids: std::ops::RangeInclusive<i32>,
     v: i32,
 ) {
@@ -74,7 +45,7 @@ async fn write_through(
             .await
             .unwrap();
         tokio::time::sleep(per_write).await;
-        daemon.assert_running("during the outage");
+        daemon.assert_running("during the outage").await;
     }
     assert!(started.elapsed() >= OUTAGE);
 }
@@ -104,13 +75,20 @@ async fn redis_then_the_broker_down_for_10_s_lose_nothing() {
     let prefix = unique("outage");
     let topic = format!("{prefix}.events");
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &db, &prefix, &topic);
+    let config = ConfigBuilder::new(&db)
+        .name("outage")
+        .slot_suffix(&db, "o")
+        .rules(&format!(
+            "[[rule]]\nname = \"item\"\ntable = \"public.items\"\nkeys = [\"{prefix}:json:{{id}}\"]\naction = \"republish\"\n"
+        ))
+        .kafka_topic(&topic)
+        .write(dir.path());
     let slot = format!("{}_o", db.name);
-    let mut daemon = Daemon::start(&config, &[]);
+    let mut daemon = InProcess::start(&config);
     wait_streaming(&db, &slot).await;
 
     // Redis away: writes wait in Postgres; then Redis (empty) is back and catches up.
-    services(&["stop", "redis"]);
+    services_blocking(&["stop", "redis"]);
     let stopped = db.confirmed_lsn(&slot).await.unwrap();
     write_through(&db, &mut daemon, 1..=20, 1).await;
     assert_eq!(
@@ -118,41 +96,32 @@ async fn redis_then_the_broker_down_for_10_s_lose_nothing() {
         Some(stopped),
         "nothing is confirmed while Redis is away"
     );
-    services(&["start", "redis"]);
-    let r = redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    services_blocking(&["start", "redis"]);
+    let r = redis().await;
     eventually(
         "every write to reach Redis",
         Duration::from_secs(60),
         || all_applied(&r, &prefix, 1..=20, 1),
     )
     .await;
-    daemon.assert_running("after Redis came back");
+    daemon.assert_running("after Redis came back").await;
 
     // The broker away (its in-memory topic goes with it): events wait, then flow.
-    services(&["stop", "kafka"]);
+    services_blocking(&["stop", "kafka"]);
     write_through(&db, &mut daemon, 1..=20, 2).await;
-    services(&["start", "kafka"]);
+    services_blocking(&["start", "kafka"]);
     eventually(
         "every write to reach Redis again",
         Duration::from_secs(90),
         || all_applied(&r, &prefix, 1..=20, 2),
     )
     .await;
-    let topic_read = topic.clone();
-    let keys = tokio::task::spawn_blocking(move || {
-        keys_of(&read_topic(&topic_read, |e| keys_of(e).len() >= 20)).len()
-    })
-    .await
-    .unwrap();
+    let keys = keys_of(&read_topic(&topic, |e| keys_of(e).len() >= 20).await).len();
     assert_eq!(
         keys, 20,
         "every key written during the broker outage has its event"
     );
-    daemon.assert_running("after the broker came back");
+    daemon.assert_running("after the broker came back").await;
 
     // The lag recovers: a last write is applied and confirmed promptly. Applied is not
     // enough (Redis gets it while the broker still refuses, and nothing is confirmed
@@ -172,5 +141,6 @@ async fn redis_then_the_broker_down_for_10_s_lose_nothing() {
         },
     )
     .await;
-    daemon.assert_running("at the end");
+    daemon.assert_running("at the end").await;
+    daemon.stop_ok().await;
 }

@@ -2,46 +2,20 @@
 //! publication does not hold yet) take effect from the reload's marker in the stream;
 //! rules that do not load are refused, the daemon keeps running on the previous ones.
 
-mod common;
+mod support;
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::time::Duration;
 
-use common::daemon::*;
-use common::*;
 use redis::AsyncCommands;
 use serde_json::Value;
-
-/// How many lines of the daemon's log contain `what`.
-fn log_lines(log: &Path, what: &str) -> usize {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains(what))
-        .count()
-}
-
-async fn wait_for_log(log: &Path, what: &str, count: usize) {
-    eventually(
-        &format!("{count} line(s) of the daemon's log with {what:?}"),
-        Duration::from_secs(30),
-        || async { log_lines(log, what) >= count },
-    )
-    .await;
-}
-
-/// The keys in Redis (of `keys`) that hold a value.
-async fn present(r: &redis::aio::MultiplexedConnection, keys: &[String]) -> BTreeSet<String> {
-    let mut r = r.clone();
-    let mut out = BTreeSet::new();
-    for k in keys {
-        if r.exists::<_, bool>(k).await.unwrap() {
-            out.insert(k.clone());
-        }
-    }
-    out
-}
+use support::config::{ConfigBuilder, RULES_FILE};
+use support::db::{wait_streaming, TestDb};
+use support::env::unique;
+use support::inproc::{InProcess, Logs};
+use support::kafka::read_topic_until_quiet;
+use support::store::{present, redis};
+use support::wait::eventually;
 
 #[tokio::test]
 async fn sighup_reloads_the_rules_of_run_and_keeps_them_when_the_new_file_is_broken() {
@@ -68,18 +42,15 @@ async fn sighup_reloads_the_rules_of_run_and_keeps_them_when_the_new_file_is_bro
         rule("other", "others", "o")
     );
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &db,
-        "r",
-        &rules_a,
-        &redis_url(),
-        &topic,
-        "[pipeline]\nidle_heartbeat = \"0s\"\n",
-    );
-    let rules_file = dir.path().join("rules.toml");
-    let log = dir.path().join("daemon.log");
-    let mut daemon = Daemon::start_logging(&config, &[("WAL2CACHE_LOG", "info")], &log);
+    let config = ConfigBuilder::new(&db)
+        .slot_suffix(&db, "r")
+        .rules(&rules_a)
+        .kafka_topic(&topic)
+        .pipeline("idle_heartbeat", "0s")
+        .write(dir.path());
+    let rules_file = dir.path().join(RULES_FILE);
+    let (log, _guard) = Logs::capture("info");
+    let mut daemon = InProcess::start(&config);
     let slot = format!("{}_r", db.name);
     wait_streaming(&db, &slot).await;
     let r = redis().await;
@@ -99,8 +70,9 @@ async fn sighup_reloads_the_rules_of_run_and_keeps_them_when_the_new_file_is_bro
 
     // Rules B, in force from the reload on.
     std::fs::write(&rules_file, &rules_b).unwrap();
-    daemon.signal("HUP");
-    wait_for_log(&log, "rules reloaded, in force from here in the stream", 1).await;
+    daemon.reload();
+    log.wait_for("rules reloaded, in force from here in the stream", 1)
+        .await;
     db.exec("INSERT INTO items VALUES (2, 1)").await;
     db.exec("INSERT INTO others VALUES (1, 1)").await;
     eventually(
@@ -112,19 +84,17 @@ async fn sighup_reloads_the_rules_of_run_and_keeps_them_when_the_new_file_is_bro
 
     // A file that does not parse: refused, logged, and B stays in force.
     std::fs::write(&rules_file, "[[rule]\nname = \"broken\n").unwrap();
-    daemon.signal("HUP");
-    wait_for_log(
-        &log,
-        "rules not reloaded, the previous rules stay in force",
-        1,
-    )
-    .await;
-    let text = std::fs::read_to_string(&log).unwrap();
+    daemon.reload();
+    log.wait_for("rules not reloaded, the previous rules stay in force", 1)
+        .await;
+    let text = log.text();
     assert!(
         text.contains(&format!("{}: TOML parse error", rules_file.display())),
         "the error names the file:\n{text}"
     );
-    daemon.assert_running("after a reload of broken rules");
+    daemon
+        .assert_running("after a reload of broken rules")
+        .await;
     db.exec("INSERT INTO items VALUES (3, 1)").await;
     db.exec("INSERT INTO others VALUES (2, 1)").await;
     eventually(
@@ -135,20 +105,16 @@ async fn sighup_reloads_the_rules_of_run_and_keeps_them_when_the_new_file_is_bro
         },
     )
     .await;
-    daemon.assert_running("at the end");
+    daemon.assert_running("at the end").await;
     assert_eq!(
-        log_lines(&log, "rules reloaded"),
+        log.lines_with("rules reloaded"),
         1,
         "only the first reload took effect"
     );
 
     // The events say the same, each change once, in order (one partition).
-    daemon.stop();
-    let events = tokio::task::spawn_blocking(move || {
-        read_topic_until_quiet(&topic, 5, Duration::from_secs(3))
-    })
-    .await
-    .unwrap();
+    daemon.stop_ok().await;
+    let events = read_topic_until_quiet(&topic, 5, Duration::from_secs(3)).await;
     let got: Vec<(String, BTreeSet<String>)> = events
         .iter()
         .map(|e: &Value| {

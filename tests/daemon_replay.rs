@@ -2,39 +2,19 @@
 //! applies every change again, and republished values never go back, nor do deleted
 //! ones come back.
 
-mod common;
+mod support;
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::daemon::*;
-use common::*;
 use redis::AsyncCommands;
 use serde_json::Value;
-
-fn write_config(dir: &Path, db: &TestDb, prefix: &str) -> PathBuf {
-    std::fs::write(
-        dir.join("rules.toml"),
-        format!(
-            "[[rule]]\nname = \"item_json\"\ntable = \"public.items\"\nkeys = [\"{prefix}:json:{{id}}\"]\naction = \"republish\"\n"
-        ),
-    )
-    .unwrap();
-    let kafka = std::env::var("WAL2CACHE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into());
-    let config = dir.join("wal2cache.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "name = \"replay\"\n[postgres]\nurl = \"{}\"\nslot = \"{}_a\"\npublication = \"w2c\"\n[rules]\npath = \"rules.toml\"\n\
-             [redis]\nurl = \"{}\"\n[kafka]\nbrokers = \"{kafka}\"\ntopic = \"{prefix}.events\"\npartitions = 1\n[pipeline]\nbatch_size = 1\n",
-            db.url,
-            db.name,
-            redis_url()
-        ),
-    )
-    .unwrap();
-    config
-}
+use support::config::ConfigBuilder;
+use support::db::{connect, wait_streaming, TestDb};
+use support::env::unique;
+use support::inproc::InProcess;
+use support::store::{redis, unlink_matching};
+use support::wait::eventually;
+use wal2cache::config::Config;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_from_an_older_position_never_makes_values_older() {
@@ -43,11 +23,19 @@ async fn a_replay_from_an_older_position_never_makes_values_older() {
         .await;
     let prefix = unique("replay");
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &db, &prefix);
+    let config = ConfigBuilder::new(&db)
+        .name("replay")
+        .slot_suffix(&db, "a")
+        .rules(&format!(
+            "[[rule]]\nname = \"item_json\"\ntable = \"public.items\"\nkeys = [\"{prefix}:json:{{id}}\"]\naction = \"republish\"\n"
+        ))
+        .kafka_topic(&format!("{prefix}.events"))
+        .pipeline("batch_size", 1)
+        .write(dir.path());
     let (slot_a, slot_b) = (format!("{}_a", db.name), format!("{}_b", db.name));
 
     // The daemon creates the publication and its slot; the second slot starts here too.
-    let daemon = Daemon::start(&config, &[]);
+    let daemon = InProcess::start(&config);
     wait_streaming(&db, &slot_a).await;
     db.client
         .execute(
@@ -68,11 +56,7 @@ async fn a_replay_from_an_older_position_never_makes_values_older() {
     }
     db.exec("DELETE FROM items WHERE id = 2").await;
 
-    let mut r = redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut r = redis().await;
     let (one, two) = (format!("{prefix}:json:1"), format!("{prefix}:json:2"));
     let value = |r: &mut redis::aio::MultiplexedConnection, key: String| {
         let mut r = r.clone();
@@ -99,10 +83,12 @@ async fn a_replay_from_an_older_position_never_makes_values_older() {
         },
     )
     .await;
-    drop(daemon);
+    daemon.stop_ok().await;
 
     // Replay everything from the second slot, one change per batch, watching the values.
-    let replay = Daemon::start(&config, &[("WAL2CACHE__POSTGRES__SLOT", slot_b.as_str())]);
+    let mut on_b = Config::load(&config).unwrap();
+    on_b.postgres.slot = slot_b.clone();
+    let replay = InProcess::start_with(on_b);
     wait_streaming(&db, &slot_b).await;
     let end = db.confirmed_lsn(&slot_a).await.unwrap();
     let mut observations = 0;
@@ -129,11 +115,6 @@ async fn a_replay_from_an_older_position_never_makes_values_older() {
         observations > 10,
         "the replay was too quick to watch ({observations} looks)"
     );
-    drop(replay);
-    let keys: Vec<String> = r.keys(format!("*{prefix}*")).await.unwrap();
-    let _: () = redis::cmd("UNLINK")
-        .arg(keys)
-        .query_async(&mut r)
-        .await
-        .unwrap_or(());
+    replay.stop_ok().await;
+    unlink_matching(&mut r, &format!("*{prefix}*")).await;
 }

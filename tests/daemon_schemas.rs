@@ -2,36 +2,27 @@
 //! through its partitions, and a rule added by SIGHUP for a new table follows every
 //! change the new publication membership sends, even while the reload is in progress.
 
-mod common;
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::daemon::*;
-use common::*;
 use redis::AsyncCommands;
+use support::config::{ConfigBuilder, RULES_FILE};
+use support::db::{connect, wait_streaming, TestDb};
+use support::env::unique;
+use support::inproc::InProcess;
+use support::kafka::read_topic;
+use support::store::{gone, redis};
+use support::wait::eventually;
 
-/// A config of the shared helper's shape: slot `<db>_d`, the shared Redis.
-fn write_config(dir: &Path, db: &TestDb, rules: &str, topic: &str) -> PathBuf {
-    common::daemon::write_config(
-        dir,
-        db,
-        "d",
-        rules,
-        &redis_url(),
-        topic,
-        "[pipeline]\nshutdown_timeout = \"10s\"\n",
-    )
-}
-
-async fn gone(r: &redis::aio::MultiplexedConnection, keys: &[String]) -> bool {
-    let mut r = r.clone();
-    for k in keys {
-        if r.exists::<_, bool>(k).await.unwrap() {
-            return false;
-        }
-    }
-    true
+/// The config of these tests: slot `<db>_d`, the shared Redis and broker.
+fn schemas_config(dir: &Path, db: &TestDb, rules: &str, topic: &str) -> PathBuf {
+    ConfigBuilder::new(db)
+        .rules(rules)
+        .kafka_topic(topic)
+        .pipeline("shutdown_timeout", "10s")
+        .write(dir)
 }
 
 #[tokio::test]
@@ -51,9 +42,9 @@ async fn a_partitioned_table_invalidates_through_its_partitions() {
          truncate_tags = [\"{prefix}:orders\"]\n"
     );
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &db, &rules, &topic);
+    let config = schemas_config(dir.path(), &db, &rules, &topic);
     let mut r = redis().await;
-    let daemon = Daemon::start(&config, &[]);
+    let daemon = InProcess::start(&config);
     wait_streaming(&db, &format!("{}_d", db.name)).await;
 
     let keys: Vec<String> = ["1:eu", "2:us"]
@@ -88,17 +79,13 @@ async fn a_partitioned_table_invalidates_through_its_partitions() {
         || gone(&r, &purged),
     )
     .await;
-    let events = tokio::task::spawn_blocking(move || {
-        read_topic(&topic, |evs| evs.iter().any(|e| e["op"] == "truncate"))
-    })
-    .await
-    .unwrap();
+    let events = read_topic(&topic, |evs| evs.iter().any(|e| e["op"] == "truncate")).await;
     let tables: Vec<&str> = events.iter().filter_map(|e| e["table"].as_str()).collect();
     assert!(
         tables.contains(&"public.orders_eu") && tables.contains(&"public.orders_us"),
         "events name the partition: {tables:?}"
     );
-    daemon.stop();
+    daemon.stop_ok().await;
 }
 
 #[tokio::test]
@@ -112,14 +99,14 @@ async fn a_rule_added_by_sighup_for_a_new_table_follows_its_changes() {
         "[[rule]]\nname = \"item\"\ntable = \"public.items\"\nkeys = [\"{prefix}:i:{{id}}\"]\naction = \"republish\"\n"
     );
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &db, &first, &topic);
-    let mut daemon = Daemon::start(&config, &[("WAL2CACHE_LOG", "info")]);
+    let config = schemas_config(dir.path(), &db, &first, &topic);
+    let mut daemon = InProcess::start(&config);
     wait_streaming(&db, &format!("{}_d", db.name)).await;
 
     db.exec("CREATE TABLE bulk2 (id int PRIMARY KEY, v int)")
         .await;
     std::fs::write(
-        dir.path().join("rules.toml"),
+        dir.path().join(RULES_FILE),
         format!(
             "{first}[[rule]]\nname = \"bulk\"\ntable = \"public.bulk2\"\nkeys = [\"{prefix}:b:{{id}}\"]\naction = \"republish\"\n"
         ),
@@ -161,13 +148,13 @@ async fn a_rule_added_by_sighup_for_a_new_table_follows_its_changes() {
         }
         (published_at, after)
     });
-    daemon.signal("HUP");
+    daemon.reload();
     let (published_at, after) = writer.await.unwrap();
     assert!(
         published_at.is_some(),
         "the reload added bulk2 to the publication while rows were written"
     );
-    daemon.assert_running("after the reload");
+    daemon.assert_running("after the reload").await;
     let r = redis().await;
     let keys: Vec<String> = after.iter().map(|id| format!("{prefix}:b:{id}")).collect();
     eventually(
@@ -183,7 +170,7 @@ async fn a_rule_added_by_sighup_for_a_new_table_follows_its_changes() {
         },
     )
     .await;
-    daemon.stop();
+    daemon.stop_ok().await;
 }
 
 #[tokio::test]
@@ -197,19 +184,19 @@ async fn a_reload_that_cannot_publish_its_table_keeps_the_old_rules() {
         "[[rule]]\nname = \"item\"\ntable = \"public.items\"\nkeys = [\"{prefix}:i:{{id}}\"]\naction = \"republish\"\n"
     );
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &db, &first, &topic);
-    let mut daemon = Daemon::start(&config, &[]);
+    let config = schemas_config(dir.path(), &db, &first, &topic);
+    let mut daemon = InProcess::start(&config);
     wait_streaming(&db, &format!("{}_d", db.name)).await;
     // A table without a replica identity: check refuses it, the reload must not publish it.
     db.exec("CREATE TABLE nokey (id int, v int)").await;
     std::fs::write(
-        dir.path().join("rules.toml"),
+        dir.path().join(RULES_FILE),
         format!(
             "{first}[[rule]]\nname = \"nokey\"\ntable = \"public.nokey\"\non = [\"insert\"]\nkeys = [\"{prefix}:n:{{id}}\"]\n"
         ),
     )
     .unwrap();
-    daemon.signal("HUP");
+    daemon.reload();
     db.exec("INSERT INTO items VALUES (1, 1)").await;
     let r = redis().await;
     let key = format!("{prefix}:i:1");
@@ -234,6 +221,6 @@ async fn a_reload_that_cannot_publish_its_table_keeps_the_old_rules() {
         .get(0);
     assert_eq!(published, 0, "a refused reload publishes nothing");
     db.exec("UPDATE nokey SET v = 2").await;
-    daemon.assert_running("after a refused reload");
-    daemon.stop();
+    daemon.assert_running("after a refused reload").await;
+    daemon.stop_ok().await;
 }

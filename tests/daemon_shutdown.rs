@@ -1,16 +1,22 @@
-//! SIGTERM while a sink refuses writes or is gone: the daemon stops within
+//! SIGTERM while a sink refuses writes or is gone (the binary, for its signal and exit
+//! code): the daemon stops within
 //! `pipeline.shutdown_timeout` with exit code 1, and confirms nothing past what the
 //! sinks applied. The Redis here is a private `redis-server`, made to refuse writes
 //! (`maxmemory 1`, `noeviction`), and the broker a private Tansu, killed, so that no
 //! other test sees them fail.
 
-mod common;
+mod support;
 
 use std::time::Duration;
 
-use common::daemon::*;
-use common::*;
 use redis::AsyncCommands;
+use support::config::ConfigBuilder;
+use support::daemon::Daemon;
+use support::db::{connect, wait_streaming, TestDb};
+use support::env::unique;
+use support::kafka::PrivateBroker;
+use support::store::PrivateRedis;
+use support::wait::eventually;
 
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -23,20 +29,17 @@ async fn sigterm_stops_the_daemon_while_redis_refuses_writes() {
     let mut r = redis.connect().await;
     let prefix = unique("shutdown");
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &db,
-        "s",
-        &format!(
+    let config = ConfigBuilder::new(&db)
+        .slot_suffix(&db, "s")
+        .rules(&format!(
             "[[rule]]\nname = \"item\"\ntable = \"public.items\"\nkeys = [\"{prefix}:json:{{id}}\"]\naction = \"republish\"\n"
-        ),
-        &redis.url,
-        &format!("{prefix}.events"),
-        &format!(
-            "[pipeline]\nshutdown_timeout = \"{}s\"\nidle_heartbeat = \"0s\"\nsink_error_after = \"1s\"\n",
-            SHUTDOWN_TIMEOUT.as_secs()
-        ),
-    );
+        ))
+        .redis(&redis.url)
+        .kafka_topic(&format!("{prefix}.events"))
+        .pipeline("shutdown_timeout", SHUTDOWN_TIMEOUT)
+        .pipeline("idle_heartbeat", "0s")
+        .pipeline("sink_error_after", "1s")
+        .write(dir.path());
     let slot = format!("{}_s", db.name);
     let log = dir.path().join("daemon.log");
     let daemon = Daemon::start_logging(&config, &[("WAL2CACHE_LOG", "info")], &log);
@@ -182,26 +185,15 @@ async fn sigterm_stops_the_daemon_while_the_broker_is_gone() {
     let mut broker = PrivateBroker::start().await;
     let prefix = unique("shutdown_k");
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &db,
-        "s",
-        &format!(
+    let config = ConfigBuilder::new(&db)
+        .slot_suffix(&db, "s")
+        .rules(&format!(
             "[[rule]]\nname = \"item\"\ntable = \"public.items\"\nkeys = [\"{prefix}:k:{{id}}\"]\n"
-        ),
-        &redis_url(),
-        &format!("{prefix}.events"),
-        &format!(
-            "[pipeline]\nshutdown_timeout = \"{}s\"\nidle_heartbeat = \"0s\"\n",
-            SHUTDOWN_TIMEOUT.as_secs()
-        ),
-    );
-    let config_text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        config_text.replace(&kafka_brokers(), &broker.brokers),
-    )
-    .unwrap();
+        ))
+        .kafka(&broker.brokers, &format!("{prefix}.events"))
+        .pipeline("shutdown_timeout", SHUTDOWN_TIMEOUT)
+        .pipeline("idle_heartbeat", "0s")
+        .write(dir.path());
     let slot = format!("{}_s", db.name);
     let log = dir.path().join("daemon.log");
     let daemon = Daemon::start_logging(&config, &[("WAL2CACHE_LOG", "info")], &log);

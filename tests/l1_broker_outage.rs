@@ -9,40 +9,17 @@
 //! services others use, point it at a broker of its own: `WAL2CACHE_TEST_SERVICES` (the
 //! services.sh of another checkout), `WAL2CACHE_KAFKA_PORT` and `WAL2CACHE_TEST_KAFKA`.
 
-mod l1_common;
+mod support;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use l1_common::*;
+use support::kafka::create_topic;
+use support::l1::*;
+use support::services::{services, StartAgain};
+use support::wait::eventually;
 
 const OUTAGE: Duration = Duration::from_secs(4);
 const STALENESS: Duration = Duration::from_secs(2);
-
-fn services(args: &[&str]) {
-    let script = std::env::var("WAL2CACHE_TEST_SERVICES").unwrap_or_else(|_| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/local/services.sh").into()
-    });
-    let out = Command::new("bash")
-        .arg(&script)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{script} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Starts the broker again if the test fails while it is stopped.
-struct BrokerBack;
-
-impl Drop for BrokerBack {
-    fn drop(&mut self) {
-        services(&["start", "kafka"]);
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cache_empties_while_the_broker_is_down_and_fills_again_when_it_is_back() {
@@ -55,7 +32,7 @@ async fn the_cache_empties_while_the_broker_is_down_and_fills_again_when_it_is_b
     }
     assert_eq!(c.metrics().stored, 20);
 
-    let back = BrokerBack;
+    let back = StartAgain("kafka");
     services(&["stop", "kafka"]);
     let stopped = Instant::now();
     let n = wait_notice(&mut notices, STALENESS * 3, |n| {

@@ -1,20 +1,21 @@
-//! End to end: the daemon (`wal2cache run`, a separate process) streams from
-//! PostgreSQL and publishes schema-1 events; an L1 in this process subscribes to its
-//! topic. An UPDATE evicts the row's keys and the keys cached under its tags, a
+//! End to end: the daemon (`app::run`, in this process; the L1 hears of it through
+//! the broker alone) streams from PostgreSQL and publishes schema-1 events; an L1
+//! subscribes to its topic. An UPDATE evicts the row's keys and the keys cached under its tags, a
 //! DELETE its keys, and the daemon's heartbeats keep the L1 healthy.
 
-mod common;
+mod support;
 
 use std::time::{Duration, Instant};
 
-use common::daemon::*;
-use common::*;
+use support::config::ConfigBuilder;
+use support::db::{TestDb, EXAMPLE_SCHEMA as SCHEMA};
+use support::env::{kafka_brokers, unique};
+use support::inproc::InProcess;
+use support::wait::eventually;
 use wal2cache::l1::{L1, NO_TAGS};
 
-const SCHEMA: &str = include_str!("../migrations/001_example_schema.sql");
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_update_in_postgres_evicts_the_key_from_an_l1_in_another_process() {
+async fn an_update_in_postgres_evicts_the_key_from_an_l1_subscribed_to_the_daemon() {
     let db = TestDb::new("l1e2e").await;
     db.exec(SCHEMA).await;
     db.exec("INSERT INTO categories VALUES (7, 'mugs'), (8, 'cups')")
@@ -24,7 +25,9 @@ async fn an_update_in_postgres_evicts_the_key_from_an_l1_in_another_process() {
     let prefix = unique("l1e2e");
     let topic = format!("{prefix}.events");
     let dir = tempfile::tempdir().unwrap();
-    let config = write_example_config(dir.path(), "l1-e2e", &db, &prefix, &topic);
+    let config = ConfigBuilder::example(&db, &prefix, &topic)
+        .name("l1-e2e")
+        .write(dir.path());
     let k = |s: &str| format!("{prefix}:{s}");
 
     // The L1 comes first: it waits, unhealthy, until the daemon created the topic
@@ -33,7 +36,7 @@ async fn an_update_in_postgres_evicts_the_key_from_an_l1_in_another_process() {
         .staleness_bound(Duration::from_secs(3))
         .build()
         .unwrap();
-    let daemon = Daemon::start(&config, &[("WAL2CACHE_LOG", "info")]);
+    let daemon = InProcess::start(&config);
     assert!(
         cache.wait_healthy(Duration::from_secs(60)).await,
         "the L1 never saw the daemon's heartbeats: {:?}",
@@ -92,5 +95,5 @@ async fn an_update_in_postgres_evicts_the_key_from_an_l1_in_another_process() {
     .await;
     assert!(cache.is_healthy());
 
-    daemon.stop();
+    daemon.stop_ok().await;
 }

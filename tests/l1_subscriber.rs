@@ -4,13 +4,16 @@
 //! its stale value, malformed messages are survived, and silence or a lost topic
 //! empties the cache until the stream is healthy again.
 
-mod l1_common;
+mod support;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use l1_common::*;
+use support::env::unique;
+use support::kafka::create_topic;
+use support::l1::*;
+use support::wait::eventually;
 use wal2cache::event::{Event, Kind};
 use wal2cache::l1::NO_TAGS;
 

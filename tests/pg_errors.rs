@@ -1,9 +1,9 @@
 //! PostgreSQL's errors, as wal2cache shows them: the server's message, detail, hint
 //! and SQLSTATE, never a bare "db error".
 
-mod common;
+mod support;
 
-use common::*;
+use support::db::TestDb;
 use wal2cache::source::SourceError;
 
 async fn shown(db: &TestDb, sql: &str) -> String {

@@ -3,65 +3,36 @@
 //! system catalogs, NULLs in a manual invalidation. `check` and `setup` run as the
 //! binary does; changes come from the real stream and are planned by the real rules.
 
-mod common;
+mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
-use common::*;
-use wal2cache::rules::check::check;
+use support::config::ConfigBuilder;
+use support::daemon::run_binary;
+use support::db::TestDb;
+use support::rules::{compile_rules, problems, warnings};
+use support::stream::{changes, collect_until, commits};
 use wal2cache::rules::{plan_message, Planner};
 use wal2cache::source::{Source, SourceEvent, TableName};
 use wal2cache::Lsn;
 
-const BIN: &str = env!("CARGO_BIN_EXE_wal2cache");
+/// A config with `rules` in `dir`, on the test's database (slot `<db>_s`, publication
+/// `w2c`); Redis and the brokers do not answer (`check` and `setup` do not ask them).
+fn write_schemas_config(dir: &Path, db: &TestDb, rules: &str) -> PathBuf {
+    ConfigBuilder::on_url(&db.url)
+        .name("schemas")
+        .slot_suffix(db, "s")
+        .rules(rules)
+        .write(dir)
+}
 
-/// A config with `rules` in `dir`, on the test's database (publication `w2c`).
-fn write_config(dir: &Path, db: &TestDb, rules: &str) -> PathBuf {
-    std::fs::write(dir.join("rules.toml"), rules).unwrap();
-    let config = dir.join("wal2cache.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "name = \"schemas\"\n[postgres]\nurl = \"{}\"\nslot = \"{}_s\"\npublication = \"w2c\"\n\
-             [rules]\npath = \"rules.toml\"\n\
-             [redis]\nurl = \"redis://127.0.0.1:1\"\n[kafka]\nbrokers = \"127.0.0.1:1\"\n",
-            db.url, db.name
-        ),
+/// Runs `wal2cache <command> --config <config>` (logging at warn): exit code, stdout,
+/// stderr.
+fn cli(command: &str, config: &Path) -> (i32, String, String) {
+    run_binary(
+        &[command, "--config", config.to_str().unwrap()],
+        &[("WAL2CACHE_LOG", "warn")],
     )
-    .unwrap();
-    config
-}
-
-/// Runs the binary: exit code, stdout, stderr.
-fn cli(args: &[&str], config: &Path) -> (i32, String, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .env("WAL2CACHE_LOG", "warn")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-async fn problems(db: &TestDb, rules: &str) -> Vec<String> {
-    let report = check(&db.client, &compile_rules(rules), "w2c", true)
-        .await
-        .unwrap();
-    report.problems.iter().map(ToString::to_string).collect()
-}
-
-async fn warnings(db: &TestDb, rules: &str) -> Vec<String> {
-    let report = check(&db.client, &compile_rules(rules), "w2c", true)
-        .await
-        .unwrap();
-    report.warnings.iter().map(ToString::to_string).collect()
 }
 
 const PARTITIONED: &str = "
@@ -84,15 +55,15 @@ async fn partitioned_table_setup_is_idempotent_and_check_sees_it_published() {
     let db = TestDb::new("part_setup").await;
     db.exec(PARTITIONED).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &db, PARENT_RULE);
-    let (code, out, err) = cli(&["check"], &config);
+    let config = write_schemas_config(dir.path(), &db, PARENT_RULE);
+    let (code, out, err) = cli("check", &config);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("setup will add"), "{out}");
     for attempt in 0..2 {
-        let (code, out, err) = cli(&["setup"], &config);
+        let (code, out, err) = cli("setup", &config);
         assert_eq!(code, 0, "setup #{attempt}: {out}{err}");
     }
-    let (code, out, err) = cli(&["check"], &config);
+    let (code, out, err) = cli("check", &config);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
         !out.contains("setup will add"),
@@ -118,8 +89,8 @@ async fn changes_to_partitions_plan_with_the_parents_rules_attached_ones_too() {
     let db = TestDb::new("part_plan").await;
     db.exec(PARTITIONED).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &db, PARENT_RULE);
-    let (code, out, err) = cli(&["setup"], &config);
+    let config = write_schemas_config(dir.path(), &db, PARENT_RULE);
+    let (code, out, err) = cli("setup", &config);
     assert_eq!(code, 0, "{out}{err}");
     let slot = format!("{}_s", db.name);
     let mut planner = Planner::new(compile_rules(PARENT_RULE));
@@ -196,7 +167,7 @@ table = "public.parent"
 keys = ["p:name:{name}"]
 truncate_tags = ["p:all"]
 "#;
-    let got = problems(&db, by_name).await;
+    let got = problems(&db, by_name, true).await;
     let found = got
         .iter()
         .find(|p| p.contains("not in the replica identity of"))
@@ -212,7 +183,7 @@ truncate_tags = ["p:all"]
         "ALTER TABLE parent_eu REPLICA IDENTITY FULL; ALTER TABLE parent_us REPLICA IDENTITY FULL",
     )
     .await;
-    let got = problems(&db, by_name).await;
+    let got = problems(&db, by_name, true).await;
     assert!(got.is_empty(), "{got:#?}");
 }
 
@@ -222,7 +193,7 @@ async fn a_publication_via_the_partition_root_is_refused_with_the_fix() {
     db.exec(PARTITIONED).await;
     db.exec("CREATE PUBLICATION w2c FOR TABLE parent WITH (publish_via_partition_root = true)")
         .await;
-    let got = problems(&db, PARENT_RULE).await;
+    let got = problems(&db, PARENT_RULE, true).await;
     assert!(
         got.iter()
             .any(|p| p.contains("TRUNCATE of a single partition")
@@ -248,10 +219,10 @@ async fn inheritance_children_are_warned_about_published_and_planned() {
         "{got:#?}"
     );
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &db, rules);
-    let (code, out, err) = cli(&["setup"], &config);
+    let config = write_schemas_config(dir.path(), &db, rules);
+    let (code, out, err) = cli("setup", &config);
     assert_eq!(code, 0, "{out}{err}");
-    let (code, out, err) = cli(&["check"], &config);
+    let (code, out, err) = cli("check", &config);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
         out.contains("warning: ") && !out.contains("setup will add"),
@@ -283,8 +254,8 @@ async fn setup_never_makes_the_applications_updates_fail() {
             "[[rule]]\nname = \"{table}\"\ntable = \"public.{table}\"\non = [\"insert\"]\nkeys = [\"n:{{id}}\"]\n"
         );
         let dir = tempfile::tempdir().unwrap();
-        let config = write_config(dir.path(), &db, &rules);
-        let (code, out, err) = cli(&["setup"], &config);
+        let config = write_schemas_config(dir.path(), &db, &rules);
+        let (code, out, err) = cli("setup", &config);
         assert_eq!(code, 3, "setup refuses {table}: {out}{err}");
         assert!(
             err.contains("would refuse the application's UPDATE and DELETE")
@@ -325,7 +296,7 @@ async fn generated_columns_are_refused_on_servers_that_do_not_send_them() {
         "keys = [\"g:{id}\"]\naction = \"republish\"\ncolumns = [\"id\", \"gen\"]",
     ] {
         let rules = format!("[[rule]]\nname = \"g\"\ntable = \"public.g\"\n{rule}\n");
-        let got = problems(&db, &rules).await;
+        let got = problems(&db, &rules, true).await;
         if version < 180000 {
             assert!(
                 got.iter().any(|p| p.contains("\"gen\", a generated column")
@@ -343,7 +314,7 @@ async fn generated_columns_are_refused_on_servers_that_do_not_send_them() {
         // An existing publication without publish_generated_columns.
         db.exec("CREATE PUBLICATION w2c FOR TABLE g").await;
         let rules = "[[rule]]\nname = \"g\"\ntable = \"public.g\"\non = [\"insert\"]\nkeys = [\"g:{gen}\"]\n";
-        let got = problems(&db, rules).await;
+        let got = problems(&db, rules, true).await;
         assert!(
             got.iter()
                 .any(|p| p.contains("SET (publish_generated_columns = stored)")),
@@ -351,11 +322,11 @@ async fn generated_columns_are_refused_on_servers_that_do_not_send_them() {
         );
         db.exec("ALTER PUBLICATION w2c SET (publish_generated_columns = stored)")
             .await;
-        assert!(problems(&db, rules).await.is_empty());
+        assert!(problems(&db, rules, true).await.is_empty());
         db.exec("DROP PUBLICATION w2c").await;
     }
     let all = "[[rule]]\nname = \"g\"\ntable = \"public.g\"\nkeys = [\"g:{id}\"]\naction = \"republish\"\n";
-    assert!(problems(&db, all).await.is_empty());
+    assert!(problems(&db, all, true).await.is_empty());
     if version < 180000 {
         let got = warnings(&db, all).await;
         assert!(
@@ -372,10 +343,10 @@ async fn quoted_names_work_and_system_catalogs_are_refused() {
     db.exec("CREATE TABLE \"dot.ted\" (id int PRIMARY KEY, v text)")
         .await;
     let rules = "[[rule]]\nname = \"d\"\ntable = 'public.\"dot.ted\"'\nkeys = [\"d:{id}\"]\n";
-    assert!(problems(&db, rules).await.is_empty());
+    assert!(problems(&db, rules, true).await.is_empty());
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &db, rules);
-    let (code, out, err) = cli(&["setup"], &config);
+    let config = write_schemas_config(dir.path(), &db, rules);
+    let (code, out, err) = cli("setup", &config);
     assert_eq!(code, 0, "{out}{err}");
 
     let mut planner = Planner::new(compile_rules(rules));
@@ -388,24 +359,24 @@ async fn quoted_names_work_and_system_catalogs_are_refused() {
     );
     source.stop().await;
 
-    let unquoted = write_config(
+    let unquoted = write_schemas_config(
         dir.path(),
         &db,
         "[[rule]]\nname = \"d\"\ntable = \"public.dot.ted\"\nkeys = [\"d:{id}\"]\n",
     );
-    let (code, _, err) = cli(&["check"], &unquoted);
+    let (code, _, err) = cli("check", &unquoted);
     assert_eq!(code, 3, "{err}");
     assert!(
         err.contains("public.\"dot.ted\"") && !err.contains("public.public"),
         "{err}"
     );
 
-    let system = write_config(
+    let system = write_schemas_config(
         dir.path(),
         &db,
         "[[rule]]\nname = \"s\"\ntable = \"pg_catalog.pg_class\"\nkeys = [\"s:{oid}\"]\n",
     );
-    let (code, _, err) = cli(&["check"], &system);
+    let (code, _, err) = cli("check", &system);
     assert_eq!(code, 3, "{err}");
     assert!(
         err.contains("one of PostgreSQL's own schemas") && !err.contains("ALTER TABLE"),

@@ -5,11 +5,10 @@
 //! under a key prefix of its own. Also the sink's errors and retries on a single
 //! server (the shared one, or a private `redis-server` for tests that break it).
 
-mod common;
+mod support;
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,35 +16,16 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot};
 use redis::AsyncCommands;
+use support::env::{redis_cluster_url, redis_url, unique};
+use support::inproc::Logs;
+use support::store::PrivateRedis;
+use support::wait::eventually;
 use tokio::sync::watch;
 use wal2cache::config::{Config, RedisConfig};
 use wal2cache::plan::{Plan, Republish};
 use wal2cache::sink::redis::{version_key, RedisSink};
 use wal2cache::sink::{Batch, Item, Origin, Sink as _, SinkError, Version};
 use wal2cache::Lsn;
-
-fn cluster_url() -> String {
-    std::env::var("WAL2CACHE_TEST_REDIS_CLUSTER")
-        .unwrap_or_else(|_| "redis://127.0.0.1:63791".into())
-}
-
-fn redis_url() -> String {
-    std::env::var("WAL2CACHE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:63790".into())
-}
-
-/// A key prefix no other test (or run) uses.
-fn unique(name: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!(
-        "w2ct:{name}:{}:{nanos}:{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
 
 /// The sink, and the stop sender that must outlive it.
 struct Sink {
@@ -55,14 +35,14 @@ struct Sink {
 
 fn cluster_config(prefix: &str) -> RedisConfig {
     RedisConfig {
-        url: cluster_url(),
+        url: redis_cluster_url(),
         tag_prefix: format!("{prefix}:tag:"),
         cluster: true,
         nodes: vec![],
     }
 }
 
-async fn connect(config: RedisConfig) -> Sink {
+async fn connect_sink(config: RedisConfig) -> Sink {
     let (stop, stop_rx) = watch::channel(false);
     let sink = RedisSink::connect(&config, stop_rx)
         .await
@@ -114,7 +94,7 @@ fn republish(key: &str, value: &str) -> Republish {
 
 /// A plain cluster connection for the test's own reads and writes.
 async fn checker() -> ClusterConnection {
-    ClusterClient::new(vec![cluster_url()])
+    ClusterClient::new(vec![redis_cluster_url()])
         .unwrap()
         .get_async_connection()
         .await
@@ -210,7 +190,7 @@ async fn deletes_many_keys_across_slots() {
     let per_master = count_per_master(&mut conn, &format!("{prefix}:k:*")).await;
     assert!(per_master.values().all(|&n| n > 50), "{per_master:?}");
 
-    let mut sink = connect(cluster_config(&prefix)).await;
+    let mut sink = connect_sink(cluster_config(&prefix)).await;
     // One item with 300 keys over ~290 slots, then one item per remaining key.
     let mut items = vec![item(
         100,
@@ -251,7 +231,7 @@ async fn deletes_many_keys_across_slots() {
 async fn republish_writes_value_and_version_and_refuses_older() {
     let prefix = unique("rep");
     let mut conn = checker().await;
-    let mut sink = connect(cluster_config(&prefix)).await;
+    let mut sink = connect_sink(cluster_config(&prefix)).await;
     let keys: Vec<String> = (0..60).map(|i| format!("{prefix}:p:{i}")).collect();
     assert!(distinct_slots(&keys) > 50);
     let plan = |value: &str| Plan {
@@ -344,7 +324,7 @@ async fn republish_writes_value_and_version_and_refuses_older() {
 async fn a_key_with_a_brace_but_no_hash_tag_keeps_its_version_in_its_slot() {
     let prefix = unique("brace");
     let mut conn = checker().await;
-    let mut sink = connect(cluster_config(&prefix)).await;
+    let mut sink = connect_sink(cluster_config(&prefix)).await;
     let key = format!("{prefix}:odd}}key");
     assert_eq!(Slot::for_key(version_key(&key)), Slot::for_key(&key));
     sink.apply(vec![item(
@@ -369,7 +349,7 @@ async fn a_key_with_a_brace_but_no_hash_tag_keeps_its_version_in_its_slot() {
 async fn tombstone_deletes_and_keeps_the_version() {
     let prefix = unique("tomb");
     let mut conn = checker().await;
-    let mut sink = connect(cluster_config(&prefix)).await;
+    let mut sink = connect_sink(cluster_config(&prefix)).await;
     let keys: Vec<String> = (0..40).map(|i| format!("{prefix}:t:{i}")).collect();
     let rep = |value: &str| Plan {
         republish: keys.iter().map(|k| republish(k, value)).collect(),
@@ -423,7 +403,7 @@ async fn tombstone_deletes_and_keeps_the_version() {
 async fn tag_purge_unlinks_members_in_every_slot() {
     let prefix = unique("tag");
     let mut conn = checker().await;
-    let mut sink = connect(cluster_config(&prefix)).await;
+    let mut sink = connect_sink(cluster_config(&prefix)).await;
     let red: Vec<String> = (0..150).map(|i| format!("{prefix}:red:{i}")).collect();
     let blue: Vec<String> = (0..50).map(|i| format!("{prefix}:blue:{i}")).collect();
     let shared = format!("{prefix}:both");
@@ -508,7 +488,7 @@ async fn tag_purge_unlinks_members_in_every_slot() {
 async fn prefix_flush_scans_every_master() {
     let prefix = unique("flush");
     let mut conn = checker().await;
-    let mut sink = connect(cluster_config(&prefix)).await;
+    let mut sink = connect_sink(cluster_config(&prefix)).await;
     let doomed: Vec<String> = (0..300).map(|i| format!("{prefix}:f:{i}")).collect();
     let kept: Vec<String> = (0..30).map(|i| format!("{prefix}:g:{i}")).collect();
     set_all(&mut conn, &doomed).await;
@@ -580,7 +560,7 @@ async fn a_tag_key_of_the_wrong_type_is_poison_naming_it() {
     let mut conn = checker().await;
     let tag_key = format!("{prefix}:tag:broken");
     let () = conn.set(&tag_key, "not a set").await.unwrap();
-    let mut sink = connect(cluster_config(&prefix)).await;
+    let mut sink = connect_sink(cluster_config(&prefix)).await;
     let err = sink
         .apply(vec![
             item(
@@ -632,7 +612,7 @@ async fn a_tag_key_of_the_wrong_type_is_poison_on_a_single_server_too() {
         .expect("Redis runs: deploy/local/services.sh start redis");
     let tag_key = format!("{prefix}:tag:broken");
     let () = plain.set(&tag_key, "not a set").await.unwrap();
-    let mut sink = connect(RedisConfig {
+    let mut sink = connect_sink(RedisConfig {
         url: redis_url(),
         tag_prefix: format!("{prefix}:tag:"),
         cluster: false,
@@ -664,7 +644,7 @@ async fn extra_seed_nodes_are_tried_when_the_url_does_not_answer() {
     config.nodes = vec![config.url.clone()];
     // Nothing listens on port 1.
     config.url = "redis://127.0.0.1:1".into();
-    let mut sink = connect(config).await;
+    let mut sink = connect_sink(config).await;
     let key = format!("{prefix}:k");
     sink.apply(vec![item(
         1,
@@ -767,7 +747,12 @@ async fn a_version_sidecar_of_the_wrong_type_is_named_as_such() {
         };
         let key = format!("{prefix}:json:1");
         let sidecar = version_key(&key);
-        let check = redis::Client::open(if cluster { cluster_url() } else { redis_url() }).unwrap();
+        let check = redis::Client::open(if cluster {
+            redis_cluster_url()
+        } else {
+            redis_url()
+        })
+        .unwrap();
         let () = if cluster {
             let mut c = checker().await;
             c.sadd(&sidecar, "not a version").await.unwrap()
@@ -775,7 +760,7 @@ async fn a_version_sidecar_of_the_wrong_type_is_named_as_such() {
             let mut c = check.get_multiplexed_async_connection().await.unwrap();
             c.sadd(&sidecar, "not a version").await.unwrap()
         };
-        let mut sink = connect(config).await;
+        let mut sink = connect_sink(config).await;
         let err = sink
             .apply(vec![item(
                 100,
@@ -826,9 +811,9 @@ async fn a_version_sidecar_of_the_wrong_type_is_named_as_such() {
 /// loading them, not after a backoff step (30 s here, so that a wait shows).
 #[tokio::test]
 async fn noscript_is_answered_without_a_backoff_step() {
-    let redis = common::daemon::PrivateRedis::start().await;
+    let redis = PrivateRedis::start().await;
     let prefix = unique("noscript");
-    let mut sink = connect(single_config(&redis.url, &prefix)).await;
+    let mut sink = connect_sink(single_config(&redis.url, &prefix)).await;
     sink.sink
         .set_backoff(Duration::from_secs(30), Duration::from_secs(60));
     let key = format!("{prefix}:json:1");
@@ -862,34 +847,14 @@ async fn noscript_is_answered_without_a_backoff_step() {
     println!("applied {took:?} after SCRIPT FLUSH");
 }
 
-/// A log writer the test can read.
-#[derive(Clone, Default)]
-struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
 /// A pipeline of 1,000 commands refused by Redis (OOM): one short WARN line, not one
 /// listing every command.
 #[tokio::test]
 async fn a_failing_pipeline_logs_one_short_line() {
-    let redis = common::daemon::PrivateRedis::start().await;
+    let redis = PrivateRedis::start().await;
     let mut r = redis.connect().await;
     let prefix = unique("oom");
-    let mut sink = connect(single_config(&redis.url, &prefix)).await;
+    let mut sink = connect_sink(single_config(&redis.url, &prefix)).await;
     for (k, v) in [("maxmemory-policy", "noeviction"), ("maxmemory", "1")] {
         let () = redis::cmd("CONFIG")
             .arg("SET")
@@ -899,14 +864,7 @@ async fn a_failing_pipeline_logs_one_short_line() {
             .await
             .unwrap();
     }
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::WARN)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = Logs::capture("warn");
     let items: Vec<Item> = (0..1000)
         .map(|i| {
             item(
@@ -925,7 +883,7 @@ async fn a_failing_pipeline_logs_one_short_line() {
     };
     tokio::select! {
         r = sink.sink.apply(&batch) => panic!("applied under OOM: {r:?}"),
-        _ = common::eventually("a retry WARN", Duration::from_secs(30), || {
+        _ = eventually("a retry WARN", Duration::from_secs(30), || {
             let logs = logs.clone();
             async move { logs.text().contains("Redis failed") }
         }) => {}

@@ -2,23 +2,17 @@
 //! schema and fails each bad case with the message that says the fix; real changes
 //! become the plans the rules say.
 
-mod common;
+mod support;
 
-use common::*;
+use support::db::{TestDb, EXAMPLE_SCHEMA};
+use support::rules::{compile_rules, problems};
+use support::stream::{changes, commits};
 use wal2cache::rules::check::check;
 use wal2cache::rules::{plan_message, Planner};
 use wal2cache::source::{Source, SourceEvent};
 use wal2cache::Lsn;
 
-const EXAMPLE_SCHEMA: &str = include_str!("../migrations/001_example_schema.sql");
 const INVALIDATE_FN: &str = include_str!("../migrations/002_invalidate_function.sql");
-
-async fn problems(db: &TestDb, text: &str, create: bool) -> Vec<String> {
-    let report = check(&db.client, &compile_rules(text), "w2c", create)
-        .await
-        .unwrap();
-    report.problems.iter().map(ToString::to_string).collect()
-}
 
 fn rule(table: &str, body: &str) -> String {
     format!("[[rule]]\nname = \"r\"\ntable = \"{table}\"\n{body}\n")

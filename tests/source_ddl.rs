@@ -1,9 +1,10 @@
 //! DDL while streaming: Postgres describes the table again and the next changes
 //! decode with the new shape.
 
-mod common;
+mod support;
 
-use common::*;
+use support::db::TestDb;
+use support::stream::{changes, commits, text};
 use wal2cache::source::Source;
 use wal2cache::Lsn;
 

@@ -1,10 +1,11 @@
 //! The source against a real PostgreSQL: every operation, replica identity and type
 //! that the issue lists, decoded into typed changes.
 
-mod common;
+mod support;
 
-use common::*;
 use serde_json::json;
+use support::db::TestDb;
+use support::stream::{changes, commits, text};
 use wal2cache::source::pgoutput::OldKind;
 use wal2cache::source::value::RowJson;
 use wal2cache::source::{Op, Source, SourceEvent, Value};

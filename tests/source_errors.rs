@@ -1,12 +1,14 @@
 //! Fatal conditions stop with a message that says the fix; transient ones retry;
 //! a slot held by another process puts this one on standby.
 
-mod common;
+mod support;
 
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use support::db::{connect, url_for, TestDb};
+use support::env::pg_admin_url;
+use support::stream::{changes, commits, fatal_error, text};
 use wal2cache::source::slot::{ensure, SetupPlan};
 use wal2cache::source::{ErrorKind, PgTarget, Source, SourceError, SourceEvent, TableName};
 use wal2cache::Lsn;
@@ -41,7 +43,7 @@ async fn role(db: &TestDb, name: &str, attrs: &str) -> String {
 }
 
 async fn drop_role(role: &str) {
-    let admin = connect(&admin_url()).await;
+    let admin = connect(&pg_admin_url()).await;
     let _ = admin
         .batch_execute(&format!("DROP ROLE IF EXISTS {role}"))
         .await;

@@ -13,13 +13,15 @@
 //!   compared on its columns that are neither `Null` nor `NotSent`;
 //! - identifiers are quoted with `quote_identifier`; the parser unquotes them.
 
-mod common;
+mod support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::time::Instant;
 
-use common::*;
+use support::db::TestDb;
+use support::rng::Lcg;
+use support::stream::commits;
 use wal2cache::source::{Change, Op, Source, SourceEvent, Value};
 use wal2cache::Lsn;
 
@@ -566,30 +568,6 @@ fn assert_same(ours: &[Rec], oracle: &[Rec]) {
 
 // ---------------------------------------------------------------------------------
 // The workload: deterministic pseudo-random statements over a model of live keys.
-
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 33
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
-}
 
 /// Text that stresses the parser and the decoders: quotes, spaces, multibyte,
 /// backslashes, newlines, and test_decoding's own keywords.

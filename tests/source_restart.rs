@@ -1,11 +1,13 @@
 //! Confirmation drives where a restart resumes: after stopping with a given LSN
 //! confirmed, a new stream delivers every change after it and none before it.
 
-mod common;
+mod support;
 
 use std::time::Duration;
 
-use common::*;
+use support::db::TestDb;
+use support::stream::{changes, commits, text};
+use support::wait::eventually;
 use wal2cache::source::{Source, SourceEvent};
 use wal2cache::Lsn;
 

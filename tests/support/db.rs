@@ -1,25 +1,25 @@
-//! Test harness: every test gets a database of its own on the local PostgreSQL
-//! (`deploy/local/services.sh start`), its own slots and publication, dropped at the end.
-#![allow(dead_code)]
+//! A database of its own for every test on the local PostgreSQL
+//! (`deploy/local/services.sh start`), with its slots and publication, dropped at the
+//! end; and the positions a test asserts on.
 
-pub mod daemon;
-
-use std::future::Future;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio_postgres::{Client, NoTls};
-use wal2cache::source::{Change, PgTarget, Source, SourceEvent, StreamConfig};
+use wal2cache::source::{PgTarget, StreamConfig};
 use wal2cache::Lsn;
 
-pub fn admin_url() -> String {
-    std::env::var("WAL2CACHE_TEST_PG")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:54320/postgres".into())
-}
+use super::env::{pg_admin_url, unique};
+use super::wait::eventually;
 
-/// `admin_url` with another database (and optionally another user and password).
+/// The example schema of the README (`migrations/001_example_schema.sql`), the tables
+/// of `rules/example.toml`.
+#[allow(dead_code)]
+pub const EXAMPLE_SCHEMA: &str = include_str!("../../migrations/001_example_schema.sql");
+
+/// `pg_admin_url` with another database (and optionally another user and password).
+#[allow(dead_code)]
 pub fn url_for(database: &str, user: Option<(&str, &str)>) -> String {
-    let base = admin_url();
+    let base = pg_admin_url();
     let (scheme_user, rest) = base.split_once('@').expect("WAL2CACHE_TEST_PG has a user@");
     let host = rest.split('/').next().unwrap();
     let userinfo = match user {
@@ -29,6 +29,7 @@ pub fn url_for(database: &str, user: Option<(&str, &str)>) -> String {
     format!("{userinfo}@{host}/{database}")
 }
 
+#[allow(dead_code)]
 pub async fn connect(url: &str) -> Client {
     let (client, conn) = tokio_postgres::connect(url, NoTls).await.unwrap_or_else(|e| {
         panic!("cannot connect to {url}: {e}; start the local services with deploy/local/services.sh start")
@@ -37,28 +38,19 @@ pub async fn connect(url: &str) -> Client {
     client
 }
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-pub fn unique(prefix: &str) -> String {
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!("{prefix}_{}_{n}_{nanos:x}", std::process::id())
-}
-
 /// A database of its own, dropped with its slots when the test ends.
+#[allow(dead_code)]
 pub struct TestDb {
     pub name: String,
     pub url: String,
     pub client: Client,
 }
 
+#[allow(dead_code)]
 impl TestDb {
     pub async fn new(label: &str) -> TestDb {
         let name = unique(&format!("w2c_{label}"));
-        let admin = connect(&admin_url()).await;
+        let admin = connect(&pg_admin_url()).await;
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
@@ -179,7 +171,8 @@ impl Drop for TestDb {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let Ok((admin, conn)) = tokio_postgres::connect(&admin_url(), NoTls).await else {
+                let Ok((admin, conn)) = tokio_postgres::connect(&pg_admin_url(), NoTls).await
+                else {
                     return;
                 };
                 tokio::spawn(conn);
@@ -212,99 +205,28 @@ impl Drop for TestDb {
     }
 }
 
-/// Rules from TOML text, compiled as `rules.path` would load them.
-pub fn compile_rules(text: &str) -> std::sync::Arc<wal2cache::rules::RuleSet> {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("rules.toml");
-    std::fs::write(&file, text).unwrap();
-    std::sync::Arc::new(wal2cache::rules::load(&file).unwrap_or_else(|e| panic!("{e}")))
+/// A walsender streams from `slot`. `active` alone is not enough: while the backend
+/// that creates a slot waits for running transactions, the slot is already active
+/// (held by that backend) and has no confirmed position yet.
+#[allow(dead_code)]
+pub async fn slot_active(db: &TestDb, slot: &str) -> bool {
+    db.client
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots s
+               JOIN pg_stat_replication r ON r.pid = s.active_pid
+              WHERE s.slot_name = $1 AND s.confirmed_flush_lsn IS NOT NULL",
+            &[&slot],
+        )
+        .await
+        .unwrap()
+        .is_some()
 }
 
-/// Waits for a condition with a deadline; never a bare sleep.
-pub async fn eventually<F, Fut>(what: &str, deadline: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        assert!(
-            start.elapsed() < deadline,
-            "timed out after {deadline:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Reads events until `done` says so, failing after `deadline`.
-pub async fn collect_until(
-    source: &mut Source,
-    deadline: Duration,
-    mut done: impl FnMut(&[SourceEvent]) -> bool,
-) -> Vec<SourceEvent> {
-    let mut events = Vec::new();
-    let result = tokio::time::timeout(deadline, async {
-        while !done(&events) {
-            match source.next().await {
-                Some(Ok(e)) => events.push(e),
-                Some(Err(e)) => panic!("source failed: {e}"),
-                None => panic!("source ended"),
-            }
-        }
+/// Waits until a daemon streams from `slot`.
+#[allow(dead_code)]
+pub async fn wait_streaming(db: &TestDb, slot: &str) {
+    eventually("the daemon to stream", Duration::from_secs(60), || {
+        slot_active(db, slot)
     })
     .await;
-    assert!(
-        result.is_ok(),
-        "timed out after {deadline:?}; got {} events: {:#?}",
-        events.len(),
-        events.iter().rev().take(5).collect::<Vec<_>>()
-    );
-    events
-}
-
-/// The fatal error a source ends with, which must come within `within` (not retries).
-pub async fn fatal_error(source: &mut Source, within: Duration) -> wal2cache::source::SourceError {
-    match tokio::time::timeout(within, source.next()).await {
-        Ok(Some(Err(e))) => e,
-        Ok(other) => panic!("expected a fatal error, got {other:?}"),
-        Err(_) => panic!("no fatal error within {within:?}: the source kept retrying"),
-    }
-}
-
-/// Events up to and including the `n`th commit.
-pub async fn commits(source: &mut Source, n: usize) -> Vec<SourceEvent> {
-    collect_until(source, Duration::from_secs(30), |evs| {
-        evs.iter()
-            .filter(|e| matches!(e, SourceEvent::Commit(_)))
-            .count()
-            >= n
-    })
-    .await
-}
-
-pub fn changes(events: &[SourceEvent]) -> Vec<&Change> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            SourceEvent::Change(c) => Some(c),
-            _ => None,
-        })
-        .collect()
-}
-
-/// A column of a row in text form; `None` for NULL, panics when not sent.
-pub fn text(change: &Change, new: bool, column: &str) -> Option<String> {
-    use wal2cache::source::Value;
-    let row = if new {
-        change.new.as_ref()
-    } else {
-        change.old.as_ref()
-    }
-    .expect("row present");
-    let i = change.relation.column_index(column).expect("column exists");
-    match &row.0[i] {
-        Value::Null => None,
-        Value::Text(b) => Some(String::from_utf8(b.to_vec()).unwrap()),
-        other => panic!("column {column} is {other:?}"),
-    }
 }

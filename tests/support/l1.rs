@@ -1,86 +1,30 @@
-//! Helpers for the `wal2cache::l1` tests against the local Kafka-compatible broker
+//! For the `wal2cache::l1` tests against the local Kafka-compatible broker
 //! (`deploy/local/services.sh start kafka`; `WAL2CACHE_TEST_KAFKA`): a topic of the
 //! test's own (the broker does not create topics), a producer of schema-1 events, and
 //! heartbeats on every partition, since no daemon sends them here.
-#![allow(dead_code)]
 
-use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
 use wal2cache::event::{Event, Kind};
 use wal2cache::l1::{L1Builder, L1};
 
-pub fn kafka_brokers() -> String {
-    std::env::var("WAL2CACHE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
-}
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-pub fn unique(prefix: &str) -> String {
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!("{prefix}_{}_{n}_{nanos:x}", std::process::id())
-}
-
-fn admin() -> AdminClient<DefaultClientContext> {
-    ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
-        .create()
-        .unwrap()
-}
-
-/// Creates `topic` with `partitions`, retrying while the broker is not up yet.
-pub async fn create_topic(topic: &str, partitions: i32) {
-    let admin = admin();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let t = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-        let r = admin
-            .create_topics(
-                [&t],
-                &AdminOptions::new().request_timeout(Some(Duration::from_secs(5))),
-            )
-            .await;
-        match r.as_deref() {
-            Ok([Ok(_)]) => return,
-            Ok([Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists))]) => return,
-            other => assert!(
-                Instant::now() < deadline,
-                "cannot create topic {topic}: {other:?}; start the broker with deploy/local/services.sh start kafka"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-pub async fn delete_topic(topic: &str) {
-    let r = admin()
-        .delete_topics(
-            &[topic],
-            &AdminOptions::new().request_timeout(Some(Duration::from_secs(5))),
-        )
-        .await
-        .unwrap();
-    assert!(r.iter().all(|r| r.is_ok()), "delete {topic}: {r:?}");
-}
+use super::env::{kafka_brokers, unique};
+use super::kafka::create_topic;
 
 /// Writes schema-1 events (and anything else) to a topic.
 #[derive(Clone)]
+#[allow(dead_code)]
 pub struct Events {
     pub producer: FutureProducer,
     pub topic: String,
     pub partitions: i32,
 }
 
+#[allow(dead_code)]
 impl Events {
     pub fn new(topic: &str, partitions: i32) -> Events {
         let producer = ClientConfig::new()
@@ -146,12 +90,14 @@ impl Events {
     }
 }
 
+#[allow(dead_code)]
 pub fn now_rfc3339() -> String {
     chrono::Utc::now()
         .format("%Y-%m-%dT%H:%M:%S%.6fZ")
         .to_string()
 }
 
+#[allow(dead_code)]
 pub fn invalidate(keys: &[&str], tags: &[&str]) -> Event {
     let mut e = Event::new(Kind::Invalidate, "test");
     e.commit_time = Some(now_rfc3339());
@@ -165,11 +111,13 @@ pub fn invalidate(keys: &[&str], tags: &[&str]) -> Event {
 
 /// Heartbeats on every partition every `every`, as the daemon sends them, until
 /// dropped; `pause` stops them for a while.
+#[allow(dead_code)]
 pub struct Heartbeats {
     paused: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
+#[allow(dead_code)]
 impl Heartbeats {
     pub fn start(events: &Events, every: Duration) -> Heartbeats {
         let paused = Arc::new(AtomicBool::new(false));
@@ -198,9 +146,12 @@ impl Drop for Heartbeats {
 }
 
 /// Heartbeats every 100 ms; the tests use a bound of 1 s.
+#[allow(dead_code)]
 pub const HEARTBEAT: Duration = Duration::from_millis(100);
+#[allow(dead_code)]
 pub const BOUND: Duration = Duration::from_secs(1);
 
+#[allow(dead_code)]
 pub fn builder(topic: &str) -> L1Builder {
     L1::builder(kafka_brokers(), topic)
         .capacity(10_000)
@@ -209,6 +160,7 @@ pub fn builder(topic: &str) -> L1Builder {
 }
 
 /// A topic with `partitions`, heartbeats on it, and an L1 subscribed and healthy.
+#[allow(dead_code)]
 pub struct Setup {
     pub topic: String,
     pub events: Events,
@@ -216,6 +168,7 @@ pub struct Setup {
     pub cache: L1<String>,
 }
 
+#[allow(dead_code)]
 impl Setup {
     pub async fn new(label: &str, partitions: i32) -> Setup {
         Setup::with(label, partitions, |b| b).await
@@ -245,29 +198,15 @@ impl Setup {
     }
 }
 
-/// Waits for a condition with a deadline; never a bare sleep.
-pub async fn eventually<F, Fut>(what: &str, deadline: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        assert!(
-            start.elapsed() < deadline,
-            "timed out after {deadline:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// A loader that must not run.
+#[allow(dead_code)]
 pub async fn unreachable_loader() -> String {
     panic!("the loader ran on a hit")
 }
 
 /// What the L1 reported through `on_notice`, owned.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(dead_code)]
 pub enum Seen {
     Invalidated {
         keys: Vec<String>,
@@ -279,9 +218,11 @@ pub enum Seen {
     Healthy,
 }
 
+#[allow(dead_code)]
 pub type Notices = tokio::sync::mpsc::UnboundedReceiver<Seen>;
 
 /// An `on_notice` callback and the channel it reports to.
+#[allow(dead_code)]
 pub fn recorder() -> (
     impl Fn(&wal2cache::l1::Notice<'_>) + Send + Sync + 'static,
     Notices,
@@ -306,6 +247,7 @@ pub fn recorder() -> (
 }
 
 /// The next notice that satisfies `want`, within `deadline`.
+#[allow(dead_code)]
 pub async fn wait_notice(
     rx: &mut Notices,
     deadline: Duration,

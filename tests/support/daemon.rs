@@ -1,0 +1,116 @@
+//! The `wal2cache` binary as a process: for the tests whose subject is the process
+//! itself (SIGKILL, SIGTERM, exit codes, what it prints). Everything else runs the
+//! daemon in the test's process (`inproc`).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The binary of this build.
+#[allow(dead_code)]
+pub const BIN: &str = env!("CARGO_BIN_EXE_wal2cache");
+
+/// The binary the tests run: `BIN`, or `WAL2CACHE_TEST_BIN` (to run a test against
+/// another build, e.g. to see it fail before a fix).
+#[allow(dead_code)]
+pub fn bin() -> String {
+    std::env::var("WAL2CACHE_TEST_BIN").unwrap_or_else(|_| BIN.to_string())
+}
+
+/// Runs `wal2cache args` to its end with `envs` (and the test's environment): the exit
+/// code (-1 when a signal ended it), standard output, standard error.
+#[allow(dead_code)]
+pub fn run_binary(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(bin())
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `wal2cache run` as a child process, killed (SIGKILL) when dropped, also when a test
+/// panics.
+#[allow(dead_code)]
+pub struct Daemon(Option<Child>);
+
+#[allow(dead_code)]
+impl Daemon {
+    /// Starts it with `envs` (logging at warn unless `WAL2CACHE_LOG` is among them).
+    pub fn start(config: &Path, envs: &[(&str, &str)]) -> Daemon {
+        Daemon::spawn(config, envs, Stdio::inherit())
+    }
+
+    /// Starts it with its standard error written to `log`.
+    pub fn start_logging(config: &Path, envs: &[(&str, &str)], log: &Path) -> Daemon {
+        Daemon::spawn(config, envs, std::fs::File::create(log).unwrap().into())
+    }
+
+    fn spawn(config: &Path, envs: &[(&str, &str)], stderr: Stdio) -> Daemon {
+        let child = Command::new(bin())
+            .args(["run", "--config", config.to_str().unwrap()])
+            .env("WAL2CACHE_LOG", "warn")
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        Daemon(Some(child))
+    }
+
+    /// SIGTERM: it must drain and exit 0.
+    pub fn stop(mut self) {
+        let mut child = self.0.take().unwrap();
+        signal(&child, "TERM");
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(0), "run exits 0 on SIGTERM");
+    }
+
+    /// SIGTERM, then waits up to `within` for it to exit: its exit code and how long
+    /// it took, or `None` (and it is killed) if it was still running.
+    pub fn terminate(mut self, within: Duration) -> Option<(Option<i32>, Duration)> {
+        let mut child = self.0.take().unwrap();
+        let sent = Instant::now();
+        signal(&child, "TERM");
+        while sent.elapsed() < within {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some((status.code(), sent.elapsed()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+
+    pub fn assert_running(&mut self, when: &str) {
+        let child = self.0.as_mut().unwrap();
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the daemon exited {when}"
+        );
+    }
+}
+
+/// Sends `signal` (`"TERM"`, `"HUP"`...) to the child.
+fn signal(child: &Child, signal: &str) {
+    let sent = Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill -{signal}");
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! Where the services are (`deploy/local/services.sh env` prints these variables), and
+//! names no other test (or run) uses.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// PostgreSQL, as a superuser: `WAL2CACHE_TEST_PG`.
+#[allow(dead_code)]
+pub fn pg_admin_url() -> String {
+    std::env::var("WAL2CACHE_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:54320/postgres".into())
+}
+
+/// The shared Redis: `WAL2CACHE_TEST_REDIS`.
+#[allow(dead_code)]
+pub fn redis_url() -> String {
+    std::env::var("WAL2CACHE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:63790".into())
+}
+
+/// A node of the shared Redis Cluster: `WAL2CACHE_TEST_REDIS_CLUSTER`.
+#[allow(dead_code)]
+pub fn redis_cluster_url() -> String {
+    std::env::var("WAL2CACHE_TEST_REDIS_CLUSTER")
+        .unwrap_or_else(|_| "redis://127.0.0.1:63791".into())
+}
+
+/// The shared Kafka-compatible broker: `WAL2CACHE_TEST_KAFKA`.
+#[allow(dead_code)]
+pub fn kafka_brokers() -> String {
+    std::env::var("WAL2CACHE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// `prefix` made unique to this call: the process, a counter and the clock. A valid SQL
+/// identifier, Kafka topic name and Redis key part when `prefix` is one.
+#[allow(dead_code)]
+pub fn unique(prefix: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{prefix}_{}_{n}_{nanos:x}", std::process::id())
+}

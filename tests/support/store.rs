@@ -1,0 +1,114 @@
+//! Redis, the store the daemon writes: the shared server, private ones for the tests
+//! that break theirs, and what a test asks of the keys.
+
+use std::collections::BTreeSet;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::AsyncCommands;
+
+use super::env::redis_url;
+use super::net::free_port;
+use super::wait::eventually;
+
+/// A connection to the shared Redis.
+#[allow(dead_code)]
+pub async fn redis() -> MultiplexedConnection {
+    redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis runs: deploy/local/services.sh start")
+}
+
+/// None of `keys` exists.
+#[allow(dead_code)]
+pub async fn gone(r: &MultiplexedConnection, keys: &[impl AsRef<str>]) -> bool {
+    let mut r = r.clone();
+    for k in keys {
+        if r.exists::<_, bool>(k.as_ref()).await.unwrap() {
+            return false;
+        }
+    }
+    true
+}
+
+/// The keys of `keys` that hold a value.
+#[allow(dead_code)]
+pub async fn present(r: &MultiplexedConnection, keys: &[String]) -> BTreeSet<String> {
+    let mut r = r.clone();
+    let mut out = BTreeSet::new();
+    for k in keys {
+        if r.exists::<_, bool>(k).await.unwrap() {
+            out.insert(k.clone());
+        }
+    }
+    out
+}
+
+/// Unlinks every key that matches `pattern` (a test's own prefix); errors ignored.
+#[allow(dead_code)]
+pub async fn unlink_matching(r: &mut MultiplexedConnection, pattern: &str) {
+    let keys: Vec<String> = r.keys(pattern).await.unwrap_or_default();
+    let _: () = redis::cmd("UNLINK")
+        .arg(keys)
+        .query_async(r)
+        .await
+        .unwrap_or(());
+}
+
+/// A `redis-server` of the test's own, for tests that break it (the shared one on
+/// 63790 serves other tests at the same time); killed when dropped.
+#[allow(dead_code)]
+pub struct PrivateRedis {
+    child: Child,
+    pub url: String,
+}
+
+#[allow(dead_code)]
+impl PrivateRedis {
+    pub async fn start() -> PrivateRedis {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (deploy/local/services.sh installs it)");
+        let redis = PrivateRedis {
+            child,
+            url: format!("redis://127.0.0.1:{port}"),
+        };
+        eventually(
+            "the private redis-server to answer",
+            Duration::from_secs(20),
+            || async { redis.try_connect().await.is_some() },
+        )
+        .await;
+        redis
+    }
+
+    async fn try_connect(&self) -> Option<MultiplexedConnection> {
+        let mut c = redis::Client::open(self.url.as_str())
+            .ok()?
+            .get_multiplexed_async_connection()
+            .await
+            .ok()?;
+        redis::cmd("PING").query_async::<()>(&mut c).await.ok()?;
+        Some(c)
+    }
+
+    pub async fn connect(&self) -> MultiplexedConnection {
+        self.try_connect()
+            .await
+            .expect("the private redis-server answers")
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
