@@ -40,6 +40,9 @@ pub struct Reload {
 pub trait Events: Send {
     /// The next event; `None` at the end of the stream.
     fn next(&mut self) -> impl Future<Output = Option<Result<SourceEvent, SourceError>>> + Send;
+    /// The next event if one is waiting, without waiting; `None` otherwise (and at
+    /// the end of the stream, which `next` then reports).
+    fn try_next(&mut self) -> Option<Result<SourceEvent, SourceError>>;
     /// No event is waiting right now.
     fn is_idle(&self) -> bool;
     /// Confirms positions from the sinks' side.
@@ -51,6 +54,10 @@ pub trait Events: Send {
 impl Events for Source {
     async fn next(&mut self) -> Option<Result<SourceEvent, SourceError>> {
         Source::next(self).await
+    }
+
+    fn try_next(&mut self) -> Option<Result<SourceEvent, SourceError>> {
+        Source::try_next(self)
     }
 
     fn is_idle(&self) -> bool {
@@ -121,8 +128,8 @@ pub async fn run<E: Events, R: Sink, K: Sink>(
             event = events.next() => match event {
                 None => break Ok(()),
                 Some(Err(e)) => break Err(e.into()),
-                Some(Ok(event)) => match b.add(event) {
-                    Ok(ended) => b.full_or_done(ended, events.is_idle() && !sinks_now.borrow().busy),
+                Some(Ok(event)) => match add_waiting(&mut b, &mut events, event, &sinks_now) {
+                    Ok(close) => close,
                     Err(e) => break Err(e),
                 },
             },
@@ -180,6 +187,41 @@ pub async fn run<E: Events, R: Sink, K: Sink>(
         // The first error, not the `Stopped` of the sink that was told to stop.
         Err(e) => Err(e),
         Ok(()) => drained,
+    }
+}
+
+/// Events between two checks of the batch's deadline while events keep coming.
+const DEADLINE_CHECK_EVERY: u32 = 64;
+
+/// Adds `first`, then every event already waiting, until the batch should close: it
+/// is full, a transaction ended with nothing more waiting (and the sinks free), or its
+/// deadline passed. One event at a time through the reader's `select!` would cost a
+/// timer and several wakers per event.
+fn add_waiting<E: Events>(
+    b: &mut Batcher,
+    events: &mut E,
+    first: SourceEvent,
+    sinks: &watch::Receiver<Position>,
+) -> Result<bool, Error> {
+    let mut event = first;
+    let mut added = 0u32;
+    loop {
+        let ended = b.add(event)?;
+        if b.full_or_done(ended, false) {
+            return Ok(true);
+        }
+        added += 1;
+        if added.is_multiple_of(DEADLINE_CHECK_EVERY)
+            && b.deadline()
+                .is_some_and(|d| tokio::time::Instant::now() >= d)
+        {
+            return Ok(true);
+        }
+        match events.try_next() {
+            Some(Ok(next)) => event = next,
+            Some(Err(e)) => return Err(e.into()),
+            None => return Ok(b.full_or_done(ended, !sinks.borrow().busy)),
+        }
     }
 }
 

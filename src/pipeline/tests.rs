@@ -83,6 +83,10 @@ impl Events for Script {
         self.events.recv().await.map(Ok)
     }
 
+    fn try_next(&mut self) -> Option<Result<SourceEvent, SourceError>> {
+        self.events.try_recv().ok().map(Ok)
+    }
+
     fn is_idle(&self) -> bool {
         self.events.is_empty()
     }

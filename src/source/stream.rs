@@ -109,6 +109,12 @@ impl Source {
         self.events.recv().await
     }
 
+    /// The next event if one is waiting now; `None` otherwise (and once the stream
+    /// ended, which `next` reports).
+    pub fn try_next(&mut self) -> Option<Result<SourceEvent, SourceError>> {
+        self.events.try_recv().ok()
+    }
+
     /// No event is waiting right now.
     pub fn is_idle(&self) -> bool {
         self.events.is_empty()
@@ -395,6 +401,14 @@ impl Session<'_> {
             };
             let Some(event) = self.relations.apply(message)? else {
                 continue;
+            };
+            let event = match self.tx.try_reserve() {
+                Ok(permit) => {
+                    permit.send(Ok(event));
+                    continue;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
+                Err(mpsc::error::TrySendError::Full(())) => event,
             };
             // Wait for room without losing the event, still forwarding confirmations.
             loop {

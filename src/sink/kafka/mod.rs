@@ -255,7 +255,10 @@ impl KafkaSink {
                 }
             }
         }
-        for (i, d) in deliveries.into_iter().enumerate() {
+        // The last first: the broker acknowledges a request's messages together and
+        // librdkafka reports them one by one from its own thread; waiting for them in
+        // order would wake this task again for nearly every message.
+        for (i, d) in deliveries.into_iter().enumerate().rev() {
             match d.await {
                 Ok(Ok(_)) => {}
                 Ok(Err((e, _))) => return Err((i, e)),
