@@ -20,10 +20,11 @@ pub enum Error {
     Plan(Box<PlanError>),
     #[error(transparent)]
     Sink(#[from] SinkError),
-    #[error("{error} (nothing after LSN {confirmed} was confirmed: it is applied again at the next start)")]
+    #[error("applying changes to {sink}: {error} (nothing after LSN {confirmed} was confirmed: it is applied again at the next start)")]
     Applying {
+        sink: String,
         #[source]
-        error: SinkError,
+        error: Box<SinkError>,
         confirmed: crate::lsn::Lsn,
     },
     #[error("the shutdown deadline ({0:?}) passed before what was in flight was applied; it was not confirmed and will be applied again at the next start")]

@@ -80,7 +80,13 @@ fn main() -> ExitCode {
         // broken stderr would panic.
         .log_internal_errors(false)
         .init();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match std::env::var("WAL2CACHE_RUNTIME").as_deref() {
+        Ok("current_thread") => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Runtime::new(),
+    };
+    let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {
             say_err(format_args!("error: cannot start the async runtime: {e}"));

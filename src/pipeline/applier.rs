@@ -82,13 +82,20 @@ impl Ledger {
     }
 }
 
+/// A sink's error, with the sink's description (`Redis at redis://host:6379`).
+#[derive(Debug)]
+pub(crate) struct Failed {
+    pub(crate) sink: String,
+    pub(crate) error: SinkError,
+}
+
 /// A batch for the sinks, numbered in dispatch order.
 type Numbered = (u64, Arc<Batch>);
 
 /// The sink tasks and the queues to them.
 pub(crate) struct Applier {
     queues: Vec<mpsc::Sender<Numbered>>,
-    tasks: JoinSet<Result<(), SinkError>>,
+    tasks: JoinSet<Result<(), Failed>>,
     names: Vec<(tokio::task::Id, &'static str)>,
     ledger: Arc<Mutex<Ledger>>,
     next: u64,
@@ -181,11 +188,19 @@ impl Applier {
 
     /// The first sink task that ended, with its result: before `finish`, only a
     /// failure (or a bug) ends one. Pending forever when none is left. Cancel-safe.
-    pub(crate) async fn failed(&mut self) -> Result<(), SinkError> {
+    pub(crate) async fn failed(&mut self) -> Result<(), Failed> {
         match self.tasks.join_next_with_id().await {
             None => std::future::pending().await,
             Some(Ok((_, r))) => r,
-            Some(Err(e)) => Err(SinkError::task(self.name_of(e.id()), e)),
+            Some(Err(e)) => Err(self.task_failed(e)),
+        }
+    }
+
+    fn task_failed(&self, e: tokio::task::JoinError) -> Failed {
+        let name = self.name_of(e.id());
+        Failed {
+            sink: format!("the {name} sink"),
+            error: SinkError::task(name, e),
         }
     }
 
@@ -197,13 +212,13 @@ impl Applier {
     }
 
     /// No more batches: every sink applies what it has, then closes. The first error.
-    pub(crate) async fn finish(&mut self) -> Result<(), SinkError> {
+    pub(crate) async fn finish(&mut self) -> Result<(), Failed> {
         self.queues.clear();
         let mut first = Ok(());
         while let Some(done) = self.tasks.join_next_with_id().await {
             let r = match done {
                 Ok((_, r)) => r,
-                Err(e) => Err(SinkError::task(self.name_of(e.id()), e)),
+                Err(e) => Err(self.task_failed(e)),
             };
             if first.is_ok() {
                 first = r;
@@ -236,7 +251,7 @@ async fn sink_task<S: Sink>(
     index: usize,
     mut queue: mpsc::Receiver<Numbered>,
     ledger: Arc<Mutex<Ledger>>,
-) -> Result<(), SinkError> {
+) -> Result<(), Failed> {
     let name = sink.name();
     let latency = metrics::histogram!(format!("wal2cache_commit_to_{name}_seconds"));
     let seconds = metrics::histogram!("wal2cache_batch_seconds", "sink" => name);
@@ -253,7 +268,12 @@ async fn sink_task<S: Sink>(
         }
         let batch = merged.as_ref().unwrap_or(&first);
         let started = Instant::now();
-        sink.apply(batch).await?;
+        if let Err(error) = sink.apply(batch).await {
+            return Err(Failed {
+                sink: sink.describe(),
+                error,
+            });
+        }
         seconds.record(started.elapsed().as_secs_f64());
         // Commit to applied, once per transaction.
         let mut last = None;

@@ -226,9 +226,10 @@ fn add_waiting<E: Events>(
 }
 
 /// A sink's error as the daemon reports it: with the last confirmed position.
-fn applying(error: crate::sink::SinkError, applier: &Applier) -> Error {
+fn applying(failed: applier::Failed, applier: &Applier) -> Error {
     Error::Applying {
-        error,
+        sink: failed.sink,
+        error: Box::new(failed.error),
         confirmed: applier.confirmed(),
     }
 }

@@ -350,8 +350,13 @@ async fn a_failing_sink_stops_the_pipeline_without_confirming() {
         .expect("the pipeline stops by itself")
         .unwrap();
     match r {
-        Err(Error::Applying { error, confirmed }) => {
-            assert!(matches!(error, SinkError::Kafka { .. }), "{error}");
+        Err(Error::Applying {
+            sink,
+            error,
+            confirmed,
+        }) => {
+            assert_eq!(sink, "the memory sink \"kafka\"");
+            assert!(matches!(*error, SinkError::Kafka { .. }), "{error}");
             assert_eq!(confirmed, Lsn(101));
         }
         other => panic!("{other:?}"),
