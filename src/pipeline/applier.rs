@@ -20,8 +20,10 @@ use crate::pgtime::since_pg_time;
 use crate::sink::{Batch, Position, Sink, SinkError};
 use crate::source::Confirmer;
 
-/// Batches waiting for each sink: small, so that a stalled sink stops the reader.
-pub(crate) const QUEUED_BATCHES: usize = 2;
+/// Batches waiting for each sink: enough for a fast sink (Redis) to run ahead of a
+/// slower one (the broker's acknowledgements), whose task then applies what waits as
+/// one; few enough that a stalled sink soon stops the reader.
+pub(crate) const QUEUED_BATCHES: usize = 8;
 
 /// What a dispatched batch lets the pipeline confirm once every sink applied it.
 #[derive(Debug, Clone, Copy)]
@@ -40,12 +42,21 @@ struct Ledger {
     confirmer: Confirmer,
     position: watch::Sender<Position>,
     stats: Stats,
+    /// The last batch dispatched.
+    dispatched: u64,
+    /// Some sink has applied everything dispatched: it would start on a new batch at
+    /// once.
+    free: watch::Sender<bool>,
 }
 
 impl Ledger {
     /// Sink `sink` applied every batch up to `seq`: confirm what every sink has.
     fn applied(&mut self, sink: usize, seq: u64) {
         self.applied[sink] = seq;
+        if seq == self.dispatched {
+            self.free
+                .send_if_modified(|free| !std::mem::replace(free, true));
+        }
         let everywhere = self.applied.iter().copied().min().unwrap_or(seq);
         let mut confirm = None;
         let mut commit_time = None;
@@ -115,6 +126,10 @@ impl Permits<'_> {
         let seq = *self.applier;
         {
             let mut ledger = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
+            ledger.dispatched = seq;
+            ledger
+                .free
+                .send_if_modified(|free| std::mem::replace(free, false));
             ledger.marks.push_back(Mark {
                 seq,
                 changes: batch.items.len(),
@@ -146,6 +161,8 @@ impl Applier {
             confirmer,
             position,
             stats: Stats::new(),
+            dispatched: 0,
+            free: watch::channel(true).0,
         }));
         let (qa, ra) = mpsc::channel(QUEUED_BATCHES);
         let (qb, rb) = mpsc::channel(QUEUED_BATCHES);
@@ -230,6 +247,16 @@ impl Applier {
     /// Stops the sink tasks where they are (the shutdown deadline passed).
     pub(crate) fn abort(&mut self) {
         self.tasks.abort_all();
+    }
+
+    /// Whether some sink has applied every batch dispatched (it would start on the
+    /// next one at once), as it changes.
+    pub(crate) fn free(&self) -> watch::Receiver<bool> {
+        self.ledger
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .free
+            .subscribe()
     }
 
     /// The last position confirmed.

@@ -103,18 +103,18 @@ pub async fn run<E: Events, R: Sink, K: Sink>(
     } = pipeline;
     redis.set_error_after(config.sink_error_after);
     kafka.set_error_after(config.sink_error_after);
-    // While a batch is in flight, a transaction that ends with the stream idle waits
-    // (up to the deadline) for the sinks to be free, and goes with what follows it:
-    // sending it at once would only queue it behind the busy sink, and on a small host
-    // many tiny batches cost each sink (and the broker) far more per change.
-    let mut sinks = position.subscribe();
-    let sinks_now = sinks.clone();
     let mut applier = Applier::start(redis, kafka, events.confirmer(), position);
+    // A transaction that ends with the stream idle is sent at once if some sink would
+    // start on it at once (Redis, usually); while every sink is busy it waits (up to
+    // the deadline) and goes with what follows it, since it would only queue: on a
+    // small host many tiny batches cost the sinks (and the broker) far more per change.
+    let mut free = applier.free();
+    let free_now = free.clone();
     let mut b = Batcher::new(config, Planner::new(rules));
     tokio::pin!(shutdown);
     let result: Result<(), Error> = loop {
         let deadline = b.deadline();
-        let wait_for_sinks = b.has_end() && events.is_idle() && sinks_now.borrow().busy;
+        let wait_for_sinks = b.has_end() && events.is_idle() && !*free_now.borrow();
         let flush = tokio::select! {
             biased;
             _ = &mut shutdown => break Ok(()),
@@ -124,11 +124,11 @@ pub async fn run<E: Events, R: Sink, K: Sink>(
                 false
             }
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => true,
-            _ = sinks.wait_for(|p| !p.busy), if wait_for_sinks => true,
+            _ = free.wait_for(|f| *f), if wait_for_sinks => true,
             event = events.next() => match event {
                 None => break Ok(()),
                 Some(Err(e)) => break Err(e.into()),
-                Some(Ok(event)) => match add_waiting(&mut b, &mut events, event, &sinks_now) {
+                Some(Ok(event)) => match add_waiting(&mut b, &mut events, event, &free_now) {
                     Ok(close) => close,
                     Err(e) => break Err(e),
                 },
@@ -194,14 +194,14 @@ pub async fn run<E: Events, R: Sink, K: Sink>(
 const DEADLINE_CHECK_EVERY: u32 = 64;
 
 /// Adds `first`, then every event already waiting, until the batch should close: it
-/// is full, a transaction ended with nothing more waiting (and the sinks free), or its
+/// is full, a transaction ended with nothing more waiting (and a sink free), or its
 /// deadline passed. One event at a time through the reader's `select!` would cost a
 /// timer and several wakers per event.
 fn add_waiting<E: Events>(
     b: &mut Batcher,
     events: &mut E,
     first: SourceEvent,
-    sinks: &watch::Receiver<Position>,
+    free: &watch::Receiver<bool>,
 ) -> Result<bool, Error> {
     let mut event = first;
     let mut added = 0u32;
@@ -220,7 +220,7 @@ fn add_waiting<E: Events>(
         match events.try_next() {
             Some(Ok(next)) => event = next,
             Some(Err(e)) => return Err(e.into()),
-            None => return Ok(b.full_or_done(ended, !sinks.borrow().busy)),
+            None => return Ok(b.full_or_done(ended, *free.borrow())),
         }
     }
 }
