@@ -144,7 +144,8 @@ impl Daemon {
 }
 
 /// Sends `signal` (`"TERM"`, `"HUP"`...) to the child.
-fn signal(child: &Child, signal: &str) {
+#[allow(dead_code)]
+pub fn signal(child: &Child, signal: &str) {
     let sent = Command::new("kill")
         .args([&format!("-{signal}"), &child.id().to_string()])
         .status()

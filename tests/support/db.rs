@@ -23,7 +23,9 @@ pub fn url_for(database: &str, user: Option<(&str, &str)>) -> String {
     let base = pg_admin_url();
     let (scheme_user, rest) = base.split_once('@').expect("WAL2CACHE_TEST_PG has a user@");
     let host = rest.split(['/', '?']).next().unwrap();
-    let query = rest.split_once('?').map_or(String::new(), |(_, q)| format!("?{q}"));
+    let query = rest
+        .split_once('?')
+        .map_or(String::new(), |(_, q)| format!("?{q}"));
     let userinfo = match user {
         Some((u, p)) => format!("postgres://{u}:{p}"),
         None => scheme_user.to_string(),

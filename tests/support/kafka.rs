@@ -221,7 +221,10 @@ pub async fn consume_topic(
     tokio::task::spawn_blocking(move || {
         let (consumer, partitions) = consumer(
             &topic,
-            &[("enable.partition.eof", "false"), ("fetch.wait.max.ms", "100")],
+            &[
+                ("enable.partition.eof", "false"),
+                ("fetch.wait.max.ms", "100"),
+            ],
         );
         let marks = watermarks(&consumer, &topic, &partitions);
         let from: Vec<_> = marks
