@@ -83,25 +83,31 @@
 //! `W2C_BENCH_DAEMON_WRAPPER`, `W2C_BENCH_PERF`, `W2C_BENCH_PERF_ARGS`,
 //! `W2C_BENCH_PERF_OUT`, `W2C_BENCH_REDIS_PID`, `W2C_BENCH_BROKER_PID`,
 //! `WAL2CACHE_TEST_PG` / `_REDIS` / `_KAFKA`, `PG_RECVLOGICAL`. The database
-//! `w2c_bench_catchup_<pid>` is dropped with its slots, the Redis keys under
+//! `w2c_bench_catchup_<pid>_...` is dropped with its slots, the Redis keys under
 //! `w2cb_catchup_<pid>` are deleted, the topic `w2cb-catchup-<pid>` is deleted (or
 //! stays where the broker cannot delete topics).
 
 mod common;
 #[path = "common/daemon.rs"]
 mod daemon;
+#[path = "../tests/support/mod.rs"]
+mod support;
 #[path = "common/tags.rs"]
 mod tags;
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{env_usize, mib, thousands, BenchDb, BoxError};
-use daemon::{Daemon, Observed, Setup, Tuning};
+use common::{
+    children_cpu_secs, env_usize, load_average, mib, port_of, process_cpu_secs, process_name,
+    run_pg_recvlogical, thousands, BoxError, Observed,
+};
+use daemon::{BenchSetup, DaemonRun, Tuning};
 use redis::AsyncCommands;
 use serde_json::Value;
+use support::db::{active_pid, connect, TestDb};
+use support::env::{kafka_brokers, redis_url};
 use tags::TagShape;
 use wal2cache::Lsn;
 
@@ -141,42 +147,23 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let mut db = match rt.block_on(BenchDb::create("catchup")) {
-        Ok(db) => db,
-        Err(e) => {
-            eprintln!("catchup: {}", common::chain(&*e));
-            std::process::exit(1);
-        }
-    };
+    let db = rt.block_on(TestDb::new("bench_catchup"));
     let mut tuning = Tuning::from_env();
     // /metrics, for the batches the daemon applied.
-    tuning.metrics_port = daemon::free_port().ok();
-    let setup = match Setup::write_rules(&db, "catchup", &tuning, |p| match &shape {
-        Shape::Default => daemon::rules(p),
+    tuning.metrics_port = Some(support::net::free_port());
+    let setup = BenchSetup::write_rules(&db, "catchup", &tuning, |p| match &shape {
+        Shape::Default => daemon::item_rules(p),
         Shape::Tags(t) => t.rules(p),
-    }) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("catchup: {}", common::chain(&*e));
-            std::process::exit(1);
-        }
-    };
-    // Ctrl-C still cleans up.
-    let result = rt.block_on(async {
-        tokio::select! {
-            result = run(&mut db, &setup, &tuning, &shape, rows, table_rows) => result,
-            _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
-        }
     });
-    rt.block_on(daemon::cleanup(&setup));
+    // Ctrl-C (and a panic) still cleans up.
+    let result = daemon::run_then_clean_up(
+        &rt,
+        &setup,
+        run(&db, &setup, &tuning, &shape, rows, table_rows),
+    );
     drop(db);
     if let Err(e) = result {
-        eprintln!(
-            "the config and the daemon's log are kept in {}",
-            setup.keep().display()
-        );
-        eprintln!("catchup failed: {}", common::chain(&*e));
-        std::process::exit(1);
+        daemon::fail("catchup", setup, &e);
     }
 }
 
@@ -194,8 +181,8 @@ struct Prepared {
 }
 
 async fn run(
-    db: &mut BenchDb,
-    setup: &Setup,
+    db: &TestDb,
+    setup: &BenchSetup,
     tuning: &Tuning,
     shape: &Shape,
     rows: usize,
@@ -227,10 +214,10 @@ async fn run(
     println!(
         "server: PostgreSQL {version}, synchronous_commit={sync_commit}, fsync={fsync}; database {}; daemon {}",
         db.name,
-        daemon::binary()
+        support::daemon::bin()
     );
     println!("daemon tuning: {}", tuning.describe());
-    println!("load average at start: {}", daemon::load_average());
+    println!("load average at start: {}", load_average());
 
     db.client.batch_execute(daemon::TABLE_SQL).await?;
     db.client
@@ -258,16 +245,16 @@ async fn run(
     }
     let out = setup.run_setup()?;
     eprintln!("wal2cache setup: {out}");
-    let twin = db.create_slot("pg").await?;
+    let twin = db.create_slot("pg").await;
 
-    let mut r = daemon::redis_conn().await?;
+    let mut r = support::store::redis().await;
     let prepared = match shape {
         Shape::Default => prepare_default(db, setup, &mut r, rows, table_rows).await?,
         Shape::Tags(t) => prepare_tags(setup, &mut r, t, rows, table_rows).await?,
     };
 
     // The writes.
-    let start_lsn = db.current_lsn().await?;
+    let start_lsn = db.current_lsn().await;
     eprintln!("writing {} transactions...", thousands(rows as u64));
     let t = Instant::now();
     match shape {
@@ -279,10 +266,10 @@ async fn run(
         Shape::Tags(shape) => write_tags(db, shape, rows - 1, table_rows).await?,
     }
     // After every writer: its commit is the last.
-    let marker = daemon::marker_update(db, 1).await?;
+    let marker = daemon::marker_update(db, 1).await;
     let write_time = t.elapsed();
-    let end_lsn = db.current_lsn().await?;
-    let wal = db.wal_bytes_since(start_lsn).await?;
+    let end_lsn = db.current_lsn().await;
+    let wal = db.wal_bytes_since(start_lsn).await;
     println!(
         "write: {} transactions in {:.2} s = {:.0} txn/s; WAL {start_lsn} .. {end_lsn} = {:.1} MiB; marker {marker}",
         thousands(rows as u64),
@@ -294,10 +281,10 @@ async fn run(
     let daemon_first = std::env::var("W2C_BENCH_DAEMON_FIRST").is_ok_and(|v| v == "1");
     let (pg, ours) = if daemon_first {
         let ours = read_daemon(db, setup, tuning, marker, rows).await?;
-        let pg = read_pg_recvlogical(db, &twin, end_lsn, rows).await?;
+        let pg = read_twin_slot(db, &twin, end_lsn, rows).await?;
         (pg, ours)
     } else {
-        let pg = read_pg_recvlogical(db, &twin, end_lsn, rows).await?;
+        let pg = read_twin_slot(db, &twin, end_lsn, rows).await?;
         let ours = read_daemon(db, setup, tuning, marker, rows).await?;
         (pg, ours)
     };
@@ -331,7 +318,7 @@ async fn run(
     // Tansu 0.6 reports a partition's high watermark as the base offset of its last
     // batch (the records of that batch are not counted), so the watermarks are only
     // a lower bound: the topic is read back whole to count the events.
-    let marks = daemon::topic_watermarks(&setup.topic).await?;
+    let marks = support::kafka::topic_watermarks(&setup.topic).await;
     let watermark_sum: i64 = marks.iter().map(|(_, lo, hi)| hi - lo).sum();
     println!(
         "topic {}: {} partitions, high - low watermarks {} ({}); {} changes written",
@@ -503,8 +490,8 @@ async fn run(
 /// The default shape: what an application cached for a few rows (the delete rule's
 /// keys, and a page under the category tag); the republished keys they must end with.
 async fn prepare_default(
-    db: &BenchDb,
-    setup: &Setup,
+    db: &TestDb,
+    setup: &BenchSetup,
     r: &mut redis::aio::MultiplexedConnection,
     rows: usize,
     table_rows: usize,
@@ -569,7 +556,7 @@ async fn prepare_default(
 /// The tags shape: all the keys of a few rows and the shared tag's pages cached; the
 /// final rows of a few offers to be republished; per row, the writers' updates.
 async fn prepare_tags(
-    setup: &Setup,
+    setup: &BenchSetup,
     r: &mut redis::aio::MultiplexedConnection,
     t: &TagShape,
     rows: usize,
@@ -646,14 +633,14 @@ async fn prepare_tags(
 /// `total` transactions from the shape's writers at once, each on a connection of its
 /// own; returns when all of them finished.
 async fn write_tags(
-    db: &BenchDb,
+    db: &TestDb,
     t: &TagShape,
     total: usize,
     table_rows: usize,
 ) -> Result<(), BoxError> {
     let mut clients = Vec::new();
     for _ in 0..t.writers {
-        clients.push(common::connect(&db.url).await?);
+        clients.push(connect(&db.url).await);
     }
     let mut tasks = tokio::task::JoinSet::new();
     for (w, (n, client)) in t.per_writer(total).into_iter().zip(clients).enumerate() {
@@ -685,18 +672,11 @@ struct Walsender {
 
 impl Walsender {
     /// Finds the slot's walsender (`active_pid`) when not yet known, and reads its CPU.
-    async fn observe(&mut self, db: &BenchDb, slot: &str) -> Result<(), BoxError> {
+    async fn observe(&mut self, db: &TestDb, slot: &str) -> Result<(), BoxError> {
         if self.pid.is_none() {
-            self.pid = db
-                .client
-                .query_opt(
-                    "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
-                    &[&slot],
-                )
-                .await?
-                .and_then(|row| row.get::<_, Option<i32>>(0));
+            self.pid = active_pid(&db.client, slot).await?;
         }
-        if let Some(cpu) = self.pid.and_then(daemon::process_cpu_secs) {
+        if let Some(cpu) = self.pid.and_then(process_cpu_secs) {
             self.used = Some(cpu);
         }
         Ok(())
@@ -735,28 +715,20 @@ impl Ours {
 }
 
 async fn read_daemon(
-    db: &BenchDb,
-    setup: &Setup,
+    db: &TestDb,
+    setup: &BenchSetup,
     tuning: &Tuning,
     marker: daemon::Marker,
     rows: usize,
 ) -> Result<Ours, BoxError> {
     eprintln!(
         "starting wal2cache run (load average {})...",
-        daemon::load_average()
+        load_average()
     );
-    let redis = Observed::on_port(
-        "redis-server",
-        daemon::port_of(&daemon::redis_url()),
-        "W2C_BENCH_REDIS_PID",
-    );
-    let broker = Observed::on_port(
-        "broker",
-        daemon::port_of(&daemon::kafka_brokers()),
-        "W2C_BENCH_BROKER_PID",
-    );
+    let redis = Observed::on_port("redis-server", port_of(&redis_url()), "W2C_BENCH_REDIS_PID");
+    let broker = Observed::on_port("broker", port_of(&kafka_brokers()), "W2C_BENCH_BROKER_PID");
     let stats0 = daemon::redis_commandstats().await.unwrap_or_default();
-    let mut d = Daemon::start(setup)?;
+    let mut d = DaemonRun::start(setup);
     let perf = if std::env::var("W2C_BENCH_PERF").is_ok_and(|v| v == "1") {
         daemon::wait_active(db, &setup.slot, &mut d, Duration::from_secs(120)).await?;
         Some(Perf::attach(d.pid)?)
@@ -778,7 +750,7 @@ async fn read_daemon(
     let cpu = d.cpu_secs();
     let mut walsender = Walsender::default();
     walsender.observe(db, &setup.slot).await?;
-    let named = |pid: Option<i32>| pid.map(|p| (p, daemon::process_name(p)));
+    let named = |pid: Option<i32>| pid.map(|p| (p, process_name(p)));
     let others = vec![
         ("redis-server", named(redis.pid), redis.used()),
         ("broker", named(broker.pid), broker.used()),
@@ -821,7 +793,7 @@ async fn read_daemon(
     };
     let threads = d.threads();
     let vm_hwm_kb = d.status_kb("VmHWM");
-    let (status, stop) = d.stop(Duration::from_secs(90)).await?;
+    let (status, stop) = d.stop(Duration::from_secs(90))?;
     let startup = progress
         .active_after
         .unwrap_or(Duration::ZERO)
@@ -831,7 +803,7 @@ async fn read_daemon(
         progress.elapsed.as_secs_f64(),
         startup.as_secs_f64(),
         progress.first_move_after.unwrap_or_default().as_secs_f64(),
-        rss_samples(&progress.rss)
+        daemon::rss_samples(&progress.rss, 10)
     );
     Ok(Ours {
         rows,
@@ -889,9 +861,7 @@ impl Perf {
 
     /// SIGINT, then waits for perf to write its data.
     fn stop(mut self) -> Result<(), BoxError> {
-        Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status()?;
+        support::daemon::signal(&self.child, "INT");
         let status = self.child.wait()?;
         eprintln!(
             "perf record ended ({status}); report: perf report -i {} --no-children --sort symbol",
@@ -901,69 +871,26 @@ impl Perf {
     }
 }
 
-/// About ten VmRSS samples spread over the run.
-fn rss_samples(rss: &[(Duration, u64)]) -> String {
-    let step = (rss.len() / 10).max(1);
-    rss.iter()
-        .step_by(step)
-        .chain(rss.last())
-        .map(|(t, kb)| format!("{:.0}s:{:.1}", t.as_secs_f64(), *kb as f64 / 1024.0))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn pg_recvlogical_binary() -> String {
-    if let Ok(b) = std::env::var("PG_RECVLOGICAL") {
-        return b;
-    }
-    let pg15 = "/usr/lib/postgresql/15/bin/pg_recvlogical";
-    if Path::new(pg15).exists() {
-        pg15.into()
-    } else {
-        "pg_recvlogical".into()
-    }
-}
-
 /// `pg_recvlogical` on the twin slot, with the pgoutput options the daemon uses, output
 /// to /dev/null, until it passes the end LSN.
-async fn read_pg_recvlogical(
-    db: &BenchDb,
+async fn read_twin_slot(
+    db: &TestDb,
     slot: &str,
     end_lsn: Lsn,
     rows: usize,
 ) -> Result<Pg, BoxError> {
     eprintln!(
         "reading with pg_recvlogical (load average {})...",
-        daemon::load_average()
+        load_average()
     );
-    let cpu0 = daemon::children_cpu_secs();
-    let start = Instant::now();
-    let mut child = Command::new(pg_recvlogical_binary())
-        .args(["-d", &db.url, "--slot", slot, "--start", "--no-loop"])
-        .args(["-o", "proto_version=1", "-o", "publication_names=w2c_bench"])
-        .args(["-o", "messages=true", "--endpos"])
-        .arg(end_lsn.to_string())
-        .args(["-F", "0", "-f", "/dev/null"])
-        .stdin(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", pg_recvlogical_binary()))?;
-    let deadline = Instant::now() + Duration::from_secs(3600);
+    let cpu0 = children_cpu_secs();
     let mut walsender = Walsender::default();
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        // Its CPU until it exits, with pg_recvlogical: the last reading counts.
-        walsender.observe(db, slot).await?;
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err("pg_recvlogical still running after an hour: killed".into());
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    };
-    let elapsed = start.elapsed();
-    let cpu = daemon::children_cpu_secs() - cpu0;
+    // Its CPU until it exits, with pg_recvlogical: the last reading counts.
+    let (status, elapsed) = run_pg_recvlogical(&db.url, slot, "w2c_bench", end_lsn, async || {
+        walsender.observe(db, slot).await
+    })
+    .await?;
+    let cpu = children_cpu_secs() - cpu0;
     if !status.success() {
         return Err(format!("pg_recvlogical failed: {status}").into());
     }
@@ -985,18 +912,18 @@ async fn read_back(
     use std::collections::HashSet;
     use std::sync::{Arc, Mutex};
     #[derive(Default)]
-    struct Seen {
+    struct Tally {
         heartbeats: u64,
         invalidate: u64,
         lsns: HashSet<String>,
         per_row: HashMap<String, u64>,
         other: Vec<String>,
     }
-    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let seen: Arc<Mutex<Tally>> = Arc::default();
     let s2 = seen.clone();
     let prefixes = prepared.ident_prefixes.clone();
     let t = Instant::now();
-    let (read, ends) = daemon::consume_topic(
+    let (read, ends) = support::kafka::consume_topic(
         topic,
         Duration::from_secs(2),
         Duration::from_secs(600),
@@ -1032,7 +959,7 @@ async fn read_back(
             }
         },
     )
-    .await?;
+    .await;
     let s = seen.lock().unwrap();
     println!(
         "read back {} messages in {:.1} s: {} invalidate events ({} distinct commit LSNs), {} heartbeats, {} other{}",

@@ -22,18 +22,22 @@
 //!
 //! Env: `W2C_BENCH_RUNTIME=current_thread` runs everything of this process on one
 //! thread (default `multi_thread`, one worker per core); `WAL2CACHE_TEST_PG` (server;
-//! a database `w2c_bench_decode_<pid>` is created and dropped with its slots);
+//! a database `w2c_bench_decode_<pid>_...` is created and dropped with its slots);
 //! `PG_RECVLOGICAL` (the binary; default: PostgreSQL 15's, then the PATH).
 
 mod common;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{env_usize, mib, proc_status_kb, thousands, BenchDb, BoxError};
+use common::{
+    env_usize, mib, proc_status_kb, process_ticks, run_pg_recvlogical, stat_fields, thousands,
+    ticks_to_secs, BoxError,
+};
+use support::db::{active_pid, connect, TestDb};
 use wal2cache::source::{PgTarget, Source, SourceEvent, StreamConfig, Value};
 use wal2cache::Lsn;
 
@@ -55,13 +59,7 @@ fn main() {
     };
     let rt = builder.enable_all().build().expect("tokio runtime");
     eprintln!("tokio runtime: {flavor}");
-    let db = match rt.block_on(BenchDb::create("decode")) {
-        Ok(db) => db,
-        Err(e) => {
-            eprintln!("decode_throughput: {}", common::chain(&*e));
-            std::process::exit(1);
-        }
-    };
+    let db = rt.block_on(TestDb::new("bench_decode"));
     // Ctrl-C still drops the database and its slots.
     let result = rt.block_on(async {
         tokio::select! {
@@ -109,7 +107,7 @@ impl Measured {
 }
 
 async fn run(
-    db: &BenchDb,
+    db: &TestDb,
     updates: usize,
     table_rows: usize,
     rounds: usize,
@@ -151,21 +149,21 @@ async fn run(
     let mut slots = Vec::new();
     for r in 0..rounds {
         slots.push((
-            db.create_slot(&format!("pg{r}")).await?,
-            db.create_slot(&format!("ours{r}")).await?,
+            db.create_slot(&format!("pg{r}")).await,
+            db.create_slot(&format!("ours{r}")).await,
         ));
     }
 
     // The writes: one transaction per UPDATE, committed inside the procedure's loop.
-    let start_lsn = db.current_lsn().await?;
+    let start_lsn = db.current_lsn().await;
     eprintln!("writing {} transactions...", thousands(updates as u64));
     let t = Instant::now();
     db.client
         .batch_execute(&format!("CALL bench_updates({updates}, {table_rows})"))
         .await?;
     let write_time = t.elapsed();
-    let end_lsn = db.current_lsn().await?;
-    let wal = db.wal_bytes_since(start_lsn).await?;
+    let end_lsn = db.current_lsn().await;
+    let wal = db.wal_bytes_since(start_lsn).await;
     println!(
         "write: {} transactions in {:.2} s = {:.0} txn/s; WAL {start_lsn} .. {end_lsn} = {:.1} MiB",
         thousands(updates as u64),
@@ -244,14 +242,14 @@ async fn run(
 /// Our reader: a `Source` on its own slot, every change decoded into a typed row, every
 /// commit confirmed, until the commit of the last update.
 async fn read_ours(
-    db: &BenchDb,
+    db: &TestDb,
     slot: &str,
     end_lsn: Lsn,
     expected: u64,
     round: usize,
 ) -> Result<Measured, BoxError> {
     let config = StreamConfig::new(PgTarget::parse(&db.url)?, slot, PUBLICATION);
-    let sampler = WalsenderSampler::start(db, slot).await?;
+    let sampler = WalsenderSampler::start(db, slot).await;
     let cpu0 = cpu_ticks();
     let start = Instant::now();
     let mut source = Source::start(config, Lsn::ZERO);
@@ -321,54 +319,20 @@ async fn read_ours(
     })
 }
 
-fn pg_recvlogical_binary() -> String {
-    if let Ok(b) = std::env::var("PG_RECVLOGICAL") {
-        return b;
-    }
-    let pg15 = "/usr/lib/postgresql/15/bin/pg_recvlogical";
-    if Path::new(pg15).exists() {
-        pg15.into()
-    } else {
-        "pg_recvlogical".into()
-    }
-}
-
 /// `pg_recvlogical` on its own slot, with the same pgoutput options as ours, output to
 /// /dev/null, until it passes the end LSN. It reports its position as it goes, so the
 /// slot moves like ours.
 async fn read_pg_recvlogical(
-    db: &BenchDb,
+    db: &TestDb,
     slot: &str,
     end_lsn: Lsn,
     expected: u64,
     round: usize,
 ) -> Result<Measured, BoxError> {
-    let sampler = WalsenderSampler::start(db, slot).await?;
+    let sampler = WalsenderSampler::start(db, slot).await;
     let cpu0 = cpu_ticks();
-    let start = Instant::now();
-    let mut child = Command::new(pg_recvlogical_binary())
-        .args(["-d", &db.url, "--slot", slot, "--start", "--no-loop"])
-        .args(["-o", "proto_version=1", "-o"])
-        .arg(format!("publication_names={PUBLICATION}"))
-        .args(["-o", "messages=true", "--endpos"])
-        .arg(end_lsn.to_string())
-        .args(["-F", "0", "-f", "/dev/null"])
-        .stdin(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", pg_recvlogical_binary()))?;
-    let deadline = Instant::now() + Duration::from_secs(3600);
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err("pg_recvlogical still running after an hour: killed".into());
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    };
-    let elapsed = start.elapsed();
+    let (status, elapsed) =
+        run_pg_recvlogical(&db.url, slot, PUBLICATION, end_lsn, async || Ok(())).await?;
     let cpu1 = cpu_ticks();
     let client_cpu =
         ticks_to_secs(cpu1.child_user + cpu1.child_sys - cpu0.child_user - cpu0.child_sys);
@@ -381,14 +345,7 @@ async fn read_pg_recvlogical(
     if !status.success() {
         return Err(format!("pg_recvlogical failed: {status}").into());
     }
-    let left = db
-        .client
-        .query_one(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await?
-        .get::<_, Option<String>>(0);
+    let left = db.confirmed_lsn(slot).await.map(|l| l.to_string());
     eprintln!("pg_recvlogical: exited {status}; slot confirmed_flush_lsn {left:?}");
     Ok(Measured {
         reader: Reader::PgRecvlogical,
@@ -413,19 +370,8 @@ struct CpuTicks {
     involuntary: u64,
 }
 
-fn stat_fields(path: &str) -> Option<Vec<u64>> {
-    let stat = std::fs::read_to_string(path).ok()?;
-    // Fields after the command name, which may hold spaces: field 3 (state) is rest[0].
-    let rest = &stat[stat.rfind(')')? + 1..];
-    Some(
-        rest.split_whitespace()
-            .map(|f| f.parse().unwrap_or(0))
-            .collect(),
-    )
-}
-
 fn cpu_ticks() -> CpuTicks {
-    let f = stat_fields("/proc/self/stat").unwrap_or_default();
+    let f = stat_fields("self").unwrap_or_default();
     let at = |i: usize| f.get(i).copied().unwrap_or(0);
     // utime 14, stime 15, cutime 16, cstime 17.
     // Context switches of every thread: /proc/self/status counts only the main one's.
@@ -458,27 +404,6 @@ fn cpu_ticks() -> CpuTicks {
     }
 }
 
-fn process_ticks(pid: i32) -> Option<u64> {
-    let f = stat_fields(&format!("/proc/{pid}/stat"))?;
-    Some(f.get(11)? + f.get(12)?)
-}
-
-fn clock_ticks_per_second() -> f64 {
-    static TCK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TCK.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(100.0)
-    })
-}
-
-fn ticks_to_secs(ticks: u64) -> f64 {
-    ticks as f64 / clock_ticks_per_second()
-}
-
 /// Follows the CPU time of the walsender serving a slot (from /proc, every 100 ms),
 /// over its own connection.
 struct WalsenderSampler {
@@ -488,25 +413,17 @@ struct WalsenderSampler {
 }
 
 impl WalsenderSampler {
-    async fn start(db: &BenchDb, slot: &str) -> Result<WalsenderSampler, BoxError> {
-        let client = common::connect(&db.url).await?;
+    async fn start(db: &TestDb, slot: &str) -> WalsenderSampler {
+        let client = connect(&db.url).await;
         let slot = slot.to_string();
         let last: Arc<Mutex<HashMap<i32, u64>>> = Arc::default();
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let seen = last.clone();
         let task = tokio::spawn(async move {
             loop {
-                if let Ok(row) = client
-                    .query_one(
-                        "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
-                        &[&slot],
-                    )
-                    .await
-                {
-                    if let Some(pid) = row.get::<_, Option<i32>>(0) {
-                        if let Some(ticks) = process_ticks(pid) {
-                            seen.lock().unwrap().insert(pid, ticks);
-                        }
+                if let Ok(Some(pid)) = active_pid(&client, &slot).await {
+                    if let Some(ticks) = process_ticks(pid) {
+                        seen.lock().unwrap().insert(pid, ticks);
                     }
                 }
                 tokio::select! {
@@ -515,7 +432,7 @@ impl WalsenderSampler {
                 }
             }
         });
-        Ok(WalsenderSampler { stop, task, last })
+        WalsenderSampler { stop, task, last }
     }
 
     /// CPU seconds of every walsender seen on the slot, as last sampled.

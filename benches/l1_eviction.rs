@@ -12,57 +12,18 @@
 //! services' `WAL2CACHE_TEST_PG`, `WAL2CACHE_TEST_REDIS`, `WAL2CACHE_TEST_KAFKA`.
 
 mod common;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{env_usize, BenchDb, BoxError};
+use common::{env_usize, load_average, percentile_rounded, BoxError};
+use support::config::ConfigBuilder;
+use support::daemon::Daemon;
+use support::db::TestDb;
+use support::env::kafka_brokers;
 use tokio::sync::mpsc;
 use wal2cache::l1::{Notice, L1};
-
-fn redis_url() -> String {
-    std::env::var("WAL2CACHE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:63790".into())
-}
-
-fn kafka_brokers() -> String {
-    std::env::var("WAL2CACHE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
-}
-
-/// The daemon as a child process: SIGTERM at the end, killed if the bench panics.
-struct Daemon(Option<Child>);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Daemon {
-    fn start(config: &Path) -> Daemon {
-        let bin = std::env::var("W2C_BENCH_BIN")
-            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_wal2cache").into());
-        Daemon(Some(
-            Command::new(bin)
-                .args(["run", "--config", config.to_str().unwrap()])
-                .env("WAL2CACHE_LOG", "warn")
-                .stdin(Stdio::null())
-                .spawn()
-                .expect("the wal2cache binary"),
-        ))
-    }
-
-    fn stop(mut self) {
-        let mut child = self.0.take().unwrap();
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        let _ = child.wait();
-    }
-}
 
 /// An eviction as the L1 applied it.
 struct Evicted {
@@ -72,20 +33,17 @@ struct Evicted {
     evicted: usize,
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
+/// `later - earlier` in milliseconds (negative when `later` is earlier).
 fn since(later: SystemTime, earlier: SystemTime) -> f64 {
     match later.duration_since(earlier) {
-        Ok(d) => ms(d),
-        Err(e) => -ms(e.duration()),
+        Ok(d) => d.as_secs_f64() * 1000.0,
+        Err(e) => -e.duration().as_secs_f64() * 1000.0,
     }
 }
 
 fn report(what: &str, mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    let p = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    let p = |q: f64| percentile_rounded(&v, q);
     println!(
         "{what}: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms (n = {})",
         p(0.5),
@@ -97,22 +55,13 @@ fn report(what: &str, mut v: Vec<f64>) -> f64 {
     p(0.99)
 }
 
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 async fn run() -> Result<(), BoxError> {
     let updates = env_usize("W2C_BENCH_UPDATES", 500);
     let pace = Duration::from_millis(env_usize("W2C_BENCH_PACE_MS", 20) as u64);
     let fetch_wait = std::env::var("W2C_BENCH_FETCH_WAIT_MS").ok();
-    println!("load average at start: {}", loadavg());
+    println!("load average at start: {}", load_average());
 
-    let db = BenchDb::create("l1_evict").await?;
+    let db = TestDb::new("bench_l1_evict").await;
     db.client
         .batch_execute(
             "CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL, price numeric(10, 2) NOT NULL);
@@ -121,27 +70,16 @@ async fn run() -> Result<(), BoxError> {
         .await?;
     let prefix = format!("l1b{}", std::process::id());
     let topic = format!("{prefix}.events");
-    let dir = std::env::temp_dir().join(format!("w2c_l1_bench_{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(
-        dir.join("rules.toml"),
-        format!(
+    let dir = tempfile::Builder::new().prefix("w2c_l1_bench_").tempdir()?;
+    let config = ConfigBuilder::new(&db)
+        .name("l1-bench")
+        .rules(&format!(
             "[[rule]]\nname = \"item\"\ntable = \"public.items\"\nkeys = [\"{prefix}:item:{{id}}\"]\ntags = [\"{prefix}:items\"]\n"
-        ),
-    )?;
-    let config = dir.join("wal2cache.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "name = \"l1-bench\"\n[postgres]\nurl = \"{url}\"\nslot = \"{db}_d\"\npublication = \"w2c\"\n\
-             [rules]\npath = \"rules.toml\"\n[redis]\nurl = \"{redis}\"\ntag_prefix = \"{prefix}:tag:\"\n\
-             [kafka]\nbrokers = \"{kafka}\"\ntopic = \"{topic}\"\npartitions = 2\n",
-            url = db.url,
-            db = db.name,
-            redis = redis_url(),
-            kafka = kafka_brokers(),
-        ),
-    )?;
+        ))
+        .redis_key("tag_prefix", format!("{prefix}:tag:"))
+        .kafka_topic(&topic)
+        .kafka_key("partitions", 2)
+        .write(dir.path());
 
     let (tx, mut evictions) = mpsc::unbounded_channel::<Evicted>();
     let mut builder = L1::builder(kafka_brokers(), &topic).staleness_bound(Duration::from_secs(5));
@@ -160,7 +98,7 @@ async fn run() -> Result<(), BoxError> {
             }
         })
         .build()?;
-    let daemon = Daemon::start(&config);
+    let daemon = Daemon::start(&config, &[]);
     if !cache.wait_healthy(Duration::from_secs(60)).await {
         return Err(format!("the L1 never turned healthy: {:?}", cache.metrics()).into());
     }
@@ -211,8 +149,9 @@ async fn run() -> Result<(), BoxError> {
     }
     let elapsed = started.elapsed();
     let m = cache.metrics();
-    daemon.stop();
-    let _ = std::fs::remove_dir_all(&dir);
+    // SIGTERM; how it exits is not this bench's subject.
+    let _ = daemon.terminate(Duration::from_secs(60));
+    drop(dir);
 
     println!(
         "{updates} single-row UPDATEs at one per {} ms ({:.1} s), L1 fetch.wait.max.ms = {}; the daemon with its defaults",
@@ -231,7 +170,7 @@ async fn run() -> Result<(), BoxError> {
         "L1: healthy {}, resets {}, evictions {}, not evicted {not_evicted}, last lag {:?}",
         m.healthy, m.resets, m.evictions_by_invalidation, m.last_lag
     );
-    println!("load average at end: {}", loadavg());
+    println!("load average at end: {}", load_average());
     Ok(())
 }
 

@@ -7,23 +7,22 @@
 //! `cargo bench --features l1 --bench l1_hit`; `W2C_BENCH_KEYS` (default 10,000)
 //! sets how many keys are cached and read in turn.
 
+mod common;
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::future::Future;
 use std::hint::black_box;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use common::percentile_rounded as percentile;
 use criterion::Criterion;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
-use wal2cache::event::{Event, Kind};
+use support::env::kafka_brokers;
+use support::kafka::create_topic;
+use support::l1::{Events, Heartbeats};
 use wal2cache::l1::{L1, NO_TAGS};
-
-fn kafka_brokers() -> String {
-    std::env::var("WAL2CACHE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
-}
 
 /// Awaits `fut` as an application's `.await` would on a hit: polled once, ready at
 /// once (a miss would wait on the runtime instead).
@@ -35,49 +34,11 @@ fn ready<F: Future>(rt: &tokio::runtime::Runtime, fut: F) -> F::Output {
     }
 }
 
-/// The broker side: a topic of its own and the daemon's heartbeats on it.
-async fn stream(topic: &str) -> tokio::task::JoinHandle<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
-        .create()
-        .unwrap();
-    admin
-        .create_topics(
-            [&NewTopic::new(topic, 2, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        )
-        .await
-        .expect("the broker runs: deploy/local/services.sh start kafka");
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
-        .create()
-        .unwrap();
-    let topic = topic.to_string();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            let mut e = Event::new(Kind::Heartbeat, "bench");
-            e.commit_time = Some(
-                chrono::Utc::now()
-                    .format("%Y-%m-%dT%H:%M:%S%.6fZ")
-                    .to_string(),
-            );
-            let payload = e.to_json();
-            for p in 0..2 {
-                let _ = producer.send_result(
-                    FutureRecord::to(&topic)
-                        .key("heartbeat")
-                        .payload(&payload)
-                        .partition(p),
-                );
-            }
-        }
-    })
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+/// The broker side: a topic of its own (two partitions) and the daemon's heartbeats
+/// on it, every second, until dropped.
+async fn stream(topic: &str) -> Heartbeats {
+    create_topic(topic, 2).await;
+    Heartbeats::start(&Events::new(topic, 2), Duration::from_secs(1))
 }
 
 fn main() {

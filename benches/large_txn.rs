@@ -13,13 +13,16 @@
 //! past `logical_decoding_work_mem`, and the first change arrives only then.
 //!
 //! Env: `W2C_BENCH_TXN_ROWS` (500,000), `WAL2CACHE_TEST_PG` (server; a database
-//! `w2c_bench_txn_<pid>` is created and dropped with its slot).
+//! `w2c_bench_txn_<pid>_...` is created and dropped with its slot).
 
 mod common;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use std::time::{Duration, Instant};
 
-use common::{env_usize, mib, proc_status_kb, thousands, BenchDb, BoxError};
+use common::{env_usize, mib, proc_status_kb, thousands, BoxError};
+use support::db::TestDb;
 use wal2cache::source::{Op, PgTarget, Source, SourceEvent, StreamConfig, Value};
 use wal2cache::Lsn;
 
@@ -31,13 +34,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let db = match rt.block_on(BenchDb::create("txn")) {
-        Ok(db) => db,
-        Err(e) => {
-            eprintln!("large_txn: {}", common::chain(&*e));
-            std::process::exit(1);
-        }
-    };
+    let db = rt.block_on(TestDb::new("bench_txn"));
     // Ctrl-C still drops the database and its slots.
     let result = rt.block_on(async {
         tokio::select! {
@@ -52,7 +49,7 @@ fn main() {
     }
 }
 
-async fn run(db: &BenchDb, rows: u64) -> Result<(), BoxError> {
+async fn run(db: &TestDb, rows: u64) -> Result<(), BoxError> {
     let work_mem: String = db
         .client
         .query_one("SELECT current_setting('logical_decoding_work_mem')", &[])
@@ -69,9 +66,9 @@ async fn run(db: &BenchDb, rows: u64) -> Result<(), BoxError> {
              CREATE PUBLICATION {PUBLICATION} FOR ALL TABLES;"
         ))
         .await?;
-    let slot = db.create_slot("big").await?;
+    let slot = db.create_slot("big").await;
 
-    let start_lsn = db.current_lsn().await?;
+    let start_lsn = db.current_lsn().await;
     eprintln!("inserting {} rows in one transaction...", thousands(rows));
     let t = Instant::now();
     // 3 x md5 = 96 characters, plus a separator and the number: about 100 bytes a row.
@@ -83,7 +80,7 @@ async fn run(db: &BenchDb, rows: u64) -> Result<(), BoxError> {
         ))
         .await?;
     let insert_time = t.elapsed();
-    let wal = db.wal_bytes_since(start_lsn).await?;
+    let wal = db.wal_bytes_since(start_lsn).await;
     println!(
         "insert: {:.2} s; WAL {:.1} MiB",
         insert_time.as_secs_f64(),

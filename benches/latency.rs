@@ -41,11 +41,14 @@
 mod common;
 #[path = "common/daemon.rs"]
 mod daemon;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use std::time::{Duration, Instant};
 
-use common::{env_usize, mib, thousands, BenchDb, BoxError};
-use daemon::{ms, percentile, Daemon, Setup, Tuning};
+use common::{env_usize, load_average, mib, ms, percentile, thousands, BoxError};
+use daemon::{BenchSetup, DaemonRun, Tuning};
+use support::db::{connect, TestDb};
 
 fn main() {
     let seconds = env_usize("W2C_BENCH_SECONDS", 30).max(1);
@@ -56,45 +59,21 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let mut db = match rt.block_on(BenchDb::create("latency")) {
-        Ok(db) => db,
-        Err(e) => {
-            eprintln!("latency: {}", common::chain(&*e));
-            std::process::exit(1);
-        }
-    };
+    let db = rt.block_on(TestDb::new("bench_latency"));
     let mut tuning = Tuning::from_env();
-    let setup = match daemon::free_port().and_then(|port| {
-        tuning.metrics_port = Some(port);
-        Setup::write(&db, "latency", &tuning)
-    }) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("latency: {}", common::chain(&*e));
-            std::process::exit(1);
-        }
-    };
+    tuning.metrics_port = Some(support::net::free_port());
+    let setup = BenchSetup::write(&db, "latency", &tuning);
     let params = Params {
         seconds,
         rate,
         connections,
         table_rows,
     };
-    let result = rt.block_on(async {
-        tokio::select! {
-            result = run(&mut db, &setup, &tuning, &params) => result,
-            _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
-        }
-    });
-    rt.block_on(daemon::cleanup(&setup));
+    // Ctrl-C (and a panic) still cleans up.
+    let result = daemon::run_then_clean_up(&rt, &setup, run(&db, &setup, &tuning, &params));
     drop(db);
     if let Err(e) = result {
-        eprintln!(
-            "the config and the daemon's log are kept in {}",
-            setup.keep().display()
-        );
-        eprintln!("latency failed: {}", common::chain(&*e));
-        std::process::exit(1);
+        daemon::fail("latency", setup, &e);
     }
 }
 
@@ -116,8 +95,8 @@ struct Writer {
 }
 
 async fn run(
-    db: &mut BenchDb,
-    setup: &Setup,
+    db: &TestDb,
+    setup: &BenchSetup,
     tuning: &Tuning,
     params: &Params,
 ) -> Result<(), BoxError> {
@@ -147,10 +126,10 @@ async fn run(
     println!(
         "server: PostgreSQL {version}, synchronous_commit={sync_commit}, fsync={fsync}; database {}; daemon {}; metrics on 127.0.0.1:{port}",
         db.name,
-        daemon::binary()
+        support::daemon::bin()
     );
     println!("daemon tuning: {}", tuning.describe());
-    println!("load average at start: {}", daemon::load_average());
+    println!("load average at start: {}", load_average());
 
     db.client.batch_execute(daemon::TABLE_SQL).await?;
     db.client
@@ -159,24 +138,23 @@ async fn run(
     db.client.batch_execute("VACUUM ANALYZE items").await?;
     eprintln!("wal2cache setup: {}", setup.run_setup()?);
 
-    let mut d = Daemon::start(setup)?;
+    let mut d = DaemonRun::start(setup);
     let active = daemon::wait_active(db, &setup.slot, &mut d, Duration::from_secs(60)).await?;
-    let scrape_deadline = Instant::now() + Duration::from_secs(10);
-    while daemon::scrape(port).await.is_err() {
-        if Instant::now() > scrape_deadline {
-            return Err(format!("no /metrics on 127.0.0.1:{port} after 10 s").into());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    support::wait::eventually(
+        &format!("/metrics on 127.0.0.1:{port}"),
+        Duration::from_secs(10),
+        || async { daemon::scrape(port).await.is_ok() },
+    )
+    .await;
     eprintln!(
         "daemon streaming after {:.3} s; writing for {seconds} s (load average {})...",
         active.as_secs_f64(),
-        daemon::load_average()
+        load_average()
     );
     // The writers' connections first, so that connecting is not in the schedule.
     let mut clients = Vec::new();
     for _ in 0..connections {
-        let client = common::connect(&db.url).await?;
+        let client = connect(&db.url).await;
         let stmt = client
             .prepare("UPDATE items SET price = price + 0.01, stock = stock + 1 WHERE id = $1")
             .await?;
@@ -226,7 +204,7 @@ async fn run(
     let write_secs = (end - t0).as_secs_f64();
 
     // Everything applied: a last transaction, confirmed.
-    let marker = daemon::marker_update(db, 1).await?;
+    let marker = daemon::marker_update(db, 1).await;
     let progress = daemon::wait_confirmed(
         db,
         &setup.slot,
@@ -239,7 +217,7 @@ async fn run(
     let drained_after = progress.elapsed.saturating_sub(end - d.started);
     let text = daemon::scrape(port).await?;
     let vm_hwm = d.status_kb("VmHWM");
-    let (status, _) = d.stop(Duration::from_secs(60)).await?;
+    let (status, _) = d.stop(Duration::from_secs(60))?;
 
     let mut late: Vec<Duration> = writers.iter().flat_map(|w| w.late.clone()).collect();
     let mut rtt: Vec<Duration> = writers.iter().flat_map(|w| w.rtt.clone()).collect();

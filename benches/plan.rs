@@ -4,6 +4,9 @@
 //!
 //! `cargo bench --bench plan` prints criterion's figures, then plans/s on one core.
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,7 +21,7 @@ use wal2cache::source::{Change, Op, Relation, Row, Value};
 
 const TABLES: usize = 10;
 
-fn rules() -> Arc<RuleSet> {
+fn rule_set() -> Arc<RuleSet> {
     let mut text = String::new();
     for t in 0..TABLES {
         text.push_str(&format!(
@@ -47,13 +50,7 @@ keys = ["cfg:v1:{{tenant}}:t{t}:{{id}}"]
 "#
         ));
     }
-    let dir = std::env::temp_dir().join(format!("w2c_bench_rules_{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("rules.toml");
-    std::fs::write(&file, text).unwrap();
-    let rules = wal2cache::rules::load(&file).unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    Arc::new(rules)
+    support::rules::compile_rules(&text)
 }
 
 fn relation(t: usize) -> Arc<Relation> {
@@ -81,24 +78,24 @@ fn relation(t: usize) -> Arc<Relation> {
     })
 }
 
-fn text(s: String) -> Value {
+fn text_value(s: String) -> Value {
     Value::Text(Bytes::from(s))
 }
 
 fn row(id: usize, price: usize) -> Row {
     Row(vec![
-        text(id.to_string()),
-        text(format!("item-{id}")),
-        text((id % 97).to_string()),
-        text(format!("Item number {id}")),
-        text(format!("{price}.99")),
-        text((id % 13).to_string()),
+        text_value(id.to_string()),
+        text_value(format!("item-{id}")),
+        text_value((id % 97).to_string()),
+        text_value(format!("Item number {id}")),
+        text_value(format!("{price}.99")),
+        text_value((id % 13).to_string()),
         Value::UnchangedToast,
     ])
 }
 
 /// 1,000 changes: 60% updates of the price, 20% inserts, 20% deletes.
-fn changes() -> Vec<Change> {
+fn change_mix() -> Vec<Change> {
     let relations: Vec<_> = (0..TABLES).map(relation).collect();
     (0..1000)
         .map(|i| {
@@ -120,8 +117,8 @@ fn changes() -> Vec<Change> {
 }
 
 fn main() {
-    let changes = changes();
-    let mut planner = Planner::new(rules());
+    let changes = change_mix();
+    let mut planner = Planner::new(rule_set());
     // Every plan does work: a wrong rule set would make this benchmark meaningless.
     let keys: usize = changes
         .iter()

@@ -26,16 +26,17 @@
 mod common;
 #[path = "common/daemon.rs"]
 mod daemon;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{env_usize, thousands, BoxError};
-use daemon::{ms, percentile};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use common::{env_usize, load_average, ms, percentile, thousands, BoxError};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
+use support::env::{kafka_brokers, redis_url};
+use support::kafka::{consume_topic, create_topic, topic_watermarks};
 
 const PARTITIONS: i32 = 3;
 
@@ -55,7 +56,7 @@ fn main() {
     rt.block_on(async {
         let names = topics.lock().unwrap().clone();
         for t in names {
-            daemon::delete_topic(&t).await;
+            daemon::delete_topic_or_warn(&t).await;
         }
         let _ = daemon::cleanup_redis(&prefix).await;
     });
@@ -67,7 +68,7 @@ fn main() {
 
 fn producer(linger_ms: &str) -> Result<FutureProducer, BoxError> {
     Ok(ClientConfig::new()
-        .set("bootstrap.servers", daemon::kafka_brokers())
+        .set("bootstrap.servers", kafka_brokers())
         .set("enable.idempotence", "true")
         .set("message.timeout.ms", "30000")
         .set("linger.ms", linger_ms)
@@ -75,27 +76,13 @@ fn producer(linger_ms: &str) -> Result<FutureProducer, BoxError> {
         .create()?)
 }
 
-async fn create_topic(topics: &Mutex<Vec<String>>, name: String) -> Result<String, BoxError> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", daemon::kafka_brokers())
-        .create()?;
-    let results = admin
-        .create_topics(
-            [&NewTopic::new(
-                &name,
-                PARTITIONS,
-                TopicReplication::Fixed(1),
-            )],
-            &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
-        )
-        .await?;
-    for r in results {
-        r.map_err(|(t, c)| format!("cannot create topic {t}: {c}"))?;
-    }
+/// A topic of the bench's own (deleted at the end).
+async fn new_topic(topics: &Mutex<Vec<String>>, name: String) -> String {
+    create_topic(&name, PARTITIONS).await;
     topics.lock().unwrap().push(name.clone());
     // Let the metadata settle.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    Ok(name)
+    name
 }
 
 /// An event the size of the daemon's for the bench rules.
@@ -113,15 +100,15 @@ async fn run(topics: Arc<Mutex<Vec<String>>>, prefix: &str) -> Result<(), BoxErr
     let lingers = std::env::var("W2C_BENCH_LINGERS").unwrap_or_else(|_| "0,1,5".into());
     println!(
         "sink_latency: Kafka at {}, Redis at {}; load average {}",
-        daemon::kafka_brokers(),
-        daemon::redis_url(),
-        daemon::load_average()
+        kafka_brokers(),
+        redis_url(),
+        load_average()
     );
     let pid = std::process::id();
 
     // 1. Produce -> ack at a fixed rate.
     for linger in lingers.split(',').map(str::trim).filter(|l| !l.is_empty()) {
-        let topic = create_topic(&topics, format!("w2cb-sink-{pid}-paced-{linger}")).await?;
+        let topic = new_topic(&topics, format!("w2cb-sink-{pid}-paced-{linger}")).await;
         let p = producer(linger)?;
         // Warm up: metadata, connections, producer id.
         p.send(
@@ -185,7 +172,7 @@ async fn run(topics: Arc<Mutex<Vec<String>>>, prefix: &str) -> Result<(), BoxErr
 
     // 2. Acknowledged vs stored.
     {
-        let topic = create_topic(&topics, format!("w2cb-sink-{pid}-burst")).await?;
+        let topic = new_topic(&topics, format!("w2cb-sink-{pid}-burst")).await;
         let p = producer("1")?;
         p.send(
             FutureRecord::to(&topic)
@@ -221,17 +208,17 @@ async fn run(topics: Arc<Mutex<Vec<String>>>, prefix: &str) -> Result<(), BoxErr
             }
         }
         let acked_after = t.elapsed();
-        let at_once = stored(daemon::topic_watermarks(&topic).await?);
+        let at_once = stored(topic_watermarks(&topic).await);
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let later = stored(daemon::topic_watermarks(&topic).await?);
+        let later = stored(topic_watermarks(&topic).await);
         drop(p);
-        let (read, ends) = daemon::consume_topic(
+        let (read, ends) = consume_topic(
             &topic,
             Duration::from_secs(2),
             Duration::from_secs(60),
             |_, _, _| {},
         )
-        .await?;
+        .await;
         let read = read as i64 - 1;
         println!(
             "Kafka burst of {} events: {} acked in {:.3} s; the high watermarks show {} right after the last ack, {} 2 s later; a consumer reads {} ({}); per partition (high watermark, end of what was read): {:?}",
@@ -251,7 +238,7 @@ async fn run(topics: Arc<Mutex<Vec<String>>>, prefix: &str) -> Result<(), BoxErr
     }
 
     // 3. Redis round trip per change.
-    let mut r = daemon::redis_conn().await?;
+    let mut r = support::store::redis().await;
     let republish = redis::Script::new(
         "local stored = redis.call('GET', KEYS[2])
          if stored and stored >= ARGV[1] then return 0 end
@@ -312,6 +299,6 @@ async fn run(topics: Arc<Mutex<Vec<String>>>, prefix: &str) -> Result<(), BoxErr
         ms(percentile(&lat, 0.999).as_secs_f64()),
         ms(lat.last().copied().unwrap_or_default().as_secs_f64()),
     );
-    println!("load average at the end: {}", daemon::load_average());
+    println!("load average at the end: {}", load_average());
     Ok(())
 }

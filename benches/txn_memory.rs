@@ -27,21 +27,24 @@
 //! Env: `W2C_BENCH_TXN_ROWS` (1,000,000), `W2C_BENCH_BATCH_DEADLINE`,
 //! `W2C_BENCH_BATCH_SIZE`, `W2C_BENCH_KAFKA_PROPS` (`k=v,k=v`), `W2C_BENCH_CONSUME=0`
 //! (do not read the topic back), `W2C_BENCH_DAEMON_LOG`, `WAL2CACHE_TEST_PG` /
-//! `_REDIS` / `_KAFKA`. The database `w2c_bench_txnmem_<pid>` is dropped with its
+//! `_REDIS` / `_KAFKA`. The database `w2c_bench_txnmem_<pid>_...` is dropped with its
 //! slot, the Redis keys under `w2cb_txnmem_<pid>` deleted, the topic
 //! `w2cb-txnmem-<pid>` deleted (or left where the broker cannot).
 
 mod common;
 #[path = "common/daemon.rs"]
 mod daemon;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{env_usize, mib, thousands, BenchDb, BoxError};
-use daemon::{Daemon, Setup, Tuning};
+use common::{env_usize, load_average, mib, thousands, BoxError};
+use daemon::{BenchSetup, DaemonRun, Tuning};
 use redis::AsyncCommands;
 use serde_json::{json, Value};
+use support::db::TestDb;
 
 const TARGET_MB: f64 = 100.0;
 
@@ -51,45 +54,21 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let mut db = match rt.block_on(BenchDb::create("txnmem")) {
-        Ok(db) => db,
-        Err(e) => {
-            eprintln!("txn_memory: {}", common::chain(&*e));
-            std::process::exit(1);
-        }
-    };
+    let db = rt.block_on(TestDb::new("bench_txnmem"));
     let mut tuning = Tuning::from_env();
-    let setup = match daemon::free_port().and_then(|port| {
-        tuning.metrics_port = Some(port);
-        Setup::write(&db, "txnmem", &tuning)
-    }) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("txn_memory: {}", common::chain(&*e));
-            std::process::exit(1);
-        }
-    };
-    let result = rt.block_on(async {
-        tokio::select! {
-            result = run(&mut db, &setup, &tuning, rows) => result,
-            _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
-        }
-    });
-    rt.block_on(daemon::cleanup(&setup));
+    tuning.metrics_port = Some(support::net::free_port());
+    let setup = BenchSetup::write(&db, "txnmem", &tuning);
+    // Ctrl-C (and a panic) still cleans up.
+    let result = daemon::run_then_clean_up(&rt, &setup, run(&db, &setup, &tuning, rows));
     drop(db);
     if let Err(e) = result {
-        eprintln!(
-            "the config and the daemon's log are kept in {}",
-            setup.keep().display()
-        );
-        eprintln!("txn_memory failed: {}", common::chain(&*e));
-        std::process::exit(1);
+        daemon::fail("txn_memory", setup, &e);
     }
 }
 
 async fn run(
-    db: &mut BenchDb,
-    setup: &Setup,
+    db: &TestDb,
+    setup: &BenchSetup,
     tuning: &Tuning,
     rows: usize,
 ) -> Result<(), BoxError> {
@@ -109,23 +88,23 @@ async fn run(
     println!(
         "server: PostgreSQL {version}, logical_decoding_work_mem={work_mem}; database {}; daemon {}",
         db.name,
-        daemon::binary()
+        support::daemon::bin()
     );
     println!("daemon tuning: {}", tuning.describe());
-    println!("load average at start: {}", daemon::load_average());
+    println!("load average at start: {}", load_average());
 
     db.client.batch_execute(daemon::TABLE_SQL).await?;
     eprintln!("wal2cache setup: {}", setup.run_setup()?);
 
-    let start_lsn = db.current_lsn().await?;
+    let start_lsn = db.current_lsn().await;
     eprintln!(
         "inserting {} rows in one transaction...",
         thousands(rows as u64)
     );
     let t = Instant::now();
-    let marker = daemon::marker_transaction(db, &daemon::fill_sql(rows)).await?;
+    let marker = daemon::marker_transaction(db, &daemon::fill_sql(rows)).await;
     let insert_time = t.elapsed();
-    let wal = db.wal_bytes_since(start_lsn).await?;
+    let wal = db.wal_bytes_since(start_lsn).await;
     println!(
         "insert: {} rows in {:.2} s; WAL {:.1} MiB; the daemon is done at {marker}",
         thousands(rows as u64),
@@ -135,9 +114,9 @@ async fn run(
 
     eprintln!(
         "starting wal2cache run (load average {})...",
-        daemon::load_average()
+        load_average()
     );
-    let mut d = Daemon::start(setup)?;
+    let mut d = DaemonRun::start(setup);
     // The applied counter, every second, beside the 100 ms polling of the slot.
     let applied: Arc<Mutex<Vec<(Duration, f64)>>> = Arc::default();
     let sampler = {
@@ -174,20 +153,12 @@ async fn run(
     let vm_hwm = d.status_kb("VmHWM");
     let vm_rss = d.status_kb("VmRSS");
     let threads = d.threads();
-    let (status, stop) = d.stop(Duration::from_secs(90)).await?;
+    let (status, stop) = d.stop(Duration::from_secs(90))?;
     let applied = applied.lock().unwrap().clone();
 
     // When the applied counter first moved, and the rate from then.
     let first_applied = applied.iter().find(|(_, n)| *n > 0.0).map(|(t, _)| *t);
     let apply_secs = first_applied.map(|f| progress.elapsed.saturating_sub(f).as_secs_f64());
-    let step = (progress.rss.len() / 12).max(1);
-    let rss_line: Vec<String> = progress
-        .rss
-        .iter()
-        .step_by(step)
-        .chain(progress.rss.last())
-        .map(|(t, kb)| format!("{:.0}s:{:.1}", t.as_secs_f64(), *kb as f64 / 1024.0))
-        .collect();
     let applied_line: Vec<String> = applied
         .iter()
         .step_by((applied.len() / 12).max(1))
@@ -196,7 +167,7 @@ async fn run(
 
     // Checks.
     let mut problems = Vec::new();
-    let mut r = daemon::redis_conn().await?;
+    let mut r = support::store::redis().await;
     let p = &setup.prefix;
     let mut sample = vec![1, (rows as i32 / 2).max(1), rows as i32];
     sample.dedup();
@@ -222,7 +193,7 @@ async fn run(
         }
     }
     if !std::env::var("W2C_BENCH_CONSUME").is_ok_and(|v| v == "0") {
-        problems.extend(read_back(&setup.topic, p, rows).await?);
+        problems.extend(read_back_rows(&setup.topic, p, rows).await);
     }
 
     println!("---");
@@ -244,14 +215,17 @@ async fn run(
         status.code().map_or_else(|| status.to_string(), |c| c.to_string()),
         stop.as_secs_f64()
     );
-    println!("VmRSS (MiB) along the way: {}", rss_line.join(" "));
+    println!(
+        "VmRSS (MiB) along the way: {}",
+        daemon::rss_samples(&progress.rss, 12)
+    );
     println!("applied along the way: {}", applied_line.join(" "));
     let mb = vm_hwm as f64 * 1024.0 / 1e6;
     println!(
         "peak RSS < {TARGET_MB} MB: {}",
         if mb < TARGET_MB { "MET" } else { "NOT MET" }
     );
-    println!("load average at the end: {}", daemon::load_average());
+    println!("load average at the end: {}", load_average());
     if problems.is_empty() {
         println!(
             "checks: ok ({} republished keys hold their row)",
@@ -267,23 +241,23 @@ async fn run(
 }
 
 /// Reads the topic back whole: one invalidate event per row.
-async fn read_back(topic: &str, prefix: &str, rows: usize) -> Result<Vec<String>, BoxError> {
+async fn read_back_rows(topic: &str, prefix: &str, rows: usize) -> Vec<String> {
     #[derive(Default)]
-    struct Seen {
+    struct RowTally {
         invalidate: u64,
         heartbeats: u64,
         ids: Vec<bool>,
         distinct: u64,
         other: u64,
     }
-    let seen = Arc::new(Mutex::new(Seen {
+    let seen = Arc::new(Mutex::new(RowTally {
         ids: vec![false; rows + 1],
-        ..Seen::default()
+        ..RowTally::default()
     }));
     let s2 = seen.clone();
     let key_prefix = format!("{prefix}:item:v1:");
     let t = Instant::now();
-    let (read, _) = daemon::consume_topic(
+    let (read, _) = support::kafka::consume_topic(
         topic,
         Duration::from_secs(2),
         Duration::from_secs(1200),
@@ -314,7 +288,7 @@ async fn read_back(topic: &str, prefix: &str, rows: usize) -> Result<Vec<String>
             }
         },
     )
-    .await?;
+    .await;
     let s = seen.lock().unwrap();
     println!(
         "read back {} messages in {:.1} s: {} invalidate events for {} distinct rows, {} heartbeats, {} other",
@@ -332,5 +306,5 @@ async fn read_back(topic: &str, prefix: &str, rows: usize) -> Result<Vec<String>
             s.distinct
         ));
     }
-    Ok(problems)
+    problems
 }

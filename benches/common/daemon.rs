@@ -1,48 +1,48 @@
 //! Shared by the benches that run the daemon itself (`catchup`, `latency`,
-//! `txn_memory`): the table and rules they write to, the config file, the `wal2cache`
-//! process (spawned, observed through /proc, stopped with SIGTERM), the slot's
-//! confirmed position, the Prometheus endpoint, and cleanup of Redis keys.
+//! `txn_memory`) and `sink_latency`: the table and rules they write to, their config
+//! (tests/support's `ConfigBuilder`), the `wal2cache` process (tests/support's
+//! `Daemon`, observed through /proc), the slot's confirmed position, the Prometheus
+//! endpoint, and the cleanup of their Redis keys and topic.
 //!
-//! Include it beside `common` with
+//! Include it beside `common` and `support` with
 //!
 //! ```ignore
+//! #[path = "../tests/support/mod.rs"]
+//! mod support;
 //! mod common;
 //! #[path = "common/daemon.rs"]
 //! mod daemon;
 //! ```
 //!
-//! The binary: `env!("CARGO_BIN_EXE_wal2cache")`. Cargo sets it for benchmarks as for
-//! integration tests and builds the `wal2cache` binary (with the bench profile, i.e.
-//! release settings, into `target/release/`) before it runs a bench, so the daemon
-//! measured is always the one of the checkout. `W2C_BENCH_BIN` runs another binary.
-#![allow(dead_code)]
+//! The binary: `support::daemon::bin()`, `env!("CARGO_BIN_EXE_wal2cache")`. Cargo sets
+//! it for benchmarks as for integration tests and builds the `wal2cache` binary (with
+//! the bench profile, i.e. release settings, into `target/release/`) before it runs a
+//! bench, so the daemon measured is always the one of the checkout. `W2C_BENCH_BIN`
+//! runs another binary.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wal2cache::Lsn;
 
-use crate::common::{BenchDb, BoxError};
-
-pub fn binary() -> String {
-    std::env::var("W2C_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_wal2cache").into())
-}
-
-pub fn redis_url() -> String {
-    std::env::var("WAL2CACHE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:63790".into())
-}
-
-pub fn kafka_brokers() -> String {
-    std::env::var("WAL2CACHE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
-}
+use crate::common::{chain, process_cpu_secs, status_field, BoxError};
+use crate::support::config::ConfigBuilder;
+use crate::support::daemon::{run_binary, Daemon};
+use crate::support::db::TestDb;
+use crate::support::env::redis_url;
+use crate::support::kafka::try_delete_topic;
+use crate::support::net::http_async;
+use crate::support::store::{redis, try_unlink_matching};
 
 /// The table every daemon bench writes. `REPLICA IDENTITY FULL`: the keys use the
 /// slug and the tag the category, neither of them the primary key, so an update must
 /// carry the old row (as `products` in the example schema).
+#[allow(dead_code)]
 pub const TABLE: &str = "items";
 
+#[allow(dead_code)]
 pub const TABLE_SQL: &str = "
 CREATE TABLE items (
     id           int PRIMARY KEY,
@@ -58,6 +58,7 @@ ALTER TABLE items REPLICA IDENTITY FULL;
 
 /// `n` rows (ids 1..=n) of about 100 bytes each. (Then `VACUUM ANALYZE items`, apart:
 /// VACUUM cannot run in the implicit transaction of a multi-statement query.)
+#[allow(dead_code)]
 pub fn fill_sql(n: usize) -> String {
     format!(
         "INSERT INTO items
@@ -70,7 +71,8 @@ pub fn fill_sql(n: usize) -> String {
 /// The realistic rule set on `items`: a delete rule with two keys and a tag (UNLINK of
 /// both keys, a tag purge script), and a republish rule with a projection and a TTL
 /// (a versioned SET script); every change matches both.
-pub fn rules(prefix: &str) -> String {
+#[allow(dead_code)]
+pub fn item_rules(prefix: &str) -> String {
     r#"
 [[rule]]
 name = "item"
@@ -90,12 +92,14 @@ ttl = "1h"
 }
 
 /// The republished key of a row.
+#[allow(dead_code)]
 pub fn json_key(prefix: &str, id: i32) -> String {
     format!("{prefix}:item:json:v1:{id}")
 }
 
 /// Overrides of the daemon's defaults, from the bench or from the environment.
 #[derive(Debug, Clone, Default)]
+#[allow(dead_code)]
 pub struct Tuning {
     pub metrics_port: Option<u16>,
     /// `[pipeline] batch_deadline` (humantime, e.g. `1ms`).
@@ -105,6 +109,7 @@ pub struct Tuning {
     pub kafka_properties: Vec<(String, String)>,
 }
 
+#[allow(dead_code)]
 impl Tuning {
     /// `W2C_BENCH_BATCH_DEADLINE=1ms`, `W2C_BENCH_BATCH_SIZE=1000` and
     /// `W2C_BENCH_KAFKA_PROPS="linger.ms=0,batch.num.messages=1000"`.
@@ -156,7 +161,8 @@ impl Tuning {
 }
 
 /// Everything one daemon run is named by, and its files.
-pub struct Setup {
+#[allow(dead_code)]
+pub struct BenchSetup {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub log: PathBuf,
@@ -167,95 +173,69 @@ pub struct Setup {
     pub publication: String,
 }
 
-impl Setup {
+#[allow(dead_code)]
+impl BenchSetup {
     /// Writes the rules and the config for a daemon on `db`, its slot `<db>_d`.
-    pub fn write(db: &BenchDb, label: &str, tuning: &Tuning) -> Result<Setup, BoxError> {
-        Setup::write_rules(db, label, tuning, rules)
+    pub fn write(db: &TestDb, label: &str, tuning: &Tuning) -> BenchSetup {
+        BenchSetup::write_rules(db, label, tuning, item_rules)
     }
 
-    /// As `write`, with the rules `rules_for(prefix)` instead of [`rules`].
+    /// As `write`, with the rules `rules_for(prefix)` instead of [`item_rules`].
     pub fn write_rules(
-        db: &BenchDb,
+        db: &TestDb,
         label: &str,
         tuning: &Tuning,
         rules_for: impl FnOnce(&str) -> String,
-    ) -> Result<Setup, BoxError> {
+    ) -> BenchSetup {
         let prefix = format!("w2cb_{label}_{}", std::process::id());
         let topic = format!("w2cb-{label}-{}", std::process::id());
-        let slot = format!("{}_d", db.name);
         let publication = "w2c_bench".to_string();
         let dir = tempfile::Builder::new()
             .prefix(&format!("w2c-bench-{label}-"))
-            .tempdir()?;
-        std::fs::write(dir.path().join("rules.toml"), rules_for(&prefix))?;
-        let mut text = format!(
-            r#"name = "bench-{label}"
-[postgres]
-url = "{url}"
-slot = "{slot}"
-publication = "{publication}"
-[rules]
-path = "rules.toml"
-[redis]
-url = "{redis}"
-tag_prefix = "{prefix}:tag:"
-[kafka]
-brokers = "{kafka}"
-topic = "{topic}"
-partitions = 3
-"#,
-            url = db.url,
-            redis = redis_url(),
-            kafka = kafka_brokers(),
-        );
-        if !tuning.kafka_properties.is_empty() {
-            text.push_str("[kafka.properties]\n");
-            for (k, v) in &tuning.kafka_properties {
-                text.push_str(&format!("{k:?} = {v:?}\n"));
-            }
+            .tempdir()
+            .unwrap();
+        let mut config = ConfigBuilder::new(db)
+            .name(&format!("bench-{label}"))
+            .publication(&publication)
+            .rules(&rules_for(&prefix))
+            .redis_key("tag_prefix", format!("{prefix}:tag:"))
+            .kafka_topic(&topic)
+            .kafka_key("partitions", 3)
+            .pipeline("shutdown_timeout", "60s");
+        for (k, v) in &tuning.kafka_properties {
+            config = config.kafka_property(k, v);
         }
-        text.push_str("[pipeline]\nshutdown_timeout = \"60s\"\n");
         if let Some(d) = &tuning.batch_deadline {
-            text.push_str(&format!("batch_deadline = {d:?}\n"));
+            config = config.pipeline("batch_deadline", d.as_str());
         }
         if let Some(n) = tuning.batch_size {
-            text.push_str(&format!("batch_size = {n}\n"));
+            config = config.pipeline("batch_size", n);
         }
         if let Some(port) = tuning.metrics_port {
-            text.push_str(&format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"));
+            config = config.metrics_listen(([127, 0, 0, 1], port).into());
         }
-        let config = dir.path().join("wal2cache.toml");
-        std::fs::write(&config, text)?;
+        let slot = config.slot_name().to_string();
+        let path = config.write(dir.path());
         let log = dir.path().join("daemon.log");
-        Ok(Setup {
+        BenchSetup {
             dir,
-            config,
+            config: path,
             log,
             prefix,
             topic,
             slot,
             publication,
-        })
+        }
     }
 
     /// `wal2cache setup`: the publication and the daemon's slot. Returns its output.
     pub fn run_setup(&self) -> Result<String, BoxError> {
-        let out = Command::new(binary())
-            .args(["setup", "--config"])
-            .arg(&self.config)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("cannot run {}: {e}", binary()))?;
-        if !out.status.success() {
-            return Err(format!(
-                "wal2cache setup failed ({}): {}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            )
-            .into());
+        let (code, stdout, stderr) =
+            run_binary(&["setup", "--config", self.config.to_str().unwrap()], &[]);
+        if code != 0 {
+            return Err(format!("wal2cache setup failed (exit {code}): {stdout}{stderr}").into());
         }
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        Ok(stdout.trim().to_string())
     }
 
     /// Keeps the config and the daemon's log after the bench (printed path).
@@ -264,74 +244,89 @@ partitions = 3
     }
 }
 
-/// The daemon as a child process (its log in a file), killed if the bench ends
-/// without stopping it.
-pub struct Daemon {
-    child: Option<Child>,
+/// Runs a daemon bench's `run` on `rt` (Ctrl-C interrupts it), then cleans up its Redis
+/// keys and topic whatever happened, a panic included (which then goes on).
+#[allow(dead_code)]
+pub fn run_then_clean_up(
+    rt: &tokio::runtime::Runtime,
+    setup: &BenchSetup,
+    run: impl Future<Output = Result<(), BoxError>>,
+) -> Result<(), BoxError> {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        rt.block_on(async {
+            tokio::select! {
+                result = run => result,
+                _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
+            }
+        })
+    }));
+    rt.block_on(cleanup(setup));
+    result.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+/// A failed run: keeps its config and the daemon's log, says so, and exits 1.
+#[allow(dead_code)]
+pub fn fail(bench: &str, setup: BenchSetup, e: &BoxError) -> ! {
+    eprintln!(
+        "the config and the daemon's log are kept in {}",
+        setup.keep().display()
+    );
+    eprintln!("{bench} failed: {}", chain(&**e));
+    std::process::exit(1);
+}
+
+/// The daemon of a run (tests/support's `Daemon`, its log in a file), observed.
+#[allow(dead_code)]
+pub struct DaemonRun {
+    daemon: Option<Daemon>,
     pub pid: i32,
     pub log: PathBuf,
     pub started: Instant,
 }
 
-impl Daemon {
-    /// `wal2cache run`, under `W2C_BENCH_DAEMON_WRAPPER` when it is set (a command
-    /// line split at whitespace, the daemon's own command line appended: e.g.
-    /// `valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.out`; the wrapper must
-    /// become the daemon's process, as valgrind does, for the pid to be the daemon's).
-    pub fn start(setup: &Setup) -> Result<Daemon, BoxError> {
-        let log = std::fs::File::create(&setup.log)?;
+#[allow(dead_code)]
+impl DaemonRun {
+    /// `wal2cache run`, logging at `W2C_BENCH_DAEMON_LOG` (`info`), under
+    /// `W2C_BENCH_DAEMON_WRAPPER` when it is set (a command line split at whitespace,
+    /// the daemon's own command line appended: e.g.
+    /// `valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.out`).
+    pub fn start(setup: &BenchSetup) -> DaemonRun {
         let started = Instant::now();
         let wrapper: Vec<String> = std::env::var("W2C_BENCH_DAEMON_WRAPPER")
             .unwrap_or_default()
             .split_whitespace()
             .map(str::to_string)
             .collect();
-        let mut command = match wrapper.split_first() {
-            Some((program, args)) => {
-                let mut c = Command::new(program);
-                c.args(args).arg(binary());
-                c
-            }
-            None => Command::new(binary()),
-        };
-        let child = command
-            .args(["run", "--config"])
-            .arg(&setup.config)
-            .env(
-                "WAL2CACHE_LOG",
-                std::env::var("W2C_BENCH_DAEMON_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", binary()))?;
-        Ok(Daemon {
-            pid: child.id() as i32,
-            child: Some(child),
+        let level = std::env::var("W2C_BENCH_DAEMON_LOG").unwrap_or_else(|_| "info".into());
+        let daemon = Daemon::start_wrapped(
+            &setup.config,
+            &[("WAL2CACHE_LOG", &level)],
+            &wrapper,
+            &setup.log,
+        );
+        DaemonRun {
+            pid: daemon.pid(),
+            daemon: Some(daemon),
             log: setup.log.clone(),
             started,
-        })
+        }
     }
 
     /// An error (with the end of its log) when the daemon has exited.
     pub fn check_alive(&mut self) -> Result<(), BoxError> {
-        if let Some(child) = self.child.as_mut() {
-            if let Some(status) = child.try_wait()? {
-                self.child = None;
-                return Err(format!(
-                    "the daemon exited unexpectedly ({status}); the end of its log:\n{}",
-                    self.log_tail(30)
-                )
-                .into());
-            }
+        match self.daemon.as_mut().and_then(Daemon::exit_status) {
+            Some(status) => Err(format!(
+                "the daemon exited unexpectedly ({status}); the end of its log:\n{}",
+                self.log_tail(30)
+            )
+            .into()),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// A field of `/proc/<pid>/status` in kB (`VmHWM`, `VmRSS`).
     pub fn status_kb(&self, field: &str) -> u64 {
-        proc_status_kb_of(self.pid, field)
+        status_field(self.pid, field)
     }
 
     /// User + system CPU seconds of the daemon (every thread) so far.
@@ -340,17 +335,11 @@ impl Daemon {
     }
 
     pub fn threads(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("Threads:")?.trim().parse().ok())
-            .unwrap_or(0)
+        status_field(self.pid, "Threads")
     }
 
     pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        log_tail(&self.log, lines)
     }
 
     /// Log lines at WARN or ERROR.
@@ -365,220 +354,32 @@ impl Daemon {
 
     /// SIGTERM, then waits for the exit (killing it after `timeout`). Returns the exit
     /// status and how long the stop took.
-    pub async fn stop(&mut self, timeout: Duration) -> Result<(ExitStatus, Duration), BoxError> {
-        let Some(mut child) = self.child.take() else {
-            return Err("the daemon is not running".into());
-        };
-        let t = Instant::now();
-        let kill = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()?;
-        if !kill.success() {
-            return Err("kill -TERM failed".into());
-        }
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Ok((status, t.elapsed()));
-            }
-            if t.elapsed() > timeout {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "the daemon did not stop within {timeout:?} of SIGTERM: killed; the end of its log:\n{}",
-                    self.log_tail(30)
-                )
-                .into());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    pub fn stop(&mut self, timeout: Duration) -> Result<(ExitStatus, Duration), BoxError> {
+        let daemon = self.daemon.take().ok_or("the daemon is not running")?;
+        match daemon.terminate_status(timeout) {
+            Some(stopped) => Ok(stopped),
+            None => Err(format!(
+                "the daemon did not stop within {timeout:?} of SIGTERM: killed; the end of its log:\n{}",
+                log_tail(&self.log, 30)
+            )
+            .into()),
         }
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn proc_status_kb_of(pid: i32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| {
-            let rest = l.strip_prefix(field)?.strip_prefix(':')?;
-            rest.trim().trim_end_matches("kB").trim().parse().ok()
-        })
-        .unwrap_or(0)
-}
-
-/// User + system CPU seconds of a process, from `/proc/<pid>/stat`.
-pub fn process_cpu_secs(pid: i32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the command name (which may hold spaces): rest[0] is field 3 (state);
-    // utime and stime are fields 14 and 15.
-    let rest: Vec<u64> = stat[stat.rfind(')')? + 1..]
-        .split_whitespace()
-        .map(|f| f.parse().unwrap_or(0))
-        .collect();
-    Some((rest.get(11)? + rest.get(12)?) as f64 / clock_ticks_per_second())
-}
-
-/// The pid of the process listening on TCP `port` (127.0.0.1, 0.0.0.0 or IPv6), from
-/// `/proc/net/tcp{,6}` and the socket inodes of `/proc/*/fd` (readable as root or as
-/// the server's owner); `None` when not found.
-pub fn pid_listening_on(port: u16) -> Option<i32> {
-    let mut inodes = std::collections::HashSet::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let text = std::fs::read_to_string(table).unwrap_or_default();
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            // local_address (ip:port, hex), rem_address, st (0A: LISTEN), ..., inode.
-            let (Some(local), Some(state), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else {
-                continue;
-            };
-            let listening_port = local
-                .rsplit_once(':')
-                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
-            if *state == "0A" && listening_port == Some(port) {
-                inodes.insert(format!("socket:[{inode}]"));
-            }
-        }
-    }
-    if inodes.is_empty() {
-        return None;
-    }
-    let mut pids: Vec<i32> = std::fs::read_dir("/proc")
-        .ok()?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    pids.sort();
-    pids.into_iter().find(|pid| {
-        std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .into_iter()
-            .flatten()
-            .filter_map(Result::ok)
-            .any(|fd| {
-                std::fs::read_link(fd.path())
-                    .is_ok_and(|l| inodes.contains(l.to_string_lossy().as_ref()))
-            })
-    })
-}
-
-/// The port of a `host:port` or `scheme://host:port/...` address (the first of a list).
-pub fn port_of(address: &str) -> Option<u16> {
-    let rest = address.split_once("://").map_or(address, |(_, r)| r);
-    let host_port = rest.split([',', '/', '?']).next()?;
-    host_port.rsplit_once(':')?.1.parse().ok()
-}
-
-/// The command name of a process (`/proc/<pid>/comm`).
-pub fn process_name(pid: i32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "?".into())
-}
-
-/// A process observed for its CPU: found once, read before and after.
-#[derive(Debug, Clone)]
-pub struct Observed {
-    pub label: &'static str,
-    pub pid: Option<i32>,
-    pub before: f64,
-}
-
-impl Observed {
-    /// The process listening on `port`, or the pid in the environment variable `env`.
-    pub fn on_port(label: &'static str, port: Option<u16>, env: &str) -> Observed {
-        let pid = std::env::var(env)
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .or_else(|| pid_listening_on(port?));
-        Observed::pid(label, pid)
-    }
-
-    pub fn pid(label: &'static str, pid: Option<i32>) -> Observed {
-        let before = pid.and_then(process_cpu_secs).unwrap_or(0.0);
-        Observed { label, pid, before }
-    }
-
-    /// CPU seconds since it was found (`None` when it was not, or is gone).
-    pub fn used(&self) -> Option<f64> {
-        Some(process_cpu_secs(self.pid?)? - self.before)
-    }
-}
-
-/// `INFO commandstats` of the bench's Redis: command -> (calls, usec).
-pub async fn redis_commandstats() -> Result<std::collections::HashMap<String, (u64, u64)>, BoxError>
-{
-    let mut conn = redis_conn().await?;
-    let text: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
-        .await?;
-    let mut out = std::collections::HashMap::new();
-    for line in text.lines() {
-        let Some((name, fields)) = line
-            .strip_prefix("cmdstat_")
-            .and_then(|l| l.split_once(':'))
-        else {
-            continue;
-        };
-        let field = |f: &str| {
-            fields
-                .split(',')
-                .find_map(|kv| kv.strip_prefix(f)?.strip_prefix('=')?.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        out.insert(name.to_string(), (field("calls"), field("usec")));
-    }
-    Ok(out)
-}
-
-/// CPU seconds of this process's waited-for children (`cutime + cstime`).
-pub fn children_cpu_secs() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
-    };
-    let Some(i) = stat.rfind(')') else {
-        return 0.0;
-    };
-    let rest: Vec<u64> = stat[i + 1..]
-        .split_whitespace()
-        .map(|f| f.parse().unwrap_or(0))
-        .collect();
-    (rest.get(13).unwrap_or(&0) + rest.get(14).unwrap_or(&0)) as f64 / clock_ticks_per_second()
-}
-
-pub fn clock_ticks_per_second() -> f64 {
-    static TCK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TCK.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(100.0)
-    })
+/// The last `lines` lines of a log file.
+fn log_tail(log: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// The slot's `confirmed_flush_lsn`, and whether a process streams from it.
-pub async fn slot_state(db: &BenchDb, slot: &str) -> Result<(Option<Lsn>, bool), BoxError> {
-    let row = db
-        .client
-        .query_opt(
-            "SELECT confirmed_flush_lsn::text, active FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await?
-        .ok_or_else(|| format!("slot {slot} does not exist"))?;
-    let lsn = row
-        .get::<_, Option<String>>(0)
-        .map(|s| s.parse::<Lsn>())
-        .transpose()?;
-    Ok((lsn, row.get(1)))
+async fn slot_state(db: &TestDb, slot: &str) -> Result<(Option<Lsn>, bool), BoxError> {
+    Ok(db
+        .slot_state(slot)
+        .await
+        .ok_or_else(|| format!("slot {slot} does not exist"))?)
 }
 
 /// The end of a bench's last transaction: the daemon is done when its slot is
@@ -589,82 +390,38 @@ pub async fn slot_state(db: &BenchDb, slot: &str) -> Result<(Option<Lsn>, bool),
 /// Why not a position read inside the transaction before its commit: the daemon's
 /// WAL heartbeats (non-transactional messages, `pipeline.idle_heartbeat`) let it
 /// confirm a position between that read and the commit before it applied the
-/// transaction. So the commit record itself is looked up with `pg_walinspect`
-/// (contrib, created in the bench's database; the bench role is a superuser): its
-/// end is exactly the LSN the daemon confirms for the transaction. Without the
-/// extension, `exact` is false and `lsn` is the position read before the commit (a
-/// slot confirmed past it has applied the transaction unless a heartbeat landed in
-/// between).
+/// transaction. So it is the end of the commit record itself, exactly the LSN the
+/// daemon confirms for the transaction: `TestDb::exec_commit_end` (`pg_walinspect`).
 #[derive(Debug, Clone, Copy)]
+#[allow(dead_code)]
 pub struct Marker {
     pub lsn: Lsn,
-    pub exact: bool,
 }
 
+#[allow(dead_code)]
 impl Marker {
     pub fn reached_by(&self, confirmed: Lsn) -> bool {
-        if self.exact {
-            confirmed >= self.lsn
-        } else {
-            confirmed > self.lsn
-        }
+        confirmed >= self.lsn
     }
 }
 
 impl std::fmt::Display for Marker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.exact {
-            write!(f, "{} (end of the last commit record)", self.lsn)
-        } else {
-            write!(
-                f,
-                "past {} (read before the last commit; pg_walinspect missing)",
-                self.lsn
-            )
-        }
+        write!(f, "{} (end of the last commit record)", self.lsn)
     }
 }
 
 /// Runs `sql` in a transaction of its own and returns the [`Marker`] of its commit.
-pub async fn marker_transaction(db: &mut BenchDb, sql: &str) -> Result<Marker, BoxError> {
-    let _ = db
-        .client
-        .batch_execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
-        .await;
-    let txn = db.client.transaction().await?;
-    txn.batch_execute(sql).await?;
-    let row = txn
-        .query_one(
-            "SELECT pg_current_wal_insert_lsn()::text, (txid_current() % 4294967296)::text",
-            &[],
-        )
-        .await?;
-    let (before, xid): (String, String) = (row.get(0), row.get(1));
-    txn.commit().await?;
-    let before: Lsn = before.parse()?;
-    let end = db
-        .client
-        .query_opt(
-            "SELECT end_lsn::text FROM pg_get_wal_records_info($1::text::pg_lsn, pg_current_wal_flush_lsn())
-              WHERE resource_manager = 'Transaction' AND record_type LIKE 'COMMIT%' AND xid::text = $2
-              LIMIT 1",
-            &[&before.to_string(), &xid],
-        )
-        .await;
-    Ok(match end {
-        Ok(Some(row)) => Marker {
-            lsn: row.get::<_, String>(0).parse()?,
-            exact: true,
-        },
-        _ => Marker {
-            lsn: before,
-            exact: false,
-        },
-    })
+#[allow(dead_code)]
+pub async fn marker_transaction(db: &TestDb, sql: &str) -> Marker {
+    Marker {
+        lsn: db.exec_commit_end(sql).await,
+    }
 }
 
 /// One UPDATE of row `id` in a transaction of its own, and its [`Marker`].
-pub async fn marker_update(db: &mut BenchDb, id: i32) -> Result<Marker, BoxError> {
+#[allow(dead_code)]
+pub async fn marker_update(db: &TestDb, id: i32) -> Marker {
     marker_transaction(
         db,
         &format!("UPDATE items SET price = price + 0.01, stock = stock + 1 WHERE id = {id}"),
@@ -673,6 +430,7 @@ pub async fn marker_update(db: &mut BenchDb, id: i32) -> Result<Marker, BoxError
 }
 
 /// What `wait_confirmed` saw.
+#[allow(dead_code)]
 pub struct Progress {
     pub elapsed: Duration,
     /// When the slot became active (the daemon streams), from the daemon's start.
@@ -688,11 +446,12 @@ pub struct Progress {
 /// Polls the slot every 100 ms until its confirmed position reaches `marker`. Fails
 /// when the daemon exits, when nothing moved for `stall` (with the end of its log), or
 /// after `timeout`.
+#[allow(dead_code)]
 pub async fn wait_confirmed(
-    db: &BenchDb,
+    db: &TestDb,
     slot: &str,
     marker: Marker,
-    daemon: &mut Daemon,
+    daemon: &mut DaemonRun,
     stall: Duration,
     timeout: Duration,
 ) -> Result<Progress, BoxError> {
@@ -754,11 +513,25 @@ pub async fn wait_confirmed(
     }
 }
 
+/// About `n` of the VmRSS samples of [`Progress::rss`], spread over the run, and the
+/// last: `12s:45.6` (seconds, MiB).
+#[allow(dead_code)]
+pub fn rss_samples(rss: &[(Duration, u64)], n: usize) -> String {
+    let step = (rss.len() / n).max(1);
+    rss.iter()
+        .step_by(step)
+        .chain(rss.last())
+        .map(|(t, kb)| format!("{:.0}s:{:.1}", t.as_secs_f64(), *kb as f64 / 1024.0))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Waits until the daemon streams from its slot.
+#[allow(dead_code)]
 pub async fn wait_active(
-    db: &BenchDb,
+    db: &TestDb,
     slot: &str,
-    daemon: &mut Daemon,
+    daemon: &mut DaemonRun,
     timeout: Duration,
 ) -> Result<Duration, BoxError> {
     loop {
@@ -777,56 +550,19 @@ pub async fn wait_active(
     }
 }
 
-/// A port free right now on 127.0.0.1.
-pub fn free_port() -> Result<u16, BoxError> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// GET /metrics.
+#[allow(dead_code)]
 pub async fn scrape(port: u16) -> Result<String, BoxError> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .await?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
-        .await
-        .map_err(|_| "no answer from /metrics within 10 s")??;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or("malformed HTTP answer from /metrics")?;
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        return Err(format!("/metrics answered {}", head.lines().next().unwrap_or("")).into());
+    match http_async(([127, 0, 0, 1], port).into(), "GET", "/metrics").await {
+        Some((200, body)) => Ok(body),
+        Some((status, _)) => Err(format!("/metrics answered {status}").into()),
+        None => Err("no answer from /metrics".into()),
     }
-    Ok(dechunk(head, body))
-}
-
-fn dechunk(head: &str, body: &str) -> String {
-    if !head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        return body.to_string();
-    }
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || after.len() < n {
-            break;
-        }
-        out.push_str(&after[..n]);
-        rest = after[n..].trim_start_matches("\r\n");
-    }
-    out
 }
 
 /// The value of a sample in Prometheus text format: `name` alone or `name{labels}`
 /// (labels written as the exporter writes them, e.g. `quantile="0.99"`).
+#[allow(dead_code)]
 pub fn metric(text: &str, name: &str, labels: Option<&str>) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
         let (series, value) = l.rsplit_once(' ')?;
@@ -847,12 +583,14 @@ pub fn metric(text: &str, name: &str, labels: Option<&str>) -> Option<f64> {
 }
 
 /// Quantiles of a summary as the exporter renders it, in seconds.
+#[allow(dead_code)]
 pub struct Quantiles {
     pub count: Option<f64>,
     pub sum: Option<f64>,
     pub q: Vec<(f64, Option<f64>)>,
 }
 
+#[allow(dead_code)]
 pub fn quantiles(text: &str, name: &str) -> Quantiles {
     let q = [0.0, 0.5, 0.9, 0.95, 0.99, 0.999, 1.0]
         .iter()
@@ -865,6 +603,7 @@ pub fn quantiles(text: &str, name: &str) -> Quantiles {
     }
 }
 
+#[allow(dead_code)]
 impl Quantiles {
     pub fn get(&self, q: f64) -> Option<f64> {
         self.q
@@ -874,197 +613,65 @@ impl Quantiles {
     }
 }
 
+/// `INFO commandstats` of the bench's Redis: command -> (calls, usec).
+#[allow(dead_code)]
+pub async fn redis_commandstats() -> Result<std::collections::HashMap<String, (u64, u64)>, BoxError>
+{
+    let mut conn = redis().await;
+    let text: String = ::redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await?;
+    let mut out = std::collections::HashMap::new();
+    for line in text.lines() {
+        let Some((name, fields)) = line
+            .strip_prefix("cmdstat_")
+            .and_then(|l| l.split_once(':'))
+        else {
+            continue;
+        };
+        let field = |f: &str| {
+            fields
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(f)?.strip_prefix('=')?.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        out.insert(name.to_string(), (field("calls"), field("usec")));
+    }
+    Ok(out)
+}
+
 /// Deletes every Redis key of a bench: `<prefix>*`, and the version sidecars
 /// `{<prefix>...}:w2c:v`. Returns how many.
+#[allow(dead_code)]
 pub async fn cleanup_redis(prefix: &str) -> Result<u64, BoxError> {
-    let client = redis::Client::open(redis_url())?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut conn = redis().await;
     let mut total = 0;
     for pattern in [format!("{prefix}*"), format!("{{{prefix}*")] {
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await?;
-            if !keys.is_empty() {
-                total += keys.len() as u64;
-                redis::cmd("UNLINK")
-                    .arg(&keys)
-                    .query_async::<()>(&mut conn)
-                    .await?;
-            }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
+        total += try_unlink_matching(&mut conn, &pattern).await?;
     }
     Ok(total)
 }
 
-pub async fn redis_conn() -> Result<redis::aio::MultiplexedConnection, BoxError> {
-    Ok(redis::Client::open(redis_url())?
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(|e| format!("cannot connect to Redis at {}: {e}", redis_url()))?)
-}
-
-/// The low and high watermarks of every partition of a topic.
-pub async fn topic_watermarks(topic: &str) -> Result<Vec<(i32, i64, i64)>, BoxError> {
-    let topic = topic.to_string();
-    tokio::task::spawn_blocking(move || -> Result<Vec<(i32, i64, i64)>, BoxError> {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
-        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", kafka_brokers())
-            .set("group.id", "w2c-bench-unused")
-            .set("enable.auto.commit", "false")
-            .create()?;
-        let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-        let t = md
-            .topics()
-            .first()
-            .ok_or_else(|| format!("topic {topic} not found"))?;
-        let mut out = Vec::new();
-        for p in t.partitions() {
-            let (lo, hi) = consumer.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?;
-            out.push((p.id(), lo, hi));
-        }
-        Ok(out)
-    })
-    .await?
-}
-
 /// Deletes a bench's topic (the broker keeps it in memory); failures only warn.
-pub async fn delete_topic(topic: &str) {
-    use rdkafka::admin::{AdminClient, AdminOptions};
-    use rdkafka::client::DefaultClientContext;
-    let admin: Result<AdminClient<DefaultClientContext>, _> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
-        .create();
-    let result = match admin {
-        Ok(admin) => admin
-            .delete_topics(
-                &[topic],
-                &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
-            )
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| {
-                r.into_iter()
-                    .map(|x| x.map(|_| ()).map_err(|(_, c)| c.to_string()))
-                    .collect::<Result<Vec<()>, String>>()
-            }),
-        Err(e) => Err(e.to_string()),
-    };
-    match result {
-        Ok(_) => eprintln!("deleted topic {topic}"),
+#[allow(dead_code)]
+pub async fn delete_topic_or_warn(topic: &str) {
+    match try_delete_topic(topic).await {
+        Ok(()) => eprintln!("deleted topic {topic}"),
         Err(e) => eprintln!("could not delete topic {topic} ({e}); it stays on the broker"),
     }
 }
 
 /// The cleanup every daemon bench does at its end, whatever happened.
-pub async fn cleanup(setup: &Setup) {
+#[allow(dead_code)]
+pub async fn cleanup(setup: &BenchSetup) {
     match cleanup_redis(&setup.prefix).await {
         Ok(n) => eprintln!("deleted {n} Redis keys under {}", setup.prefix),
         Err(e) => eprintln!(
-            "could not delete the Redis keys under {} ({e}): SCAN + UNLINK them by hand",
-            setup.prefix
+            "could not delete the Redis keys under {} ({e}): SCAN + UNLINK them by hand; Redis at {}",
+            setup.prefix,
+            redis_url()
         ),
     }
-    delete_topic(&setup.topic).await;
-}
-
-/// `x` seconds as `1.23 ms`.
-pub fn ms(secs: f64) -> String {
-    format!("{:.3} ms", secs * 1000.0)
-}
-
-/// Percentile (0..=1) of sorted durations, nearest rank.
-pub fn percentile(sorted: &[Duration], q: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
-pub fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
-}
-
-pub fn path_display(p: &Path) -> String {
-    p.display().to_string()
-}
-
-/// Per partition: (partition, high watermark as read first, next offset after the last
-/// message read).
-pub type PartitionEnds = Vec<(i32, i64, i64)>;
-
-/// Reads every partition of a topic from its beginning, handing each message to
-/// `each` (partition, offset, payload; heartbeats included), until no message came for
-/// `idle` (and at least every partition's high watermark, as read first, was passed),
-/// or `timeout`. Reading does not stop at the high watermarks: a broker that reports
-/// them short still shows what it stored. Returns how many messages were read and,
-/// per partition, (high watermark as read first, next offset after the last message
-/// read).
-pub async fn consume_topic(
-    topic: &str,
-    idle: Duration,
-    timeout: Duration,
-    each: impl FnMut(i32, i64, &[u8]) + Send + 'static,
-) -> Result<(u64, PartitionEnds), BoxError> {
-    let marks = topic_watermarks(topic).await?;
-    let topic = topic.to_string();
-    let mut each = each;
-    tokio::task::spawn_blocking(move || -> Result<(u64, PartitionEnds), BoxError> {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
-        use rdkafka::Message;
-        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", kafka_brokers())
-            .set("group.id", "w2c-bench-unused")
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
-            .set("fetch.wait.max.ms", "100")
-            .create()?;
-        let mut tpl = rdkafka::TopicPartitionList::new();
-        let mut next: std::collections::HashMap<i32, (i64, i64)> = Default::default();
-        for (p, lo, hi) in &marks {
-            tpl.add_partition_offset(&topic, *p, rdkafka::Offset::Offset(*lo))?;
-            next.insert(*p, (*hi, *lo));
-        }
-        consumer.assign(&tpl)?;
-        let deadline = Instant::now() + timeout;
-        let mut last_message = Instant::now();
-        let mut read = 0u64;
-        while Instant::now() < deadline {
-            match consumer.poll(Duration::from_millis(100)) {
-                Some(Ok(m)) => {
-                    read += 1;
-                    last_message = Instant::now();
-                    if let Some(n) = next.get_mut(&m.partition()) {
-                        n.1 = n.1.max(m.offset() + 1);
-                    }
-                    each(m.partition(), m.offset(), m.payload().unwrap_or_default());
-                }
-                Some(Err(e)) => return Err(format!("consuming {topic}: {e}").into()),
-                None => {
-                    let passed = next.values().all(|(hi, n)| n >= hi);
-                    if passed && last_message.elapsed() >= idle {
-                        break;
-                    }
-                }
-            }
-        }
-        let mut out: PartitionEnds = next.into_iter().map(|(p, (hi, n))| (p, hi, n)).collect();
-        out.sort();
-        Ok((read, out))
-    })
-    .await?
+    delete_topic_or_warn(&setup.topic).await;
 }

@@ -1,16 +1,23 @@
-//! Shared by the benches: a database of their own on the server from
-//! `WAL2CACHE_TEST_PG`, dropped with its slots at the end (also when the bench
-//! panics), and the process's memory figures from `/proc/self/status`.
-#![allow(dead_code)]
+//! What only the benches need, beside the helpers they share with the tests
+//! (tests/support, which every bench includes as `support`: databases, services,
+//! config, the daemon as a process, topics): errors, knobs from the environment,
+//! figures as they are printed, what `/proc` says of a process, and `pg_recvlogical`
+//! reading a slot, the reference the decoding benches compare with.
+//!
+//! Dead code: each bench binary uses a part of it; the items carry
+//! `#[allow(dead_code)]` each, as in tests/support.
 
-use std::time::Duration;
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
-use tokio_postgres::{Client, NoTls};
 use wal2cache::Lsn;
 
+#[allow(dead_code)]
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// An error with its chain of causes (tokio-postgres says only "db error" otherwise).
+#[allow(dead_code)]
 pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut cause = e.source();
@@ -22,35 +29,8 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-pub fn admin_url() -> String {
-    std::env::var("WAL2CACHE_TEST_PG")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:54320/postgres".into())
-}
-
-/// `admin_url` with another database.
-pub fn url_for(database: &str) -> String {
-    let url = admin_url();
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b.to_string(), format!("?{q}")),
-        None => (url.clone(), String::new()),
-    };
-    match base.rfind('/') {
-        Some(i) if i > "postgres://".len() => format!("{}/{database}{query}", &base[..i]),
-        _ => format!("{base}/{database}{query}"),
-    }
-}
-
-pub async fn connect(url: &str) -> Result<Client, BoxError> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls).await.map_err(|e| {
-        format!("cannot connect to {url}: {e}; start the local services with deploy/local/services.sh start pg")
-    })?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
-}
-
 /// A positive integer from the environment, or `default`.
+#[allow(dead_code)]
 pub fn env_usize(name: &str, default: usize) -> usize {
     match std::env::var(name) {
         Ok(v) => v
@@ -61,126 +41,14 @@ pub fn env_usize(name: &str, default: usize) -> usize {
     }
 }
 
-/// The database of one bench run.
-pub struct BenchDb {
-    pub name: String,
-    pub url: String,
-    pub client: Client,
-}
-
-impl BenchDb {
-    pub async fn create(label: &str) -> Result<BenchDb, BoxError> {
-        let name = format!("w2c_bench_{label}_{}", std::process::id());
-        let admin = connect(&admin_url()).await?;
-        admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .await?;
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await?;
-        let url = url_for(&name);
-        let client = connect(&url).await?;
-        Ok(BenchDb { name, url, client })
-    }
-
-    /// A pgoutput slot named `<db>_<label>`.
-    pub async fn create_slot(&self, label: &str) -> Result<String, BoxError> {
-        let slot = format!("{}_{label}", self.name);
-        self.client
-            .execute(
-                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-                &[&slot],
-            )
-            .await?;
-        Ok(slot)
-    }
-
-    pub async fn current_lsn(&self) -> Result<Lsn, BoxError> {
-        let row = self
-            .client
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await?;
-        Ok(row.get::<_, String>(0).parse()?)
-    }
-
-    pub async fn wal_bytes_since(&self, from: Lsn) -> Result<i64, BoxError> {
-        let row = self
-            .client
-            .query_one(
-                "SELECT (pg_current_wal_lsn() - $1::text::pg_lsn)::bigint",
-                &[&from.to_string()],
-            )
-            .await?;
-        Ok(row.get(0))
-    }
-}
-
-impl Drop for BenchDb {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        // Drop may run inside a runtime or while unwinding: clean up on a thread with
-        // a runtime of its own.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                let Ok(admin) = connect(&admin_url()).await else {
-                    eprintln!("could not connect to drop database {name}: drop it by hand");
-                    return;
-                };
-                for _ in 0..50 {
-                    let _ = admin
-                        .batch_execute(&format!(
-                            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
-                               WHERE database = '{name}' AND active_pid IS NOT NULL"
-                        ))
-                        .await;
-                    // Slots first (DROP DATABASE refuses while the database has some),
-                    // and apart: DROP DATABASE cannot run in the implicit transaction
-                    // of a multi-statement query.
-                    let _ = admin
-                        .batch_execute(&format!(
-                            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
-                               WHERE database = '{name}'"
-                        ))
-                        .await;
-                    let dropped = admin
-                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .await;
-                    if dropped.is_ok() {
-                        eprintln!("dropped database {name} and its slots");
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                eprintln!("could not drop database {name} or its slots: drop them by hand");
-            });
-        })
-        .join();
-    }
-}
-
-/// A field of `/proc/self/status` in kB (`VmRSS`, `VmHWM`), or 0 where there is none.
-pub fn proc_status_kb(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| {
-            let rest = l.strip_prefix(field)?.strip_prefix(':')?;
-            rest.trim().trim_end_matches("kB").trim().parse().ok()
-        })
-        .unwrap_or(0)
-}
-
+/// kB as `12.3 MiB`.
+#[allow(dead_code)]
 pub fn mib(kb: u64) -> String {
     format!("{:.1} MiB", kb as f64 / 1024.0)
 }
 
 /// `12345678` as `12,345,678`.
+#[allow(dead_code)]
 pub fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
@@ -191,4 +59,250 @@ pub fn thousands(n: u64) -> String {
         out.push(c);
     }
     out
+}
+
+/// `x` seconds as `1.23 ms`.
+#[allow(dead_code)]
+pub fn ms(secs: f64) -> String {
+    format!("{:.3} ms", secs * 1000.0)
+}
+
+/// Percentile (0..=1) of sorted durations, nearest rank.
+#[allow(dead_code)]
+pub fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// Percentile (0..=1) of sorted values, at the rounded index `q * (n - 1)` (the L1
+/// benches' figure).
+#[allow(dead_code)]
+pub fn percentile_rounded(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+/// The 1, 5 and 15 minute load averages.
+#[allow(dead_code)]
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// A field of `/proc/<pid>/status` (`pid`: a number or `self`) as a number, its `kB`
+/// dropped (`VmRSS`, `VmHWM`, `Threads`), or 0 where there is none.
+#[allow(dead_code)]
+pub fn status_field(pid: impl std::fmt::Display, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| {
+            let rest = l.strip_prefix(field)?.strip_prefix(':')?;
+            rest.trim().trim_end_matches("kB").trim().parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+/// A field of this process's `/proc/self/status` in kB (`VmRSS`, `VmHWM`).
+#[allow(dead_code)]
+pub fn proc_status_kb(field: &str) -> u64 {
+    status_field("self", field)
+}
+
+/// The fields of `/proc/<pid>/stat` after the command name (which may hold spaces):
+/// `[0]` is field 3 (state), utime and stime (14, 15) are `[11]` and `[12]`, cutime
+/// and cstime `[13]` and `[14]`.
+#[allow(dead_code)]
+pub fn stat_fields(pid: impl std::fmt::Display) -> Option<Vec<u64>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    Some(
+        rest.split_whitespace()
+            .map(|f| f.parse().unwrap_or(0))
+            .collect(),
+    )
+}
+
+#[allow(dead_code)]
+pub fn clock_ticks_per_second() -> f64 {
+    static TCK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TCK.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+#[allow(dead_code)]
+pub fn ticks_to_secs(ticks: u64) -> f64 {
+    ticks as f64 / clock_ticks_per_second()
+}
+
+/// User + system CPU clock ticks of a process (every thread) so far.
+#[allow(dead_code)]
+pub fn process_ticks(pid: i32) -> Option<u64> {
+    let f = stat_fields(pid)?;
+    Some(f.get(11)? + f.get(12)?)
+}
+
+/// User + system CPU seconds of a process, from `/proc/<pid>/stat`.
+#[allow(dead_code)]
+pub fn process_cpu_secs(pid: i32) -> Option<f64> {
+    process_ticks(pid).map(ticks_to_secs)
+}
+
+/// CPU seconds of this process's waited-for children (`cutime + cstime`).
+#[allow(dead_code)]
+pub fn children_cpu_secs() -> f64 {
+    let f = stat_fields("self").unwrap_or_default();
+    ticks_to_secs(f.get(13).unwrap_or(&0) + f.get(14).unwrap_or(&0))
+}
+
+/// The command name of a process (`/proc/<pid>/comm`).
+#[allow(dead_code)]
+pub fn process_name(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// The pid of the process listening on TCP `port` (127.0.0.1, 0.0.0.0 or IPv6), from
+/// `/proc/net/tcp{,6}` and the socket inodes of `/proc/*/fd` (readable as root or as
+/// the server's owner); `None` when not found.
+#[allow(dead_code)]
+pub fn pid_listening_on(port: u16) -> Option<i32> {
+    let mut inodes = std::collections::HashSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address (ip:port, hex), rem_address, st (0A: LISTEN), ..., inode.
+            let (Some(local), Some(state), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else {
+                continue;
+            };
+            let listening_port = local
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if *state == "0A" && listening_port == Some(port) {
+                inodes.insert(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    let mut pids: Vec<i32> = std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    pids.sort();
+    pids.into_iter().find(|pid| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .any(|fd| {
+                std::fs::read_link(fd.path())
+                    .is_ok_and(|l| inodes.contains(l.to_string_lossy().as_ref()))
+            })
+    })
+}
+
+/// The port of a `host:port` or `scheme://host:port/...` address (the first of a list).
+#[allow(dead_code)]
+pub fn port_of(address: &str) -> Option<u16> {
+    let rest = address.split_once("://").map_or(address, |(_, r)| r);
+    let host_port = rest.split([',', '/', '?']).next()?;
+    host_port.rsplit_once(':')?.1.parse().ok()
+}
+
+/// A process observed for its CPU: found once, read before and after.
+#[allow(dead_code)]
+#[derive(Debug, Clone)]
+pub struct Observed {
+    pub label: &'static str,
+    pub pid: Option<i32>,
+    pub before: f64,
+}
+
+#[allow(dead_code)]
+impl Observed {
+    /// The process listening on `port`, or the pid in the environment variable `env`.
+    pub fn on_port(label: &'static str, port: Option<u16>, env: &str) -> Observed {
+        let pid = std::env::var(env)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .or_else(|| pid_listening_on(port?));
+        Observed::pid(label, pid)
+    }
+
+    pub fn pid(label: &'static str, pid: Option<i32>) -> Observed {
+        let before = pid.and_then(process_cpu_secs).unwrap_or(0.0);
+        Observed { label, pid, before }
+    }
+
+    /// CPU seconds since it was found (`None` when it was not, or is gone).
+    pub fn used(&self) -> Option<f64> {
+        Some(process_cpu_secs(self.pid?)? - self.before)
+    }
+}
+
+/// The `pg_recvlogical` binary: `PG_RECVLOGICAL`, else PostgreSQL 15's, else the PATH's.
+#[allow(dead_code)]
+pub fn pg_recvlogical_binary() -> String {
+    if let Ok(b) = std::env::var("PG_RECVLOGICAL") {
+        return b;
+    }
+    let pg15 = "/usr/lib/postgresql/15/bin/pg_recvlogical";
+    if Path::new(pg15).exists() {
+        pg15.into()
+    } else {
+        "pg_recvlogical".into()
+    }
+}
+
+/// `pg_recvlogical` on `slot` of the database at `url`, with the pgoutput options the
+/// daemon uses (proto 1, `publication`, messages), its output to /dev/null, until it
+/// passes `end_lsn` (an hour at most). It reports its position as it goes, so the slot
+/// moves like the daemon's. `each_poll` runs every 2 ms while it runs (and its error
+/// ends the run). How it exited, and how long it ran from its spawn.
+#[allow(dead_code)]
+pub async fn run_pg_recvlogical(
+    url: &str,
+    slot: &str,
+    publication: &str,
+    end_lsn: Lsn,
+    mut each_poll: impl AsyncFnMut() -> Result<(), BoxError>,
+) -> Result<(ExitStatus, Duration), BoxError> {
+    let start = Instant::now();
+    let mut child = Command::new(pg_recvlogical_binary())
+        .args(["-d", url, "--slot", slot, "--start", "--no-loop"])
+        .args(["-o", "proto_version=1", "-o"])
+        .arg(format!("publication_names={publication}"))
+        .args(["-o", "messages=true", "--endpos"])
+        .arg(end_lsn.to_string())
+        .args(["-F", "0", "-f", "/dev/null"])
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", pg_recvlogical_binary()))?;
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        each_poll().await?;
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err("pg_recvlogical still running after an hour: killed".into());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    Ok((status, start.elapsed()))
 }

@@ -4,7 +4,6 @@
 //! a share of them on `offers`, whose rule republishes the row. Scaling knobs: keys per
 //! change (key templates of the delete rule) and delete rules on `items` (each with one
 //! key). Included by `catchup` with `#[path = "common/tags.rs"] mod tags;`.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 
@@ -12,6 +11,7 @@ use crate::common::env_usize;
 
 /// The workload, from the environment (see the doc comment of benches/catchup.rs).
 #[derive(Debug, Clone)]
+#[allow(dead_code)]
 pub struct TagShape {
     /// Key templates of the delete rule `item` (`W2C_BENCH_KEYS`, 1).
     pub keys: usize,
@@ -33,6 +33,7 @@ pub struct TagShape {
     pub tag_members: usize,
 }
 
+#[allow(dead_code)]
 impl TagShape {
     pub fn from_env() -> TagShape {
         TagShape {

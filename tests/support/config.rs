@@ -84,6 +84,8 @@ pub struct ConfigBuilder {
     rules: String,
     redis: Option<Vec<(String, String)>>,
     kafka: Option<Vec<(String, String)>>,
+    /// `[kafka.properties]`: (quoted key, value).
+    kafka_properties: Vec<(String, String)>,
     pipeline: Vec<(String, String)>,
     metrics_listen: Option<std::net::SocketAddr>,
     /// (section, line), written as they are.
@@ -131,6 +133,7 @@ impl ConfigBuilder {
             rules: String::new(),
             redis: Some(vec![("url".into(), "redis://127.0.0.1:1".toml())]),
             kafka: Some(vec![("brokers".into(), "127.0.0.1:1".toml())]),
+            kafka_properties: Vec::new(),
             pipeline: Vec::new(),
             metrics_listen: None,
             raw: Vec::new(),
@@ -210,6 +213,13 @@ impl ConfigBuilder {
         self
     }
 
+    /// A librdkafka property of the producer (`[kafka.properties]`):
+    /// `.kafka_property("linger.ms", "0")`.
+    pub fn kafka_property(mut self, key: &str, value: &str) -> Self {
+        set(&mut self.kafka_properties, &key.toml(), value.toml());
+        self
+    }
+
     /// No `[kafka]` section.
     pub fn without_kafka(mut self) -> Self {
         self.kafka = None;
@@ -267,6 +277,10 @@ impl ConfigBuilder {
             ("rules", Some(vec![("path".into(), RULES_FILE.toml())])),
             ("redis", self.redis.clone()),
             ("kafka", self.kafka.clone()),
+            (
+                "kafka.properties",
+                (!self.kafka_properties.is_empty()).then(|| self.kafka_properties.clone()),
+            ),
             (
                 "pipeline",
                 (!self.pipeline.is_empty()).then(|| self.pipeline.clone()),

@@ -1,9 +1,9 @@
 //! The `wal2cache` binary as a process: for the tests whose subject is the process
-//! itself (SIGKILL, SIGTERM, exit codes, what it prints). Everything else runs the
-//! daemon in the test's process (`inproc`).
+//! itself (SIGKILL, SIGTERM, exit codes, what it prints), and for the benches that
+//! measure it. Everything else runs the daemon in the test's process (`inproc`).
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// The binary of this build.
@@ -11,10 +11,13 @@ use std::time::{Duration, Instant};
 pub const BIN: &str = env!("CARGO_BIN_EXE_wal2cache");
 
 /// The binary the tests run: `BIN`, or `WAL2CACHE_TEST_BIN` (to run a test against
-/// another build, e.g. to see it fail before a fix).
+/// another build, e.g. to see it fail before a fix), or `W2C_BENCH_BIN` (the benches'
+/// name for it).
 #[allow(dead_code)]
 pub fn bin() -> String {
-    std::env::var("WAL2CACHE_TEST_BIN").unwrap_or_else(|_| BIN.to_string())
+    std::env::var("WAL2CACHE_TEST_BIN")
+        .or_else(|_| std::env::var("W2C_BENCH_BIN"))
+        .unwrap_or_else(|_| BIN.to_string())
 }
 
 /// Runs `wal2cache args` to its end with `envs` (and the test's environment): the exit
@@ -43,24 +46,65 @@ pub struct Daemon(Option<Child>);
 impl Daemon {
     /// Starts it with `envs` (logging at warn unless `WAL2CACHE_LOG` is among them).
     pub fn start(config: &Path, envs: &[(&str, &str)]) -> Daemon {
-        Daemon::spawn(config, envs, Stdio::inherit())
+        Daemon::spawn(config, envs, &[], Stdio::inherit(), Stdio::inherit())
     }
 
     /// Starts it with its standard error written to `log`.
     pub fn start_logging(config: &Path, envs: &[(&str, &str)], log: &Path) -> Daemon {
-        Daemon::spawn(config, envs, std::fs::File::create(log).unwrap().into())
+        let log = std::fs::File::create(log).unwrap();
+        Daemon::spawn(config, envs, &[], Stdio::inherit(), log.into())
     }
 
-    fn spawn(config: &Path, envs: &[(&str, &str)], stderr: Stdio) -> Daemon {
-        let child = Command::new(bin())
+    /// Starts it under `wrapper` (a command line the daemon's own is appended to, e.g.
+    /// `valgrind --tool=callgrind`; empty: none; the wrapper must become the daemon's
+    /// process, as valgrind does, for `pid` to be the daemon's), its standard output
+    /// and error both written to `log`.
+    pub fn start_wrapped(
+        config: &Path,
+        envs: &[(&str, &str)],
+        wrapper: &[String],
+        log: &Path,
+    ) -> Daemon {
+        let log = std::fs::File::create(log).unwrap();
+        let stdout = log.try_clone().unwrap();
+        Daemon::spawn(config, envs, wrapper, stdout.into(), log.into())
+    }
+
+    fn spawn(
+        config: &Path,
+        envs: &[(&str, &str)],
+        wrapper: &[String],
+        stdout: Stdio,
+        stderr: Stdio,
+    ) -> Daemon {
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
+        let child = command
             .args(["run", "--config", config.to_str().unwrap()])
             .env("WAL2CACHE_LOG", "warn")
             .envs(envs.iter().copied())
             .stdin(Stdio::null())
+            .stdout(stdout)
             .stderr(stderr)
             .spawn()
-            .unwrap();
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin()));
         Daemon(Some(child))
+    }
+
+    /// The process id (the wrapper's, under a wrapper).
+    pub fn pid(&self) -> i32 {
+        self.0.as_ref().unwrap().id() as i32
+    }
+
+    /// How it exited, if it has.
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.0.as_mut().unwrap().try_wait().unwrap()
     }
 
     /// SIGTERM: it must drain and exit 0.
@@ -73,13 +117,19 @@ impl Daemon {
 
     /// SIGTERM, then waits up to `within` for it to exit: its exit code and how long
     /// it took, or `None` (and it is killed) if it was still running.
-    pub fn terminate(mut self, within: Duration) -> Option<(Option<i32>, Duration)> {
+    pub fn terminate(self, within: Duration) -> Option<(Option<i32>, Duration)> {
+        self.terminate_status(within)
+            .map(|(status, took)| (status.code(), took))
+    }
+
+    /// `terminate`, with the whole exit status (a signal that ended it, too).
+    pub fn terminate_status(mut self, within: Duration) -> Option<(ExitStatus, Duration)> {
         let mut child = self.0.take().unwrap();
         let sent = Instant::now();
         signal(&child, "TERM");
         while sent.elapsed() < within {
             if let Some(status) = child.try_wait().unwrap() {
-                return Some((status.code(), sent.elapsed()));
+                return Some((status, sent.elapsed()));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -89,16 +139,13 @@ impl Daemon {
     }
 
     pub fn assert_running(&mut self, when: &str) {
-        let child = self.0.as_mut().unwrap();
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the daemon exited {when}"
-        );
+        assert!(self.exit_status().is_none(), "the daemon exited {when}");
     }
 }
 
 /// Sends `signal` (`"TERM"`, `"HUP"`...) to the child.
-fn signal(child: &Child, signal: &str) {
+#[allow(dead_code)]
+pub fn signal(child: &Child, signal: &str) {
     let sent = Command::new("kill")
         .args([&format!("-{signal}"), &child.id().to_string()])
         .status()

@@ -16,17 +16,21 @@ use super::wait::eventually;
 #[allow(dead_code)]
 pub const EXAMPLE_SCHEMA: &str = include_str!("../../migrations/001_example_schema.sql");
 
-/// `pg_admin_url` with another database (and optionally another user and password).
+/// `pg_admin_url` with another database (and optionally another user and password);
+/// its query string (`?sslmode=...`) kept.
 #[allow(dead_code)]
 pub fn url_for(database: &str, user: Option<(&str, &str)>) -> String {
     let base = pg_admin_url();
     let (scheme_user, rest) = base.split_once('@').expect("WAL2CACHE_TEST_PG has a user@");
-    let host = rest.split('/').next().unwrap();
+    let host = rest.split(['/', '?']).next().unwrap();
+    let query = rest
+        .split_once('?')
+        .map_or(String::new(), |(_, q)| format!("?{q}"));
     let userinfo = match user {
         Some((u, p)) => format!("postgres://{u}:{p}"),
         None => scheme_user.to_string(),
     };
-    format!("{userinfo}@{host}/{database}")
+    format!("{userinfo}@{host}/{database}{query}")
 }
 
 #[allow(dead_code)]
@@ -66,20 +70,25 @@ impl TestDb {
 
     /// A publication for all tables and a pgoutput slot, both named after `label`.
     pub async fn slot(&self, label: &str) -> (String, String) {
-        let slot = format!("{}_{label}", self.name);
         let publication = format!("pub_{label}");
         self.client
             .batch_execute(&format!("CREATE PUBLICATION {publication} FOR ALL TABLES"))
             .await
             .unwrap();
+        (self.create_slot(label).await, publication)
+    }
+
+    /// A pgoutput slot `<db>_<label>` (no publication).
+    pub async fn create_slot(&self, label: &str) -> String {
+        let slot = format!("{}_{label}", self.name);
         self.client
             .execute(
                 "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
                 &[&slot],
             )
             .await
-            .unwrap();
-        (slot, publication)
+            .unwrap_or_else(|e| panic!("create slot {slot}: {e}"));
+        slot
     }
 
     pub fn stream(&self, slot: &str, publication: &str) -> StreamConfig {
@@ -111,6 +120,18 @@ impl TestDb {
             .await
             .unwrap();
         row.get::<_, String>(0).parse().unwrap()
+    }
+
+    /// Bytes of WAL written since `from` (by the whole server).
+    pub async fn wal_bytes_since(&self, from: Lsn) -> i64 {
+        self.client
+            .query_one(
+                "SELECT (pg_current_wal_lsn() - $1::text::pg_lsn)::bigint",
+                &[&from.to_string()],
+            )
+            .await
+            .unwrap()
+            .get(0)
     }
 
     /// Runs `sql` in a transaction of its own and returns the end of its commit record:
@@ -149,16 +170,36 @@ impl TestDb {
     }
 
     pub async fn confirmed_lsn(&self, slot: &str) -> Option<Lsn> {
+        self.slot_state(slot).await?.0
+    }
+
+    /// The slot's `confirmed_flush_lsn`, and whether a process streams from it
+    /// (`active`); `None` when there is no such slot.
+    pub async fn slot_state(&self, slot: &str) -> Option<(Option<Lsn>, bool)> {
         let row = self
             .client
             .query_opt(
-                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                "SELECT confirmed_flush_lsn::text, active FROM pg_replication_slots WHERE slot_name = $1",
                 &[&slot],
             )
             .await
             .unwrap()?;
-        row.get::<_, Option<String>>(0).map(|s| s.parse().unwrap())
+        let lsn = row.get::<_, Option<String>>(0).map(|s| s.parse().unwrap());
+        Some((lsn, row.get(1)))
     }
+}
+
+/// The pid of the walsender streaming from `slot` (`active_pid`), over any connection
+/// to its database.
+#[allow(dead_code)]
+pub async fn active_pid(client: &Client, slot: &str) -> Result<Option<i32>, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?
+        .and_then(|row| row.get::<_, Option<i32>>(0)))
 }
 
 impl Drop for TestDb {

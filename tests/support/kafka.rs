@@ -51,14 +51,25 @@ pub async fn create_topic(topic: &str, partitions: i32) {
 /// Deletes `topic`; the broker must answer and accept.
 #[allow(dead_code)]
 pub async fn delete_topic(topic: &str) {
+    if let Err(e) = try_delete_topic(topic).await {
+        panic!("delete {topic}: {e}");
+    }
+}
+
+/// Deletes `topic`: what the broker said when it did not.
+#[allow(dead_code)]
+pub async fn try_delete_topic(topic: &str) -> Result<(), String> {
     let r = admin()
         .delete_topics(
             &[topic],
             &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
         )
         .await
-        .expect("the broker answers DeleteTopics");
-    assert!(r.iter().all(|r| r.is_ok()), "delete {topic}: {r:?}");
+        .map_err(|e| format!("the broker does not answer DeleteTopics: {e}"))?;
+    match r.iter().find_map(|r| r.as_ref().err()) {
+        Some((_, code)) => Err(code.to_string()),
+        None => Ok(()),
+    }
 }
 
 /// The topic exists with at least one partition.
@@ -113,22 +124,44 @@ pub async fn read_topic_until_quiet(topic: &str, expected: usize, quiet: Duratio
     .await
 }
 
-fn read_topic_blocking(topic: &str, mut done: impl FnMut(&[Value]) -> bool) -> Vec<Value> {
-    let consumer: BaseConsumer = ClientConfig::new()
+/// A consumer (no group, no commits) with `settings`; the partitions of `topic`.
+fn consumer(topic: &str, settings: &[(&str, &str)]) -> (BaseConsumer, Vec<i32>) {
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", kafka_brokers())
         .set("group.id", "unused")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
+        .set("enable.auto.commit", "false");
+    for (k, v) in settings {
+        config.set(*k, *v);
+    }
+    let consumer: BaseConsumer = config.create().unwrap();
     let md = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
+        .unwrap_or_else(|e| panic!("the metadata of {topic}: {e}"));
+    let partitions = md
+        .topics()
+        .first()
+        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+        .unwrap_or_default();
+    (consumer, partitions)
+}
+
+/// Assigns every partition at its offset in `from`.
+fn assign(consumer: &BaseConsumer, topic: &str, from: &[(i32, rdkafka::Offset)]) {
     let mut tpl = TopicPartitionList::new();
-    for p in md.topics()[0].partitions() {
-        tpl.add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning)
-            .unwrap();
+    for (p, offset) in from {
+        tpl.add_partition_offset(topic, *p, *offset).unwrap();
     }
     consumer.assign(&tpl).unwrap();
+}
+
+fn read_topic_blocking(topic: &str, mut done: impl FnMut(&[Value]) -> bool) -> Vec<Value> {
+    let (consumer, partitions) = consumer(topic, &[]);
+    let from: Vec<_> = partitions
+        .iter()
+        .map(|p| (*p, rdkafka::Offset::Beginning))
+        .collect();
+    assign(&consumer, topic, &from);
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !done(&out) && Instant::now() < deadline {
@@ -140,6 +173,96 @@ fn read_topic_blocking(topic: &str, mut done: impl FnMut(&[Value]) -> bool) -> V
         }
     }
     out
+}
+
+/// The low and high watermarks of every partition of a topic: (partition, low, high).
+#[allow(dead_code)]
+pub async fn topic_watermarks(topic: &str) -> Vec<(i32, i64, i64)> {
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let (consumer, partitions) = consumer(&topic, &[]);
+        watermarks(&consumer, &topic, &partitions)
+    })
+    .await
+    .unwrap()
+}
+
+fn watermarks(consumer: &BaseConsumer, topic: &str, partitions: &[i32]) -> Vec<(i32, i64, i64)> {
+    partitions
+        .iter()
+        .map(|&p| {
+            let (lo, hi) = consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("the watermarks of {topic} [{p}]: {e}"));
+            (p, lo, hi)
+        })
+        .collect()
+}
+
+/// Per partition: (partition, high watermark as read first, next offset after the last
+/// message read).
+#[allow(dead_code)]
+pub type PartitionEnds = Vec<(i32, i64, i64)>;
+
+/// Every message of every partition of a topic from its beginning, raw (heartbeats
+/// included), handed to `each` (partition, offset, payload), until none came for
+/// `idle` and every partition's high watermark, as read first, was passed; or
+/// `timeout`. Reading does not stop at the high watermarks: a broker that reports them
+/// short still shows what it stored. How many messages were read, and per partition
+/// where reading ended.
+#[allow(dead_code)]
+pub async fn consume_topic(
+    topic: &str,
+    idle: Duration,
+    timeout: Duration,
+    mut each: impl FnMut(i32, i64, &[u8]) + Send + 'static,
+) -> (u64, PartitionEnds) {
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let (consumer, partitions) = consumer(
+            &topic,
+            &[
+                ("enable.partition.eof", "false"),
+                ("fetch.wait.max.ms", "100"),
+            ],
+        );
+        let marks = watermarks(&consumer, &topic, &partitions);
+        let from: Vec<_> = marks
+            .iter()
+            .map(|(p, lo, _)| (*p, rdkafka::Offset::Offset(*lo)))
+            .collect();
+        assign(&consumer, &topic, &from);
+        // partition -> (high watermark as read first, next offset to read)
+        let mut next: std::collections::HashMap<i32, (i64, i64)> =
+            marks.iter().map(|(p, lo, hi)| (*p, (*hi, *lo))).collect();
+        let deadline = Instant::now() + timeout;
+        let mut last_message = Instant::now();
+        let mut read = 0u64;
+        while Instant::now() < deadline {
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    read += 1;
+                    last_message = Instant::now();
+                    if let Some(n) = next.get_mut(&m.partition()) {
+                        n.1 = n.1.max(m.offset() + 1);
+                    }
+                    each(m.partition(), m.offset(), m.payload().unwrap_or_default());
+                }
+                Some(Err(e)) => panic!("consuming {topic}: {e}"),
+                None => {
+                    let passed = next.values().all(|(hi, n)| n >= hi);
+                    if passed && last_message.elapsed() >= idle {
+                        break;
+                    }
+                }
+            }
+        }
+        let mut ends: PartitionEnds = next.into_iter().map(|(p, (hi, n))| (p, hi, n)).collect();
+        ends.sort();
+        (read, ends)
+    })
+    .await
+    .unwrap()
 }
 
 /// The cache keys the events name.

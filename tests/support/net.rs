@@ -17,9 +17,9 @@ pub fn free_port() -> u16 {
     free_addr().port()
 }
 
-/// One HTTP/1.1 request: the status code and the body, or `None` when nothing
-/// answers at `addr`. Blocking: from an async test, call it through `spawn_blocking`
-/// (an in-process daemon serves on the test's runtime).
+/// One HTTP/1.1 request: the status code and the body (a chunked one decoded), or
+/// `None` when nothing answers at `addr`. Blocking: from an async test, call it
+/// through `spawn_blocking` (an in-process daemon serves on the test's runtime).
 #[allow(dead_code)]
 pub fn http(addr: std::net::SocketAddr, method: &str, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
@@ -33,8 +33,28 @@ pub fn http(addr: std::net::SocketAddr, method: &str, path: &str) -> Option<(u16
     let mut response = String::new();
     s.read_to_string(&mut response).ok()?;
     let status = response.split(' ').nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    Some((status, body.to_string()))
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    Some((status, if chunked { dechunk(body) } else { body.into() }))
+}
+
+/// A body in chunked transfer encoding, decoded.
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    out
 }
 
 /// `http` from an async test, off the runtime.

@@ -47,15 +47,39 @@ pub async fn present(r: &MultiplexedConnection, keys: &[String]) -> BTreeSet<Str
     out
 }
 
-/// Unlinks every key that matches `pattern` (a test's own prefix); errors ignored.
+/// Unlinks every key that matches `pattern` (a test's own prefix), a thousand at a
+/// time (SCAN, not KEYS: a bench leaves millions); errors ignored. How many.
 #[allow(dead_code)]
-pub async fn unlink_matching(r: &mut MultiplexedConnection, pattern: &str) {
-    let keys: Vec<String> = r.keys(pattern).await.unwrap_or_default();
-    let _: () = redis::cmd("UNLINK")
-        .arg(keys)
-        .query_async(r)
-        .await
-        .unwrap_or(());
+pub async fn unlink_matching(r: &mut MultiplexedConnection, pattern: &str) -> u64 {
+    try_unlink_matching(r, pattern).await.unwrap_or(0)
+}
+
+/// `unlink_matching`, with its error.
+#[allow(dead_code)]
+pub async fn try_unlink_matching(
+    r: &mut MultiplexedConnection,
+    pattern: &str,
+) -> redis::RedisResult<u64> {
+    let mut total = 0;
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(r)
+            .await?;
+        if !keys.is_empty() {
+            total += keys.len() as u64;
+            redis::cmd("UNLINK").arg(&keys).query_async::<()>(r).await?;
+        }
+        if next == 0 {
+            return Ok(total);
+        }
+        cursor = next;
+    }
 }
 
 /// A `redis-server` of the test's own, for tests that break it (the shared one on
