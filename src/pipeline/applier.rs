@@ -44,8 +44,8 @@ struct Ledger {
     stats: Stats,
     /// The last batch dispatched.
     dispatched: u64,
-    /// Some sink has applied everything dispatched: it would start on a new batch at
-    /// once.
+    /// Every sink has applied everything dispatched: a new batch would start at once
+    /// everywhere.
     free: watch::Sender<bool>,
 }
 
@@ -53,7 +53,7 @@ impl Ledger {
     /// Sink `sink` applied every batch up to `seq`: confirm what every sink has.
     fn applied(&mut self, sink: usize, seq: u64) {
         self.applied[sink] = seq;
-        if seq == self.dispatched {
+        if self.applied.iter().all(|&a| a == self.dispatched) {
             self.free
                 .send_if_modified(|free| !std::mem::replace(free, true));
         }
@@ -249,8 +249,7 @@ impl Applier {
         self.tasks.abort_all();
     }
 
-    /// Whether some sink has applied every batch dispatched (it would start on the
-    /// next one at once), as it changes.
+    /// Whether every sink has applied every batch dispatched, as it changes.
     pub(crate) fn free(&self) -> watch::Receiver<bool> {
         self.ledger
             .lock()
