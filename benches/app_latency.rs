@@ -31,7 +31,8 @@
 //! 3 partitions) plus `[metrics] listen`; the L1 has its defaults too
 //! (`fetch.wait.max.ms` 10).
 //!
-//! Setup: a database `w2c_bench_applat_<pid>`, `pgbench -i -s SCALE` in it, and a table
+//! Setup: a database of its own (tests/support's `TestDb`, `w2c_bench_applat_<pid>_...`),
+//! `pgbench -i -s SCALE` in it, and a table
 //! `probe(id int primary key, v int)` of 1,000 rows. Rules (all keys on primary keys, so
 //! the default replica identity is what `wal2cache check` asks for): a delete rule on
 //! `pgbench_accounts` (key `P:acct:{aid}`, tag `P:accounts:list` that every row shares),
@@ -66,97 +67,39 @@
 //! scripts. At the end the database is dropped with its slot, the Redis keys under
 //! `w2cb_applat_<pid>` are deleted, and the topic `w2cb-applat-<pid>` is deleted.
 
+mod common;
+#[path = "common/daemon.rs"]
+mod daemon;
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::collections::HashMap;
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use tokio_postgres::{Client, NoTls};
+use common::{
+    all_process_ticks, busy_share, env_usize, load_average, machine_ticks, percentile, pg_binary,
+    process_cpu_secs, ticks_to_secs, BoxError,
+};
+use daemon::{metric_with, quantiles_with, scrape, wait_active, BenchSetup, DaemonRun, Tuning};
+use support::db::{active_pid, connect, TestDb};
+use support::env::{kafka_brokers, pg_admin_url};
+use support::net::free_port;
+use tokio_postgres::Client;
 use wal2cache::l1::{Notice, L1};
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 const PROBE_ROWS: i32 = 1000;
 
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
-}
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name)
-        .ok()
-        .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| default.into())
-}
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    let v = env_or(name, &default.to_string());
-    v.replace('_', "")
-        .parse()
-        .unwrap_or_else(|_| panic!("{name}={v:?} is not a positive integer"))
-}
-
-fn admin_url() -> String {
-    env_or(
-        "WAL2CACHE_TEST_PG",
-        "postgres://postgres@127.0.0.1:54320/postgres",
-    )
-}
-
-fn redis_url() -> String {
-    env_or("WAL2CACHE_TEST_REDIS", "redis://127.0.0.1:63790")
-}
-
-fn kafka_brokers() -> String {
-    env_or("WAL2CACHE_TEST_KAFKA", "127.0.0.1:19092")
-}
-
-fn binary() -> String {
-    std::env::var("W2C_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_wal2cache").into())
+/// A knob from the environment, as `env_usize`.
+fn knob(name: &str, default: u64) -> u64 {
+    env_usize(name, default as usize) as u64
 }
 
 fn pgbench_bin() -> String {
-    std::env::var("PGBENCH").unwrap_or_else(|_| {
-        let p = "/usr/lib/postgresql/15/bin/pgbench";
-        if Path::new(p).exists() {
-            p.into()
-        } else {
-            "pgbench".into()
-        }
-    })
-}
-
-/// `admin_url` with another database.
-fn url_for(database: &str) -> String {
-    let url = admin_url();
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b.to_string(), format!("?{q}")),
-        None => (url.clone(), String::new()),
-    };
-    match base.rfind('/') {
-        Some(i) if i > "postgres://".len() => format!("{}/{database}{query}", &base[..i]),
-        _ => format!("{base}/{database}{query}"),
-    }
-}
-
-async fn connect(url: &str) -> Result<Client, BoxError> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls)
-        .await
-        .map_err(|e| format!("cannot connect to {url}: {e}"))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
+    pg_binary("PGBENCH", "pgbench")
 }
 
 fn run_tool(program: &str, args: &[&str]) -> Result<String, BoxError> {
@@ -183,70 +126,11 @@ fn run_tool(program: &str, args: &[&str]) -> Result<String, BoxError> {
 
 // ---------------------------------------------------------------- /proc figures
 
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// (busy, total) jiffies of all CPUs, from the `cpu` line of /proc/stat.
-fn cpu_jiffies() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
-        return (0, 0);
-    };
-    // user nice system idle iowait irq softirq steal (guest is inside user).
-    let f: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .take(8)
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    let total: u64 = f.iter().sum();
-    let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
-    (total - idle, total)
-}
-
-fn busy_share(a: (u64, u64), b: (u64, u64)) -> f64 {
-    let total = b.1.saturating_sub(a.1);
-    if total == 0 {
-        return 0.0;
-    }
-    b.0.saturating_sub(a.0) as f64 / total as f64
-}
-
-/// (command name, utime + stime in jiffies) of a process.
-fn proc_stat(pid: u32) -> Option<(String, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let open = stat.find('(')?;
-    let close = stat.rfind(')')?;
-    let comm = stat[open + 1..close].to_string();
-    let rest: Vec<u64> = stat[close + 1..]
-        .split_whitespace()
-        .map(|f| f.parse().unwrap_or(0))
-        .collect();
-    Some((comm, rest.get(11)? + rest.get(12)?))
-}
-
-/// Every process's CPU jiffies, by pid.
-fn all_procs() -> HashMap<u32, (String, u64)> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(|pid| Some((pid, proc_stat(pid)?)))
-        .collect()
-}
-
 /// CPU seconds per command name between two snapshots (a process born in between
 /// counts whole; one that ended in between is lost), busiest first.
 fn cpu_by_command(
-    before: &HashMap<u32, (String, u64)>,
-    after: &HashMap<u32, (String, u64)>,
-    tck: f64,
+    before: &HashMap<i32, (String, u64)>,
+    after: &HashMap<i32, (String, u64)>,
 ) -> Vec<(String, f64)> {
     let mut by: HashMap<String, u64> = HashMap::new();
     for (pid, (comm, t)) in after {
@@ -264,171 +148,33 @@ fn cpu_by_command(
     let mut v: Vec<(String, f64)> = by
         .into_iter()
         .filter(|(_, t)| *t > 0)
-        .map(|(c, t)| (c, t as f64 / tck))
+        .map(|(c, t)| (c, ticks_to_secs(t)))
         .collect();
     v.sort_by(|a, b| b.1.total_cmp(&a.1));
     v
 }
 
-// ---------------------------------------------------------------- the daemon
-
-struct Daemon {
-    child: Option<Child>,
-    pid: u32,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(config: &Path, log: &Path) -> Result<Daemon, BoxError> {
-        let file = std::fs::File::create(log)?;
-        let child = Command::new(binary())
-            .args(["run", "--config"])
-            .arg(config)
-            .env("WAL2CACHE_LOG", env_or("W2C_BENCH_DAEMON_LOG", "warn"))
-            .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", binary()))?;
-        Ok(Daemon {
-            pid: child.id(),
-            child: Some(child),
-            log: log.to_path_buf(),
-        })
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-
-    fn check_alive(&mut self) -> Result<(), BoxError> {
-        if let Some(child) = self.child.as_mut() {
-            if let Some(status) = child.try_wait()? {
-                self.child = None;
-                return Err(format!(
-                    "the daemon exited ({status}); the end of its log:\n{}",
-                    self.log_tail()
-                )
-                .into());
-            }
-        }
-        Ok(())
-    }
-
-    fn cpu_secs(&self, tck: f64) -> f64 {
-        proc_stat(self.pid).map_or(0.0, |(_, t)| t as f64 / tck)
-    }
-
-    /// SIGTERM, then waits (killed after 60 s).
-    fn stop(&mut self) -> Result<(), BoxError> {
-        let Some(mut child) = self.child.take() else {
-            return Ok(());
-        };
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.pid.to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = child.try_wait()? {
-                if !status.success() {
-                    eprintln!(
-                        "the daemon exited with {status}; the end of its log:\n{}",
-                        self.log_tail()
-                    );
-                }
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err("the daemon did not stop within 60 s of SIGTERM".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-async fn scrape(port: u16) -> Result<String, BoxError> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .await?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
-        .await
-        .map_err(|_| "no answer from /metrics within 10 s")??;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or("malformed HTTP answer from /metrics")?;
-    if !head.contains(" 200") {
-        return Err(format!("/metrics answered {}", head.lines().next().unwrap_or("")).into());
-    }
-    Ok(body.to_string())
-}
-
-/// A sample of Prometheus text: `name` alone (`labels` empty), or `name{...}` holding
-/// every one of `labels` (written as the exporter writes them: `quantile="0.99"`).
-fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        let (series, value) = l.rsplit_once(' ')?;
-        let ok = if labels.is_empty() {
-            series == name
-        } else {
-            series
-                .strip_prefix(name)
-                .and_then(|r| r.strip_prefix('{'))
-                .and_then(|r| r.strip_suffix('}'))
-                .is_some_and(|ls| labels.iter().all(|w| ls.split(',').any(|l| l == *w)))
-        };
-        if ok {
-            value.trim().parse().ok()
-        } else {
-            None
-        }
-    })
-}
+// ---------------------------------------------------------------- the daemon's figures
 
 /// A summary as `p50 … p90 … p99 … max … mean … (n = …)`, in ms.
 fn summary(text: &str, name: &str, labels: &[&str]) -> String {
-    let q = |q: &str| {
-        let ql = format!("quantile=\"{q}\"");
-        let mut all = labels.to_vec();
-        all.push(&ql);
-        metric(text, name, &all).map_or("?".to_string(), |v| format!("{:.2}", v * 1000.0))
+    let q = quantiles_with(text, name, labels);
+    let at = |x: f64| {
+        q.get(x)
+            .map_or("?".to_string(), |v| format!("{:.2}", v * 1000.0))
     };
-    let n = metric(text, &format!("{name}_count"), labels).unwrap_or(0.0);
-    let mean = metric(text, &format!("{name}_sum"), labels)
+    let n = q.count.unwrap_or(0.0);
+    let mean = q
+        .sum
         .filter(|_| n > 0.0)
         .map_or("?".to_string(), |s| format!("{:.2}", s / n * 1000.0));
     format!(
         "p50 {} p90 {} p99 {} max {} mean {mean} ms (n = {n})",
-        q("0.5"),
-        q("0.9"),
-        q("0.99"),
-        q("1")
+        at(0.5),
+        at(0.9),
+        at(0.99),
+        at(1.0)
     )
-}
-
-async fn slot_active(client: &Client, slot: &str) -> Result<bool, BoxError> {
-    let row = client
-        .query_opt(
-            "SELECT active_pid IS NOT NULL FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await?;
-    Ok(row.is_some_and(|r| r.get(0)))
 }
 
 // ---------------------------------------------------------------- the probe
@@ -443,7 +189,7 @@ struct Probes {
 }
 
 /// An eviction as the L1's `on_notice` saw it.
-struct Evicted {
+struct ProbeEviction {
     at: Instant,
     keys: Vec<String>,
     evicted: usize,
@@ -454,7 +200,7 @@ struct ProbeCtx {
     pg: Arc<Client>,
     /// `None` with `W2C_BENCH_L1=0`.
     cache: Option<Arc<L1<String>>>,
-    evictions: mpsc::Receiver<Evicted>,
+    evictions: mpsc::Receiver<ProbeEviction>,
     redis: redis::Connection,
     prefix: String,
     period: Duration,
@@ -566,7 +312,7 @@ impl ProbeCtx {
             }
         };
         match gone {
-            Some(at) if record => out.redis_ms.push(ms(at.duration_since(committed))),
+            Some(at) if record => out.redis_ms.push(millis(at.duration_since(committed))),
             Some(_) => {}
             None if record => out.redis_timeouts += 1,
             None => return Err(format!("{key} still in Redis 5 s after the commit").into()),
@@ -608,25 +354,16 @@ impl ProbeCtx {
     }
 }
 
-fn ms(d: Duration) -> f64 {
+fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
 fn signed_ms(later: Instant, earlier: Instant) -> f64 {
     if later >= earlier {
-        ms(later - earlier)
+        millis(later - earlier)
     } else {
-        -ms(earlier - later)
+        -millis(earlier - later)
     }
-}
-
-/// Nearest-rank percentile of sorted values.
-fn pct(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
 }
 
 struct Dist {
@@ -637,12 +374,20 @@ struct Dist {
     n: usize,
 }
 
+/// Nearest-rank percentiles of `v` (NaN of none).
 fn dist(mut v: Vec<f64>) -> Dist {
     v.sort_by(f64::total_cmp);
+    let pct = |q: f64| {
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            percentile(&v, q)
+        }
+    };
     Dist {
-        p50: pct(&v, 0.5),
-        p90: pct(&v, 0.9),
-        p99: pct(&v, 0.99),
+        p50: pct(0.5),
+        p90: pct(0.9),
+        p99: pct(0.99),
         max: v.last().copied().unwrap_or(f64::NAN),
         n: v.len(),
     }
@@ -660,18 +405,8 @@ impl std::fmt::Display for Dist {
 
 // ---------------------------------------------------------------- the run
 
-struct Bench {
-    db: String,
-    db_url: String,
-    dir: tempfile::TempDir,
-    config: PathBuf,
-    prefix: String,
-    topic: String,
-    slot: String,
-    metrics_port: u16,
-}
-
-fn rules(p: &str) -> String {
+/// The rules on pgbench's tables and `probe`, under the prefix `p`.
+fn pgbench_rules(p: &str) -> String {
     format!(
         r#"[[rule]]
 name = "account"
@@ -693,82 +428,6 @@ table = "public.probe"
 keys = ["{p}:probe:{{id}}"]
 "#
     )
-}
-
-impl Bench {
-    fn new(db: &str) -> Result<Bench, BoxError> {
-        let pid = std::process::id();
-        let prefix = format!("w2cb_applat_{pid}");
-        let topic = format!("w2cb-applat-{pid}");
-        let slot = format!("{db}_d");
-        let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let dir = tempfile::Builder::new()
-            .prefix("w2c-bench-applat-")
-            .tempdir()?;
-        std::fs::write(dir.path().join("rules.toml"), rules(&prefix))?;
-        let db_url = url_for(db);
-        let config = dir.path().join("wal2cache.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"name = "bench-applat"
-[postgres]
-url = "{db_url}"
-slot = "{slot}"
-publication = "w2c_applat"
-[rules]
-path = "rules.toml"
-[redis]
-url = "{redis}"
-tag_prefix = "{prefix}:tag:"
-[kafka]
-brokers = "{kafka}"
-topic = "{topic}"
-[metrics]
-listen = "127.0.0.1:{metrics_port}"
-{extra}"#,
-                redis = redis_url(),
-                kafka = kafka_brokers(),
-                extra = extra_config(),
-            ),
-        )?;
-        Ok(Bench {
-            db: db.into(),
-            db_url,
-            dir,
-            config,
-            prefix,
-            topic,
-            slot,
-            metrics_port,
-        })
-    }
-}
-
-/// The tuning knobs, as TOML after the config (defaults: none).
-fn extra_config() -> String {
-    let mut out = String::new();
-    let deadline = std::env::var("W2C_BENCH_BATCH_DEADLINE").ok();
-    let size = std::env::var("W2C_BENCH_BATCH_SIZE").ok();
-    if deadline.is_some() || size.is_some() {
-        out.push_str("[pipeline]\n");
-        if let Some(d) = deadline {
-            out.push_str(&format!("batch_deadline = {d:?}\n"));
-        }
-        if let Some(n) = size {
-            out.push_str(&format!("batch_size = {n}\n"));
-        }
-    }
-    if let Ok(props) = std::env::var("W2C_BENCH_KAFKA_PROPS") {
-        out.push_str("[kafka.properties]\n");
-        for kv in props.split(',').filter(|kv| !kv.is_empty()) {
-            let (k, v) = kv.split_once('=').expect("W2C_BENCH_KAFKA_PROPS: k=v,k=v");
-            out.push_str(&format!("{k:?} = {v:?}\n"));
-        }
-    }
-    out
 }
 
 struct PgbenchResult {
@@ -797,36 +456,28 @@ fn parse_pgbench(out: &str) -> PgbenchResult {
 
 struct Shared {
     rt: tokio::runtime::Runtime,
-    admin: Client,
-    bench: Bench,
+    db: TestDb,
+    setup: BenchSetup,
+    metrics_port: u16,
     cache: Option<Arc<L1<String>>>,
-    evictions: Option<mpsc::Receiver<Evicted>>,
-    tck: f64,
+    evictions: Option<mpsc::Receiver<ProbeEviction>>,
 }
 
 fn run_rate(sh: &mut Shared, rate: u64, secs: u64) -> Result<bool, BoxError> {
-    let b = &sh.bench;
-    let clients = env_u64("W2C_BENCH_CLIENTS", 4).max(1);
-    let period = Duration::from_millis(env_u64("W2C_BENCH_PROBE_MS", 20).max(1));
-    let poll = Duration::from_micros(env_u64("W2C_BENCH_POLL_US", 150));
+    let clients = knob("W2C_BENCH_CLIENTS", 4).max(1);
+    let period = Duration::from_millis(knob("W2C_BENCH_PROBE_MS", 20).max(1));
+    let poll = Duration::from_micros(knob("W2C_BENCH_POLL_US", 150));
     println!("\n=== {rate} TPC-B transactions/s for {secs} s ({clients} pgbench clients) ===");
 
-    let mut daemon = Daemon::start(&b.config, &b.dir.path().join(format!("daemon-{rate}.log")))?;
-    let started = Instant::now();
-    loop {
-        daemon.check_alive()?;
-        if sh.rt.block_on(slot_active(&sh.admin, &b.slot))? {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            return Err(format!(
-                "the daemon does not stream after 60 s; its log:\n{}",
-                daemon.log_tail()
-            )
-            .into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    sh.setup.log = sh.setup.dir.path().join(format!("daemon-{rate}.log"));
+    let mut daemon = DaemonRun::start_logging(&sh.setup, "warn");
+    let slot = sh.setup.slot.clone();
+    sh.rt.block_on(wait_active(
+        &sh.db,
+        &slot,
+        &mut daemon,
+        Duration::from_secs(60),
+    ))?;
     if let Some(cache) = sh.cache.clone() {
         if !sh
             .rt
@@ -835,17 +486,10 @@ fn run_rate(sh: &mut Shared, rate: u64, secs: u64) -> Result<bool, BoxError> {
             return Err("the L1 is not healthy after 60 s".into());
         }
     }
-    let walsender: Option<i32> = sh
-        .rt
-        .block_on(sh.admin.query_one(
-            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
-            &[&b.slot],
-        ))?
-        .get(0);
-    let walsender = walsender.map(|p| p as u32);
+    let walsender = sh.rt.block_on(active_pid(&sh.db.client, &slot))?;
     println!(
         "daemon streaming {:.2} s after its start (walsender pid {}); L1 {}",
-        started.elapsed().as_secs_f64(),
+        daemon.started.elapsed().as_secs_f64(),
         walsender.map_or("?".into(), |p| p.to_string()),
         if sh.cache.is_some() {
             "healthy"
@@ -854,14 +498,14 @@ fn run_rate(sh: &mut Shared, rate: u64, secs: u64) -> Result<bool, BoxError> {
         }
     );
 
-    let pg = Arc::new(sh.rt.block_on(connect(&b.db_url))?);
+    let pg = Arc::new(sh.rt.block_on(connect(&sh.db.url)));
     let mut ctx = ProbeCtx {
         rt: sh.rt.handle().clone(),
         pg,
         cache: sh.cache.clone(),
         evictions: sh.evictions.take().ok_or("no eviction channel")?,
-        redis: redis::Client::open(redis_url())?.get_connection()?,
-        prefix: b.prefix.clone(),
+        redis: redis::Client::open(support::env::redis_url())?.get_connection()?,
+        prefix: sh.setup.prefix.clone(),
         period,
         poll,
         next_id: 0,
@@ -891,7 +535,7 @@ fn run_rate(sh: &mut Shared, rate: u64, secs: u64) -> Result<bool, BoxError> {
             &clients.to_string(),
             "-j",
             "2",
-            &b.db_url,
+            &sh.db.url,
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -914,32 +558,28 @@ fn run_rate(sh: &mut Shared, rate: u64, secs: u64) -> Result<bool, BoxError> {
         let stop = stop.clone();
         std::thread::spawn(move || {
             let mut worst: f64 = 0.0;
-            let mut last = cpu_jiffies();
+            let mut last = machine_ticks();
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_secs(1));
-                let now = cpu_jiffies();
+                let now = machine_ticks();
                 worst = worst.max(busy_share(last, now));
                 last = now;
             }
             worst
         })
     };
-    let cpu0 = cpu_jiffies();
-    let procs0 = all_procs();
-    let daemon_cpu0 = daemon.cpu_secs(sh.tck);
-    let walsender_cpu = |tck: f64| {
-        walsender
-            .and_then(proc_stat)
-            .map_or(0.0, |(_, t)| t as f64 / tck)
-    };
-    let walsender_cpu0 = walsender_cpu(sh.tck);
+    let cpu0 = machine_ticks();
+    let procs0 = all_process_ticks();
+    let daemon_cpu0 = daemon.cpu_secs();
+    let walsender_cpu = || walsender.and_then(process_cpu_secs).unwrap_or(0.0);
+    let walsender_cpu0 = walsender_cpu();
     let t0 = Instant::now();
     let probed = ctx.run_until(window_end, true);
     let window = t0.elapsed();
-    let cpu1 = cpu_jiffies();
-    let procs1 = all_procs();
-    let daemon_cpu1 = daemon.cpu_secs(sh.tck);
-    let walsender_cpu1 = walsender_cpu(sh.tck);
+    let cpu1 = machine_ticks();
+    let procs1 = all_process_ticks();
+    let daemon_cpu1 = daemon.cpu_secs();
+    let walsender_cpu1 = walsender_cpu();
     // The evictions still pending, after the snapshots (pgbench ends meanwhile).
     let probed = probed.map(|mut p| {
         ctx.finish(&mut p);
@@ -961,8 +601,14 @@ fn run_rate(sh: &mut Shared, rate: u64, secs: u64) -> Result<bool, BoxError> {
     let probes = probed?;
     let pgb = parse_pgbench(&pgbench_text);
     daemon.check_alive()?;
-    let metrics = sh.rt.block_on(scrape(b.metrics_port));
-    daemon.stop()?;
+    let metrics = sh.rt.block_on(scrape(sh.metrics_port));
+    let (status, _) = daemon.stop(Duration::from_secs(60))?;
+    if !status.success() {
+        eprintln!(
+            "the daemon exited with {status}; the end of its log:\n{}",
+            daemon.log_tail(30)
+        );
+    }
 
     // Report.
     let busy = busy_share(cpu0, cpu1);
@@ -986,7 +632,7 @@ fn run_rate(sh: &mut Shared, rate: u64, secs: u64) -> Result<bool, BoxError> {
     );
     println!(
         "pgbench: tps = {tps:.1} achieved of {rate} asked (scale {})",
-        env_u64("W2C_BENCH_SCALE", 10)
+        knob("W2C_BENCH_SCALE", 10)
     );
     for l in &pgb.lines {
         println!("  pgbench {l}");
@@ -995,12 +641,7 @@ fn run_rate(sh: &mut Shared, rate: u64, secs: u64) -> Result<bool, BoxError> {
         "machine CPU busy over the window: {:.1} % of 2 cores (busiest second {:.1} %); load average {}",
         busy * 100.0,
         worst_second * 100.0,
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
+        load_average()
     );
     let daemon_cpu = daemon_cpu1 - daemon_cpu0;
     let w = window.as_secs_f64();
@@ -1014,7 +655,7 @@ fn run_rate(sh: &mut Shared, rate: u64, secs: u64) -> Result<bool, BoxError> {
         "walsender CPU over the window: {ws:.2} s ({:.1} % of one core; inside the postgres figure below)",
         ws / w * 100.0
     );
-    let groups = cpu_by_command(&procs0, &procs1, sh.tck);
+    let groups = cpu_by_command(&procs0, &procs1);
     let shown: Vec<String> = groups
         .iter()
         .take(10)
@@ -1041,8 +682,8 @@ fn run_rate(sh: &mut Shared, rate: u64, secs: u64) -> Result<bool, BoxError> {
                     summary(m, "wal2cache_batch_seconds", &[&label])
                 );
             }
-            let changes = metric(m, "wal2cache_commit_to_redis_seconds_count", &[]);
-            let batches = metric(m, "wal2cache_batch_seconds_count", &["sink=\"redis\""]);
+            let changes = metric_with(m, "wal2cache_commit_to_redis_seconds_count", &[]);
+            let batches = metric_with(m, "wal2cache_batch_seconds_count", &["sink=\"redis\""]);
             if let (Some(c), Some(n)) = (changes, batches.filter(|n| *n > 0.0)) {
                 println!(
                     "daemon: {c} changes in {n} Redis batches ({:.2} changes per batch) since its start",
@@ -1103,12 +744,11 @@ fn run_rate(sh: &mut Shared, rate: u64, secs: u64) -> Result<bool, BoxError> {
     Ok(redis_ok && l1_ok && load_ok)
 }
 
-fn setup(sh: &Shared, scale: u64) -> Result<(), BoxError> {
-    let b = &sh.bench;
+fn prepare(sh: &Shared, scale: u64) -> Result<(), BoxError> {
     let t = Instant::now();
     let out = run_tool(
         &pgbench_bin(),
-        &["-i", "-q", "-s", &scale.to_string(), &b.db_url],
+        &["-i", "-q", "-s", &scale.to_string(), &sh.db.url],
     )?;
     println!(
         "pgbench -i -s {scale}: {:.1} s ({})",
@@ -1116,113 +756,51 @@ fn setup(sh: &Shared, scale: u64) -> Result<(), BoxError> {
         out.lines().last().unwrap_or("").trim()
     );
     sh.rt.block_on(async {
-        let c = connect(&b.db_url).await?;
-        c.batch_execute(&format!(
-            "CREATE TABLE probe (id int PRIMARY KEY, v int NOT NULL);
+        sh.db
+            .client
+            .batch_execute(&format!(
+                "CREATE TABLE probe (id int PRIMARY KEY, v int NOT NULL);
              INSERT INTO probe SELECT i, 0 FROM generate_series(1, {PROBE_ROWS}) i;
              ANALYZE probe;"
-        ))
-        .await?;
+            ))
+            .await?;
         Ok::<_, BoxError>(())
     })?;
-    let config = b.config.to_string_lossy().to_string();
-    let check = run_tool(&binary(), &["check", "--config", &config])?;
+    let config = sh.setup.config.to_string_lossy().to_string();
+    let wal2cache = support::daemon::bin();
+    let check = run_tool(&wal2cache, &["check", "--config", &config])?;
     println!(
         "wal2cache check: {}",
         check.lines().last().unwrap_or("").trim()
     );
-    let out = run_tool(&binary(), &["setup", "--config", &config])?;
+    let out = run_tool(&wal2cache, &["setup", "--config", &config])?;
     println!("wal2cache setup: {}", out.trim().replace('\n', "; "));
     Ok(())
 }
 
-async fn cleanup_redis(prefix: &str) -> Result<u64, BoxError> {
-    let client = redis::Client::open(redis_url())?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    let mut total = 0;
-    for pattern in [format!("{prefix}*"), format!("{{{prefix}*")] {
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await?;
-            if !keys.is_empty() {
-                total += keys.len() as u64;
-                redis::cmd("UNLINK")
-                    .arg(&keys)
-                    .query_async::<()>(&mut conn)
-                    .await?;
-            }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
-    }
-    Ok(total)
-}
-
-async fn delete_topic(topic: &str) {
-    use rdkafka::admin::{AdminClient, AdminOptions};
-    use rdkafka::client::DefaultClientContext;
-    let admin: Result<AdminClient<DefaultClientContext>, _> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
-        .create();
-    let result = match admin {
-        Ok(admin) => admin
-            .delete_topics(
-                &[topic],
-                &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
-            )
+/// Drops the bench's database with its slots (`TestDb`'s drop) and says whether it went.
+fn drop_db(rt: &tokio::runtime::Runtime, db: TestDb) {
+    let name = db.name.clone();
+    drop(db);
+    let gone = rt.block_on(async {
+        let admin: Client = connect(&pg_admin_url()).await;
+        admin
+            .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
             .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| {
-                r.into_iter()
-                    .map(|x| x.map(|_| ()).map_err(|(_, c)| c.to_string()))
-                    .collect::<Result<Vec<()>, String>>()
-            }),
-        Err(e) => Err(e.to_string()),
-    };
-    match result {
-        Ok(_) => eprintln!("deleted topic {topic}"),
-        Err(e) => eprintln!("could not delete topic {topic} ({e}); it stays on the broker"),
+            .is_ok_and(|row| row.is_none())
+    });
+    if gone {
+        eprintln!("dropped database {name} and its slots");
+    } else {
+        eprintln!("could not drop database {name} or its slots: drop them by hand");
     }
-}
-
-async fn drop_db(admin: &Client, name: &str) {
-    for _ in 0..50 {
-        let _ = admin
-            .batch_execute(&format!(
-                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
-                   WHERE database = '{name}' AND active_pid IS NOT NULL"
-            ))
-            .await;
-        let _ = admin
-            .batch_execute(&format!(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
-                   WHERE database = '{name}'"
-            ))
-            .await;
-        if admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .await
-            .is_ok()
-        {
-            eprintln!("dropped database {name} and its slots");
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    eprintln!("could not drop database {name} or its slots: drop them by hand");
 }
 
 fn main() {
-    let rates: Vec<u64> = env_or("W2C_BENCH_RATE", "1000,2000")
+    let rates: Vec<u64> = std::env::var("W2C_BENCH_RATE")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "1000,2000".into())
         .split(',')
         .map(|r| {
             r.trim()
@@ -1231,41 +809,30 @@ fn main() {
                 .unwrap_or_else(|_| panic!("W2C_BENCH_RATE={r:?}: a list of rates"))
         })
         .collect();
-    let secs = env_u64("W2C_BENCH_SECS", 30).max(2);
-    let scale = env_u64("W2C_BENCH_SCALE", 10).max(1);
+    let secs = knob("W2C_BENCH_SECS", 30).max(2);
+    let scale = knob("W2C_BENCH_SCALE", 10).max(1);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let db = format!("w2c_bench_applat_{}", std::process::id());
-    let admin = match rt.block_on(async {
-        let admin = connect(&admin_url()).await?;
-        admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-            .await?;
-        admin
-            .batch_execute(&format!("CREATE DATABASE {db}"))
-            .await?;
-        Ok::<_, BoxError>(admin)
-    }) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("app_latency: {}", chain(&*e));
-            std::process::exit(1);
-        }
+    let db = rt.block_on(TestDb::new("bench_applat"));
+    let metrics_port = free_port();
+    let tuning = Tuning {
+        metrics_port: Some(metrics_port),
+        ..Tuning::from_env()
     };
-    let bench = Bench::new(&db).expect("the bench's config");
-    let (tx, evictions) = mpsc::channel::<Evicted>();
-    let probe_prefix = format!("{}:probe:", bench.prefix);
-    let with_l1 = env_u64("W2C_BENCH_L1", 1) != 0;
+    let setup = BenchSetup::write_rules(&db, "applat", &tuning, pgbench_rules);
+    let (tx, evictions) = mpsc::channel::<ProbeEviction>();
+    let probe_prefix = format!("{}:probe:", setup.prefix);
+    let with_l1 = knob("W2C_BENCH_L1", 1) != 0;
     let cache = with_l1.then(|| {
         let _guard = rt.enter();
-        L1::builder(kafka_brokers(), &bench.topic)
+        L1::builder(kafka_brokers(), &setup.topic)
             .on_notice(move |n: &Notice<'_>| {
                 if let Notice::Invalidated { event, evicted } = n {
                     if event.keys.iter().any(|k| k.starts_with(&probe_prefix)) {
-                        let _ = tx.send(Evicted {
+                        let _ = tx.send(ProbeEviction {
                             at: Instant::now(),
                             keys: event.keys.clone(),
                             evicted: *evicted,
@@ -1278,18 +845,18 @@ fn main() {
     });
     let mut sh = Shared {
         rt,
-        admin,
-        bench,
+        db,
+        setup,
+        metrics_port,
         cache: cache.map(Arc::new),
         evictions: Some(evictions),
-        tck: clock_ticks(),
     };
     println!(
         "app_latency: rates {rates:?}/s, {secs} s each, pgbench scale {scale}, {} CPUs; load average {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
     );
-    let mut result = setup(&sh, scale);
+    let mut result = prepare(&sh, scale);
     let mut all_ok = true;
     if result.is_ok() {
         for &rate in &rates {
@@ -1303,27 +870,21 @@ fn main() {
         }
     }
     // The L1 stops before its topic goes.
-    drop(sh.cache.take());
-    sh.rt.block_on(async {
+    let Shared {
+        rt,
+        db,
+        setup,
+        cache,
+        ..
+    } = sh;
+    drop(cache);
+    rt.block_on(async {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        match cleanup_redis(&sh.bench.prefix).await {
-            Ok(n) => eprintln!("deleted {n} Redis keys under {}", sh.bench.prefix),
-            Err(e) => eprintln!(
-                "could not delete the Redis keys under {}: {e}",
-                sh.bench.prefix
-            ),
-        }
-        delete_topic(&sh.bench.topic).await;
-        drop_db(&sh.admin, &sh.bench.db).await;
+        daemon::cleanup(&setup).await;
     });
+    drop_db(&rt, db);
     if let Err(e) = result {
-        let dir = std::mem::replace(&mut sh.bench.dir, tempfile::tempdir().expect("tempdir"));
-        eprintln!(
-            "the config and the daemon's logs are kept in {}",
-            dir.keep().display()
-        );
-        eprintln!("app_latency failed: {}", chain(&*e));
-        std::process::exit(1);
+        daemon::fail("app_latency", setup, &e);
     }
     println!(
         "\napp_latency: {}",

@@ -291,13 +291,18 @@ impl DaemonRun {
     /// the daemon's own command line appended: e.g.
     /// `valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.out`).
     pub fn start(setup: &BenchSetup) -> DaemonRun {
+        DaemonRun::start_logging(setup, "info")
+    }
+
+    /// `start`, logging at `level` when `W2C_BENCH_DAEMON_LOG` is not set.
+    pub fn start_logging(setup: &BenchSetup, level: &str) -> DaemonRun {
         let started = Instant::now();
         let wrapper: Vec<String> = std::env::var("W2C_BENCH_DAEMON_WRAPPER")
             .unwrap_or_default()
             .split_whitespace()
             .map(str::to_string)
             .collect();
-        let level = std::env::var("W2C_BENCH_DAEMON_LOG").unwrap_or_else(|_| "info".into());
+        let level = std::env::var("W2C_BENCH_DAEMON_LOG").unwrap_or_else(|_| level.into());
         let daemon = Daemon::start_wrapped(
             &setup.config,
             &[("WAL2CACHE_LOG", &level)],
@@ -564,15 +569,23 @@ pub async fn scrape(port: u16) -> Result<String, BoxError> {
 /// (labels written as the exporter writes them, e.g. `quantile="0.99"`).
 #[allow(dead_code)]
 pub fn metric(text: &str, name: &str, labels: Option<&str>) -> Option<f64> {
+    metric_with(text, name, labels.as_slice())
+}
+
+/// [`metric`] with any number of labels: `name` alone (`labels` empty), or
+/// `name{...}` holding every one of `labels`.
+#[allow(dead_code)]
+pub fn metric_with(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
         let (series, value) = l.rsplit_once(' ')?;
-        let matches = match labels {
-            None => series == name,
-            Some(want) => series
+        let matches = if labels.is_empty() {
+            series == name
+        } else {
+            series
                 .strip_prefix(name)
                 .and_then(|r| r.strip_prefix('{'))
                 .and_then(|r| r.strip_suffix('}'))
-                .is_some_and(|ls| ls.split(',').any(|l| l == want)),
+                .is_some_and(|ls| labels.iter().all(|w| ls.split(',').any(|l| l == *w)))
         };
         if matches {
             value.trim().parse().ok()
@@ -592,13 +605,24 @@ pub struct Quantiles {
 
 #[allow(dead_code)]
 pub fn quantiles(text: &str, name: &str) -> Quantiles {
+    quantiles_with(text, name, &[])
+}
+
+/// [`quantiles`] of the series with `labels` (e.g. `sink="redis"`).
+#[allow(dead_code)]
+pub fn quantiles_with(text: &str, name: &str, labels: &[&str]) -> Quantiles {
     let q = [0.0, 0.5, 0.9, 0.95, 0.99, 0.999, 1.0]
         .iter()
-        .map(|&q| (q, metric(text, name, Some(&format!("quantile=\"{q}\"")))))
+        .map(|&q| {
+            let quantile = format!("quantile=\"{q}\"");
+            let mut all = labels.to_vec();
+            all.push(&quantile);
+            (q, metric_with(text, name, &all))
+        })
         .collect();
     Quantiles {
-        count: metric(text, &format!("{name}_count"), None),
-        sum: metric(text, &format!("{name}_sum"), None),
+        count: metric_with(text, &format!("{name}_count"), labels),
+        sum: metric_with(text, &format!("{name}_sum"), labels),
         q,
     }
 }

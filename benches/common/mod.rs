@@ -67,11 +67,12 @@ pub fn ms(secs: f64) -> String {
     format!("{:.3} ms", secs * 1000.0)
 }
 
-/// Percentile (0..=1) of sorted durations, nearest rank.
+/// Percentile (0..=1) of sorted values (durations, milliseconds...), nearest rank;
+/// `T::default()` (`Duration::ZERO`, 0.0) of none.
 #[allow(dead_code)]
-pub fn percentile(sorted: &[Duration], q: f64) -> Duration {
+pub fn percentile<T: Copy + Default>(sorted: &[T], q: f64) -> T {
     if sorted.is_empty() {
-        return Duration::ZERO;
+        return T::default();
     }
     let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
     sorted[rank - 1]
@@ -172,6 +173,49 @@ pub fn process_name(pid: i32) -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
+/// (busy, total) clock ticks of all CPUs so far, from the `cpu` line of /proc/stat
+/// (busy: all but idle and iowait).
+#[allow(dead_code)]
+pub fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return (0, 0);
+    };
+    // user nice system idle iowait irq softirq steal (guest is inside user).
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let total: u64 = f.iter().sum();
+    let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// The share (0..=1) of the machine's CPU time that was busy between two
+/// [`machine_ticks`].
+#[allow(dead_code)]
+pub fn busy_share(before: (u64, u64), after: (u64, u64)) -> f64 {
+    let total = after.1.saturating_sub(before.1);
+    if total == 0 {
+        return 0.0;
+    }
+    after.0.saturating_sub(before.0) as f64 / total as f64
+}
+
+/// Every process's command name and CPU clock ticks so far ([`process_name`],
+/// [`process_ticks`]), by pid.
+#[allow(dead_code)]
+pub fn all_process_ticks() -> std::collections::HashMap<i32, (String, u64)> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| Some((pid, (process_name(pid), process_ticks(pid)?))))
+        .collect()
+}
+
 /// The pid of the process listening on TCP `port` (127.0.0.1, 0.0.0.0 or IPv6), from
 /// `/proc/net/tcp{,6}` and the socket inodes of `/proc/*/fd` (readable as root or as
 /// the server's owner); `None` when not found.
@@ -253,18 +297,25 @@ impl Observed {
     }
 }
 
+/// A PostgreSQL client program (`pgbench`, `pg_recvlogical`): the environment
+/// variable `env` when set, else PostgreSQL 15's, else the PATH's.
+#[allow(dead_code)]
+pub fn pg_binary(env: &str, name: &str) -> String {
+    if let Ok(b) = std::env::var(env) {
+        return b;
+    }
+    let pg15 = format!("/usr/lib/postgresql/15/bin/{name}");
+    if Path::new(&pg15).exists() {
+        pg15
+    } else {
+        name.into()
+    }
+}
+
 /// The `pg_recvlogical` binary: `PG_RECVLOGICAL`, else PostgreSQL 15's, else the PATH's.
 #[allow(dead_code)]
 pub fn pg_recvlogical_binary() -> String {
-    if let Ok(b) = std::env::var("PG_RECVLOGICAL") {
-        return b;
-    }
-    let pg15 = "/usr/lib/postgresql/15/bin/pg_recvlogical";
-    if Path::new(pg15).exists() {
-        pg15.into()
-    } else {
-        "pg_recvlogical".into()
-    }
+    pg_binary("PG_RECVLOGICAL", "pg_recvlogical")
 }
 
 /// `pg_recvlogical` on `slot` of the database at `url`, with the pgoutput options the
