@@ -17,6 +17,10 @@ use crate::sink::{Batch, Item, Origin, Version};
 use crate::source::messages::{HEARTBEAT_PREFIX, RELOAD_PREFIX};
 use crate::source::{Relation, SourceEvent, TxnInfo};
 
+/// How far behind its commit a transaction must be for the stream to count as catching
+/// up (see `Batcher::behind`).
+pub(crate) const CATCHING_UP: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Builds batches from source events.
 pub(crate) struct Batcher {
     pub(crate) config: PipelineConfig,
@@ -205,6 +209,16 @@ impl Batcher {
     /// the sinks are free.
     pub(crate) fn has_end(&self) -> bool {
         self.batch.confirm.is_some()
+    }
+
+    /// The stream is catching up: the newest transaction in the batch committed more
+    /// than `CATCHING_UP` ago (by the database's clock; a clock ahead of ours reads as
+    /// live).
+    pub(crate) fn behind(&self) -> bool {
+        self.batch
+            .commit_time
+            .and_then(crate::pgtime::since_pg_time)
+            .is_some_and(|lag| lag > CATCHING_UP)
     }
 
     /// When the open batch must close at the latest.

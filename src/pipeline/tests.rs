@@ -50,13 +50,19 @@ fn config(batch_size: usize) -> PipelineConfig {
     }
 }
 
-/// A transaction of `rows` inserts, committed at `lsn`, ending at `lsn + 1`.
+/// A transaction of `rows` inserts, committed at `lsn`, ending at `lsn + 1`, long ago
+/// (as when catching up).
 fn txn(lsn: u64, rows: std::ops::Range<u32>) -> Vec<SourceEvent> {
+    txn_at(lsn, rows, 0)
+}
+
+/// The same, committed at `commit_time` (Postgres microseconds).
+fn txn_at(lsn: u64, rows: std::ops::Range<u32>, commit_time: i64) -> Vec<SourceEvent> {
     let rel = relation();
     let mut events = vec![SourceEvent::Begin(TxnInfo {
         xid: lsn as u32,
         commit_lsn: Lsn(lsn),
-        commit_time: 0,
+        commit_time,
     })];
     for id in rows {
         let row = TupleData(vec![Datum::Text(Bytes::from(id.to_string()))]);
@@ -66,7 +72,7 @@ fn txn(lsn: u64, rows: std::ops::Range<u32>) -> Vec<SourceEvent> {
         xid: lsn as u32,
         commit_lsn: Lsn(lsn),
         end_lsn: Lsn(lsn + 1),
-        commit_time: 0,
+        commit_time,
     }));
     events
 }
@@ -490,4 +496,39 @@ async fn an_ended_transaction_closes_its_batch_only_if_a_sink_is_free() {
         assert!(events.is_idle());
         assert_eq!(b.take().items.len(), 2);
     }
+}
+
+#[tokio::test]
+async fn a_live_transaction_goes_at_once_even_while_a_sink_is_busy() {
+    let config = PipelineConfig {
+        batch_deadline: Duration::from_secs(3600),
+        ..config(1000)
+    };
+    let mut run = start_with(
+        config,
+        Vec::new(),
+        MemorySink::new("redis"),
+        MemorySink::held("kafka"),
+    );
+    for (i, lsn) in [100, 200, 300].into_iter().enumerate() {
+        run.send(txn_at(lsn, i as u32..i as u32 + 1, crate::pgtime::pg_now()));
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while run.redis.sizes().len() < i + 1 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("Redis got the live transaction without waiting for the broker");
+    }
+    assert_eq!(run.redis.sizes(), [1, 1, 1]);
+    assert_eq!(run.confirmed(), Lsn::ZERO, "the broker has none of them");
+    run.kafka.release(2);
+    run.confirmed_reaches(Lsn(301)).await;
+    assert_eq!(
+        run.kafka.sizes(),
+        [1, 2],
+        "the broker applies what waited as one"
+    );
+    let (r, ..) = run.stop().await;
+    r.unwrap();
 }
