@@ -15,9 +15,9 @@
 #   W2C_SCALING_RULES_CHANGES  changes of the rules rows [100000]
 #   W2C_SCALING_MANY_RULES     from this many rules on, a rules row uses ... [1000]
 #   W2C_SCALING_MANY_RULES_CHANGES  ... this many changes instead [1000]: with
-#                              10,000 rules the daemon needs ~0.5 s per change today
-#                              (planning de-duplicates keys across rules in quadratic
-#                              time), so 1,000 changes take ~9 min and 20,000 ~3 h
+#                              10,000 rules (10,000 keys per change) the daemon
+#                              needs ~15 ms of CPU per change, so 1,000 changes
+#                              take ~20 s
 #   W2C_SCALING_LOG_DIR        where each run's output goes [a new /tmp/w2c-scaling.XXXXXX]
 #   W2C_SCALING_MATRIX         "keys", "rules" or "all" [all]
 # and everything benches/catchup.rs reads (W2C_BENCH_WRITERS, W2C_BENCH_OTHER_EVERY,
