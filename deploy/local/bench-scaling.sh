@@ -98,8 +98,8 @@ if [[ "$matrix" == all || "$matrix" == rules ]]; then
     header
     for rules in "${rules_list[@]}"; do
         if ((rules >= many_rules)); then
-            echo "note: $rules rules: $many_rules_changes changes instead of $rules_changes (planning de-duplicates keys across rules in quadratic time today: ~0.5 s per change at 10,000 rules)"
-            run_one "$many_rules_changes" 1 "$rules" "$many_rules_changes changes only (quadratic de-dup)"
+            echo "note: $rules rules: $many_rules_changes changes instead of $rules_changes (10,000 keys per change: ~15 ms of daemon CPU each)"
+            run_one "$many_rules_changes" 1 "$rules" "$many_rules_changes changes only (10,000 keys per change)"
         else
             run_one "$rules_changes" 1 "$rules"
         fi
