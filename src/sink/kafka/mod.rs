@@ -105,9 +105,13 @@ pub(super) fn client_config(config: &KafkaConfig) -> ClientConfig {
     c.set("bootstrap.servers", &config.brokers)
         .set("enable.idempotence", "true")
         .set("message.timeout.ms", "30000")
-        // Measured (benches/latency.rs at 2,000 txn/s): linger 1 ms made batches wait
-        // for each other, p50 7.5 ms; 0 gives p50 0.5-0.9 ms at the same catch-up rate.
-        .set("linger.ms", "0")
+        // Measured at 1,000 TPC-B transactions/s (benches/app_latency.rs, the broker on
+        // the same 2-core host): with linger 0 every live transaction was a produce
+        // request of its own, the broker took 66% of a core and an application's
+        // commit -> Redis p99 was 12 ms (L1 p99 323 ms); with 2 ms the broker took
+        // 54%, Redis p99 5.5 ms, L1 p99 67 ms, for commit -> Kafka p50 0.9 -> 4.9 ms
+        // (benches/latency.rs, 2,000/s; p99 8 ms). Redis does not wait for the broker.
+        .set("linger.ms", "2")
         .set("client.id", "wal2cache");
     for (k, v) in &config.properties {
         c.set(k, v);
