@@ -46,8 +46,9 @@ async fn sigterm_stops_the_daemon_while_redis_refuses_writes() {
     wait_streaming(&db, &slot).await;
 
     // A first row is applied and confirmed.
-    db.exec("INSERT INTO items VALUES (0, 0)").await;
-    let first = db.current_lsn().await;
+    // The end of its commit record, not the server's position after it: with WAL
+    // heartbeats off, WAL written meanwhile by other tests is never confirmed.
+    let first = db.exec_commit_end("INSERT INTO items VALUES (0, 0)").await;
     eventually(
         "the first row to be confirmed",
         Duration::from_secs(30),
@@ -198,8 +199,9 @@ async fn sigterm_stops_the_daemon_while_the_broker_is_gone() {
     let log = dir.path().join("daemon.log");
     let daemon = Daemon::start_logging(&config, &[("WAL2CACHE_LOG", "info")], &log);
     wait_streaming(&db, &slot).await;
-    db.exec("INSERT INTO items VALUES (0, 0)").await;
-    let first = db.current_lsn().await;
+    // The end of its commit record, not the server's position after it: with WAL
+    // heartbeats off, WAL written meanwhile by other tests is never confirmed.
+    let first = db.exec_commit_end("INSERT INTO items VALUES (0, 0)").await;
     eventually(
         "the first row to be confirmed",
         Duration::from_secs(30),
