@@ -18,7 +18,7 @@ use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot};
 use redis::AsyncCommands;
 use support::env::{redis_cluster_url, redis_url, unique};
 use support::inproc::Logs;
-use support::store::PrivateRedis;
+use support::store::{scan_page, PrivateRedis};
 use support::wait::eventually;
 use tokio::sync::watch;
 use wal2cache::config::{Config, RedisConfig};
@@ -140,15 +140,7 @@ async fn count_per_master(conn: &mut ClusterConnection, pattern: &str) -> BTreeM
         let mut cursor: u64 = 0;
         let mut n = 0;
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut node)
-                .await
-                .unwrap();
+            let (next, keys) = scan_page(&mut node, cursor, pattern).await.unwrap();
             n += keys.len();
             if next == 0 {
                 break;

@@ -41,6 +41,26 @@ fn relation() -> Arc<Relation> {
     })
 }
 
+/// Batches of 1,000 whose deadline never comes within a test: only the end of a
+/// transaction (or a shutdown) closes them.
+fn no_deadline() -> PipelineConfig {
+    PipelineConfig {
+        batch_deadline: Duration::from_secs(3600),
+        ..config(1000)
+    }
+}
+
+/// Waits (5 s at most) until `done` holds.
+async fn until(what: &str, done: impl Fn() -> bool) {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
 fn config(batch_size: usize) -> PipelineConfig {
     PipelineConfig {
         batch_size,
@@ -322,13 +342,10 @@ async fn nothing_is_confirmed_until_every_sink_has_it() {
     run.send(txn(100, 0..1));
     run.send(txn(200, 1..2));
     // Redis goes ahead of the held broker: the change is in Redis at once...
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while run.redis.sizes().iter().sum::<usize>() < 2 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    until("Redis to apply both", || {
+        run.redis.sizes().iter().sum::<usize>() >= 2
     })
-    .await
-    .expect("Redis applied both");
+    .await;
     // ...but nothing is confirmed while Kafka has neither.
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(run.confirmed(), Lsn::ZERO);
@@ -419,10 +436,7 @@ async fn a_drain_that_cannot_finish_gives_up_at_the_deadline_unconfirmed() {
 
 #[tokio::test]
 async fn shutdown_drains_the_batch_still_open() {
-    let config = PipelineConfig {
-        batch_deadline: Duration::from_secs(3600),
-        ..config(1000)
-    };
+    let config = no_deadline();
     // A committed transaction, then the start of another: the commit does not find
     // the stream idle, so its batch stays open (its deadline is an hour away).
     let mut events = txn(100, 0..2);
@@ -448,10 +462,7 @@ async fn shutdown_drains_the_batch_still_open() {
 
 #[tokio::test]
 async fn while_one_sink_is_busy_finished_transactions_gather_for_both() {
-    let config = PipelineConfig {
-        batch_deadline: Duration::from_secs(3600),
-        ..config(1000)
-    };
+    let config = no_deadline();
     let mut run = start_with(
         config,
         Vec::new(),
@@ -500,10 +511,7 @@ async fn an_ended_transaction_closes_its_batch_only_if_a_sink_is_free() {
 
 #[tokio::test]
 async fn a_live_transaction_goes_at_once_even_while_a_sink_is_busy() {
-    let config = PipelineConfig {
-        batch_deadline: Duration::from_secs(3600),
-        ..config(1000)
-    };
+    let config = no_deadline();
     let mut run = start_with(
         config,
         Vec::new(),
@@ -512,13 +520,11 @@ async fn a_live_transaction_goes_at_once_even_while_a_sink_is_busy() {
     );
     for (i, lsn) in [100, 200, 300].into_iter().enumerate() {
         run.send(txn_at(lsn, i as u32..i as u32 + 1, crate::pgtime::pg_now()));
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while run.redis.sizes().len() < i + 1 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await
-        .expect("Redis got the live transaction without waiting for the broker");
+        until(
+            "Redis to get the live transaction without the broker",
+            || run.redis.sizes().len() > i,
+        )
+        .await;
     }
     assert_eq!(run.redis.sizes(), [1, 1, 1]);
     assert_eq!(run.confirmed(), Lsn::ZERO, "the broker has none of them");

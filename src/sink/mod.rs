@@ -263,3 +263,45 @@ pub fn describe(item: &Item) -> String {
         o.xid
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_kinds_say_retry_or_stop() {
+        let poison = SinkError::RedisPoison {
+            command: "UNLINK".into(),
+            key: "k".into(),
+            origin: "rule \"r\"".into(),
+            message: "WRONGTYPE".into(),
+        };
+        assert_eq!(poison.kind(), SinkErrorKind::Stop);
+        let unreachable = SinkError::redis("no answer", None, SinkErrorKind::Retry);
+        assert_eq!(unreachable.kind(), SinkErrorKind::Retry);
+        let refused = SinkError::kafka("refused", None, SinkErrorKind::Stop);
+        assert_eq!(refused.kind(), SinkErrorKind::Stop);
+        assert_eq!(SinkError::Stopped.kind(), SinkErrorKind::Retry);
+        let task = SinkError::Task {
+            sink: "redis",
+            what: "panicked",
+            detail: "boom".into(),
+        };
+        assert_eq!(task.kind(), SinkErrorKind::Stop);
+        assert!(task.to_string().contains("a bug in wal2cache"), "{task}");
+    }
+
+    #[tokio::test]
+    async fn a_panicked_task_is_named_with_its_message() {
+        let e = tokio::spawn(async { panic!("the sink fell over") })
+            .await
+            .unwrap_err();
+        match SinkError::task("kafka", e) {
+            SinkError::Task { sink, what, detail } => {
+                assert_eq!((sink, what), ("kafka", "panicked"));
+                assert_eq!(detail, "the sink fell over");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

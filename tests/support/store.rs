@@ -63,14 +63,7 @@ pub async fn try_unlink_matching(
     let mut total = 0;
     let mut cursor: u64 = 0;
     loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(r)
-            .await?;
+        let (next, keys) = scan_page(r, cursor, pattern).await?;
         if !keys.is_empty() {
             total += keys.len() as u64;
             redis::cmd("UNLINK").arg(&keys).query_async::<()>(r).await?;
@@ -80,6 +73,24 @@ pub async fn try_unlink_matching(
         }
         cursor = next;
     }
+}
+
+/// One page of `SCAN cursor MATCH pattern COUNT 1000` on one server: the next cursor
+/// (0 at the end) and the keys.
+#[allow(dead_code)]
+pub async fn scan_page(
+    r: &mut MultiplexedConnection,
+    cursor: u64,
+    pattern: &str,
+) -> redis::RedisResult<(u64, Vec<String>)> {
+    redis::cmd("SCAN")
+        .arg(cursor)
+        .arg("MATCH")
+        .arg(pattern)
+        .arg("COUNT")
+        .arg(1000)
+        .query_async(r)
+        .await
 }
 
 /// A `redis-server` of the test's own, for tests that break it (the shared one on
