@@ -3,9 +3,10 @@
 
 mod support;
 
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
+use support::cluster::Cluster;
 use support::db::{connect, url_for, TestDb};
 use support::env::pg_admin_url;
 use support::stream::{changes, commits, fatal_error, text};
@@ -217,88 +218,14 @@ async fn an_unreachable_server_is_retried_not_fatal() {
     source.stop().await;
 }
 
-/// A throwaway cluster with `wal_level = replica`, run as the `postgres` user.
-struct ReplicaCluster {
-    dir: std::path::PathBuf,
-    port: u16,
-}
-
-impl ReplicaCluster {
-    fn start() -> ReplicaCluster {
-        let bin = std::path::Path::new("/usr/lib/postgresql/15/bin");
-        let port = 54390 + (std::process::id() % 500) as u16;
-        let dir = std::env::temp_dir().join(format!("w2c_replica_{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let as_postgres = |args: &[&str]| {
-            let out = Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .args(args)
-                .output()
-                .expect("runuser (the tests run as root, like CI)");
-            assert!(
-                out.status.success(),
-                "{args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        let chown = Command::new("chown")
-            .arg("postgres")
-            .arg(&dir)
-            .status()
-            .unwrap();
-        assert!(chown.success(), "chown postgres {}", dir.display());
-        let data = dir.join("data");
-        as_postgres(&[
-            bin.join("initdb").to_str().unwrap(),
-            "-D",
-            data.to_str().unwrap(),
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-        ]);
-        let opts = format!("-c port={port} -c listen_addresses=127.0.0.1 -c wal_level=replica -c unix_socket_directories={}", dir.display());
-        as_postgres(&[
-            bin.join("pg_ctl").to_str().unwrap(),
-            "-D",
-            data.to_str().unwrap(),
-            "-o",
-            &opts,
-            "-l",
-            dir.join("log").to_str().unwrap(),
-            "-w",
-            "start",
-        ]);
-        ReplicaCluster { dir, port }
-    }
-}
-
-impl Drop for ReplicaCluster {
-    fn drop(&mut self) {
-        let _ = Command::new("runuser")
-            .args([
-                "-u",
-                "postgres",
-                "--",
-                "/usr/lib/postgresql/15/bin/pg_ctl",
-                "-D",
-            ])
-            .arg(self.dir.join("data"))
-            .args(["-m", "immediate", "stop"])
-            .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 #[tokio::test]
 async fn wal_level_below_logical_is_fatal_with_the_fix() {
-    let cluster = ReplicaCluster::start();
-    let target = PgTarget::parse(&format!(
-        "postgres://postgres@127.0.0.1:{}/postgres",
-        cluster.port
-    ))
-    .unwrap();
+    let cluster = Cluster::start(
+        Path::new("/usr/lib/postgresql/15/bin"),
+        "replica",
+        &["wal_level=replica"],
+    );
+    let target = PgTarget::parse(&cluster.url()).unwrap();
     let err = ensure(&target, &plan("p", "s", &[])).await.unwrap_err();
     assert!(matches!(err, SourceError::WalLevel { .. }), "{err:?}");
     assert_eq!(err.kind(), ErrorKind::Fatal);

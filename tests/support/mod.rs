@@ -9,6 +9,7 @@
 //! - `rng`: a small deterministic generator
 //! - `db`: a database per test, its slot, its positions (daemon)
 //! - `stream`: reading a `Source` (daemon)
+//! - `cluster`: a throwaway PostgreSQL cluster of its own (daemon)
 //! - `rules`: rules from text, checked against a database (daemon)
 //! - `config`: `ConfigBuilder`, the typed `wal2cache.toml` of a test (daemon)
 //! - `store`: Redis, the shared server and private ones (daemon)
@@ -31,6 +32,8 @@ pub mod rng;
 pub mod services;
 pub mod wait;
 
+#[cfg(feature = "daemon")]
+pub mod cluster;
 #[cfg(feature = "daemon")]
 pub mod config;
 #[cfg(feature = "daemon")]
