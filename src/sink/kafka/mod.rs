@@ -11,7 +11,8 @@ use std::time::Duration;
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::message::DeliveryResult;
+use rdkafka::producer::{Producer, ProducerContext};
 use tokio::sync::watch;
 
 use crate::backoff::Backoff;
@@ -22,8 +23,11 @@ use crate::sink::fit::{events_for, refused, EventLimits, Fitted, Outgoing};
 use crate::sink::retry::{Repeats, WARN_EVERY};
 use crate::sink::{describe, Batch, Position, RetryLog, Sink, SinkError, SinkErrorKind};
 
+mod acks;
 mod topic;
 
+pub use acks::SinkProducer;
+use acks::{send_all, Acks, Record, Tracked};
 use topic::{announce_topic_lost, ensure_topic, heartbeats, off_runtime, TopicWatch};
 
 /// librdkafka's log lines and errors as tracing events, each distinct message at most
@@ -79,8 +83,13 @@ impl ClientContext for LogContext {
     }
 }
 
-/// The producer, logging through `LogContext`.
-pub type SinkProducer = FutureProducer<LogContext>;
+impl ProducerContext for LogContext {
+    type DeliveryOpaque = Box<Tracked>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, tracked: Box<Tracked>) {
+        Acks::report(*tracked, result);
+    }
+}
 
 pub struct KafkaSink {
     config: KafkaConfig,
@@ -240,36 +249,11 @@ impl KafkaSink {
     /// comes with the index of the event it is about.
     async fn try_apply(&self, events: &[Outgoing]) -> Result<(), (usize, KafkaError)> {
         let producer = self.producer();
-        let mut deliveries: Vec<DeliveryFuture> = Vec::with_capacity(events.len());
-        for (i, e) in events.iter().enumerate() {
-            loop {
-                match producer.send_result(
-                    FutureRecord::to(&self.topic)
-                        .key(&e.key)
-                        .payload(&e.payload),
-                ) {
-                    Ok(d) => {
-                        deliveries.push(d);
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                    Err((e, _)) => return Err((i, e)),
-                }
-            }
-        }
-        // The last first: the broker acknowledges a request's messages together and
-        // librdkafka reports them one by one from its own thread; waiting for them in
-        // order would wake this task again for nearly every message.
-        for (i, d) in deliveries.into_iter().enumerate().rev() {
-            match d.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err((i, e)),
-                Err(_) => return Err((i, KafkaError::Canceled)),
-            }
-        }
-        Ok(())
+        let records: Vec<Record> = events
+            .iter()
+            .map(|e| (e.key.as_bytes(), e.payload.as_bytes(), None))
+            .collect();
+        send_all(&producer, &self.topic, &records).await
     }
 
     /// A batch's events, each fitted to the limits; what did not fit is counted and

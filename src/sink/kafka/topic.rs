@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureRecord, Producer};
+use rdkafka::producer::Producer;
 use tokio::sync::watch;
 
 use crate::config::KafkaConfig;
 use crate::event::{Event, Kind};
 use crate::lsn::Lsn;
 use crate::pgtime::format_pg_time;
+use crate::sink::kafka::acks::{send_all, send_detached};
 use crate::sink::kafka::{client_config, fatal, new_producer, retire, LogContext, SinkProducer};
 use crate::sink::{Position, SinkError, SinkErrorKind};
 
@@ -45,17 +46,14 @@ pub(super) async fn announce_topic_lost(
     for partition in 0..partitions {
         for attempt in 1..=ATTEMPTS {
             let producer = producers.borrow().clone();
-            let record = FutureRecord::to(&topic)
-                .key("wal2cache")
-                .payload(&payload)
-                .partition(partition);
-            match producer.send(record, Duration::from_secs(5)).await {
-                Ok(_) => break,
-                Err((e, _)) if attempt < ATTEMPTS => {
+            let record = (&b"wal2cache"[..], payload.as_bytes(), Some(partition));
+            match send_all(&producer, &topic, &[record]).await {
+                Ok(()) => break,
+                Err((_, e)) if attempt < ATTEMPTS => {
                     tracing::debug!(error = %e, attempt, "the flush_all for the lost topic is not delivered yet");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
-                Err((e, _)) => {
+                Err((_, e)) => {
                     tracing::warn!(error = %e, partition, "the flush_all for the lost topic was not delivered; subscribers notice the loss by themselves (no heartbeats, lost partitions)")
                 }
             }
@@ -213,14 +211,9 @@ pub(super) async fn heartbeats(
         });
         let payload = e.to_json();
         let producer = watch.producers.borrow().clone();
-        for partition in 0..partitions {
-            let record = FutureRecord::to(&topic)
-                .key("heartbeat")
-                .payload(&payload)
-                .partition(partition);
-            if let Err((e, _)) = producer.send_result(record) {
-                tracing::debug!(error = %e, "heartbeat not queued");
-            }
+        let records = (0..partitions).map(|p| (&b"heartbeat"[..], payload.as_bytes(), Some(p)));
+        if let Err(e) = send_detached(&producer, &topic, records) {
+            tracing::debug!(error = %e, "heartbeat not queued");
         }
     }
 }
