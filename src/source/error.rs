@@ -110,6 +110,14 @@ impl SourceError {
             SourceError::Replication(pgwire_replication::PgWireError::Task(_)) => {
                 ErrorKind::Transient
             }
+            // A `recv` dropped while it collected the ended worker's result (the
+            // stream's `select!` drops it when a confirmation or a flush comes first):
+            // that result is gone, so reconnect; a lasting cause shows again there.
+            SourceError::Replication(pgwire_replication::PgWireError::Internal(m))
+                if m.contains("already joined") =>
+            {
+                ErrorKind::Transient
+            }
             SourceError::Server { sqlstate, .. } => {
                 sqlstate.as_deref().map_or(ErrorKind::Fatal, sqlstate_kind)
             }

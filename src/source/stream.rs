@@ -57,9 +57,19 @@ impl StreamConfig {
     }
 }
 
+/// Events travel from the stream's task to its consumer in chunks of up to this many:
+/// whatever arrived together, so that a catch-up costs one channel hand-off (and at
+/// most one wake-up) per chunk rather than per event.
+const CHUNK: usize = 128;
+
+/// What the stream's task sends: a chunk of events, or the fatal error that ends it.
+type Chunk = Result<Vec<SourceEvent>, SourceError>;
+
 /// A running replication stream.
 pub struct Source {
-    events: mpsc::Receiver<Result<SourceEvent, SourceError>>,
+    events: mpsc::Receiver<Chunk>,
+    /// The rest of the chunk being read.
+    ready: std::vec::IntoIter<SourceEvent>,
     confirm: watch::Sender<Lsn>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -92,12 +102,13 @@ impl Source {
     /// Starts streaming from the slot's confirmed position. `confirmed` is the last
     /// position this process confirmed before (`Lsn::ZERO` when none).
     pub fn start(config: StreamConfig, confirmed: Lsn) -> Source {
-        let (tx, events) = mpsc::channel(config.buffer.max(1));
+        let (tx, events) = mpsc::channel(config.buffer.div_ceil(CHUNK).max(2));
         let (confirm, confirm_rx) = watch::channel(confirmed);
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(run(config, tx, confirm_rx, stop_rx));
         Source {
             events,
+            ready: Vec::new().into_iter(),
             confirm,
             stop,
             task,
@@ -106,18 +117,34 @@ impl Source {
 
     /// The next event; `Some(Err)` is fatal and the last item; `None` once stopped.
     pub async fn next(&mut self) -> Option<Result<SourceEvent, SourceError>> {
-        self.events.recv().await
+        loop {
+            if let Some(event) = self.ready.next() {
+                return Some(Ok(event));
+            }
+            match self.events.recv().await? {
+                Ok(chunk) => self.ready = chunk.into_iter(),
+                Err(e) => return Some(Err(e)),
+            }
+        }
     }
 
     /// The next event if one is waiting now; `None` otherwise (and once the stream
     /// ended, which `next` reports).
     pub fn try_next(&mut self) -> Option<Result<SourceEvent, SourceError>> {
-        self.events.try_recv().ok()
+        loop {
+            if let Some(event) = self.ready.next() {
+                return Some(Ok(event));
+            }
+            match self.events.try_recv().ok()? {
+                Ok(chunk) => self.ready = chunk.into_iter(),
+                Err(e) => return Some(Err(e)),
+            }
+        }
     }
 
     /// No event is waiting right now.
     pub fn is_idle(&self) -> bool {
-        self.events.is_empty()
+        self.ready.len() == 0 && self.events.is_empty()
     }
 
     pub fn confirm(&self, lsn: Lsn) {
@@ -144,7 +171,7 @@ impl Source {
 
 async fn run(
     config: StreamConfig,
-    tx: mpsc::Sender<Result<SourceEvent, SourceError>>,
+    tx: mpsc::Sender<Chunk>,
     mut confirm: watch::Receiver<Lsn>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -204,7 +231,7 @@ async fn run(
 struct Session<'a> {
     config: &'a StreamConfig,
     relations: &'a mut Relations,
-    tx: &'a mpsc::Sender<Result<SourceEvent, SourceError>>,
+    tx: &'a mpsc::Sender<Chunk>,
     confirm: &'a mut watch::Receiver<Lsn>,
     stop: &'a mut watch::Receiver<bool>,
     started: bool,
@@ -339,17 +366,42 @@ impl Session<'_> {
     }
 
     async fn stream(&mut self, client: &mut ReplicationClient) -> Result<(), SourceError> {
+        let mut pending: Vec<SourceEvent> = Vec::with_capacity(CHUNK);
         loop {
-            let event = tokio::select! {
-                biased;
-                _ = self.stop.wait_for(|s| *s) => return Ok(()),
-                changed = self.confirm.changed() => {
-                    if changed.is_ok() {
-                        client.update_applied_lsn(wire(*self.confirm.borrow_and_update()));
+            let event = if pending.is_empty() {
+                tokio::select! {
+                    biased;
+                    _ = self.stop.wait_for(|s| *s) => return Ok(()),
+                    changed = self.confirm.changed() => {
+                        if changed.is_ok() {
+                            client.update_applied_lsn(wire(*self.confirm.borrow_and_update()));
+                        }
+                        continue;
                     }
-                    continue;
+                    event = client.recv() => event,
                 }
-                event = client.recv() => event,
+            } else {
+                // While events keep arriving only the stream is polled; the stop and
+                // the confirmations are checked between events, without registering
+                // a waker on them for each event.
+                if self.stop.has_changed().unwrap_or(true) && *self.stop.borrow_and_update() {
+                    return Ok(());
+                }
+                if self.confirm.has_changed().unwrap_or(false) {
+                    client.update_applied_lsn(wire(*self.confirm.borrow_and_update()));
+                }
+                tokio::select! {
+                    biased;
+                    event = client.recv() => event,
+                    // Nothing more has arrived: hand over what has.
+                    () = std::future::ready(()) => {
+                        let chunk = std::mem::replace(&mut pending, Vec::with_capacity(CHUNK));
+                        if !self.hand_over(chunk, client).await {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                }
             };
             let message = match event.map_err(|e| self.error(e))? {
                 None => return Err(SourceError::Ended),
@@ -402,33 +454,44 @@ impl Session<'_> {
             let Some(event) = self.relations.apply(message)? else {
                 continue;
             };
-            let event = match self.tx.try_reserve() {
-                Ok(permit) => {
-                    permit.send(Ok(event));
-                    continue;
+            pending.push(event);
+            if pending.len() >= CHUNK {
+                let chunk = std::mem::replace(&mut pending, Vec::with_capacity(CHUNK));
+                if !self.hand_over(chunk, client).await {
+                    return Ok(());
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
-                Err(mpsc::error::TrySendError::Full(())) => event,
-            };
-            // Wait for room without losing the event, still forwarding confirmations.
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = self.stop.wait_for(|s| *s) => return Ok(()),
-                    changed = self.confirm.changed() => {
-                        if changed.is_ok() {
-                            client.update_applied_lsn(wire(*self.confirm.borrow_and_update()));
-                        }
+            }
+        }
+    }
+
+    /// Hands a chunk to the consumer, waiting for room without losing it and still
+    /// forwarding confirmations; `false` when the stream is stopped or the consumer
+    /// is gone.
+    async fn hand_over(&mut self, chunk: Vec<SourceEvent>, client: &ReplicationClient) -> bool {
+        let chunk = match self.tx.try_reserve() {
+            Ok(permit) => {
+                permit.send(Ok(chunk));
+                return true;
+            }
+            Err(mpsc::error::TrySendError::Closed(())) => return false,
+            Err(mpsc::error::TrySendError::Full(())) => chunk,
+        };
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.stop.wait_for(|s| *s) => return false,
+                changed = self.confirm.changed() => {
+                    if changed.is_ok() {
+                        client.update_applied_lsn(wire(*self.confirm.borrow_and_update()));
                     }
-                    permit = self.tx.reserve() => match permit {
-                        Ok(permit) => {
-                            permit.send(Ok(event));
-                            break;
-                        }
-                        // The consumer is gone: nothing left to do.
-                        Err(_) => return Ok(()),
-                    },
                 }
+                permit = self.tx.reserve() => match permit {
+                    Ok(permit) => {
+                        permit.send(Ok(chunk));
+                        return true;
+                    }
+                    Err(_) => return false,
+                },
             }
         }
     }
