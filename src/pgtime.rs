@@ -17,24 +17,60 @@ pub fn format_pg_time(micros_since_2000: i64) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PgTime(pub i64);
 
-impl std::fmt::Display for PgTime {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl PgTime {
+    /// Appends the RFC 3339 text, digits written by hand (the time is in every event).
+    pub fn write_to(&self, out: &mut String) {
         use chrono::{Datelike, Timelike};
         let unix = self.0.saturating_add(PG_EPOCH_UNIX_MICROS);
-        match chrono::DateTime::from_timestamp_micros(unix) {
-            Some(t) => write!(
-                f,
+        let Some(t) = chrono::DateTime::from_timestamp_micros(unix) else {
+            out.push_str("invalid timestamp ");
+            out.push_str(&self.0.to_string());
+            return;
+        };
+        let year = t.year();
+        if !(0..=9999).contains(&year) {
+            out.push_str(&format!(
                 "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-                t.year(),
+                year,
                 t.month(),
                 t.day(),
                 t.hour(),
                 t.minute(),
                 t.second(),
                 t.timestamp_subsec_micros()
-            ),
-            None => write!(f, "invalid timestamp {}", self.0),
+            ));
+            return;
         }
+        let mut buf = *b"0000-00-00T00:00:00.000000Z";
+        let mut put = |at: usize, width: usize, mut v: u32| {
+            for i in (at..at + width).rev() {
+                buf[i] = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        };
+        put(0, 4, year as u32);
+        put(5, 2, t.month());
+        put(8, 2, t.day());
+        put(11, 2, t.hour());
+        put(14, 2, t.minute());
+        put(17, 2, t.second());
+        put(20, 6, t.timestamp_subsec_micros());
+        out.push_str(std::str::from_utf8(&buf).expect("ASCII digits"));
+    }
+}
+
+impl std::fmt::Display for PgTime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut s = String::with_capacity(27);
+        self.write_to(&mut s);
+        f.write_str(&s)
+    }
+}
+
+impl crate::event::JsonString for PgTime {
+    /// Digits and punctuation: nothing to escape.
+    fn write_json(&self, out: &mut String) {
+        self.write_to(out)
     }
 }
 
@@ -67,6 +103,8 @@ mod tests {
             86_399_999_999,
             849_000_000_123_456,
             1_000_000_000_000_001,
+            // Year 9999, the last the digits are written by hand for.
+            252_000_000_000_000_000,
         ] {
             let unix = micros + PG_EPOCH_UNIX_MICROS;
             let t = chrono::DateTime::from_timestamp_micros(unix).unwrap();

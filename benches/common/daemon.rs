@@ -147,7 +147,7 @@ impl Tuning {
             ),
         ];
         if self.kafka_properties.is_empty() {
-            parts.push("kafka.properties: none (linger.ms=1 built in)".into());
+            parts.push("kafka.properties: none (linger.ms=2 built in)".into());
         } else {
             let props: Vec<String> = self
                 .kafka_properties
