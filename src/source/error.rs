@@ -245,6 +245,17 @@ mod tests {
     }
 
     #[test]
+    fn a_worker_end_lost_to_a_dropped_recv_is_a_reconnect_and_other_internal_errors_stop() {
+        let lost = PgWireError::Internal("replication worker already joined".into());
+        let e = SourceError::from_replication(lost, "s", "r");
+        assert_eq!(e.kind(), ErrorKind::Transient, "{e}");
+        let misuse =
+            PgWireError::Internal("start needs a gated session that has not started".into());
+        let e = SourceError::from_replication(misuse, "s", "r");
+        assert_eq!(e.kind(), ErrorKind::Fatal, "{e}");
+    }
+
+    #[test]
     fn slot_in_use_means_standby() {
         let e = server("replication slot \"s\" is active for PID 42 (SQLSTATE 55006)");
         assert_eq!(e.kind(), ErrorKind::Standby);
