@@ -15,6 +15,24 @@ use wal2cache::error::Error;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `mi_option_purge_delay` in mimalloc's `mi_option_e` (include/mimalloc.h), which
+/// libmimalloc-sys has no constant for; `purge_delay_is_the_documented_option`
+/// checks the number against the option's default (1000 ms in src/options.c).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Memory freed goes back to the OS at once rather than a second later: with the default
+/// delay the pipeline's batches kept their pages between uses and one transaction of
+/// 1M rows peaked at 139 MiB of RSS (67 MiB with glibc); at once, 85 MiB, for about a
+/// tenth more allocator CPU than the default and still less than glibc's.
+/// `MIMALLOC_PURGE_DELAY` in the environment still wins.
+#[allow(unsafe_code)]
+fn tune_allocator() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets one integer option; mimalloc reads it at every purge.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+    }
+}
+
 #[derive(Parser)]
 #[command(version, about = "Cache invalidation from the PostgreSQL WAL")]
 struct Cli {
@@ -77,6 +95,7 @@ fn say(line: std::fmt::Arguments<'_>) {
 }
 
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(log_filter(std::env::var("WAL2CACHE_LOG").ok().as_deref()))
@@ -200,7 +219,24 @@ async fn shutdown_signal() {
 
 #[cfg(test)]
 mod tests {
-    use super::log_filter;
+    use super::{log_filter, tune_allocator, MI_OPTION_PURGE_DELAY};
+
+    #[test]
+    #[allow(unsafe_code)]
+    fn purge_delay_is_the_documented_option() {
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+            return;
+        }
+        // SAFETY: reads one integer option.
+        let get = || unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+        assert_eq!(
+            get(),
+            1000,
+            "mimalloc's default purge delay (1000 ms, src/options.c)"
+        );
+        tune_allocator();
+        assert_eq!(get(), 0);
+    }
 
     #[test]
     fn the_replication_crate_is_quiet_unless_named() {
