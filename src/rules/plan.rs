@@ -7,7 +7,8 @@
 //! would need such a value deletes the key instead. Each of these is a [`Note`] on the
 //! plan and a counter, never a silent guess.
 
-use std::collections::{HashMap, HashSet};
+// Keys and tags come from the rows: seeded hashing (foldhash), fast on short keys.
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::sync::Arc;
 
 use crate::plan::{NoteKind, Plan, Republish};

@@ -5,7 +5,8 @@
 //! SREM of exactly those members, after the batch's other writes. A flush scans every
 //! master.
 
-use std::collections::{HashMap, HashSet};
+// Keys and tags come from the rows: seeded hashing (foldhash), fast on short keys.
+use foldhash::{HashMap, HashSet, HashSetExt};
 use std::time::Duration;
 
 use redis::cluster::ClusterClient;

@@ -15,7 +15,8 @@
 //!   stale.
 //! - Flushes split the batch: what comes before a flush is applied before it.
 
-use std::collections::{HashMap, HashSet};
+// Keys and tags come from the rows: seeded hashing (foldhash), fast on short keys.
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
 use redis::cluster_routing::Slot;
 use redis::Cmd;
