@@ -83,12 +83,6 @@ pub trait JsonString {
     fn write_json(&self, out: &mut String);
 }
 
-impl JsonString for str {
-    fn write_json(&self, out: &mut String) {
-        escape_into(self, out)
-    }
-}
-
 impl JsonString for &str {
     fn write_json(&self, out: &mut String) {
         escape_into(self, out)
@@ -98,36 +92,22 @@ impl JsonString for &str {
 impl JsonString for crate::Lsn {
     /// Hexadecimal digits and a slash: nothing to escape.
     fn write_json(&self, out: &mut String) {
-        hex_into(self.0 >> 32, out);
+        digits_into(self.0 >> 32, 16, out);
         out.push('/');
-        hex_into(self.0 & 0xFFFF_FFFF, out);
+        digits_into(self.0 & 0xFFFF_FFFF, 16, out);
     }
 }
 
-/// Upper-case hexadecimal without leading zeros, as `{:X}`.
-fn hex_into(mut v: u64, out: &mut String) {
+/// `v` in base `radix` (10 or 16, upper-case) without leading zeros, as `{}` and
+/// `{:X}` write it.
+fn digits_into(mut v: u64, radix: u64, out: &mut String) {
     const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
-    let mut buf = [0u8; 16];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = DIGITS[(v & 0xF) as usize];
-        v >>= 4;
-        if v == 0 {
-            break;
-        }
-    }
-    out.push_str(std::str::from_utf8(&buf[i..]).expect("ASCII digits"));
-}
-
-/// Decimal, as `{}`.
-fn decimal_into(mut v: u64, out: &mut String) {
     let mut buf = [0u8; 20];
     let mut i = buf.len();
     loop {
         i -= 1;
-        buf[i] = b'0' + (v % 10) as u8;
-        v /= 10;
+        buf[i] = DIGITS[(v % radix) as usize];
+        v /= radix;
         if v == 0 {
             break;
         }
@@ -197,7 +177,7 @@ impl EventRef<'_> {
                 + self.detail.map_or(0, str::len),
         );
         out.push_str("{\"schema\":");
-        decimal_into(self.schema.into(), &mut out);
+        digits_into(self.schema.into(), 10, &mut out);
         out.push_str(match self.kind {
             Kind::Invalidate => ",\"kind\":\"invalidate\"",
             Kind::FlushAll => ",\"kind\":\"flush_all\"",
@@ -217,7 +197,7 @@ impl EventRef<'_> {
         }
         if let Some(xid) = self.xid {
             out.push_str(",\"xid\":");
-            decimal_into(xid.into(), &mut out);
+            digits_into(xid.into(), 10, &mut out);
         }
         if let Some(t) = self.commit_time {
             field(&mut out, "commit_time", t);

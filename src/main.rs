@@ -22,7 +22,7 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// Memory freed goes back to the OS at once rather than a second later: with the default
 /// delay the pipeline's batches kept their pages between uses and one transaction of
-/// 1M rows peaked at 139 MiB of RSS (67 MiB with glibc); at once, 85 MiB, for about a
+/// 1M rows peaked at 139 MiB of RSS (67 MiB with glibc); at once, 75-85 MiB, for about a
 /// tenth more allocator CPU than the default and still less than glibc's.
 /// `MIMALLOC_PURGE_DELAY` in the environment still wins.
 #[allow(unsafe_code)]

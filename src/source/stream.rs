@@ -395,8 +395,7 @@ impl Session<'_> {
                     event = client.recv() => event,
                     // Nothing more has arrived: hand over what has.
                     () = std::future::ready(()) => {
-                        let chunk = std::mem::replace(&mut pending, Vec::with_capacity(CHUNK));
-                        if !self.hand_over(chunk, client).await {
+                        if !self.hand_over(&mut pending, client).await {
                             return Ok(());
                         }
                         continue;
@@ -455,19 +454,21 @@ impl Session<'_> {
                 continue;
             };
             pending.push(event);
-            if pending.len() >= CHUNK {
-                let chunk = std::mem::replace(&mut pending, Vec::with_capacity(CHUNK));
-                if !self.hand_over(chunk, client).await {
-                    return Ok(());
-                }
+            if pending.len() >= CHUNK && !self.hand_over(&mut pending, client).await {
+                return Ok(());
             }
         }
     }
 
-    /// Hands a chunk to the consumer, waiting for room without losing it and still
-    /// forwarding confirmations; `false` when the stream is stopped or the consumer
-    /// is gone.
-    async fn hand_over(&mut self, chunk: Vec<SourceEvent>, client: &ReplicationClient) -> bool {
+    /// Hands the pending events to the consumer as one chunk (leaving `pending`
+    /// empty), waiting for room without losing them and still forwarding
+    /// confirmations; `false` when the stream is stopped or the consumer is gone.
+    async fn hand_over(
+        &mut self,
+        pending: &mut Vec<SourceEvent>,
+        client: &ReplicationClient,
+    ) -> bool {
+        let chunk = std::mem::replace(pending, Vec::with_capacity(CHUNK));
         let chunk = match self.tx.try_reserve() {
             Ok(permit) => {
                 permit.send(Ok(chunk));

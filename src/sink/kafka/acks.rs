@@ -61,6 +61,28 @@ impl Acks {
     }
 }
 
+/// A message of a group, carrying what its delivery report counts down.
+fn tracked<'a>(
+    topic: &'a str,
+    acks: &Arc<Acks>,
+    index: usize,
+    (key, payload, partition): Record<'a>,
+) -> BaseRecord<'a, [u8], [u8], Box<Tracked>> {
+    let record = BaseRecord::with_opaque_to(
+        topic,
+        Box::new(Tracked {
+            acks: acks.clone(),
+            index,
+        }),
+    )
+    .key(key)
+    .payload(payload);
+    match partition {
+        Some(p) => record.partition(p),
+        None => record,
+    }
+}
+
 /// Enqueues every message of `records` and
 /// waits until librdkafka reported them all: `Err` with the index of the first one
 /// refused, or of the one that could not be enqueued. A message that was enqueued is
@@ -73,20 +95,9 @@ pub async fn send_all(
 ) -> Result<(), (usize, KafkaError)> {
     let acks = Acks::new();
     let mut refused = None;
-    for (index, &(key, payload, partition)) in records.iter().enumerate() {
+    for (index, &r) in records.iter().enumerate() {
         acks.left.fetch_add(1, Ordering::AcqRel);
-        let mut record = BaseRecord::with_opaque_to(
-            topic,
-            Box::new(Tracked {
-                acks: acks.clone(),
-                index,
-            }),
-        )
-        .key(key)
-        .payload(payload);
-        if let Some(p) = partition {
-            record = record.partition(p);
-        }
+        let mut record = tracked(topic, &acks, index, r);
         loop {
             match producer.send(record) {
                 Ok(()) => break,
@@ -128,19 +139,8 @@ pub fn send_detached<'a>(
     records: impl IntoIterator<Item = Record<'a>>,
 ) -> Result<(), KafkaError> {
     let acks = Acks::new();
-    for (index, (key, payload, partition)) in records.into_iter().enumerate() {
-        let mut record = BaseRecord::with_opaque_to(
-            topic,
-            Box::new(Tracked {
-                acks: acks.clone(),
-                index,
-            }),
-        )
-        .key(key)
-        .payload(payload);
-        if let Some(p) = partition {
-            record = record.partition(p);
-        }
+    for (index, r) in records.into_iter().enumerate() {
+        let record = tracked(topic, &acks, index, r);
         producer.send(record).map_err(|(e, _)| e)?;
     }
     Ok(())
