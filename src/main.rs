@@ -107,13 +107,19 @@ fn main() -> ExitCode {
         .init();
     // One thread by default: measured side by side on a 2-core host (tag-heavy
     // catch-up, three interleaved runs each), the multi-threaded runtime spent 18-23 µs
-    // of CPU per change against 12-16 µs on one thread, the difference being wake-ups
-    // and context switches between the stages' tasks.
+    // of CPU per change against 12-16 µs on one thread; its profile had 40% of the
+    // daemon's time in the kernel, mostly wake-ups and context switches.
     let runtime = match std::env::var("WAL2CACHE_RUNTIME").as_deref() {
-        Ok("multi_thread") => tokio::runtime::Runtime::new(),
-        _ => tokio::runtime::Builder::new_current_thread()
+        Err(_) | Ok("current_thread") => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build(),
+        Ok("multi_thread") => tokio::runtime::Runtime::new(),
+        Ok(other) => {
+            say_err(format_args!(
+                "error: WAL2CACHE_RUNTIME={other:?} is not a runtime: use current_thread (the default) or multi_thread, or unset it"
+            ));
+            return ExitCode::from(wal2cache::error::exit::CONFIG as u8);
+        }
     };
     let runtime = match runtime {
         Ok(rt) => rt,

@@ -183,6 +183,28 @@ fn a_config_error_names_the_key_and_exits_3() {
 }
 
 #[test]
+fn an_unknown_runtime_is_refused_naming_the_choices() {
+    let args = ["check", "--config", "/nonexistent/wal2cache.toml"];
+    let (code, _, err) = run_binary(&args, &[("WAL2CACHE_RUNTIME", "multithread")]);
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains("WAL2CACHE_RUNTIME=\"multithread\"")
+            && err.contains("current_thread")
+            && err.contains("multi_thread"),
+        "{err}"
+    );
+    // Both runtimes it names start: the command gets as far as the missing config.
+    for runtime in ["current_thread", "multi_thread"] {
+        let (code, _, err) = run_binary(&args, &[("WAL2CACHE_RUNTIME", runtime)]);
+        assert_eq!(code, 3, "{err}");
+        assert!(
+            err.contains("/nonexistent/wal2cache.toml") && !err.contains("WAL2CACHE_RUNTIME"),
+            "{runtime}: {err}"
+        );
+    }
+}
+
+#[test]
 fn environment_overrides_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let config = config_on("postgres://u@127.0.0.1:1/db", "s", &["public.t"]).write(dir.path());
