@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::redact::redact;
-use crate::source::slot::PgTarget;
+use crate::source::target::PgTarget;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -72,7 +72,7 @@ pub struct MetricsConfig {
     pub listen: Option<std::net::SocketAddr>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 pub struct PostgresConfig {
     pub url: String,
     #[serde(default = "default_name")]
@@ -82,6 +82,29 @@ pub struct PostgresConfig {
     /// Create the publication and the slot when missing.
     #[serde(default = "default_true")]
     pub create: bool,
+    /// The password, when it is not in the URL: meant for the environment override
+    /// `WAL2CACHE__POSTGRES__PASSWORD` rather than for the file.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// A file holding the password (a Kubernetes or Docker secret), read at start and
+    /// again at every connection, so that a rotated secret is used from the next one;
+    /// relative to the config file's directory.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+}
+
+/// Without the secrets: the URL's password and `password` show as `***`.
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &redact(&self.url))
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .field("create", &self.create)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("password_file", &self.password_file)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -202,9 +225,18 @@ impl Config {
             problems,
         };
         let mut config = Config::from_sections(&root).map_err(invalid)?;
+        let base = path.parent().unwrap_or(Path::new("."));
         if config.rules.path.is_relative() {
-            let base = path.parent().unwrap_or(Path::new("."));
             config.rules.path = base.join(&config.rules.path);
+        }
+        if let Some(file) = &config.postgres.password_file {
+            let file = base.join(file);
+            config.target = config.target.with_password_file(file.clone());
+            config.postgres.password_file = Some(file);
+            // Read once now, so that a missing secret is reported by `check`.
+            if let Err(e) = config.target.password() {
+                return Err(invalid(vec![e.to_string()]));
+            }
         }
         Ok(config)
     }
@@ -265,7 +297,27 @@ impl Config {
         let target = postgres
             .as_ref()
             .and_then(|pg| match PgTarget::parse(&pg.url) {
-                Ok(target) => Some(target),
+                Ok(target) => {
+                    let sources = [
+                        ("the password in postgres.url", target.url_has_password()),
+                        ("postgres.password", pg.password.is_some()),
+                        ("postgres.password_file", pg.password_file.is_some()),
+                    ]
+                    .into_iter()
+                    .filter(|(_, given)| *given)
+                    .map(|(what, _)| what)
+                    .collect::<Vec<_>>();
+                    if sources.len() > 1 {
+                        problems.push(format!(
+                            "postgres: the password is given twice ({}): keep one",
+                            sources.join(" and ")
+                        ));
+                    }
+                    Some(match &pg.password {
+                        Some(password) => target.with_password(password.clone()),
+                        None => target,
+                    })
+                }
                 Err(crate::source::SourceError::Url(why)) => {
                     problems.push(format!("postgres.url = {:?}: {why}", redact(&pg.url)));
                     None
@@ -559,7 +611,7 @@ brokers = "127.0.0.1:9092"
         let err = Config::load(f.path()).unwrap_err().to_string();
         for needle in [
             "nmae: unknown key",
-            "postgres.slott: unknown key ([postgres] has url, slot, publication, create)",
+            "postgres.slott: unknown key ([postgres] has url, slot, publication, create, password, password_file)",
             "redis.urll: unknown key",
             "kafka.topicc: unknown key",
             "kafka.brokerz: unknown key",

@@ -30,6 +30,8 @@ LOCAL="$ROOT/.local"
 HOST=127.0.0.1
 # Ports can be moved, e.g. to run a second checkout's services beside these.
 PG_PORT="${WAL2CACHE_PG_PORT:-54320}"
+# The TLS variant of PostgreSQL (`services.sh start pg-tls`): its own cluster.
+PG_TLS_PORT="${WAL2CACHE_PG_TLS_PORT:-54330}"
 REDIS_PORT="${WAL2CACHE_REDIS_PORT:-63790}"
 KAFKA_PORT="${WAL2CACHE_KAFKA_PORT:-19092}"
 # Redis Cluster: three masters, no replicas. Their cluster bus ports are set
@@ -46,6 +48,15 @@ PG_SUPERUSER=postgres
 PG_APP_ROLE=wal2cache
 PG_APP_PASSWORD=wal2cache
 PG_APP_DB=wal2cache_demo
+
+# Roles of the TLS variant: a SCRAM login (password) and one that logs in with a
+# client certificate (CN = the role); both may replicate.
+PG_TLS_ROLE=wal2cache_tls
+PG_TLS_PASSWORD=wal2cache-tls-secret
+PG_CERT_ROLE=wal2cache_cert
+
+# The throwaway CA and certificates of the TLS variants (`tls_ensure_certs`).
+TLS_DIR="$LOCAL/tls"
 
 # Set by pg_resolve_dirs (needs the `postgres` OS user, i.e. an installed server).
 PG_DIR=""
@@ -204,6 +215,9 @@ pg_resolve_dirs() {
             _PG_FALLBACK_REPORTED=1
         fi
     fi
+    if [[ -n "${PG_TLS:-}" ]]; then
+        PG_DIR="$PG_DIR-tls"
+    fi
     PG_DATA="$PG_DIR/data"
     PG_LOG="$PG_DIR/postgresql.log"
     PG_SOCKET_DIR="$PG_DIR"
@@ -232,6 +246,13 @@ pg_dir_if_known() {
         PG_DIR="$fallback"
     else
         return 0
+    fi
+    if [[ -n "${PG_TLS:-}" ]]; then
+        PG_DIR="$PG_DIR-tls"
+        [[ -d "$PG_DIR" ]] || {
+            PG_DIR=""
+            return 0
+        }
     fi
     PG_DATA="$PG_DIR/data"
     PG_LOG="$PG_DIR/postgresql.log"

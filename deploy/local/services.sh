@@ -25,7 +25,8 @@ Commands:
   env                            print the environment variables the tests read
   help                           this text
 
-SERVICE is pg, redis, redis-cluster, kafka or all (the default).
+SERVICE is pg, pg-tls, redis, redis-cluster, kafka or all (the default). The TLS
+variants are started only when named (all does not include them).
 Aliases: postgres=pg, cluster=redis-cluster, tansu=kafka.
 
 Addresses (all bound to $HOST):
@@ -34,6 +35,9 @@ Addresses (all bound to $HOST):
   Redis          $HOST:$REDIS_PORT   no persistence
   Redis Cluster  $HOST:${REDIS_CLUSTER_PORTS[0]}-${REDIS_CLUSTER_PORTS[-1]}   3 masters, no replicas, no persistence
   Kafka (Tansu)  $HOST:$KAFKA_PORT   storage $TANSU_STORAGE_ENGINE (lost on stop)
+  PostgreSQL TLS $HOST:$PG_TLS_PORT   ssl on, certificate for 'localhost' by the CA $TLS_DIR/ca.pem;
+                         TCP only over TLS: '$PG_TLS_ROLE'/'$PG_TLS_PASSWORD' (scram),
+                         '$PG_CERT_ROLE' (client certificate $TLS_DIR/client.pem)
 EOF
 }
 
@@ -143,8 +147,24 @@ pg_running() {
 }
 
 psql_super() {
+    local host="$HOST"
+    # The TLS variant refuses TCP without TLS: its superuser comes over the socket.
+    [[ -z "${PG_TLS:-}" ]] || host="$PG_SOCKET_DIR"
     PGCONNECT_TIMEOUT=5 "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 \
-        -h "$HOST" -p "$PG_PORT" -U "$PG_SUPERUSER" -d postgres "$@"
+        -h "$host" -p "$PG_PORT" -U "$PG_SUPERUSER" -d postgres "$@"
+}
+
+# The shared server's pg_hba.conf: trust for the superuser, SCRAM for the rest.
+pg_write_plain_hba() {
+    cat >"$PG_DATA/pg_hba.conf" <<'EOF'
+# Written by deploy/local/services.sh on every start.
+# TYPE  DATABASE     USER      ADDRESS        METHOD
+local   all          all                      trust
+host    all          postgres  127.0.0.1/32   trust
+host    replication  postgres  127.0.0.1/32   trust
+host    all          all       127.0.0.1/32   scram-sha-256
+host    replication  all       127.0.0.1/32   scram-sha-256
+EOF
 }
 
 pg_write_config() {
@@ -170,20 +190,89 @@ full_page_writes = off
 password_encryption = 'scram-sha-256'
 log_line_prefix = '%m [%p] %q%u@%d '
 EOF
-    cat >"$PG_DATA/pg_hba.conf" <<'EOF'
-# Written by deploy/local/services.sh on every start.
-# TYPE  DATABASE     USER      ADDRESS        METHOD
-local   all          all                      trust
-host    all          postgres  127.0.0.1/32   trust
-host    replication  postgres  127.0.0.1/32   trust
-host    all          all       127.0.0.1/32   scram-sha-256
-host    replication  all       127.0.0.1/32   scram-sha-256
-EOF
+    if [[ -n "${PG_TLS:-}" ]]; then
+        pg_write_tls_config
+    else
+        pg_write_plain_hba
+    fi
     chown "$PG_OS_USER:" -- "$PG_DATA/wal2cache.conf" "$PG_DATA/pg_hba.conf"
     chmod 0600 -- "$PG_DATA/wal2cache.conf" "$PG_DATA/pg_hba.conf"
     if ! grep -qxF "include 'wal2cache.conf'" "$PG_DATA/postgresql.conf"; then
         printf "\n# Added by deploy/local/services.sh\ninclude 'wal2cache.conf'\n" >>"$PG_DATA/postgresql.conf"
     fi
+}
+
+# The TLS variant: ssl on with the throwaway CA's server certificate (for the
+# name localhost only), client certificates checked against that CA, and every
+# TCP connection without TLS refused.
+pg_write_tls_config() {
+    tls_ensure_certs
+    local f
+    for f in server.pem server.key ca.pem; do
+        install -m 0600 -o "$PG_OS_USER" -- "$TLS_DIR/$f" "$PG_DATA/$f"
+    done
+    cat >>"$PG_DATA/wal2cache.conf" <<EOF
+ssl = on
+ssl_cert_file = 'server.pem'
+ssl_key_file = 'server.key'
+ssl_ca_file = 'ca.pem'
+EOF
+    cat >"$PG_DATA/pg_hba.conf" <<EOF
+# Written by deploy/local/services.sh on every start (TLS variant).
+# TYPE     DATABASE     USER             ADDRESS        METHOD
+local      all          all                             trust
+hostssl    all          $PG_CERT_ROLE   127.0.0.1/32   cert
+hostssl    replication  $PG_CERT_ROLE   127.0.0.1/32   cert
+hostssl    all          all              127.0.0.1/32   scram-sha-256
+hostssl    replication  all              127.0.0.1/32   scram-sha-256
+hostnossl  all          all              127.0.0.1/32   reject
+hostnossl  replication  all              127.0.0.1/32   reject
+EOF
+    chown "$PG_OS_USER:" -- "$PG_DATA/pg_hba.conf"
+    chmod 0600 -- "$PG_DATA/pg_hba.conf"
+}
+
+# tls_ensure_certs: a throwaway CA, a server certificate for localhost signed by
+# it, a client certificate for the role $PG_CERT_ROLE, and a second CA that
+# signed nothing (for the "not trusted" cases), in $TLS_DIR. Made once.
+tls_ensure_certs() {
+    local f missing=""
+    for f in ca.pem server.pem server.key client.pem client.key other-ca.pem; do
+        [[ -s "$TLS_DIR/$f" ]] || missing=1
+    done
+    [[ -n "$missing" ]] || return 0
+    command -v openssl >/dev/null 2>&1 || apt_install openssl
+    log_info "making a throwaway CA and certificates in $TLS_DIR"
+    mkdir -p -- "$TLS_DIR"
+    chmod 0755 -- "$TLS_DIR"
+    local out
+    if ! out="$(
+        set -e
+        cd -- "$TLS_DIR"
+        ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+        ca_ext=(-addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign")
+        openssl req -x509 "${ec[@]}" -keyout ca.key -out ca.pem -days 3650 \
+            -subj "/CN=wal2cache test CA" "${ca_ext[@]}" 2>&1
+        openssl req -x509 "${ec[@]}" -keyout other-ca.key -out other-ca.pem -days 3650 \
+            -subj "/CN=wal2cache other CA" "${ca_ext[@]}" 2>&1
+        openssl req "${ec[@]}" -keyout server.key -out server.csr -subj "/CN=localhost" 2>&1
+        printf '%s\n' "subjectAltName=DNS:localhost" "basicConstraints=CA:FALSE" \
+            "keyUsage=critical,digitalSignature,keyEncipherment" "extendedKeyUsage=serverAuth" >server.ext
+        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+            -days 3650 -extfile server.ext -out server.pem 2>&1
+        openssl req "${ec[@]}" -keyout client.key -out client.csr -subj "/CN=$PG_CERT_ROLE" 2>&1
+        printf '%s\n' "basicConstraints=CA:FALSE" "keyUsage=critical,digitalSignature" \
+            "extendedKeyUsage=clientAuth" >client.ext
+        openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+            -days 3650 -extfile client.ext -out client.pem 2>&1
+        rm -f -- server.csr client.csr server.ext client.ext
+        chmod 0644 -- ./*.pem
+        chmod 0600 -- ./*.key
+    )"; then
+        printf '%s\n' "$out" >&2
+        die "could not make the certificates in $TLS_DIR"
+    fi
+    log_ok "certificates in $TLS_DIR (CA ca.pem; server.pem for localhost; client.pem for $PG_CERT_ROLE)"
 }
 
 pg_initdb() {
@@ -219,6 +308,41 @@ SQL
         printf '%s\n' "$out" >&2
         die "could not create role '$PG_APP_ROLE' / database '$PG_APP_DB'"
     fi
+    [[ -n "${PG_TLS:-}" ]] || return 0
+    if ! out="$(psql_super -v role="$PG_TLS_ROLE" -v pw="$PG_TLS_PASSWORD" -v cert="$PG_CERT_ROLE" 2>&1 <<'SQL'
+SELECT format('CREATE ROLE %I', r) FROM unnest(ARRAY[:'role', :'cert']) AS r
+ WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = r) \gexec
+SELECT format('ALTER ROLE %I LOGIN REPLICATION SUPERUSER PASSWORD %L', :'role', :'pw') \gexec
+SELECT format('ALTER ROLE %I LOGIN REPLICATION SUPERUSER', :'cert') \gexec
+SQL
+    )"; then
+        printf '%s\n' "$out" >&2
+        die "could not create the roles '$PG_TLS_ROLE' and '$PG_CERT_ROLE'"
+    fi
+}
+
+# pg_use_tls: point the PostgreSQL functions at the TLS variant.
+pg_use_tls() {
+    PG_TLS=1
+    PG_PORT="$PG_TLS_PORT"
+    PG_DIR=""
+}
+
+install_pg_tls() { install_pg; }
+start_pg_tls() {
+    pg_use_tls
+    start_pg
+}
+stop_pg_tls() {
+    pg_use_tls
+    stop_pg
+}
+reset_pg_tls() {
+    pg_use_tls
+    stop_pg
+    pg_dir_if_known
+    [[ -z "$PG_DIR" ]] || safe_rm_dir "$PG_DIR"
+    safe_rm_dir "$TLS_DIR"
 }
 
 start_pg() {
@@ -630,6 +754,15 @@ cmd_status() {
     [[ -n "$pid" ]] || all_up=1
     status_line postgres "$HOST:$PG_PORT" "$pid" "${PG_DATA:-(not created yet)}" "${PG_LOG:--}"
 
+    # The TLS variant: shown when it exists, not counted in "all up".
+    (
+        pg_use_tls
+        pg_dir_if_known
+        if [[ -n "$PG_DIR" ]]; then
+            status_line postgres-tls "$HOST:$PG_PORT" "$(pg_pid)" "$PG_DATA" "$PG_LOG"
+        fi
+    )
+
     pid="$(redis_pid)"
     [[ -n "$pid" ]] || all_up=1
     status_line redis "$HOST:$REDIS_PORT" "$pid" "$REDIS_DATA" "$REDIS_LOG"
@@ -703,6 +836,8 @@ export WAL2CACHE_TEST_PG=postgres://$PG_SUPERUSER@$HOST:$PG_PORT/postgres
 export WAL2CACHE_TEST_REDIS=redis://$HOST:$REDIS_PORT
 export WAL2CACHE_TEST_REDIS_CLUSTER=redis://$HOST:${REDIS_CLUSTER_PORTS[0]}
 export WAL2CACHE_TEST_KAFKA=$HOST:$KAFKA_PORT
+export WAL2CACHE_TEST_PG_TLS=postgres://$PG_TLS_ROLE:$PG_TLS_PASSWORD@localhost:$PG_TLS_PORT/postgres
+export WAL2CACHE_TEST_TLS_DIR=$TLS_DIR
 EOF
 }
 
@@ -716,6 +851,7 @@ services() {
     local target="${1:-all}" order="${2:-}"
     case "$target" in
     pg | postgres | postgresql) echo pg ;;
+    pg-tls | pg_tls | postgres-tls) echo pg_tls ;;
     redis) echo redis ;;
     redis-cluster | redis_cluster | cluster) echo redis_cluster ;;
     kafka | tansu) echo kafka ;;
@@ -726,7 +862,7 @@ services() {
             echo pg redis redis_cluster kafka
         fi
         ;;
-    *) die "unknown service '$target' (expected pg, redis, redis-cluster, kafka or all)" ;;
+    *) die "unknown service '$target' (expected pg, pg-tls, redis, redis-cluster, kafka or all)" ;;
     esac
 }
 
@@ -746,7 +882,7 @@ main() {
     local svc list
     case "$cmd" in
     install | start | stop | restart | reset)
-        (($# <= 1)) || die "usage: $0 $cmd [pg|redis|redis-cluster|kafka|all]"
+        (($# <= 1)) || die "usage: $0 $cmd [pg|pg-tls|redis|redis-cluster|kafka|all]"
         take_lock
         ;;
     esac

@@ -34,8 +34,17 @@ pub enum SourceError {
         source: tokio_postgres::Error,
     },
 
-    #[error("PostgreSQL refused the login of role {role:?}: {detail}; check the user and password in postgres.url (or WAL2CACHE__POSTGRES__URL) and pg_hba.conf")]
+    #[error("PostgreSQL refused the login of role {role:?}: {detail}; {}", auth_hint(.detail))]
     Auth { role: String, detail: String },
+
+    #[error("cannot connect to PostgreSQL at {target} over TLS: {problem}")]
+    Tls { target: String, problem: String },
+
+    #[error("postgres.password_file {}: {problem}", .path.display())]
+    PasswordFile {
+        path: std::path::PathBuf,
+        problem: String,
+    },
 
     #[error("PostgreSQL has wal_level = {found}, logical replication needs wal_level = logical: set it in postgresql.conf (ALTER SYSTEM SET wal_level = logical) and restart PostgreSQL")]
     WalLevel { found: String },
@@ -191,6 +200,26 @@ pub fn pg_error(e: &tokio_postgres::Error) -> String {
         cause = c.source();
     }
     out
+}
+
+/// What to change when the server refuses a login (SQLSTATE 28000 or 28P01), from the
+/// server's message: pg_hba.conf's TLS and certificate rules, or the password.
+fn auth_hint(detail: &str) -> &'static str {
+    if detail.contains("no encryption") {
+        "pg_hba.conf accepts this role only over TLS (a hostssl line, and hostnossl ... reject): set sslmode=require, or verify-full with sslrootcert, in postgres.url"
+    } else if detail.contains("SSL encryption") || detail.contains("GSS encryption") {
+        "pg_hba.conf has no line for this role over an encrypted connection: add a hostssl line for it, or use sslmode=disable where the network is trusted"
+    } else if detail.contains("requires a valid client certificate") {
+        "pg_hba.conf asks this role for a client certificate (method cert, or clientcert=verify-full): add sslcert and sslkey to postgres.url"
+    } else if detail.contains("certificate authentication failed")
+        || detail.contains("certificate does not match")
+    {
+        "the client certificate does not match the role: its CN must be the role's name (or be mapped to it in pg_ident.conf)"
+    } else if detail.contains("no pg_hba.conf entry") {
+        "pg_hba.conf has no line for this host, role and database: add one (hostssl ... scram-sha-256, say) and reload PostgreSQL"
+    } else {
+        "check the user and password (in postgres.url, postgres.password_file or WAL2CACHE__POSTGRES__PASSWORD) and pg_hba.conf"
+    }
 }
 
 /// What to check when a connection fails.

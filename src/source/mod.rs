@@ -5,6 +5,7 @@
 
 pub mod catalog;
 pub mod change;
+pub mod conninfo;
 pub mod error;
 pub mod messages;
 pub mod pgoutput;
@@ -12,10 +13,13 @@ pub mod relations;
 pub mod slot;
 pub mod stream;
 pub mod table;
+pub mod target;
+pub mod tls;
 pub mod value;
 
 pub use change::{Change, CommitInfo, Op, Relation, Row, SourceEvent, TxnInfo, Value};
 pub use error::{ErrorKind, SourceError};
-pub use slot::{PgTarget, SetupPlan, SetupReport};
+pub use slot::{SetupPlan, SetupReport};
 pub use stream::{Confirmer, Source, StreamConfig};
 pub use table::TableName;
+pub use target::PgTarget;

@@ -2,120 +2,14 @@
 //! before streaming, with the preconditions checked first so a misconfigured server
 //! is an error that says what to change, not a cryptic failure later.
 
-use std::str::FromStr;
-use std::time::Duration;
-
 use postgres_protocol::escape::{escape_identifier, escape_literal};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::lsn::Lsn;
 use crate::source::catalog::{self, ToPublish};
 use crate::source::error::{pg, SourceError};
 use crate::source::table::TableName;
-
-/// Where Postgres is, parsed once from `postgres.url`.
-#[derive(Clone)]
-pub struct PgTarget {
-    config: tokio_postgres::Config,
-    pub host: String,
-    pub port: u16,
-    pub user: String,
-    password: String,
-    pub database: String,
-}
-
-impl std::fmt::Debug for PgTarget {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PgTarget({})", self.display())
-    }
-}
-
-impl PgTarget {
-    pub fn parse(url: &str) -> Result<Self, SourceError> {
-        let config = tokio_postgres::Config::from_str(url).map_err(|e| {
-            SourceError::Url(format!(
-                "{}: expected postgres://user:password@host:port/database",
-                crate::source::error::pg_error(&e)
-            ))
-        })?;
-        let host = match config.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-            #[cfg(unix)]
-            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-            None => "127.0.0.1".to_string(),
-        };
-        if config.get_hosts().len() > 1 {
-            return Err(SourceError::Url(
-                "several hosts given: wal2cache streams from one server".into(),
-            ));
-        }
-        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-            return Err(SourceError::Url(
-                "sslmode=require is not supported yet: connect over a trusted network or a local TLS tunnel".into(),
-            ));
-        }
-        let port = config.get_ports().first().copied().unwrap_or(5432);
-        let user = config
-            .get_user()
-            .ok_or_else(|| {
-                SourceError::Url("no user given: write postgres://USER@host/database".into())
-            })?
-            .to_string();
-        let password = config
-            .get_password()
-            .map(|p| String::from_utf8_lossy(p).into_owned())
-            .unwrap_or_default();
-        let database = config.get_dbname().unwrap_or(&user).to_string();
-        Ok(PgTarget {
-            config,
-            host,
-            port,
-            user,
-            password,
-            database,
-        })
-    }
-
-    /// The address without the password, for logs and errors.
-    pub fn display(&self) -> String {
-        format!(
-            "postgres://{}@{}:{}/{}",
-            self.user, self.host, self.port, self.database
-        )
-    }
-
-    pub(crate) fn password(&self) -> &str {
-        &self.password
-    }
-
-    /// An ordinary (non-replication) connection; its driver task runs in the background.
-    pub async fn connect(&self) -> Result<Client, SourceError> {
-        let mut config = self.config.clone();
-        config.connect_timeout(Duration::from_secs(10));
-        config.application_name("wal2cache");
-        let (client, connection) = config.connect(NoTls).await.map_err(|source| {
-            match source.code().map(|c| c.code()) {
-                Some("28P01" | "28000") => SourceError::Auth {
-                    role: self.user.clone(),
-                    detail: source
-                        .as_db_error()
-                        .map(|d| d.message().to_string())
-                        .unwrap_or_default(),
-                },
-                _ => SourceError::Connect {
-                    target: self.display(),
-                    source,
-                },
-            }
-        })?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "postgres connection closed");
-            }
-        });
-        Ok(client)
-    }
-}
+use crate::source::target::PgTarget;
 
 /// What `setup` is asked to ensure.
 #[derive(Debug, Clone)]
@@ -345,40 +239,4 @@ pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), SourceError> {
         ))
         .await
         .map_err(pg(format!("dropping replication slot {slot:?}")))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_urls_and_hides_the_password() {
-        let t = PgTarget::parse("postgres://app:s3cret@db.example:6432/shop").unwrap();
-        assert_eq!(
-            (t.host.as_str(), t.port, t.user.as_str()),
-            ("db.example", 6432, "app")
-        );
-        assert_eq!(t.database, "shop");
-        assert_eq!(t.password(), "s3cret");
-        assert!(!t.display().contains("s3cret"));
-        assert!(format!("{t:?}").contains("db.example") && !format!("{t:?}").contains("s3cret"));
-    }
-
-    #[test]
-    fn says_why_a_url_does_not_parse() {
-        let err = PgTarget::parse("postgres://u@h:notaport/db")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("invalid value for option `port`"), "{err}");
-    }
-
-    #[test]
-    fn rejects_what_it_cannot_serve() {
-        assert!(PgTarget::parse("not a url at all ::").is_err());
-        assert!(PgTarget::parse("postgres://db/shop").is_err(), "no user");
-        assert!(
-            PgTarget::parse("postgres://u@a,b/shop").is_err(),
-            "two hosts"
-        );
-    }
 }

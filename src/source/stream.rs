@@ -20,8 +20,8 @@ use crate::source::change::{Relation, SourceEvent};
 use crate::source::error::{ErrorKind, SourceError};
 use crate::source::pgoutput::{self, Begin, Commit, Message};
 use crate::source::relations::Relations;
-use crate::source::slot::PgTarget;
 use crate::source::table::TableName;
+use crate::source::target::PgTarget;
 
 #[derive(Debug, Clone)]
 pub struct StreamConfig {
@@ -294,16 +294,24 @@ impl Session<'_> {
 
     async fn connect(c: &StreamConfig, confirmed: Lsn) -> Result<ReplicationClient, SourceError> {
         let t = &c.target;
-        let err = |e| SourceError::from_replication(e, &c.slot, &t.user);
+        let err = |e| match e {
+            pgwire_replication::PgWireError::Tls(m) => t.tls_error(m),
+            e => SourceError::from_replication(e, &c.slot, &t.user),
+        };
+        if t.tls.mode == crate::source::tls::SslMode::VerifyCa {
+            // Learns the names the server's certificate carries (see PgTls::replication).
+            drop(t.connect().await?);
+        }
         let replication = ReplicationConfig::new(
             t.host.clone(),
             t.user.clone(),
-            t.password(),
+            t.password()?,
             t.database.clone(),
             c.slot.clone(),
             c.publication.as_str(),
         )
         .with_port(t.port)
+        .with_tls(t.tls.replication(&t.host))
         // Zero: resume from the slot's confirmed_flush_lsn.
         .with_start_lsn(pgwire_replication::Lsn(0))
         .with_ack_lsn(wire(confirmed))

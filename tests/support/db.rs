@@ -20,7 +20,13 @@ pub const EXAMPLE_SCHEMA: &str = include_str!("../../migrations/001_example_sche
 /// its query string (`?sslmode=...`) kept.
 #[allow(dead_code)]
 pub fn url_for(database: &str, user: Option<(&str, &str)>) -> String {
-    let base = pg_admin_url();
+    url_on(&pg_admin_url(), database, user)
+}
+
+/// `base` (a superuser's URL) with another database, and optionally another user and
+/// password; its query string kept.
+#[allow(dead_code)]
+pub fn url_on(base: &str, database: &str, user: Option<(&str, &str)>) -> String {
     let (scheme_user, rest) = base.split_once('@').expect("WAL2CACHE_TEST_PG has a user@");
     let host = rest.split(['/', '?']).next().unwrap();
     let query = rest
@@ -33,8 +39,18 @@ pub fn url_for(database: &str, user: Option<(&str, &str)>) -> String {
     format!("{userinfo}@{host}/{database}{query}")
 }
 
+/// A connection; over TLS (wal2cache's own connector) when the URL sets `sslmode`.
 #[allow(dead_code)]
 pub async fn connect(url: &str) -> Client {
+    if url.contains("sslmode=") {
+        return PgTarget::parse(url)
+            .unwrap_or_else(|e| panic!("{}: {e}", wal2cache::redact::redact(url)))
+            .connect()
+            .await
+            .unwrap_or_else(|e| {
+                panic!("{e}; start the TLS server with deploy/local/services.sh start pg-tls")
+            });
+    }
     let (client, conn) = tokio_postgres::connect(url, NoTls).await.unwrap_or_else(|e| {
         panic!("cannot connect to {url}: {e}; start the local services with deploy/local/services.sh start")
     });
@@ -48,20 +64,32 @@ pub struct TestDb {
     pub name: String,
     pub url: String,
     pub client: Client,
+    /// The superuser URL it was made with (the server's `postgres` database).
+    admin: String,
 }
 
 #[allow(dead_code)]
 impl TestDb {
     pub async fn new(label: &str) -> TestDb {
+        TestDb::on(&pg_admin_url(), label).await
+    }
+
+    /// On the server of `admin` (a superuser's URL), e.g. the TLS variant.
+    pub async fn on(admin: &str, label: &str) -> TestDb {
         let name = unique(&format!("w2c_{label}"));
-        let admin = connect(&pg_admin_url()).await;
-        admin
+        let client = connect(admin).await;
+        client
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
             .unwrap();
-        let url = url_for(&name, None);
+        let url = url_on(admin, &name, None);
         let client = connect(&url).await;
-        TestDb { name, url, client }
+        TestDb {
+            name,
+            url,
+            client,
+            admin: admin.to_string(),
+        }
     }
 
     pub fn target(&self) -> PgTarget {
@@ -205,6 +233,7 @@ pub async fn active_pid(client: &Client, slot: &str) -> Result<Option<i32>, toki
 impl Drop for TestDb {
     fn drop(&mut self) {
         let name = self.name.clone();
+        let admin_url = self.admin.clone();
         // Drop runs outside async: clean up on a runtime of its own.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -212,11 +241,7 @@ impl Drop for TestDb {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let Ok((admin, conn)) = tokio_postgres::connect(&pg_admin_url(), NoTls).await
-                else {
-                    return;
-                };
-                tokio::spawn(conn);
+                let admin = connect(&admin_url).await;
                 let _ = admin
                     .batch_execute(&format!(
                         "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots

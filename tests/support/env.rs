@@ -10,6 +10,24 @@ pub fn pg_admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:54320/postgres".into())
 }
 
+/// The TLS variant of PostgreSQL (`services.sh start pg-tls`), as a superuser that
+/// logs in with SCRAM: `WAL2CACHE_TEST_PG_TLS`; no TLS options in it.
+#[allow(dead_code)]
+pub fn pg_tls_url() -> String {
+    std::env::var("WAL2CACHE_TEST_PG_TLS").unwrap_or_else(|_| {
+        "postgres://wal2cache_tls:wal2cache-tls-secret@localhost:54330/postgres".into()
+    })
+}
+
+/// A file of the throwaway CA's directory (`ca.pem`, `client.pem`, `other-ca.pem`...):
+/// `WAL2CACHE_TEST_TLS_DIR`.
+#[allow(dead_code)]
+pub fn tls_file(name: &str) -> String {
+    let dir = std::env::var("WAL2CACHE_TEST_TLS_DIR")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/.local/tls").into());
+    format!("{dir}/{name}")
+}
+
 /// The shared Redis: `WAL2CACHE_TEST_REDIS`.
 #[allow(dead_code)]
 pub fn redis_url() -> String {

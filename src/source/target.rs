@@ -1,0 +1,271 @@
+//! Where PostgreSQL is and how to log in: `postgres.url` parsed once (libpq's URL or
+//! keyword form, its TLS options included), and the password from the URL,
+//! `postgres.password` (for the environment override) or `postgres.password_file`.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use crate::source::conninfo;
+use crate::source::error::SourceError;
+use crate::source::tls::PgTls;
+
+/// Where the password comes from.
+#[derive(Clone)]
+enum Password {
+    None,
+    Given(String),
+    /// Read on every connection, so that a rotated secret is used from the next one.
+    File(PathBuf),
+}
+
+/// Where Postgres is, parsed once from `postgres.url`.
+#[derive(Clone)]
+pub struct PgTarget {
+    config: tokio_postgres::Config,
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    password: Password,
+    pub database: String,
+    pub tls: PgTls,
+}
+
+impl std::fmt::Debug for PgTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PgTarget({})", self.display())
+    }
+}
+
+impl PgTarget {
+    pub fn parse(url: &str) -> Result<Self, SourceError> {
+        let extracted =
+            conninfo::extract(url, crate::source::tls::OPTIONS).map_err(SourceError::Url)?;
+        let tls = PgTls::from_options(&extracted.options).map_err(SourceError::Url)?;
+        let mut config = tokio_postgres::Config::from_str(&extracted.rest).map_err(|e| {
+            SourceError::Url(format!(
+                "{}: expected postgres://user:password@host:port/database",
+                crate::source::error::pg_error(&e)
+            ))
+        })?;
+        config.ssl_mode(tls.tokio_mode());
+        let host = match config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            #[cfg(unix)]
+            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+            None => "127.0.0.1".to_string(),
+        };
+        if config.get_hosts().len() > 1 {
+            return Err(SourceError::Url(
+                "several hosts given: wal2cache streams from one server".into(),
+            ));
+        }
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let user = config
+            .get_user()
+            .ok_or_else(|| {
+                SourceError::Url("no user given: write postgres://USER@host/database".into())
+            })?
+            .to_string();
+        let password = match config.get_password() {
+            Some(p) => Password::Given(String::from_utf8_lossy(p).into_owned()),
+            None => Password::None,
+        };
+        let database = config.get_dbname().unwrap_or(&user).to_string();
+        Ok(PgTarget {
+            config,
+            host,
+            port,
+            user,
+            password,
+            database,
+            tls,
+        })
+    }
+
+    /// The password given apart from the URL (`postgres.password`).
+    pub fn with_password(mut self, password: String) -> Self {
+        self.password = Password::Given(password);
+        self
+    }
+
+    /// The password read from a file at every connection (`postgres.password_file`).
+    pub fn with_password_file(mut self, path: PathBuf) -> Self {
+        self.password = Password::File(path);
+        self
+    }
+
+    /// Whether the URL itself carries a password.
+    pub fn url_has_password(&self) -> bool {
+        self.config.get_password().is_some()
+    }
+
+    /// The address without the password, for logs and errors.
+    pub fn display(&self) -> String {
+        format!(
+            "postgres://{}@{}:{}/{}",
+            self.user, self.host, self.port, self.database
+        )
+    }
+
+    /// The password to log in with now: a password file is read each time, its
+    /// trailing newline dropped.
+    pub(crate) fn password(&self) -> Result<String, SourceError> {
+        match &self.password {
+            Password::None => Ok(String::new()),
+            Password::Given(p) => Ok(p.clone()),
+            Password::File(path) => read_password_file(path),
+        }
+    }
+
+    /// An ordinary (non-replication) connection; its driver task runs in the background.
+    pub async fn connect(&self) -> Result<Client, SourceError> {
+        let mut config = self.config.clone();
+        config.connect_timeout(Duration::from_secs(10));
+        config.application_name("wal2cache");
+        if !matches!(self.password, Password::None) {
+            config.password(self.password()?);
+        }
+        let tls = self
+            .tls
+            .connector()
+            .map_err(|problem| self.tls_error(problem))?;
+        let (client, connection) =
+            config
+                .connect(tls)
+                .await
+                .map_err(|source| match source.code().map(|c| c.code()) {
+                    Some("28P01" | "28000") => SourceError::Auth {
+                        role: self.user.clone(),
+                        detail: source
+                            .as_db_error()
+                            .map(|d| d.message().to_string())
+                            .unwrap_or_default(),
+                    },
+                    Some(_) => SourceError::Connect {
+                        target: self.display(),
+                        source,
+                    },
+                    None => {
+                        let text = crate::source::error::pg_error(&source);
+                        match crate::source::tls::explain(&text, &self.tls, &self.host) {
+                            Some(problem) => SourceError::Tls {
+                                target: self.display(),
+                                problem,
+                            },
+                            None => SourceError::Connect {
+                                target: self.display(),
+                                source,
+                            },
+                        }
+                    }
+                })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "postgres connection closed");
+            }
+        });
+        Ok(client)
+    }
+
+    /// A TLS failure of either connection, explained.
+    pub(crate) fn tls_error(&self, text: String) -> SourceError {
+        let problem = crate::source::tls::explain(&text, &self.tls, &self.host).unwrap_or(text);
+        SourceError::Tls {
+            target: self.display(),
+            problem,
+        }
+    }
+}
+
+fn read_password_file(path: &std::path::Path) -> Result<String, SourceError> {
+    let problem = |problem: String| SourceError::PasswordFile {
+        path: path.to_path_buf(),
+        problem,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        problem(format!(
+            "cannot be read ({e}): mount the secret there, or fix the path"
+        ))
+    })?;
+    let password = text.strip_suffix('\n').unwrap_or(&text);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() {
+        return Err(problem("is empty: write the password into it".into()));
+    }
+    Ok(password.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_urls_and_hides_the_password() {
+        let t = PgTarget::parse("postgres://app:s3cret@db.example:6432/shop").unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port, t.user.as_str()),
+            ("db.example", 6432, "app")
+        );
+        assert_eq!(t.database, "shop");
+        assert_eq!(t.password().unwrap(), "s3cret");
+        assert!(t.url_has_password());
+        assert!(!t.display().contains("s3cret"));
+        assert!(format!("{t:?}").contains("db.example") && !format!("{t:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn takes_the_tls_options_libpq_takes() {
+        let t =
+            PgTarget::parse("postgres://app@db/shop?sslmode=require&connect_timeout=5").unwrap();
+        assert_eq!(t.tls.mode, crate::source::tls::SslMode::Require);
+        let t = PgTarget::parse("host=db user=app dbname=shop sslmode=disable").unwrap();
+        assert_eq!(t.tls.mode, crate::source::tls::SslMode::Disable);
+        assert_eq!(t.database, "shop");
+        let err = PgTarget::parse("postgres://app@db/shop?sslmode=verify-full")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no sslrootcert"), "{err}");
+    }
+
+    #[test]
+    fn a_password_file_is_read_at_each_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        let t = PgTarget::parse("postgres://app@db/shop")
+            .unwrap()
+            .with_password_file(file.clone());
+        assert!(!t.url_has_password());
+        let err = t.password().unwrap_err().to_string();
+        assert!(
+            err.contains("cannot be read") && err.contains("pw"),
+            "{err}"
+        );
+        std::fs::write(&file, "first\n").unwrap();
+        assert_eq!(t.password().unwrap(), "first");
+        std::fs::write(&file, "second\r\n").unwrap();
+        assert_eq!(t.password().unwrap(), "second", "rotated");
+        std::fs::write(&file, "\n").unwrap();
+        assert!(t.password().unwrap_err().to_string().contains("is empty"));
+    }
+
+    #[test]
+    fn says_why_a_url_does_not_parse() {
+        let err = PgTarget::parse("postgres://u@h:notaport/db")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("invalid value for option `port`"), "{err}");
+    }
+
+    #[test]
+    fn rejects_what_it_cannot_serve() {
+        assert!(PgTarget::parse("not a url at all ::").is_err());
+        assert!(PgTarget::parse("postgres://db/shop").is_err(), "no user");
+        assert!(
+            PgTarget::parse("postgres://u@a,b/shop").is_err(),
+            "two hosts"
+        );
+    }
+}
