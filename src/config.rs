@@ -113,7 +113,7 @@ pub struct RulesConfig {
     pub path: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 pub struct RedisConfig {
     /// The server; with `cluster`, a node of the cluster (the client finds the others).
     pub url: String,
@@ -125,6 +125,59 @@ pub struct RedisConfig {
     /// With `cluster`: more nodes to try at start when `url` does not answer.
     #[serde(default)]
     pub nodes: Vec<String>,
+    /// `rediss://`: a PEM file of the CA(s) to trust instead of the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate (PEM) and its key, for servers that ask for one.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Do not verify the server's certificate at all (self-signed test setups only;
+    /// logged as a warning at start).
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+    /// A file holding the password (of the URL's user, or of `default`), read at start.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+}
+
+impl RedisConfig {
+    /// The TLS and password fields unset, for building one in code:
+    /// `RedisConfig { url, tag_prefix, cluster, nodes, ..RedisConfig::without_tls() }`.
+    pub fn without_tls() -> RedisConfig {
+        RedisConfig {
+            url: String::new(),
+            tag_prefix: default_tag_prefix(),
+            cluster: false,
+            nodes: Vec::new(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            insecure_skip_verify: false,
+            password_file: None,
+        }
+    }
+}
+
+/// Without the secrets: passwords in the URLs show as `***`.
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact(&self.url))
+            .field("tag_prefix", &self.tag_prefix)
+            .field("cluster", &self.cluster)
+            .field(
+                "nodes",
+                &self.nodes.iter().map(|n| redact(n)).collect::<Vec<_>>(),
+            )
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .field("insecure_skip_verify", &self.insecure_skip_verify)
+            .field("password_file", &self.password_file)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -228,6 +281,23 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         if config.rules.path.is_relative() {
             config.rules.path = base.join(&config.rules.path);
+        }
+        if let Some(redis) = &mut config.redis {
+            for file in [
+                &mut redis.ca_file,
+                &mut redis.cert_file,
+                &mut redis.key_file,
+                &mut redis.password_file,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                *file = base.join(&*file);
+            }
+            let problems = crate::sink::redis::access_problems(redis);
+            if !problems.is_empty() {
+                return Err(invalid(problems));
+            }
         }
         if let Some(file) = &config.postgres.password_file {
             let file = base.join(file);

@@ -39,6 +39,7 @@ fn cluster_config(prefix: &str) -> RedisConfig {
         tag_prefix: format!("{prefix}:tag:"),
         cluster: true,
         nodes: vec![],
+        ..RedisConfig::without_tls()
     }
 }
 
@@ -622,6 +623,7 @@ async fn a_tag_key_of_the_wrong_type_is_poison_on_a_single_server_too() {
         tag_prefix: format!("{prefix}:tag:"),
         cluster: false,
         nodes: vec![],
+        ..RedisConfig::without_tls()
     })
     .await;
     let err = sink
@@ -671,6 +673,7 @@ async fn cluster_mode_against_a_single_server_fails_at_start() {
         tag_prefix: "tag:".into(),
         cluster: true,
         nodes: vec![],
+        ..RedisConfig::without_tls()
     };
     let err = match tokio::time::timeout(
         Duration::from_secs(30),
@@ -736,6 +739,7 @@ fn single_config(url: &str, prefix: &str) -> RedisConfig {
         tag_prefix: format!("{prefix}:tag:"),
         cluster: false,
         nodes: vec![],
+        ..RedisConfig::without_tls()
     }
 }
 

@@ -39,6 +39,12 @@ KAFKA_PORT="${WAL2CACHE_KAFKA_PORT:-19092}"
 _rc="${WAL2CACHE_REDIS_CLUSTER_PORT:-63791}"
 REDIS_CLUSTER_PORTS=("$_rc" "$((_rc + 1))" "$((_rc + 2))")
 REDIS_CLUSTER_BUS_OFFSET=-10000
+# The TLS variants of Redis (one server) and of the cluster (three masters).
+REDIS_TLS_PORT="${WAL2CACHE_REDIS_TLS_PORT:-63800}"
+_rct="${WAL2CACHE_REDIS_CLUSTER_TLS_PORT:-63801}"
+REDIS_CLUSTER_TLS_PORTS=("$_rct" "$((_rct + 1))" "$((_rct + 2))")
+REDIS_TLS_USER=wal2cache_tls
+REDIS_TLS_PASSWORD=redis-tls-secret
 
 PG_VERSION=15
 PG_BIN="/usr/lib/postgresql/$PG_VERSION/bin"

@@ -25,8 +25,9 @@ Commands:
   env                            print the environment variables the tests read
   help                           this text
 
-SERVICE is pg, pg-tls, redis, redis-cluster, kafka or all (the default). The TLS
-variants are started only when named (all does not include them).
+SERVICE is pg, redis, redis-cluster, kafka or all (the default), or a TLS variant:
+pg-tls, redis-tls, redis-cluster-tls, or tls for all three. The TLS variants are
+started only when named (all does not include them).
 Aliases: postgres=pg, cluster=redis-cluster, tansu=kafka.
 
 Addresses (all bound to $HOST):
@@ -38,6 +39,8 @@ Addresses (all bound to $HOST):
   PostgreSQL TLS $HOST:$PG_TLS_PORT   ssl on, certificate for 'localhost' by the CA $TLS_DIR/ca.pem;
                          TCP only over TLS: '$PG_TLS_ROLE'/'$PG_TLS_PASSWORD' (scram),
                          '$PG_CERT_ROLE' (client certificate $TLS_DIR/client.pem)
+  Redis TLS      $HOST:$REDIS_TLS_PORT   TLS only; ACL user '$REDIS_TLS_USER'/'$REDIS_TLS_PASSWORD', default user off
+  Cluster TLS    $HOST:${REDIS_CLUSTER_TLS_PORTS[0]}-${REDIS_CLUSTER_TLS_PORTS[-1]}   the same, 3 masters (tls-cluster yes)
 EOF
 }
 
@@ -257,7 +260,7 @@ tls_ensure_certs() {
             -subj "/CN=wal2cache other CA" "${ca_ext[@]}" 2>&1
         openssl req "${ec[@]}" -keyout server.key -out server.csr -subj "/CN=localhost" 2>&1
         printf '%s\n' "subjectAltName=DNS:localhost" "basicConstraints=CA:FALSE" \
-            "keyUsage=critical,digitalSignature,keyEncipherment" "extendedKeyUsage=serverAuth" >server.ext
+            "keyUsage=critical,digitalSignature,keyEncipherment" "extendedKeyUsage=serverAuth,clientAuth" >server.ext
         openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
             -days 3650 -extfile server.ext -out server.pem 2>&1
         openssl req "${ec[@]}" -keyout client.key -out client.csr -subj "/CN=$PG_CERT_ROLE" 2>&1
@@ -342,7 +345,6 @@ reset_pg_tls() {
     stop_pg
     pg_dir_if_known
     [[ -z "$PG_DIR" ]] || safe_rm_dir "$PG_DIR"
-    safe_rm_dir "$TLS_DIR"
 }
 
 start_pg() {
@@ -408,7 +410,7 @@ redis_pid() {
 }
 
 redis_ping() {
-    [[ "$(timeout 3 redis-cli -h "$HOST" -p "$REDIS_PORT" ping 2>/dev/null)" == PONG ]]
+    [[ "$(timeout 3 redis-cli "${REDIS_CLI_ARGS[@]}" -h "$HOST" -p "$REDIS_PORT" ping 2>/dev/null)" == PONG ]]
 }
 
 start_redis() {
@@ -426,7 +428,9 @@ start_redis() {
     rm -f -- "$REDIS_PIDFILE"
     log_info "starting redis on $HOST:$REDIS_PORT (dir $REDIS_DATA, log $REDIS_LOG)"
     # No config file: built-in defaults plus these options (not /etc/redis).
-    if ! redis-server --port "$REDIS_PORT" --bind "$HOST" --daemonize yes \
+    local listen=(--port "$REDIS_PORT")
+    [[ -z "${REDIS_TLS:-}" ]] || listen=(--port 0 --tls-port "$REDIS_PORT" "${REDIS_TLS_SERVER_ARGS[@]}")
+    if ! redis-server "${listen[@]}" --bind "$HOST" --daemonize yes \
         --dir "$REDIS_DATA" --logfile "$REDIS_LOG" --pidfile "$REDIS_PIDFILE" \
         --save "" --appendonly no 9>&-; then
         fail_with_log "$REDIS_LOG" "redis-server failed to start"
@@ -454,7 +458,7 @@ stop_redis() {
         return 0
     fi
     log_info "stopping redis (pid $pid)"
-    timeout 10 redis-cli -h "$HOST" -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+    timeout 10 redis-cli "${REDIS_CLI_ARGS[@]}" -h "$HOST" -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
     if ! wait_pid_exit "$pid" 10; then
         log_warn "redis did not shut down on request; sending SIGTERM"
         kill -TERM "$pid" 2>/dev/null || true
@@ -484,7 +488,7 @@ rc_pid() {
 rc_cli() {
     local port="$1"
     shift
-    timeout 5 redis-cli -h "$HOST" -p "$port" "$@" 2>/dev/null
+    timeout 5 redis-cli "${REDIS_CLI_ARGS[@]}" -h "$HOST" -p "$port" "$@" 2>/dev/null
 }
 
 # rc_info PORT FIELD: one field of CLUSTER INFO (empty if the node does not answer).
@@ -519,7 +523,13 @@ rc_start_node() {
     log_info "starting redis-cluster node on $HOST:$port (bus $bus, dir $dir, log $log)"
     # nodes.conf (the node's identity and slots) lives in --dir and survives a
     # restart; the data does not (no RDB, no AOF).
-    if ! redis-server --port "$port" --bind "$HOST" --daemonize yes \
+    local listen=(--port "$port")
+    [[ -z "${REDIS_TLS:-}" ]] ||
+        listen=(--port 0 --tls-port "$port" --tls-cluster yes "${REDIS_TLS_SERVER_ARGS[@]}"
+            # Nodes are reported by the name their certificate carries, as managed
+            # services do, so that a client verifies every node it is sent to.
+            --cluster-announce-hostname localhost --cluster-preferred-endpoint-type hostname)
+    if ! redis-server "${listen[@]}" --bind "$HOST" --daemonize yes \
         --dir "$dir" --logfile "$log" --pidfile "$pidfile" \
         --save "" --appendonly no \
         --cluster-enabled yes --cluster-config-file nodes.conf \
@@ -564,7 +574,7 @@ rc_create() {
     local addrs=() out
     for port in "${REDIS_CLUSTER_PORTS[@]}"; do addrs+=("$HOST:$port"); done
     log_info "redis-cli --cluster create ${addrs[*]} --cluster-replicas 0 --cluster-yes"
-    if ! out="$(timeout 60 redis-cli --cluster create "${addrs[@]}" \
+    if ! out="$(timeout 60 redis-cli "${REDIS_CLI_ARGS[@]}" --cluster create "${addrs[@]}" \
         --cluster-replicas 0 --cluster-yes 2>&1 9>&-)"; then
         printf '%s\n' "$out" >&2
         fail_with_log "$(rc_log "${REDIS_CLUSTER_PORTS[0]}")" "redis-cli --cluster create failed"
@@ -604,7 +614,7 @@ stop_redis_cluster() {
         [[ -n "$pid" ]] || continue
         stopped=1
         log_info "stopping redis-cluster node $port (pid $pid)"
-        timeout 10 redis-cli -h "$HOST" -p "$port" shutdown nosave >/dev/null 2>&1 || true
+        timeout 10 redis-cli "${REDIS_CLI_ARGS[@]}" -h "$HOST" -p "$port" shutdown nosave >/dev/null 2>&1 || true
         if ! wait_pid_exit "$pid" 10; then
             log_warn "redis-cluster node $port did not shut down on request; sending SIGTERM"
             kill -TERM "$pid" 2>/dev/null || true
@@ -617,6 +627,61 @@ stop_redis_cluster() {
     else
         log_ok "redis-cluster not running"
     fi
+}
+
+# ---------------------------------------------------------------------------
+# TLS variants of Redis and of the Redis Cluster: TLS only (no plain port), the
+# throwaway CA's server certificate for localhost, client certificates optional
+# (checked against the CA when given), the default user off and one ACL user.
+# ---------------------------------------------------------------------------
+
+REDIS_CLI_ARGS=()
+
+redis_use_tls() {
+    tls_ensure_certs
+    REDIS_TLS=1
+    REDIS_PORT="$REDIS_TLS_PORT"
+    REDIS_DIR="$LOCAL/redis-tls"
+    REDIS_DATA="$REDIS_DIR/data"
+    REDIS_LOG="$REDIS_DIR/redis.log"
+    REDIS_PIDFILE="$REDIS_DIR/redis.pid"
+    REDIS_CLUSTER_PORTS=("${REDIS_CLUSTER_TLS_PORTS[@]}")
+    REDIS_CLUSTER_DIR="$LOCAL/redis-cluster-tls"
+    REDIS_TLS_SERVER_ARGS=(
+        --tls-cert-file "$TLS_DIR/server.pem" --tls-key-file "$TLS_DIR/server.key"
+        --tls-ca-cert-file "$TLS_DIR/ca.pem" --tls-auth-clients optional
+        --user default off
+        --user "$REDIS_TLS_USER" on ">$REDIS_TLS_PASSWORD" "~*" "&*" "+@all"
+    )
+    REDIS_CLI_ARGS=(--tls --cacert "$TLS_DIR/ca.pem" --sni localhost
+        --user "$REDIS_TLS_USER" --pass "$REDIS_TLS_PASSWORD" --no-auth-warning)
+}
+
+install_redis_tls() { install_redis; }
+start_redis_tls() {
+    redis_use_tls
+    start_redis
+}
+stop_redis_tls() {
+    redis_use_tls
+    stop_redis
+}
+reset_redis_tls() {
+    redis_use_tls
+    reset_redis
+}
+install_redis_cluster_tls() { install_redis; }
+start_redis_cluster_tls() {
+    redis_use_tls
+    start_redis_cluster
+}
+stop_redis_cluster_tls() {
+    redis_use_tls
+    stop_redis_cluster
+}
+reset_redis_cluster_tls() {
+    redis_use_tls
+    reset_redis_cluster
 }
 
 # ===========================================================================
@@ -838,6 +903,8 @@ export WAL2CACHE_TEST_REDIS_CLUSTER=redis://$HOST:${REDIS_CLUSTER_PORTS[0]}
 export WAL2CACHE_TEST_KAFKA=$HOST:$KAFKA_PORT
 export WAL2CACHE_TEST_PG_TLS=postgres://$PG_TLS_ROLE:$PG_TLS_PASSWORD@localhost:$PG_TLS_PORT/postgres
 export WAL2CACHE_TEST_TLS_DIR=$TLS_DIR
+export WAL2CACHE_TEST_REDIS_TLS=rediss://$REDIS_TLS_USER:$REDIS_TLS_PASSWORD@localhost:$REDIS_TLS_PORT
+export WAL2CACHE_TEST_REDIS_CLUSTER_TLS=rediss://$REDIS_TLS_USER:$REDIS_TLS_PASSWORD@localhost:${REDIS_CLUSTER_TLS_PORTS[0]}
 EOF
 }
 
@@ -852,6 +919,9 @@ services() {
     case "$target" in
     pg | postgres | postgresql) echo pg ;;
     pg-tls | pg_tls | postgres-tls) echo pg_tls ;;
+    redis-tls | redis_tls) echo redis_tls ;;
+    redis-cluster-tls | redis_cluster_tls | cluster-tls) echo redis_cluster_tls ;;
+    tls) echo pg_tls redis_tls redis_cluster_tls ;;
     redis) echo redis ;;
     redis-cluster | redis_cluster | cluster) echo redis_cluster ;;
     kafka | tansu) echo kafka ;;
@@ -862,7 +932,7 @@ services() {
             echo pg redis redis_cluster kafka
         fi
         ;;
-    *) die "unknown service '$target' (expected pg, pg-tls, redis, redis-cluster, kafka or all)" ;;
+    *) die "unknown service '$target' (expected pg, redis, redis-cluster, kafka, all, or a TLS variant: pg-tls, redis-tls, redis-cluster-tls, tls)" ;;
     esac
 }
 
@@ -882,7 +952,7 @@ main() {
     local svc list
     case "$cmd" in
     install | start | stop | restart | reset)
-        (($# <= 1)) || die "usage: $0 $cmd [pg|pg-tls|redis|redis-cluster|kafka|all]"
+        (($# <= 1)) || die "usage: $0 $cmd [pg|redis|redis-cluster|kafka|all|pg-tls|redis-tls|redis-cluster-tls|tls]"
         take_lock
         ;;
     esac
@@ -908,6 +978,8 @@ main() {
     reset)
         list="$(services "${1:-all}" reverse)"
         for svc in $list; do "reset_$svc"; done
+        # The certificates go with the last of the TLS variants.
+        [[ "${1:-}" != tls ]] || safe_rm_dir "$TLS_DIR"
         ;;
     status) cmd_status ;;
     topic) cmd_topic "$@" ;;

@@ -12,7 +12,7 @@ cd "$ROOT"
 
 bash "$ROOT/deploy/local/services.sh" start all
 # The TLS variants, for the tests of TLS and authentication.
-bash "$ROOT/deploy/local/services.sh" start pg-tls
+bash "$ROOT/deploy/local/services.sh" start tls
 
 export WAL2CACHE_TEST_PG="${WAL2CACHE_TEST_PG:-postgres://postgres@$HOST:$PG_PORT/postgres}"
 export WAL2CACHE_TEST_REDIS="${WAL2CACHE_TEST_REDIS:-redis://$HOST:$REDIS_PORT}"
@@ -20,6 +20,8 @@ export WAL2CACHE_TEST_REDIS_CLUSTER="${WAL2CACHE_TEST_REDIS_CLUSTER:-redis://$HO
 export WAL2CACHE_TEST_KAFKA="${WAL2CACHE_TEST_KAFKA:-$HOST:$KAFKA_PORT}"
 export WAL2CACHE_TEST_PG_TLS="${WAL2CACHE_TEST_PG_TLS:-postgres://$PG_TLS_ROLE:$PG_TLS_PASSWORD@localhost:$PG_TLS_PORT/postgres}"
 export WAL2CACHE_TEST_TLS_DIR="${WAL2CACHE_TEST_TLS_DIR:-$TLS_DIR}"
+export WAL2CACHE_TEST_REDIS_TLS="${WAL2CACHE_TEST_REDIS_TLS:-rediss://$REDIS_TLS_USER:$REDIS_TLS_PASSWORD@localhost:$REDIS_TLS_PORT}"
+export WAL2CACHE_TEST_REDIS_CLUSTER_TLS="${WAL2CACHE_TEST_REDIS_CLUSTER_TLS:-rediss://$REDIS_TLS_USER:$REDIS_TLS_PASSWORD@localhost:${REDIS_CLUSTER_TLS_PORTS[0]}}"
 
 log_info "the library builds without the daemon (feature split)"
 cargo check --locked --lib --no-default-features

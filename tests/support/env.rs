@@ -28,6 +28,21 @@ pub fn tls_file(name: &str) -> String {
     format!("{dir}/{name}")
 }
 
+/// The TLS variant of Redis, its ACL user and password in the URL:
+/// `WAL2CACHE_TEST_REDIS_TLS`.
+#[allow(dead_code)]
+pub fn redis_tls_url() -> String {
+    std::env::var("WAL2CACHE_TEST_REDIS_TLS")
+        .unwrap_or_else(|_| "rediss://wal2cache_tls:redis-tls-secret@localhost:63800".into())
+}
+
+/// A node of the TLS variant of the Redis Cluster: `WAL2CACHE_TEST_REDIS_CLUSTER_TLS`.
+#[allow(dead_code)]
+pub fn redis_cluster_tls_url() -> String {
+    std::env::var("WAL2CACHE_TEST_REDIS_CLUSTER_TLS")
+        .unwrap_or_else(|_| "rediss://wal2cache_tls:redis-tls-secret@localhost:63801".into())
+}
+
 /// The shared Redis: `WAL2CACHE_TEST_REDIS`.
 #[allow(dead_code)]
 pub fn redis_url() -> String {

@@ -22,6 +22,40 @@ pub async fn redis() -> MultiplexedConnection {
         .expect("Redis runs: deploy/local/services.sh start")
 }
 
+/// A connection to the TLS variant of Redis (`services.sh start redis-tls`), as its
+/// ACL user, the server verified against the throwaway CA.
+#[allow(dead_code)]
+pub async fn redis_tls() -> MultiplexedConnection {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = std::fs::read(super::env::tls_file("ca.pem")).expect("the throwaway CA");
+    let certs = redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(ca),
+    };
+    redis::Client::build_with_tls(super::env::redis_tls_url(), certs)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis over TLS runs: deploy/local/services.sh start redis-tls")
+}
+
+/// A connection to the TLS variant of the Redis Cluster, as its ACL user.
+#[allow(dead_code)]
+pub async fn redis_cluster_tls() -> redis::cluster_async::ClusterConnection {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = std::fs::read(super::env::tls_file("ca.pem")).expect("the throwaway CA");
+    redis::cluster::ClusterClientBuilder::new(vec![super::env::redis_cluster_tls_url()])
+        .certs(redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(ca),
+        })
+        .build()
+        .unwrap()
+        .get_async_connection()
+        .await
+        .expect("the Redis Cluster over TLS runs: deploy/local/services.sh start redis-cluster-tls")
+}
+
 /// None of `keys` exists.
 #[allow(dead_code)]
 pub async fn gone(r: &MultiplexedConnection, keys: &[impl AsRef<str>]) -> bool {

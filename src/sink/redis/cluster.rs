@@ -9,7 +9,6 @@
 use foldhash::{HashMap, HashSet, HashSetExt};
 use std::time::Duration;
 
-use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo, Slot};
 use redis::{ErrorKind, Pipeline, RedisError, Value};
@@ -84,7 +83,7 @@ pub(super) async fn connect_cluster(config: &RedisConfig) -> Result<ClusterConne
         .map(|s| redact(s))
         .collect::<Vec<_>>()
         .join(", ");
-    let client = ClusterClient::builder(seeds.iter().copied())
+    let client = super::access::cluster_builder(config, &seeds)?
         .connection_timeout(Duration::from_secs(5))
         .response_timeout(Duration::from_secs(30))
         .retries(5)
@@ -105,7 +104,11 @@ pub(super) async fn connect_cluster(config: &RedisConfig) -> Result<ClusterConne
         })?
         .map_err(|e| {
             let message = format!(
-                "cannot connect to the Redis Cluster ({shown}): {e}; check redis.url, redis.nodes and that the cluster runs (redis.cluster = true needs a Redis Cluster)"
+                "cannot connect to the Redis Cluster ({shown}): {e}; {}",
+                super::access::hint(
+                    &format!("{e:?}"),
+                    "check redis.url, redis.nodes and that the cluster runs (redis.cluster = true needs a Redis Cluster)"
+                )
             );
             SinkError::redis(message, Some(e), SinkErrorKind::Retry)
         })

@@ -7,6 +7,7 @@
 //! Transient errors are retried with backoff; a poison error is traced to its item
 //! and key (`errors`).
 
+mod access;
 mod cluster;
 mod errors;
 mod ops;
@@ -28,6 +29,7 @@ use errors::{classify, next_step, Described, Failure, Next, MESSAGE_SHOWN};
 use ops::{for_each_command, Mode, Ops};
 use scripts::{scan_pattern, Scripts};
 
+pub(crate) use access::problems as access_problems;
 pub use ops::group_by_slot;
 pub use scripts::version_key;
 
@@ -67,10 +69,7 @@ impl ConnectionLike for Conn {
 
 /// One server, through a connection manager that reconnects by itself.
 async fn connect_single(config: &RedisConfig) -> Result<ConnectionManager, SinkError> {
-    let client = Client::open(config.url.as_str()).map_err(|e| {
-        let message = format!("invalid redis.url {:?}: {e}", redact(&config.url));
-        SinkError::redis(message, Some(e), SinkErrorKind::Stop)
-    })?;
+    let client: Client = access::client(config)?;
     let manager_config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(Duration::from_secs(30)))
@@ -90,8 +89,9 @@ async fn connect_single(config: &RedisConfig) -> Result<ConnectionManager, SinkE
     })?
     .map_err(|e| {
         let message = format!(
-            "cannot connect to {}: {e}; check redis.url and that Redis runs",
-            redact(&config.url)
+            "cannot connect to {}: {e}; {}",
+            redact(&config.url),
+            access::hint(&format!("{e:?}"), "check redis.url and that Redis runs")
         );
         SinkError::redis(message, Some(e), SinkErrorKind::Retry)
     })
@@ -114,6 +114,12 @@ impl RedisSink {
         config: &RedisConfig,
         stop: watch::Receiver<bool>,
     ) -> Result<RedisSink, SinkError> {
+        if config.insecure_skip_verify {
+            tracing::warn!(
+                url = %redact(&config.url),
+                "redis.insecure_skip_verify is on: the Redis server's certificate is not checked, so anyone on the path can read and change what wal2cache writes; use it only for a self-signed test setup"
+            );
+        }
         let conn = if config.cluster {
             Conn::Cluster(cluster::connect_cluster(config).await?)
         } else {
@@ -133,7 +139,13 @@ impl RedisSink {
             stop,
         };
         sink.load_scripts().await.map_err(|e| {
-            let message = format!("cannot load the Lua scripts: {e}");
+            let message = format!(
+                "cannot load the Lua scripts: {e}; {}",
+                access::hint(
+                    &format!("{e:?}"),
+                    "the ACL user needs the scripting commands (see the README)"
+                )
+            );
             SinkError::redis(message, Some(e), SinkErrorKind::Retry)
         })?;
         Ok(sink)
