@@ -37,8 +37,14 @@ pub enum SourceError {
     #[error("PostgreSQL refused the login of role {role:?}: {detail}; {}", auth_hint(.detail))]
     Auth { role: String, detail: String },
 
+    /// `retry`: a handshake cut short (reset, end of file: a server restarting), not a
+    /// setting to fix.
     #[error("cannot connect to PostgreSQL at {target} over TLS: {problem}")]
-    Tls { target: String, problem: String },
+    Tls {
+        target: String,
+        problem: String,
+        retry: bool,
+    },
 
     #[error("postgres.password_file {}: {problem}", .path.display())]
     PasswordFile {
@@ -131,6 +137,7 @@ impl SourceError {
                 sqlstate.as_deref().map_or(ErrorKind::Fatal, sqlstate_kind)
             }
             SourceError::SlotInUse { .. } => ErrorKind::Standby,
+            SourceError::Tls { retry: true, .. } => ErrorKind::Transient,
             SourceError::Ended => ErrorKind::Transient,
             _ => ErrorKind::Fatal,
         }

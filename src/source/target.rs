@@ -154,6 +154,7 @@ impl PgTarget {
                             Some(problem) => SourceError::Tls {
                                 target: self.display(),
                                 problem,
+                                retry: false,
                             },
                             None => SourceError::Connect {
                                 target: self.display(),
@@ -170,12 +171,20 @@ impl PgTarget {
         Ok(client)
     }
 
-    /// A TLS failure of either connection, explained.
+    /// A TLS failure of either connection, explained; one that names no setting (a
+    /// handshake cut short by a restarting server) is retried.
     pub(crate) fn tls_error(&self, text: String) -> SourceError {
-        let problem = crate::source::tls::explain(&text, &self.tls, &self.host).unwrap_or(text);
-        SourceError::Tls {
-            target: self.display(),
-            problem,
+        match crate::source::tls::explain(&text, &self.tls, &self.host) {
+            Some(problem) => SourceError::Tls {
+                target: self.display(),
+                problem,
+                retry: false,
+            },
+            None => SourceError::Tls {
+                target: self.display(),
+                problem: text,
+                retry: true,
+            },
         }
     }
 }
@@ -249,6 +258,33 @@ mod tests {
         assert_eq!(t.password().unwrap(), "second", "rotated");
         std::fs::write(&file, "\n").unwrap();
         assert!(t.password().unwrap_err().to_string().contains("is empty"));
+    }
+
+    #[test]
+    fn a_handshake_cut_short_is_retried_and_a_setting_is_not() {
+        use crate::source::ErrorKind;
+        let t = PgTarget::parse("postgres://app@db/shop?sslmode=require").unwrap();
+        for cut in [
+            "error performing TLS handshake: Connection reset by peer (os error 104)",
+            "TLS handshake failed: unexpected end of file",
+        ] {
+            assert_eq!(
+                t.tls_error(cut.into()).kind(),
+                ErrorKind::Transient,
+                "{cut}"
+            );
+        }
+        for setting in [
+            "TLS handshake failed: invalid peer certificate: UnknownIssuer",
+            "server does not support TLS (SSLRequest rejected)",
+            "TLS handshake failed: received fatal alert: CertificateRequired",
+        ] {
+            assert_eq!(
+                t.tls_error(setting.into()).kind(),
+                ErrorKind::Fatal,
+                "{setting}"
+            );
+        }
     }
 
     #[test]
