@@ -180,7 +180,7 @@ impl std::fmt::Debug for RedisConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 pub struct KafkaConfig {
     pub brokers: String,
     #[serde(default = "default_topic")]
@@ -199,6 +199,28 @@ pub struct KafkaConfig {
     /// Passed to librdkafka as they are.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+    /// A file that holds the SASL password (librdkafka's `sasl.password`), read at
+    /// start and whenever a producer is made; relative to the config file.
+    #[serde(default)]
+    pub sasl_password_file: Option<PathBuf>,
+}
+
+/// Without the secrets: `sasl.password` and the like show as `***`.
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("partitions", &self.partitions)
+            .field("replication_factor", &self.replication_factor)
+            .field("max_event_bytes", &self.max_event_bytes)
+            .field(
+                "properties",
+                &crate::secret::printable_properties(&self.properties),
+            )
+            .field("sasl_password_file", &self.sasl_password_file)
+            .finish()
+    }
 }
 
 fn default_name() -> String {
@@ -297,6 +319,21 @@ impl Config {
             let problems = crate::sink::redis::access_problems(redis);
             if !problems.is_empty() {
                 return Err(invalid(problems));
+            }
+        }
+        if let Some(kafka) = &mut config.kafka {
+            if let Some(file) = &mut kafka.sasl_password_file {
+                *file = base.join(&*file);
+                let mut problems = Vec::new();
+                if kafka.properties.contains_key("sasl.password") {
+                    problems.push("kafka: the SASL password is given twice (in kafka.properties \"sasl.password\" and kafka.sasl_password_file): keep one".to_string());
+                }
+                if let Err(e) = crate::secret::read_secret_file("kafka.sasl_password_file", file) {
+                    problems.push(e);
+                }
+                if !problems.is_empty() {
+                    return Err(invalid(problems));
+                }
             }
         }
         if let Some(file) = &config.postgres.password_file {

@@ -29,6 +29,7 @@ pub mod l1;
 pub mod redact;
 #[cfg(feature = "daemon")]
 pub mod rules;
+pub mod secret;
 #[cfg(feature = "daemon")]
 pub mod serve;
 #[cfg(feature = "daemon")]

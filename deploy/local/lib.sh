@@ -85,6 +85,19 @@ TANSU_LOG="$TANSU_DIR/tansu.log"
 TANSU_PIDFILE="$TANSU_DIR/tansu.pid"
 TANSU_STORAGE_ENGINE="memory://tansu/"
 TANSU_LISTENER_URL="tcp://$HOST:$KAFKA_PORT"
+# What the broker tells clients to connect to (its listener unless a variant says).
+TANSU_ADVERTISED_URL=""
+# Features the broker is built with: dynostore for memory://, libsql for the
+# sqlite:// storage of the TLS variant (its SCRAM users survive a restart).
+TANSU_FEATURES=dynostore,libsql
+
+# The TLS variant of the broker (`services.sh start kafka-tls`): stunnel takes TLS on
+# KAFKA_TLS_PORT and hands the bytes to a broker of its own on KAFKA_SASL_PORT, which
+# requires SASL (SCRAM-SHA-256 and -512) and advertises the TLS port.
+KAFKA_TLS_PORT="${WAL2CACHE_KAFKA_TLS_PORT:-19093}"
+KAFKA_SASL_PORT="${WAL2CACHE_KAFKA_SASL_PORT:-19094}"
+KAFKA_SASL_USER=wal2cache_sasl
+KAFKA_SASL_PASSWORD=kafka-sasl-secret
 
 # Seconds to wait for a server to come up.
 START_TIMEOUT="${WAL2CACHE_START_TIMEOUT:-30}"

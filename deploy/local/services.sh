@@ -26,8 +26,8 @@ Commands:
   help                           this text
 
 SERVICE is pg, redis, redis-cluster, kafka or all (the default), or a TLS variant:
-pg-tls, redis-tls, redis-cluster-tls, or tls for all three. The TLS variants are
-started only when named (all does not include them).
+pg-tls, redis-tls, redis-cluster-tls, kafka-tls, or tls for all four. The TLS
+variants are started only when named (all does not include them).
 Aliases: postgres=pg, cluster=redis-cluster, tansu=kafka.
 
 Addresses (all bound to $HOST):
@@ -41,6 +41,8 @@ Addresses (all bound to $HOST):
                          '$PG_CERT_ROLE' (client certificate $TLS_DIR/client.pem)
   Redis TLS      $HOST:$REDIS_TLS_PORT   TLS only; ACL user '$REDIS_TLS_USER'/'$REDIS_TLS_PASSWORD', default user off
   Cluster TLS    $HOST:${REDIS_CLUSTER_TLS_PORTS[0]}-${REDIS_CLUSTER_TLS_PORTS[-1]}   the same, 3 masters (tls-cluster yes)
+  Kafka TLS      localhost:$KAFKA_TLS_PORT   SASL_SSL: TLS by stunnel, then a broker of its own on $HOST:$KAFKA_SASL_PORT
+                         that requires SASL SCRAM-SHA-256/512, user '$KAFKA_SASL_USER'/'$KAFKA_SASL_PASSWORD'
 EOF
 }
 
@@ -76,7 +78,23 @@ redis_installed() {
 }
 
 tansu_installed() {
-    tansu_bin >/dev/null
+    tansu_bin >/dev/null && tansu_has_features
+}
+
+# tansu_has_features: the installed broker was built with TANSU_FEATURES (cargo
+# records them in .crates2.json; a broker found elsewhere is taken as it is).
+tansu_has_features() {
+    local bin record
+    bin="$(tansu_bin)" || return 1
+    record="${CARGO_HOME:-$HOME/.cargo}/.crates2.json"
+    [[ "$bin" == "${CARGO_HOME:-$HOME/.cargo}/bin/tansu" && -f "$record" ]] || return 0
+    python3 - "$record" "$TANSU_FEATURES" <<'PY'
+import json, sys
+installs = json.load(open(sys.argv[1])).get("installs", {})
+want = set(sys.argv[2].split(","))
+have = [set(v.get("features", [])) for k, v in installs.items() if k.startswith("tansu ")]
+sys.exit(0 if any(want <= h for h in have) else 1)
+PY
 }
 
 install_pg() {
@@ -115,9 +133,12 @@ install_redis_cluster() {
 
 install_kafka() {
     local bin
-    if bin="$(tansu_bin)"; then
-        log_ok "Tansu is installed ($bin)"
+    if tansu_installed; then
+        log_ok "Tansu is installed ($(tansu_bin))"
         return 0
+    fi
+    if bin="$(tansu_bin)"; then
+        log_info "Tansu at $bin lacks the features $TANSU_FEATURES: building it again"
     fi
     command -v cargo >/dev/null 2>&1 ||
         die "cargo not found: install a Rust toolchain (rustup) to build Tansu"
@@ -125,8 +146,8 @@ install_kafka() {
     if building="$(pgrep -f 'cargo install tansu' | tr '\n' ' ')" && [[ -n "$building" ]]; then
         die "a 'cargo install tansu' is already running (pid ${building% }); wait for it to finish, then retry"
     fi
-    log_info "building Tansu $TANSU_VERSION: cargo install tansu --version $TANSU_VERSION --features dynostore --locked (takes ~15 min)"
-    cargo install tansu --version "$TANSU_VERSION" --features dynostore --locked 9>&-
+    log_info "building Tansu $TANSU_VERSION: cargo install tansu --version $TANSU_VERSION --features $TANSU_FEATURES --locked (takes ~15 min)"
+    cargo install tansu --version "$TANSU_VERSION" --features "$TANSU_FEATURES" --locked 9>&-
     bin="$(tansu_bin)" || die "cargo install finished but no tansu binary found"
     log_ok "Tansu installed ($bin)"
 }
@@ -725,8 +746,9 @@ start_kafka() {
             "$bin" broker \
             --cluster-id wal2cache-local \
             --listener-url "$TANSU_LISTENER_URL" \
-            --advertised-listener-url "$TANSU_LISTENER_URL" \
+            --advertised-listener-url "${TANSU_ADVERTISED_URL:-$TANSU_LISTENER_URL}" \
             --storage-engine "$TANSU_STORAGE_ENGINE" \
+            "${TANSU_EXTRA_ARGS[@]}" \
             >>"$TANSU_LOG" 2>&1 </dev/null 9>&- &
     )
     local deadline=$((SECONDS + START_TIMEOUT))
@@ -766,6 +788,131 @@ stop_kafka() {
     fi
     rm -f -- "$TANSU_PIDFILE"
     log_ok "kafka (tansu) stopped"
+}
+
+# ---------------------------------------------------------------------------
+# The TLS variant: stunnel (TLS) in front of a broker that requires SASL/SCRAM
+# ---------------------------------------------------------------------------
+
+TANSU_EXTRA_ARGS=()
+
+kafka_use_tls() {
+    tls_ensure_certs
+    KAFKA_PORT="$KAFKA_SASL_PORT"
+    TANSU_DIR="$LOCAL/tansu-tls"
+    TANSU_DATA="$TANSU_DIR/data"
+    TANSU_LOG="$TANSU_DIR/tansu.log"
+    TANSU_PIDFILE="$TANSU_DIR/tansu.pid"
+    # Relative to TANSU_DATA, the broker's working directory.
+    TANSU_STORAGE_ENGINE="sqlite://tansu.db"
+    TANSU_LISTENER_URL="tcp://$HOST:$KAFKA_SASL_PORT"
+    TANSU_ADVERTISED_URL="tcp://localhost:$KAFKA_TLS_PORT"
+    TANSU_EXTRA_ARGS=(--authentication)
+    STUNNEL_CONF="$TANSU_DIR/stunnel.conf"
+    STUNNEL_LOG="$TANSU_DIR/stunnel.log"
+    STUNNEL_PIDFILE="$TANSU_DIR/stunnel.pid"
+}
+
+install_kafka_tls() {
+    install_kafka
+    command -v stunnel4 >/dev/null 2>&1 || apt_install stunnel4
+}
+
+stunnel_pid() {
+    local pid
+    pid="$(read_pidfile "$STUNNEL_PIDFILE")"
+    if [[ -n "$pid" ]] && pid_is "$pid" stunnel; then
+        printf '%s\n' "$pid"
+    fi
+}
+
+# kafka_tls_ensure_users: the SCRAM user, created once while the broker runs without
+# authentication (a broker that requires it refuses to create the first user).
+kafka_tls_ensure_users() {
+    local marker="$TANSU_DATA/users-created" bin mechanism out
+    [[ -f "$marker" ]] && return 0
+    log_info "creating the SCRAM user '$KAFKA_SASL_USER' (broker without authentication, once)"
+    bin="$(tansu_bin)"
+    TANSU_EXTRA_ARGS=()
+    start_kafka
+    for mechanism in scram256 scram512; do
+        if ! out="$(cd / && RUST_LOG=error NO_COLOR=1 "$bin" user create \
+            --broker "$TANSU_LISTENER_URL" --mechanism "$mechanism" \
+            "$KAFKA_SASL_USER" "$KAFKA_SASL_PASSWORD" 2>&1)"; then
+            printf '%s\n' "$out" >&2
+            stop_kafka
+            die "could not create the SCRAM user '$KAFKA_SASL_USER' ($mechanism)"
+        fi
+    done
+    stop_kafka
+    : >"$marker"
+    TANSU_EXTRA_ARGS=(--authentication)
+}
+
+start_kafka_tls() {
+    install_kafka_tls
+    kafka_use_tls
+    if [[ -z "$(tansu_pid)" ]]; then
+        kafka_tls_ensure_users
+    fi
+    start_kafka
+    local pid
+    pid="$(stunnel_pid)"
+    if [[ -n "$pid" ]]; then
+        log_ok "kafka-tls (stunnel) already running on $HOST:$KAFKA_TLS_PORT (pid $pid)"
+        return 0
+    fi
+    if port_open "$HOST" "$KAFKA_TLS_PORT"; then
+        die "port $HOST:$KAFKA_TLS_PORT is in use by another process: $(ss -Htlnp "sport = :$KAFKA_TLS_PORT" 2>/dev/null | head -n1)"
+    fi
+    cat >"$STUNNEL_CONF" <<CONF
+; TLS on $KAFKA_TLS_PORT, handed to the SASL broker on $KAFKA_SASL_PORT.
+foreground = yes
+output = $STUNNEL_LOG
+debug = warning
+[kafka-tls]
+accept = $HOST:$KAFKA_TLS_PORT
+connect = $HOST:$KAFKA_SASL_PORT
+cert = $TLS_DIR/server.pem
+key = $TLS_DIR/server.key
+CONF
+    rm -f -- "$STUNNEL_PIDFILE"
+    log_info "starting kafka-tls (stunnel) on $HOST:$KAFKA_TLS_PORT -> $HOST:$KAFKA_SASL_PORT (log $STUNNEL_LOG)"
+    (
+        # shellcheck disable=SC2016 # expanded by the inner shell
+        setsid nohup bash -c 'echo "$$" >"$0" && exec "$@"' "$STUNNEL_PIDFILE" \
+            stunnel4 "$STUNNEL_CONF" >>"$STUNNEL_LOG" 2>&1 </dev/null 9>&- &
+    )
+    local deadline=$((SECONDS + START_TIMEOUT))
+    until port_open "$HOST" "$KAFKA_TLS_PORT"; do
+        if ((SECONDS >= deadline)); then
+            fail_with_log "$STUNNEL_LOG" "stunnel did not accept connections on $HOST:$KAFKA_TLS_PORT within ${START_TIMEOUT}s"
+        fi
+        pid="$(read_pidfile "$STUNNEL_PIDFILE")"
+        if [[ -n "$pid" ]] && ! pid_alive "$pid"; then
+            fail_with_log "$STUNNEL_LOG" "stunnel exited during startup"
+        fi
+        sleep 0.2
+    done
+    log_ok "kafka-tls running on localhost:$KAFKA_TLS_PORT (TLS by stunnel, pid $(stunnel_pid); SASL/SCRAM user '$KAFKA_SASL_USER')"
+}
+
+stop_kafka_tls() {
+    kafka_use_tls
+    local pid
+    pid="$(stunnel_pid)"
+    if [[ -n "$pid" ]]; then
+        kill -TERM "$pid" 2>/dev/null || true
+        wait_pid_exit "$pid" 5 || kill -KILL "$pid" 2>/dev/null || true
+        log_ok "kafka-tls (stunnel) stopped"
+    fi
+    rm -f -- "$STUNNEL_PIDFILE"
+    stop_kafka
+}
+
+reset_kafka_tls() {
+    stop_kafka_tls
+    safe_rm_dir "$TANSU_DIR"
 }
 
 cmd_topic() {
@@ -847,6 +994,26 @@ cmd_status() {
     pid="$(tansu_pid)"
     [[ -n "$pid" ]] || all_up=1
     status_line kafka "$HOST:$KAFKA_PORT" "$pid" "$TANSU_STORAGE_ENGINE (in memory)" "$TANSU_LOG"
+
+    # The other TLS variants: shown when they exist, not counted in "all up".
+    (
+        redis_use_tls
+        if [[ -d "$REDIS_DIR" ]]; then
+            status_line redis-tls "$HOST:$REDIS_PORT" "$(redis_pid)" "$REDIS_DATA" "$REDIS_LOG"
+        fi
+        if [[ -d "$REDIS_CLUSTER_DIR" ]]; then
+            for port in "${REDIS_CLUSTER_PORTS[@]}"; do
+                status_line cluster-tls "$HOST:$port" "$(rc_pid "$port")" "$(rc_dir "$port")" "$(rc_log "$port")"
+            done
+        fi
+    )
+    (
+        kafka_use_tls
+        if [[ -d "$TANSU_DIR" ]]; then
+            status_line kafka-tls "localhost:$KAFKA_TLS_PORT" "$(stunnel_pid)" "stunnel -> $HOST:$KAFKA_SASL_PORT" "$STUNNEL_LOG"
+            status_line kafka-sasl "$HOST:$KAFKA_SASL_PORT" "$(tansu_pid)" "$TANSU_STORAGE_ENGINE" "$TANSU_LOG"
+        fi
+    )
     return "$all_up"
 }
 
@@ -905,6 +1072,7 @@ export WAL2CACHE_TEST_PG_TLS=postgres://$PG_TLS_ROLE:$PG_TLS_PASSWORD@localhost:
 export WAL2CACHE_TEST_TLS_DIR=$TLS_DIR
 export WAL2CACHE_TEST_REDIS_TLS=rediss://$REDIS_TLS_USER:$REDIS_TLS_PASSWORD@localhost:$REDIS_TLS_PORT
 export WAL2CACHE_TEST_REDIS_CLUSTER_TLS=rediss://$REDIS_TLS_USER:$REDIS_TLS_PASSWORD@localhost:${REDIS_CLUSTER_TLS_PORTS[0]}
+export WAL2CACHE_TEST_KAFKA_TLS=localhost:$KAFKA_TLS_PORT
 EOF
 }
 
@@ -921,7 +1089,14 @@ services() {
     pg-tls | pg_tls | postgres-tls) echo pg_tls ;;
     redis-tls | redis_tls) echo redis_tls ;;
     redis-cluster-tls | redis_cluster_tls | cluster-tls) echo redis_cluster_tls ;;
-    tls) echo pg_tls redis_tls redis_cluster_tls ;;
+    kafka-tls | kafka_tls | tansu-tls) echo kafka_tls ;;
+    tls)
+        if [[ "$order" == reverse ]]; then
+            echo kafka_tls redis_cluster_tls redis_tls pg_tls
+        else
+            echo pg_tls redis_tls redis_cluster_tls kafka_tls
+        fi
+        ;;
     redis) echo redis ;;
     redis-cluster | redis_cluster | cluster) echo redis_cluster ;;
     kafka | tansu) echo kafka ;;
@@ -932,7 +1107,7 @@ services() {
             echo pg redis redis_cluster kafka
         fi
         ;;
-    *) die "unknown service '$target' (expected pg, redis, redis-cluster, kafka, all, or a TLS variant: pg-tls, redis-tls, redis-cluster-tls, tls)" ;;
+    *) die "unknown service '$target' (expected pg, redis, redis-cluster, kafka, all, or a TLS variant: pg-tls, redis-tls, redis-cluster-tls, kafka-tls, tls)" ;;
     esac
 }
 
@@ -952,7 +1127,7 @@ main() {
     local svc list
     case "$cmd" in
     install | start | stop | restart | reset)
-        (($# <= 1)) || die "usage: $0 $cmd [pg|redis|redis-cluster|kafka|all|pg-tls|redis-tls|redis-cluster-tls|tls]"
+        (($# <= 1)) || die "usage: $0 $cmd [pg|redis|redis-cluster|kafka|all|pg-tls|redis-tls|redis-cluster-tls|kafka-tls|tls]"
         take_lock
         ;;
     esac

@@ -90,6 +90,7 @@ pub struct L1Builder {
     capacity: u64,
     ttl: Duration,
     notice: Option<NoticeFn>,
+    password_file: Option<std::path::PathBuf>,
 }
 
 impl L1Builder {
@@ -108,6 +109,7 @@ impl L1Builder {
             capacity: 10_000,
             ttl: Duration::from_secs(600),
             notice: None,
+            password_file: None,
         }
     }
 
@@ -142,6 +144,14 @@ impl L1Builder {
         self
     }
 
+    /// The SASL password (librdkafka's `sasl.password`) from a file, such as a mounted
+    /// Kubernetes secret, read by [`build`](Self::build): it stays out of the code and of
+    /// the application's config.
+    pub fn kafka_password_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.password_file = Some(path.into());
+        self
+    }
+
     /// How forward jumps in offsets are treated. Default [`Gaps::Strict`].
     pub fn gaps(mut self, gaps: Gaps) -> Self {
         self.settings.gaps = gaps;
@@ -166,7 +176,7 @@ impl L1Builder {
     /// does not wait for the broker: the cache starts unhealthy (every lookup goes to
     /// its loader) and turns healthy once every partition delivered a heartbeat; see
     /// [`L1::wait_healthy`]. Fails only on invalid settings.
-    pub fn build<V: Clone + Send + Sync + 'static>(self) -> Result<L1<V>, L1Error> {
+    pub fn build<V: Clone + Send + Sync + 'static>(mut self) -> Result<L1<V>, L1Error> {
         let rt = tokio::runtime::Handle::try_current().map_err(|_| L1Error::NoRuntime)?;
         let s = &self.settings;
         if s.brokers.trim().is_empty() || s.topic.trim().is_empty() {
@@ -179,6 +189,14 @@ impl L1Builder {
                 "capacity, ttl and staleness_bound must be above zero".into(),
             ));
         }
+        if let Some(file) = &self.password_file {
+            let password = crate::secret::read_secret_file("kafka_password_file", file)
+                .map_err(L1Error::Setting)?;
+            self.settings
+                .properties
+                .push(("sasl.password".into(), password));
+        }
+        let s = &self.settings;
         let (consumer, errors) = subscriber::consumer(s).map_err(L1Error::Kafka)?;
         let core = Arc::new(Core::new(self.capacity, self.ttl, self.notice));
         let (stop, stopped) = watch::channel(());

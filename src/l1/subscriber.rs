@@ -45,6 +45,17 @@ impl ClientContext for Context {
                 tracing::warn!(%error, reason, "wal2cache L1: Kafka client error");
                 let _ = self.errors.try_send(format!("{error} ({reason})"));
             }
+            // Nothing arrives until this is fixed, so the cache stays empty (every read
+            // misses): say so where the application's logs are read.
+            Some(
+                RDKafkaErrorCode::Authentication
+                | RDKafkaErrorCode::SaslAuthenticationFailed
+                | RDKafkaErrorCode::SSL,
+            ) => tracing::warn!(
+                %error,
+                reason,
+                "wal2cache L1: the broker refused the connection: check security.protocol, the sasl.* and ssl.* properties; the cache stores nothing until it subscribes"
+            ),
             // Transport errors and the like: librdkafka reconnects by itself, the
             // position is kept, and the offset and heartbeat checks catch any loss.
             _ => tracing::debug!(%error, reason, "wal2cache L1: Kafka client error"),

@@ -46,11 +46,9 @@ pub enum SourceError {
         retry: bool,
     },
 
-    #[error("postgres.password_file {}: {problem}", .path.display())]
-    PasswordFile {
-        path: std::path::PathBuf,
-        problem: String,
-    },
+    /// `postgres.password_file = PATH: what is wrong and the fix`.
+    #[error("{0}")]
+    PasswordFile(String),
 
     #[error("PostgreSQL has wal_level = {found}, logical replication needs wal_level = logical: set it in postgresql.conf (ALTER SYSTEM SET wal_level = logical) and restart PostgreSQL")]
     WalLevel { found: String },

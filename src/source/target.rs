@@ -190,21 +190,8 @@ impl PgTarget {
 }
 
 fn read_password_file(path: &std::path::Path) -> Result<String, SourceError> {
-    let problem = |problem: String| SourceError::PasswordFile {
-        path: path.to_path_buf(),
-        problem,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        problem(format!(
-            "cannot be read ({e}): mount the secret there, or fix the path"
-        ))
-    })?;
-    let password = text.strip_suffix('\n').unwrap_or(&text);
-    let password = password.strip_suffix('\r').unwrap_or(password);
-    if password.is_empty() {
-        return Err(problem("is empty: write the password into it".into()));
-    }
-    Ok(password.to_string())
+    crate::secret::read_secret_file("postgres.password_file", path)
+        .map_err(SourceError::PasswordFile)
 }
 
 #[cfg(test)]

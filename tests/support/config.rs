@@ -140,6 +140,12 @@ impl ConfigBuilder {
         }
     }
 
+    /// `postgres.url`, whole.
+    pub fn url(mut self, url: &str) -> Self {
+        self.url = url.into();
+        self
+    }
+
     /// `name`, the source of every event.
     pub fn name(mut self, name: &str) -> Self {
         self.name = name.into();

@@ -62,6 +62,24 @@ pub fn kafka_brokers() -> String {
     std::env::var("WAL2CACHE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
 }
 
+/// The TLS variant of the broker (`services.sh start kafka-tls`): SASL_SSL, TLS by
+/// stunnel with a certificate for `localhost`: `WAL2CACHE_TEST_KAFKA_TLS`.
+#[allow(dead_code)]
+pub fn kafka_tls_brokers() -> String {
+    std::env::var("WAL2CACHE_TEST_KAFKA_TLS").unwrap_or_else(|_| "localhost:19093".into())
+}
+
+/// The SCRAM user of the TLS broker and its password:
+/// `WAL2CACHE_TEST_KAFKA_SASL_USER`, `WAL2CACHE_TEST_KAFKA_SASL_PASSWORD`.
+#[allow(dead_code)]
+pub fn kafka_sasl_login() -> (String, String) {
+    (
+        std::env::var("WAL2CACHE_TEST_KAFKA_SASL_USER").unwrap_or_else(|_| "wal2cache_sasl".into()),
+        std::env::var("WAL2CACHE_TEST_KAFKA_SASL_PASSWORD")
+            .unwrap_or_else(|_| "kafka-sasl-secret".into()),
+    )
+}
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// `prefix` made unique to this call: the process, a counter and the clock. A valid SQL

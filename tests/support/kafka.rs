@@ -12,21 +12,59 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, TopicPartitionList};
 use serde_json::Value;
 
-use super::env::kafka_brokers;
+use super::env::{kafka_brokers, kafka_sasl_login, kafka_tls_brokers, tls_file};
 use super::net::free_port;
 use super::wait::eventually;
 
-fn admin() -> AdminClient<DefaultClientContext> {
-    ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
-        .create()
-        .unwrap()
+/// librdkafka settings of a client: where the brokers are, and how to log in.
+pub type Access = Vec<(String, String)>;
+
+/// The shared broker, in plain text.
+#[allow(dead_code)]
+pub fn plain() -> Access {
+    vec![("bootstrap.servers".into(), kafka_brokers())]
+}
+
+/// The TLS variant of the broker over SASL_SSL, as its SCRAM user, verifying the
+/// brokers' certificate with the throwaway CA.
+#[allow(dead_code)]
+pub fn sasl_ssl() -> Access {
+    let (user, password) = kafka_sasl_login();
+    [
+        ("bootstrap.servers", kafka_tls_brokers()),
+        ("security.protocol", "SASL_SSL".into()),
+        ("sasl.mechanism", "SCRAM-SHA-256".into()),
+        ("sasl.username", user),
+        ("sasl.password", password),
+        ("ssl.ca.location", tls_file("ca.pem")),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+fn client_config(access: &Access) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    for (k, v) in access {
+        c.set(k, v);
+    }
+    c
+}
+
+fn admin(access: &Access) -> AdminClient<DefaultClientContext> {
+    client_config(access).create().unwrap()
 }
 
 /// Creates `topic` with `partitions`, retrying while the broker is not up yet.
 #[allow(dead_code)]
 pub async fn create_topic(topic: &str, partitions: i32) {
-    let admin = admin();
+    create_topic_on(&plain(), topic, partitions).await
+}
+
+/// `create_topic` on the brokers of `access`.
+#[allow(dead_code)]
+pub async fn create_topic_on(access: &Access, topic: &str, partitions: i32) {
+    let admin = admin(access);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let t = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
@@ -59,7 +97,7 @@ pub async fn delete_topic(topic: &str) {
 /// Deletes `topic`: what the broker said when it did not.
 #[allow(dead_code)]
 pub async fn try_delete_topic(topic: &str) -> Result<(), String> {
-    let r = admin()
+    let r = admin(&plain())
         .delete_topics(
             &[topic],
             &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
@@ -100,8 +138,19 @@ pub async fn read_topic(
     topic: &str,
     done: impl FnMut(&[Value]) -> bool + Send + 'static,
 ) -> Vec<Value> {
+    read_topic_on(&plain(), topic, done).await
+}
+
+/// `read_topic` on the brokers of `access`.
+#[allow(dead_code)]
+pub async fn read_topic_on(
+    access: &Access,
+    topic: &str,
+    done: impl FnMut(&[Value]) -> bool + Send + 'static,
+) -> Vec<Value> {
     let topic = topic.to_string();
-    tokio::task::spawn_blocking(move || read_topic_blocking(&topic, done))
+    let access = access.clone();
+    tokio::task::spawn_blocking(move || read_topic_blocking(&access, &topic, done))
         .await
         .unwrap()
 }
@@ -126,9 +175,16 @@ pub async fn read_topic_until_quiet(topic: &str, expected: usize, quiet: Duratio
 
 /// A consumer (no group, no commits) with `settings`; the partitions of `topic`.
 fn consumer(topic: &str, settings: &[(&str, &str)]) -> (BaseConsumer, Vec<i32>) {
-    let mut config = ClientConfig::new();
+    consumer_on(&plain(), topic, settings)
+}
+
+fn consumer_on(
+    access: &Access,
+    topic: &str,
+    settings: &[(&str, &str)],
+) -> (BaseConsumer, Vec<i32>) {
+    let mut config = client_config(access);
     config
-        .set("bootstrap.servers", kafka_brokers())
         .set("group.id", "unused")
         .set("enable.auto.commit", "false");
     for (k, v) in settings {
@@ -155,8 +211,12 @@ fn assign(consumer: &BaseConsumer, topic: &str, from: &[(i32, rdkafka::Offset)])
     consumer.assign(&tpl).unwrap();
 }
 
-fn read_topic_blocking(topic: &str, mut done: impl FnMut(&[Value]) -> bool) -> Vec<Value> {
-    let (consumer, partitions) = consumer(topic, &[]);
+fn read_topic_blocking(
+    access: &Access,
+    topic: &str,
+    mut done: impl FnMut(&[Value]) -> bool,
+) -> Vec<Value> {
+    let (consumer, partitions) = consumer_on(access, topic, &[]);
     let from: Vec<_> = partitions
         .iter()
         .map(|p| (*p, rdkafka::Offset::Beginning))

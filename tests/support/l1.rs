@@ -13,7 +13,7 @@ use wal2cache::event::{Event, Kind};
 use wal2cache::l1::{L1Builder, L1};
 
 use super::env::{kafka_brokers, unique};
-use super::kafka::create_topic;
+use super::kafka::{create_topic, plain, Access};
 
 /// Writes schema-1 events (and anything else) to a topic.
 #[derive(Clone)]
@@ -27,8 +27,16 @@ pub struct Events {
 #[allow(dead_code)]
 impl Events {
     pub fn new(topic: &str, partitions: i32) -> Events {
-        let producer = ClientConfig::new()
-            .set("bootstrap.servers", kafka_brokers())
+        Events::on(&plain(), topic, partitions)
+    }
+
+    /// On the brokers of `access`.
+    pub fn on(access: &Access, topic: &str, partitions: i32) -> Events {
+        let mut config = ClientConfig::new();
+        for (k, v) in access {
+            config.set(k, v);
+        }
+        let producer = config
             .set("linger.ms", "0")
             .set("message.timeout.ms", "10000")
             .create()

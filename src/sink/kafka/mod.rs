@@ -37,13 +37,70 @@ use topic::{announce_topic_lost, ensure_topic, heartbeats, off_runtime, TopicWat
 #[derive(Clone)]
 pub struct LogContext {
     repeats: Arc<Repeats>,
+    /// The last time the brokers refused us (TLS or SASL), with librdkafka's reason.
+    refused: Arc<std::sync::Mutex<Option<(std::time::Instant, Refusal)>>>,
+    /// The last error librdkafka reported, of any kind, and when.
+    last_error: Arc<std::sync::Mutex<Option<(std::time::Instant, String)>>>,
 }
 
 impl Default for LogContext {
     fn default() -> Self {
         LogContext {
             repeats: Arc::new(Repeats::new(WARN_EVERY)),
+            refused: Arc::default(),
+            last_error: Arc::default(),
         }
+    }
+}
+
+/// What `slot` holds, when it was put there less than a minute ago: older news says
+/// nothing about why a request fails now.
+fn recent<T: Clone>(slot: &std::sync::Mutex<Option<(std::time::Instant, T)>>) -> Option<T> {
+    let (at, value) = slot.lock().ok()?.clone()?;
+    (at.elapsed() < Duration::from_secs(60)).then_some(value)
+}
+
+/// The brokers answered, but refused the connection: retrying does not help until a
+/// setting is changed.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) enum Refusal {
+    Tls(String),
+    Sasl(String),
+}
+
+impl Refusal {
+    fn of(code: RDKafkaErrorCode, reason: &str) -> Option<Refusal> {
+        match code {
+            RDKafkaErrorCode::SSL => Some(Refusal::Tls(reason.to_string())),
+            RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed => {
+                Some(Refusal::Sasl(reason.to_string()))
+            }
+            _ => None,
+        }
+    }
+
+    /// What to do about it, for the operator.
+    pub(super) fn explain(&self, brokers: &str) -> String {
+        match self {
+            Refusal::Tls(reason) => format!(
+                "the TLS handshake with the Kafka brokers ({brokers}) failed: {reason}: check in [kafka.properties] ssl.ca.location (the CA that signed the brokers' certificate), ssl.endpoint.identification.algorithm (the brokers' names must match their certificate), ssl.certificate.location and ssl.key.location when the brokers want a client certificate, and security.protocol (SSL or SASL_SSL, as the listener expects)"
+            ),
+            Refusal::Sasl(reason) => format!(
+                "the Kafka brokers ({brokers}) refused wal2cache's SASL login: {reason}: check in [kafka.properties] sasl.mechanism (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512, as the listener expects) and sasl.username, and the password in kafka.sasl_password_file (or sasl.password)"
+            ),
+        }
+    }
+}
+
+impl LogContext {
+    /// The refusal seen in the last minute, if any.
+    pub(super) fn refusal(&self) -> Option<Refusal> {
+        recent(&self.refused)
+    }
+
+    /// The error librdkafka reported last, in the last minute.
+    pub(super) fn last_error(&self) -> Option<String> {
+        recent(&self.last_error)
     }
 }
 
@@ -71,6 +128,17 @@ impl ClientContext for LogContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        if let Some(refusal) = error
+            .rdkafka_error_code()
+            .and_then(|code| Refusal::of(code, reason))
+        {
+            if let Ok(mut last) = self.refused.lock() {
+                *last = Some((std::time::Instant::now(), refusal));
+            }
+        }
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = Some((std::time::Instant::now(), reason.to_string()));
+        }
         // Most errors are logged as well, with the same text: counted once.
         let Some(suppressed) = self.repeats.allow(reason) else {
             return;
@@ -109,7 +177,10 @@ pub struct KafkaSink {
     heartbeats: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
 }
 
-pub(super) fn client_config(config: &KafkaConfig) -> ClientConfig {
+/// librdkafka's settings: ours, then `kafka.properties`, then the password from
+/// `kafka.sasl_password_file` (read again each time, so a rotated secret is used by the
+/// next producer).
+pub(super) fn client_config(config: &KafkaConfig) -> Result<ClientConfig, KafkaError> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.brokers)
         .set("enable.idempotence", "true")
@@ -125,7 +196,12 @@ pub(super) fn client_config(config: &KafkaConfig) -> ClientConfig {
     for (k, v) in &config.properties {
         c.set(k, v);
     }
-    c
+    if let Some(file) = &config.sasl_password_file {
+        let password = crate::secret::read_secret_file("kafka.sasl_password_file", file)
+            .map_err(KafkaError::ClientCreation)?;
+        c.set("sasl.password", password);
+    }
+    Ok(c)
 }
 
 pub(super) fn fatal(config: &KafkaConfig, what: &str, e: KafkaError) -> SinkError {
@@ -137,7 +213,7 @@ pub(super) fn new_producer(
     config: &KafkaConfig,
     context: &LogContext,
 ) -> Result<SinkProducer, KafkaError> {
-    client_config(config).create_with_context(context.clone())
+    client_config(config)?.create_with_context(context.clone())
 }
 
 /// Drops a replaced producer off the async threads: dropping one purges its queue and
@@ -434,5 +510,81 @@ impl Sink for KafkaSink {
             let _ = closing.send(true);
             let _ = task.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_and_sasl_refusals_are_kept_with_their_fix_and_other_errors_are_not() {
+        let context = LogContext::default();
+        context.error(
+            KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure),
+            "b:9093/bootstrap: Connection refused",
+        );
+        assert_eq!(context.refusal(), None);
+        assert_eq!(
+            context.last_error().as_deref(),
+            Some("b:9093/bootstrap: Connection refused")
+        );
+        context.error(
+            KafkaError::Global(RDKafkaErrorCode::SSL),
+            "b:9093/bootstrap: SSL handshake failed: certificate verify failed",
+        );
+        let tls = context.refusal().unwrap();
+        assert!(matches!(tls, Refusal::Tls(_)));
+        let text = tls.explain("b:9093");
+        assert!(
+            text.contains("TLS handshake")
+                && text.contains("ssl.ca.location")
+                && text.contains("certificate verify failed"),
+            "{text}"
+        );
+        context.error(
+            KafkaError::Global(RDKafkaErrorCode::Authentication),
+            "b:9093/bootstrap: SASL authentication error: invalid credentials",
+        );
+        let sasl = context.refusal().unwrap();
+        assert!(matches!(sasl, Refusal::Sasl(_)));
+        let text = sasl.explain("b:9093");
+        assert!(
+            text.contains("SASL login") && text.contains("kafka.sasl_password_file"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_sasl_password_file_is_read_into_the_client_config_each_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kafka-password");
+        let mut config: KafkaConfig =
+            serde_json::from_value(serde_json::json!({"brokers": "b:9093"})).unwrap();
+        config.sasl_password_file = Some(file.clone());
+        assert!(client_config(&config)
+            .unwrap_err()
+            .to_string()
+            .contains("kafka.sasl_password_file"));
+        std::fs::write(&file, "first\n").unwrap();
+        assert_eq!(
+            client_config(&config).unwrap().get("sasl.password"),
+            Some("first")
+        );
+        std::fs::write(&file, "rotated\n").unwrap();
+        assert_eq!(
+            client_config(&config).unwrap().get("sasl.password"),
+            Some("rotated")
+        );
+        let printed = format!("{:?}", {
+            let mut c = config.clone();
+            c.properties
+                .insert("sasl.password".into(), "inline-secret".into());
+            c
+        });
+        assert!(
+            !printed.contains("inline-secret") && printed.contains("***"),
+            "{printed}"
+        );
     }
 }

@@ -100,18 +100,28 @@ pub(super) async fn ensure_topic(
     let found = off_runtime(move || partitions(&p))
         .await
         .map_err(|_| fatal(config, "metadata thread", KafkaError::Canceled))?
-        .map_err(|e| {
-            let message = format!(
-                "cannot reach the Kafka brokers: check kafka.brokers ({}, topic {:?}): {e}",
-                config.brokers, config.topic
-            );
-            SinkError::kafka(message, Some(e), SinkErrorKind::Retry)
+        // A refusal is retried too (a rotated secret or certificate may be fixed while
+        // Postgres keeps the WAL), but its message says which setting to look at.
+        .map_err(|e| match context.refusal() {
+            Some(refusal) => {
+                SinkError::kafka(refusal.explain(&config.brokers), Some(e), SinkErrorKind::Retry)
+            }
+            None => {
+                let last = context
+                    .last_error()
+                    .map_or(String::new(), |reason| format!(" (last connection error: {reason})"));
+                let message = format!(
+                    "cannot reach the Kafka brokers: check kafka.brokers ({}, topic {:?}), and security.protocol in [kafka.properties] when the listener wants TLS or SASL: {e}{last}",
+                    config.brokers, config.topic
+                );
+                SinkError::kafka(message, Some(e), SinkErrorKind::Retry)
+            }
         })?;
     if let Some(n) = found {
         return Ok((n, false));
     }
     let admin: AdminClient<LogContext> = client_config(config)
-        .create_with_context(context.clone())
+        .and_then(|c| c.create_with_context(context.clone()))
         .map_err(|e| fatal(config, "cannot create the admin client", e))?;
     let topic = NewTopic::new(
         &config.topic,

@@ -61,20 +61,7 @@ fn has_password(url: &str) -> bool {
 }
 
 fn read_password(file: &Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(file).map_err(|e| {
-        format!(
-            "redis.password_file = {}: cannot be read ({e}): mount the secret there, or fix the path",
-            file.display()
-        )
-    })?;
-    let password = text.trim_end_matches(['\n', '\r']);
-    if password.is_empty() {
-        return Err(format!(
-            "redis.password_file = {}: is empty: write the password into it",
-            file.display()
-        ));
-    }
-    Ok(password.to_string())
+    crate::secret::read_secret_file("redis.password_file", file)
 }
 
 fn stop(message: String) -> SinkError {
