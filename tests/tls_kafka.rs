@@ -243,7 +243,9 @@ async fn each_kafka_tls_failure_names_its_cause_and_fix() {
     })
     .await;
     assert!(
-        plain.contains("cannot reach the Kafka brokers") && plain.contains("security.protocol"),
+        plain.contains("cannot reach the Kafka brokers")
+            && plain.contains("security.protocol")
+            && plain.contains("in state APIVERSION_QUERY"),
         "{plain}"
     );
 }

@@ -22,7 +22,8 @@ Commands:
   topic   NAME [PARTITIONS]      create a topic on the local broker (default 1 partition)
   topics                         list the topics of the local broker
   reset   [SERVICE]              stop and delete the data directories
-  env                            print the environment variables the tests read
+  env [tls]                      print the environment variables the tests read (tls: the
+                                 shared ones pointed at the TLS variants, for a bench over TLS)
   help                           this text
 
 SERVICE is pg, redis, redis-cluster, kafka or all (the default), or a TLS variant:
@@ -1063,6 +1064,18 @@ reset_kafka() {
 }
 
 cmd_env() {
+    if [[ "${1:-}" == tls ]]; then
+        # The shared services' variables pointed at the TLS variants: the tests and
+        # benches that read them then run over TLS to all three.
+        cat <<EOF
+export WAL2CACHE_TEST_PG='postgres://$PG_TLS_ROLE:$PG_TLS_PASSWORD@localhost:$PG_TLS_PORT/postgres?sslmode=verify-full&sslrootcert=$TLS_DIR/ca.pem'
+export WAL2CACHE_TEST_REDIS=rediss://$REDIS_TLS_USER:$REDIS_TLS_PASSWORD@localhost:$REDIS_TLS_PORT
+export WAL2CACHE_TEST_KAFKA=localhost:$KAFKA_TLS_PORT
+export WAL2CACHE_TEST_KAFKA_PROPERTIES='security.protocol=SASL_SSL,sasl.mechanism=SCRAM-SHA-256,sasl.username=$KAFKA_SASL_USER,sasl.password=$KAFKA_SASL_PASSWORD,ssl.ca.location=$TLS_DIR/ca.pem'
+export WAL2CACHE_TEST_TLS_DIR=$TLS_DIR
+EOF
+        return 0
+    fi
     cat <<EOF
 export WAL2CACHE_TEST_PG=postgres://$PG_SUPERUSER@$HOST:$PG_PORT/postgres
 export WAL2CACHE_TEST_REDIS=redis://$HOST:$REDIS_PORT
@@ -1159,7 +1172,7 @@ main() {
     status) cmd_status ;;
     topic) cmd_topic "$@" ;;
     topics) cmd_topics ;;
-    env) cmd_env ;;
+    env) cmd_env "$@" ;;
     help | -h | --help) usage ;;
     *)
         usage >&2

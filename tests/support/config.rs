@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::db::TestDb;
-use super::env::{kafka_brokers, redis_url};
+use super::env::{kafka_brokers, kafka_properties, redis_url, tls_file};
 use super::rules::example_rules;
 
 /// The file name `write` gives the rules, beside the config (`rules.path`).
@@ -104,6 +104,12 @@ impl ConfigBuilder {
             ("partitions".into(), 1.toml()),
         ]);
         b.redis = Some(vec![("url".into(), redis_url().toml())]);
+        if redis_url().starts_with("rediss://") {
+            b = b.redis_key("ca_file", tls_file("ca.pem"));
+        }
+        for (k, v) in kafka_properties() {
+            b = b.kafka_property(&k, &v);
+        }
         b
     }
 

@@ -80,6 +80,24 @@ pub fn kafka_sasl_login() -> (String, String) {
     )
 }
 
+/// librdkafka properties for the shared broker, `k=v,k=v`, for every client of the
+/// tests and the daemons they start: `WAL2CACHE_TEST_KAFKA_PROPERTIES` (none by
+/// default; `services.sh env tls` sets SASL_SSL ones, to run a bench over TLS).
+#[allow(dead_code)]
+pub fn kafka_properties() -> Vec<(String, String)> {
+    std::env::var("WAL2CACHE_TEST_KAFKA_PROPERTIES")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|kv| !kv.trim().is_empty())
+        .map(|kv| {
+            let (k, v) = kv
+                .split_once('=')
+                .unwrap_or_else(|| panic!("WAL2CACHE_TEST_KAFKA_PROPERTIES: {kv:?} is not k=v"));
+            (k.trim().to_string(), v.trim().to_string())
+        })
+        .collect()
+}
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// `prefix` made unique to this call: the process, a counter and the clock. A valid SQL

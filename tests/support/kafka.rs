@@ -12,17 +12,19 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, TopicPartitionList};
 use serde_json::Value;
 
-use super::env::{kafka_brokers, kafka_sasl_login, kafka_tls_brokers, tls_file};
+use super::env::{kafka_brokers, kafka_properties, kafka_sasl_login, kafka_tls_brokers, tls_file};
 use super::net::free_port;
 use super::wait::eventually;
 
 /// librdkafka settings of a client: where the brokers are, and how to log in.
 pub type Access = Vec<(String, String)>;
 
-/// The shared broker, in plain text.
+/// The shared broker (in plain text unless `WAL2CACHE_TEST_KAFKA_PROPERTIES` says).
 #[allow(dead_code)]
 pub fn plain() -> Access {
-    vec![("bootstrap.servers".into(), kafka_brokers())]
+    let mut access = vec![("bootstrap.servers".into(), kafka_brokers())];
+    access.extend(kafka_properties());
+    access
 }
 
 /// The TLS variant of the broker over SASL_SSL, as its SCRAM user, verifying the
@@ -115,10 +117,7 @@ pub async fn try_delete_topic(topic: &str) -> Result<(), String> {
 pub async fn topic_exists(topic: &str) -> bool {
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", kafka_brokers())
-            .create()
-            .unwrap();
+        let consumer: BaseConsumer = client_config(&plain()).create().unwrap();
         consumer
             .fetch_metadata(Some(&topic), Duration::from_secs(5))
             .is_ok_and(|md| {

@@ -12,12 +12,11 @@ use super::env::redis_url;
 use super::net::free_port;
 use super::wait::eventually;
 
-/// A connection to the shared Redis.
+/// A connection to the shared Redis (over TLS, verified with the throwaway CA, when
+/// `WAL2CACHE_TEST_REDIS` is a rediss:// URL).
 #[allow(dead_code)]
 pub async fn redis() -> MultiplexedConnection {
-    redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
+    connect(&redis_url())
         .await
         .expect("Redis runs: deploy/local/services.sh start")
 }
@@ -26,17 +25,24 @@ pub async fn redis() -> MultiplexedConnection {
 /// ACL user, the server verified against the throwaway CA.
 #[allow(dead_code)]
 pub async fn redis_tls() -> MultiplexedConnection {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let ca = std::fs::read(super::env::tls_file("ca.pem")).expect("the throwaway CA");
-    let certs = redis::TlsCertificates {
-        client_tls: None,
-        root_cert: Some(ca),
-    };
-    redis::Client::build_with_tls(super::env::redis_tls_url(), certs)
-        .unwrap()
-        .get_multiplexed_async_connection()
+    connect(&super::env::redis_tls_url())
         .await
         .expect("Redis over TLS runs: deploy/local/services.sh start redis-tls")
+}
+
+async fn connect(url: &str) -> redis::RedisResult<MultiplexedConnection> {
+    let client = if url.starts_with("rediss://") {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let ca = std::fs::read(super::env::tls_file("ca.pem")).expect("the throwaway CA");
+        let certs = redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(ca),
+        };
+        redis::Client::build_with_tls(url, certs)?
+    } else {
+        redis::Client::open(url)?
+    };
+    client.get_multiplexed_async_connection().await
 }
 
 /// A connection to the TLS variant of the Redis Cluster, as its ACL user.

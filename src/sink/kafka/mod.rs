@@ -98,6 +98,12 @@ impl LogContext {
         recent(&self.refused)
     }
 
+    fn note_error(&self, reason: &str) {
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = Some((std::time::Instant::now(), reason.to_string()));
+        }
+    }
+
     /// The error librdkafka reported last, in the last minute.
     pub(super) fn last_error(&self) -> Option<String> {
         recent(&self.last_error)
@@ -106,6 +112,11 @@ impl LogContext {
 
 impl ClientContext for LogContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        // Why a broker connection failed ("Disconnected: connection reset by peer (after
+        // 3ms in state APIVERSION_QUERY)"), whatever level it is logged at.
+        if fac == "FAIL" {
+            self.note_error(log_message);
+        }
         let Some(suppressed) = self.repeats.allow(log_message) else {
             return;
         };
@@ -136,8 +147,12 @@ impl ClientContext for LogContext {
                 *last = Some((std::time::Instant::now(), refusal));
             }
         }
-        if let Ok(mut last) = self.last_error.lock() {
-            *last = Some((std::time::Instant::now(), reason.to_string()));
+        // "1/1 brokers are down" says less than the failure before it.
+        if !matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::AllBrokersDown)
+        ) {
+            self.note_error(reason);
         }
         // Most errors are logged as well, with the same text: counted once.
         let Some(suppressed) = self.repeats.allow(reason) else {
@@ -525,9 +540,22 @@ mod tests {
             "b:9093/bootstrap: Connection refused",
         );
         assert_eq!(context.refusal(), None);
+        context.error(
+            KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
+            "1/1 brokers are down",
+        );
         assert_eq!(
             context.last_error().as_deref(),
             Some("b:9093/bootstrap: Connection refused")
+        );
+        context.log(
+            RDKafkaLogLevel::Debug,
+            "FAIL",
+            "b:9093/bootstrap: Disconnected (after 3ms in state APIVERSION_QUERY)",
+        );
+        assert_eq!(
+            context.last_error().as_deref(),
+            Some("b:9093/bootstrap: Disconnected (after 3ms in state APIVERSION_QUERY)")
         );
         context.error(
             KafkaError::Global(RDKafkaErrorCode::SSL),
