@@ -150,17 +150,10 @@ impl PgTarget {
                     },
                     None => {
                         let text = crate::source::error::pg_error(&source);
-                        match crate::source::tls::explain(&text, &self.tls, &self.host) {
-                            Some(problem) => SourceError::Tls {
-                                target: self.display(),
-                                problem,
-                                retry: false,
-                            },
-                            None => SourceError::Connect {
-                                target: self.display(),
-                                source,
-                            },
-                        }
+                        self.explained_tls(&text).unwrap_or(SourceError::Connect {
+                            target: self.display(),
+                            source,
+                        })
                     }
                 })?;
         tokio::spawn(async move {
@@ -174,18 +167,20 @@ impl PgTarget {
     /// A TLS failure of either connection, explained; one that names no setting (a
     /// handshake cut short by a restarting server) is retried.
     pub(crate) fn tls_error(&self, text: String) -> SourceError {
-        match crate::source::tls::explain(&text, &self.tls, &self.host) {
-            Some(problem) => SourceError::Tls {
-                target: self.display(),
-                problem,
-                retry: false,
-            },
-            None => SourceError::Tls {
-                target: self.display(),
-                problem: text,
-                retry: true,
-            },
-        }
+        self.explained_tls(&text).unwrap_or(SourceError::Tls {
+            target: self.display(),
+            problem: text,
+            retry: true,
+        })
+    }
+
+    /// A failure whose text names a TLS setting to fix (not retried), if it is one.
+    fn explained_tls(&self, text: &str) -> Option<SourceError> {
+        crate::source::tls::explain(text, &self.tls, &self.host).map(|problem| SourceError::Tls {
+            target: self.display(),
+            problem,
+            retry: false,
+        })
     }
 }
 
