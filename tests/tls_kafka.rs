@@ -15,12 +15,11 @@ use redis::AsyncCommands;
 use support::config::ConfigBuilder;
 use support::daemon::{run_binary, Daemon};
 use support::db::{url_on, wait_streaming, TestDb};
-use support::env::{
-    kafka_sasl_login, kafka_tls_brokers, pg_tls_url, redis_tls_url, tls_file, unique,
-};
+use support::env::{kafka_sasl_login, kafka_tls_brokers, redis_tls_url, tls_file, unique};
 use support::kafka::{create_topic_on, read_topic_on, sasl_ssl};
 use support::l1::{Events, Heartbeats, BOUND, HEARTBEAT};
-use support::store::redis_tls;
+use support::store::{gone, redis_tls};
+use support::tls::{item_rules, items_db_on, pg_tls_admin, without_password};
 use support::wait::eventually;
 use wal2cache::l1::L1;
 
@@ -29,36 +28,6 @@ const REDIS_PASSWORD: &str = "redis-tls-secret";
 
 fn kafka_password() -> String {
     kafka_sasl_login().1
-}
-
-/// The TLS server's superuser URL, verified.
-fn pg_admin() -> String {
-    format!(
-        "{}?sslmode=verify-full&sslrootcert={}",
-        pg_tls_url(),
-        tls_file("ca.pem")
-    )
-}
-
-/// `url` without the password of its user info.
-fn without_password(url: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap();
-    let (userinfo, host) = rest.split_once('@').unwrap();
-    let user = userinfo.split(':').next().unwrap();
-    format!("{scheme}://{user}@{host}")
-}
-
-async fn items_db(label: &str) -> TestDb {
-    let db = TestDb::on(&pg_admin(), label).await;
-    db.exec("CREATE TABLE items (id int PRIMARY KEY, name text)")
-        .await;
-    db
-}
-
-fn rules(prefix: &str) -> String {
-    format!(
-        "[[rule]]\nname = \"item\"\ntable = \"public.items\"\nkeys = [\"{prefix}:item:{{id}}\"]\n"
-    )
 }
 
 /// The daemon's config for TLS everywhere, in `dir`, every password in a file beside
@@ -72,11 +41,11 @@ fn tls_everywhere(db: &TestDb, prefix: &str, topic: &str, dir: &Path) -> ConfigB
     ] {
         std::fs::write(dir.join(file), format!("{secret}\n")).unwrap();
     }
-    let pg = without_password(&url_on(&pg_admin(), &db.name, None));
+    let pg = without_password(&url_on(&pg_tls_admin(), &db.name, None));
     ConfigBuilder::on_url(&pg)
         .slot(&format!("{}_d", db.name))
         .raw("postgres", "password_file = \"pg-password\"")
-        .rules(&rules(prefix))
+        .rules(&item_rules(prefix))
         .redis(&without_password(&redis_tls_url()))
         .redis_key("ca_file", tls_file("ca.pem"))
         .redis_key("password_file", "redis-password")
@@ -91,7 +60,7 @@ fn tls_everywhere(db: &TestDb, prefix: &str, topic: &str, dir: &Path) -> ConfigB
 
 #[tokio::test]
 async fn the_daemon_runs_over_tls_to_postgres_redis_and_kafka_at_once() {
-    let db = items_db("ktls").await;
+    let db = items_db_on(&pg_tls_admin(), "ktls").await;
     let prefix = unique("ktls");
     let topic = format!("{prefix}.events");
     let dir = tempfile::tempdir().unwrap();
@@ -105,9 +74,7 @@ async fn the_daemon_runs_over_tls_to_postgres_redis_and_kafka_at_once() {
     wait_streaming(&db, &format!("{}_d", db.name)).await;
     db.exec("INSERT INTO items VALUES (1, 'one')").await;
     eventually("the key deleted over TLS", Duration::from_secs(30), || {
-        let mut r = r.clone();
-        let key = key.clone();
-        async move { !r.exists::<_, bool>(&key).await.unwrap() }
+        gone(&r, std::slice::from_ref(&key))
     })
     .await;
     // The topic (created by the daemon over SASL_SSL) holds the event, read back over
@@ -191,7 +158,7 @@ async fn run_fails(
     label: &str,
     change: impl FnOnce(ConfigBuilder, &Path) -> ConfigBuilder,
 ) -> String {
-    let db = items_db(label).await;
+    let db = items_db_on(&pg_tls_admin(), label).await;
     let prefix = unique(label);
     let dir = tempfile::tempdir().unwrap();
     let builder = tls_everywhere(&db, &prefix, &format!("{prefix}.events"), dir.path());

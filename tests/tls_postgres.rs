@@ -16,19 +16,11 @@ use support::db::{wait_streaming, TestDb};
 use support::env::{kafka_brokers, pg_admin_url, pg_tls_url, redis_url, tls_file, unique};
 use support::inproc::InProcess;
 use support::kafka::read_topic_until_quiet;
-use support::store::redis;
+use support::store::{gone, redis};
+use support::tls::{item_rules, items_db_on, pg_tls_admin};
 use support::wait::eventually;
 
 const PASSWORD: &str = "wal2cache-tls-secret";
-
-/// The TLS server's superuser URL, verified.
-fn admin() -> String {
-    format!(
-        "{}?sslmode=verify-full&sslrootcert={}",
-        pg_tls_url(),
-        tls_file("ca.pem")
-    )
-}
 
 /// `postgres://USER@HOST:PORT/DB?PARAMS` on the TLS server (no password in it).
 fn url(db: &TestDb, user: &str, host: &str, params: &str) -> String {
@@ -37,19 +29,6 @@ fn url(db: &TestDb, user: &str, host: &str, params: &str) -> String {
         .and_then(|(_, rest)| rest.split('/').next().map(str::to_string))
         .unwrap();
     format!("postgres://{user}@{host}:{port}/{}?{params}", db.name)
-}
-
-async fn items_db(label: &str) -> TestDb {
-    let db = TestDb::on(&admin(), label).await;
-    db.exec("CREATE TABLE items (id int PRIMARY KEY, name text)")
-        .await;
-    db
-}
-
-fn rules(prefix: &str) -> String {
-    format!(
-        "[[rule]]\nname = \"item\"\ntable = \"public.items\"\nkeys = [\"{prefix}:item:{{id}}\"]\n"
-    )
 }
 
 /// Runs the daemon on `url` (password from a file when given), makes one change and
@@ -61,7 +40,7 @@ async fn streams_a_change(db: &TestDb, url: &str, password: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
     let mut builder = ConfigBuilder::on_url(url)
         .slot(&format!("{}_d", db.name))
-        .rules(&rules(&prefix))
+        .rules(&item_rules(&prefix))
         .redis(&redis_url())
         .kafka(&kafka_brokers(), &topic)
         .pipeline("idle_heartbeat", "0s");
@@ -95,9 +74,7 @@ async fn streams_a_change(db: &TestDb, url: &str, password: Option<&str>) {
 
     db.exec("INSERT INTO items VALUES (1, 'one')").await;
     eventually("the key deleted over TLS", Duration::from_secs(30), || {
-        let mut r = r.clone();
-        let key = key.clone();
-        async move { !r.exists::<_, bool>(&key).await.unwrap() }
+        gone(&r, std::slice::from_ref(&key))
     })
     .await;
     daemon.stop_ok().await;
@@ -108,7 +85,7 @@ async fn streams_a_change(db: &TestDb, url: &str, password: Option<&str>) {
 
 #[tokio::test]
 async fn the_daemon_streams_over_verify_full_with_scram_and_a_password_file() {
-    let db = items_db("tls_scram").await;
+    let db = items_db_on(&pg_tls_admin(), "tls_scram").await;
     let url = url(
         &db,
         "wal2cache_tls",
@@ -120,7 +97,7 @@ async fn the_daemon_streams_over_verify_full_with_scram_and_a_password_file() {
 
 #[tokio::test]
 async fn the_daemon_logs_in_with_a_client_certificate_under_verify_ca() {
-    let db = items_db("tls_cert").await;
+    let db = items_db_on(&pg_tls_admin(), "tls_cert").await;
     // 127.0.0.1 is not a name of the server's certificate: verify-ca checks only the
     // chain, on both connections.
     let url = url(
@@ -142,7 +119,7 @@ async fn the_daemon_logs_in_with_a_client_certificate_under_verify_ca() {
 fn check(url: &str, password: Option<&str>) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();
     let prefix = unique("tlsf");
-    let mut builder = ConfigBuilder::on_url(url).rules(&rules(&prefix));
+    let mut builder = ConfigBuilder::on_url(url).rules(&item_rules(&prefix));
     if let Some(password) = password {
         std::fs::write(dir.path().join("pw"), password).unwrap();
         builder = builder.raw("postgres", "password_file = \"pw\"");
@@ -156,7 +133,7 @@ fn check(url: &str, password: Option<&str>) -> (i32, String) {
 
 #[tokio::test]
 async fn each_tls_failure_names_its_cause_and_fix_and_never_the_password() {
-    let db = items_db("tls_fail").await;
+    let db = items_db_on(&pg_tls_admin(), "tls_fail").await;
     let ca = tls_file("ca.pem");
     let pw = Some(PASSWORD);
     let cases: Vec<(&str, String, Option<&str>, Vec<&str>)> = vec![

@@ -11,43 +11,23 @@ use std::time::Duration;
 use redis::AsyncCommands;
 use support::config::ConfigBuilder;
 use support::daemon::run_binary;
-use support::db::{wait_streaming, TestDb};
-use support::env::{redis_cluster_tls_url, redis_tls_url, tls_file, unique};
+use support::db::wait_streaming;
+use support::env::{pg_admin_url, redis_cluster_tls_url, redis_tls_url, tls_file, unique};
 use support::inproc::{InProcess, Logs};
-use support::store::{redis_cluster_tls, redis_tls};
+use support::store::{gone, redis_cluster_tls, redis_tls};
+use support::tls::{item_rules, items_db_on, without_password};
 use support::wait::eventually;
 
 const PASSWORD: &str = "redis-tls-secret";
 
-async fn items_db(label: &str) -> TestDb {
-    let db = TestDb::new(label).await;
-    db.exec("CREATE TABLE items (id int PRIMARY KEY, name text)")
-        .await;
-    db
-}
-
-fn rules(prefix: &str) -> String {
-    format!(
-        "[[rule]]\nname = \"item\"\ntable = \"public.items\"\nkeys = [\"{prefix}:item:{{id}}\"]\n"
-    )
-}
-
-/// `url` without its password (`rediss://user@host:port`).
-fn without_password(url: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap();
-    let (userinfo, host) = rest.split_once('@').unwrap();
-    let user = userinfo.split(':').next().unwrap();
-    format!("{scheme}://{user}@{host}")
-}
-
 #[tokio::test]
 async fn the_daemon_deletes_keys_over_tls_as_an_acl_user_with_a_password_file() {
-    let db = items_db("rtls").await;
+    let db = items_db_on(&pg_admin_url(), "rtls").await;
     let prefix = unique("rtls");
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("redis-password"), format!("{PASSWORD}\n")).unwrap();
     let config = ConfigBuilder::new(&db)
-        .rules(&rules(&prefix))
+        .rules(&item_rules(&prefix))
         .redis(&without_password(&redis_tls_url()))
         .redis_key("ca_file", tls_file("ca.pem"))
         .redis_key("password_file", "redis-password")
@@ -60,9 +40,7 @@ async fn the_daemon_deletes_keys_over_tls_as_an_acl_user_with_a_password_file() 
     wait_streaming(&db, &format!("{}_d", db.name)).await;
     db.exec("INSERT INTO items VALUES (1, 'one')").await;
     eventually("the key deleted over TLS", Duration::from_secs(30), || {
-        let mut r = r.clone();
-        let key = key.clone();
-        async move { !r.exists::<_, bool>(&key).await.unwrap() }
+        gone(&r, std::slice::from_ref(&key))
     })
     .await;
     daemon.stop_ok().await;
@@ -70,11 +48,11 @@ async fn the_daemon_deletes_keys_over_tls_as_an_acl_user_with_a_password_file() 
 
 #[tokio::test]
 async fn the_daemon_deletes_keys_on_every_node_of_a_tls_cluster() {
-    let db = items_db("rctls").await;
+    let db = items_db_on(&pg_admin_url(), "rctls").await;
     let prefix = unique("rctls");
     let dir = tempfile::tempdir().unwrap();
     let config = ConfigBuilder::new(&db)
-        .rules(&rules(&prefix))
+        .rules(&item_rules(&prefix))
         .redis(&redis_cluster_tls_url())
         .redis_key("cluster", true)
         .redis_key("ca_file", tls_file("ca.pem"))
@@ -121,12 +99,12 @@ async fn the_daemon_deletes_keys_on_every_node_of_a_tls_cluster() {
 
 #[tokio::test]
 async fn insecure_skip_verify_connects_to_an_untrusted_server_and_says_so() {
-    let db = items_db("rtlsi").await;
+    let db = items_db_on(&pg_admin_url(), "rtlsi").await;
     let prefix = unique("rtlsi");
     let dir = tempfile::tempdir().unwrap();
     // A CA that did not sign the server's certificate: only skipping the check connects.
     let config = ConfigBuilder::new(&db)
-        .rules(&rules(&prefix))
+        .rules(&item_rules(&prefix))
         .redis(&redis_tls_url())
         .redis_key("ca_file", tls_file("other-ca.pem"))
         .redis_key("insecure_skip_verify", true)
@@ -148,9 +126,9 @@ async fn insecure_skip_verify_connects_to_an_untrusted_server_and_says_so() {
 /// `wal2cache run` with `[redis]` set up by `redis`, to its exit: the code and what it
 /// printed, which never holds the password.
 async fn run_fails(label: &str, redis: impl FnOnce(ConfigBuilder) -> ConfigBuilder) -> String {
-    let db = items_db(label).await;
+    let db = items_db_on(&pg_admin_url(), label).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = redis(ConfigBuilder::new(&db).rules(&rules(&unique(label))))
+    let config = redis(ConfigBuilder::new(&db).rules(&item_rules(&unique(label))))
         .pipeline("idle_heartbeat", "0s")
         .write(dir.path());
     let (code, out, err) = run_binary(

@@ -175,6 +175,16 @@ read_pidfile() {
     fi
 }
 
+# pidfile_pid FILE NAME: the pid in FILE when that process is alive and named NAME
+# (nothing otherwise).
+pidfile_pid() {
+    local pid
+    pid="$(read_pidfile "$1")"
+    if [[ -n "$pid" ]] && pid_is "$pid" "$2"; then
+        printf '%s\n' "$pid"
+    fi
+}
+
 # pid_is PID NAME: the process is alive and its executable name is NAME.
 pid_is() {
     local pid="$1" name="$2" comm=""

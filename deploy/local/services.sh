@@ -423,13 +423,7 @@ stop_pg() {
 # Redis
 # ===========================================================================
 
-redis_pid() {
-    local pid
-    pid="$(read_pidfile "$REDIS_PIDFILE")"
-    if [[ -n "$pid" ]] && pid_is "$pid" redis-server; then
-        printf '%s\n' "$pid"
-    fi
-}
+redis_pid() { pidfile_pid "$REDIS_PIDFILE" redis-server; }
 
 redis_ping() {
     [[ "$(timeout 3 redis-cli "${REDIS_CLI_ARGS[@]}" -h "$HOST" -p "$REDIS_PORT" ping 2>/dev/null)" == PONG ]]
@@ -499,13 +493,7 @@ rc_log() { printf '%s/%s/redis.log\n' "$REDIS_CLUSTER_DIR" "$1"; }
 rc_pidfile() { printf '%s/%s/redis.pid\n' "$REDIS_CLUSTER_DIR" "$1"; }
 
 # rc_pid PORT: pid of our cluster node on PORT (empty if none).
-rc_pid() {
-    local pid
-    pid="$(read_pidfile "$(rc_pidfile "$1")")"
-    if [[ -n "$pid" ]] && pid_is "$pid" redis-server; then
-        printf '%s\n' "$pid"
-    fi
-}
+rc_pid() { pidfile_pid "$(rc_pidfile "$1")" redis-server; }
 
 rc_cli() {
     local port="$1"
@@ -710,13 +698,7 @@ reset_redis_cluster_tls() {
 # Kafka-compatible broker (Tansu)
 # ===========================================================================
 
-tansu_pid() {
-    local pid
-    pid="$(read_pidfile "$TANSU_PIDFILE")"
-    if [[ -n "$pid" ]] && pid_is "$pid" tansu; then
-        printf '%s\n' "$pid"
-    fi
-}
+tansu_pid() { pidfile_pid "$TANSU_PIDFILE" tansu; }
 
 start_kafka() {
     tansu_installed || install_kafka
@@ -819,13 +801,7 @@ install_kafka_tls() {
     command -v stunnel4 >/dev/null 2>&1 || apt_install stunnel4
 }
 
-stunnel_pid() {
-    local pid
-    pid="$(read_pidfile "$STUNNEL_PIDFILE")"
-    if [[ -n "$pid" ]] && pid_is "$pid" stunnel; then
-        printf '%s\n' "$pid"
-    fi
-}
+stunnel_pid() { pidfile_pid "$STUNNEL_PIDFILE" stunnel; }
 
 # kafka_tls_ensure_users: the SCRAM user, created once while the broker runs without
 # authentication (a broker that requires it refuses to create the first user).

@@ -52,3 +52,5 @@ pub mod rules;
 pub mod store;
 #[cfg(feature = "daemon")]
 pub mod stream;
+#[cfg(feature = "daemon")]
+pub mod tls;
