@@ -101,7 +101,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     children_cpu_secs, env_usize, load_average, mib, port_of, process_cpu_secs, process_name,
-    run_pg_recvlogical, thousands, BoxError, Observed,
+    run_pg_recvlogical, status_field, thousands, BoxError, Observed,
 };
 use daemon::{BenchSetup, DaemonRun, Tuning};
 use redis::AsyncCommands;
@@ -352,7 +352,7 @@ async fn run(
         pg.cpu
     );
     println!(
-        "wal2cache run (Redis + Kafka): {} changes in {:.3} s = {:.0} changes/s (streaming after {:.3} s; {:.0} changes/s from then); CPU {:.2} s ({:.0}% of one core), {} threads; peak RSS (VmHWM) {}",
+        "wal2cache run (Redis + Kafka): {} changes in {:.3} s = {:.0} changes/s (streaming after {:.3} s; {:.0} changes/s from then); CPU {:.2} s ({:.0}% of one core), {} threads; peak RSS (VmHWM) {}; the main thread waited {} times ({:.1} per 1,000 changes)",
         thousands(rows as u64),
         ours.elapsed.as_secs_f64(),
         ours.rate(),
@@ -361,7 +361,9 @@ async fn run(
         ours.cpu,
         100.0 * ours.cpu / ours.elapsed.as_secs_f64(),
         ours.threads,
-        mib(ours.vm_hwm_kb)
+        mib(ours.vm_hwm_kb),
+        thousands(ours.waits),
+        1000.0 * ours.waits as f64 / rows as f64
     );
     let ratio = ours.rate() / pg.rate();
     println!(
@@ -696,6 +698,9 @@ struct Ours {
     startup: Duration,
     cpu: f64,
     threads: u64,
+    /// Voluntary context switches of the daemon's main thread (the runtime's one
+    /// thread) over the catch-up: how often it waited.
+    waits: u64,
     vm_hwm_kb: u64,
     exit: String,
     stop_secs: f64,
@@ -748,6 +753,7 @@ async fn read_daemon(
         eprintln!("the daemon's log: {}", setup.log.display());
     })?;
     let cpu = d.cpu_secs();
+    let waits = status_field(d.pid, "voluntary_ctxt_switches");
     let mut walsender = Walsender::default();
     walsender.observe(db, &setup.slot).await?;
     let named = |pid: Option<i32>| pid.map(|p| (p, process_name(p)));
@@ -812,6 +818,7 @@ async fn read_daemon(
         startup,
         cpu,
         threads,
+        waits,
         vm_hwm_kb,
         exit: status
             .code()
