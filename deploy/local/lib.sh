@@ -175,6 +175,14 @@ read_pidfile() {
     fi
 }
 
+# refuse_taken_port PORT: stop, naming the process, when something already listens on
+# $HOST:PORT.
+refuse_taken_port() {
+    if port_open "$HOST" "$1"; then
+        die "port $HOST:$1 is in use by another process: $(ss -Htlnp "sport = :$1" 2>/dev/null | head -n1)"
+    fi
+}
+
 # pidfile_pid FILE NAME: the pid in FILE when that process is alive and named NAME
 # (nothing otherwise).
 pidfile_pid() {

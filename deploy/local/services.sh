@@ -378,9 +378,7 @@ start_pg() {
         log_ok "postgres already running on $HOST:$PG_PORT (pid $pid, data $PG_DATA)"
         return 0
     fi
-    if port_open "$HOST" "$PG_PORT"; then
-        die "port $HOST:$PG_PORT is in use by another process: $(ss -Htlnp "sport = :$PG_PORT" 2>/dev/null | head -n1)"
-    fi
+    refuse_taken_port "$PG_PORT"
     pg_initdb
     pg_write_config
 
@@ -437,9 +435,7 @@ start_redis() {
         log_ok "redis already running on $HOST:$REDIS_PORT (pid $pid)"
         return 0
     fi
-    if port_open "$HOST" "$REDIS_PORT"; then
-        die "port $HOST:$REDIS_PORT is in use by another process: $(ss -Htlnp "sport = :$REDIS_PORT" 2>/dev/null | head -n1)"
-    fi
+    refuse_taken_port "$REDIS_PORT"
     mkdir -p -- "$REDIS_DATA"
     rm -f -- "$REDIS_PIDFILE"
     log_info "starting redis on $HOST:$REDIS_PORT (dir $REDIS_DATA, log $REDIS_LOG)"
@@ -524,9 +520,7 @@ rc_start_node() {
     local bus=$((port + REDIS_CLUSTER_BUS_OFFSET))
     local p
     for p in "$port" "$bus"; do
-        if port_open "$HOST" "$p"; then
-            die "port $HOST:$p is in use by another process: $(ss -Htlnp "sport = :$p" 2>/dev/null | head -n1)"
-        fi
+        refuse_taken_port "$p"
     done
     mkdir -p -- "$dir"
     rm -f -- "$pidfile"
@@ -709,9 +703,7 @@ start_kafka() {
         log_ok "kafka (tansu) already running on $HOST:$KAFKA_PORT (pid $pid)"
         return 0
     fi
-    if port_open "$HOST" "$KAFKA_PORT"; then
-        die "port $HOST:$KAFKA_PORT is in use by another process: $(ss -Htlnp "sport = :$KAFKA_PORT" 2>/dev/null | head -n1)"
-    fi
+    refuse_taken_port "$KAFKA_PORT"
     mkdir -p -- "$TANSU_DATA"
     # tansu loads a .env file from its working directory or any parent: an
     # empty one here keeps a project-level .env from configuring the broker.
@@ -839,9 +831,7 @@ start_kafka_tls() {
         log_ok "kafka-tls (stunnel) already running on $HOST:$KAFKA_TLS_PORT (pid $pid)"
         return 0
     fi
-    if port_open "$HOST" "$KAFKA_TLS_PORT"; then
-        die "port $HOST:$KAFKA_TLS_PORT is in use by another process: $(ss -Htlnp "sport = :$KAFKA_TLS_PORT" 2>/dev/null | head -n1)"
-    fi
+    refuse_taken_port "$KAFKA_TLS_PORT"
     cat >"$STUNNEL_CONF" <<CONF
 ; TLS on $KAFKA_TLS_PORT, handed to the SASL broker on $KAFKA_SASL_PORT.
 foreground = yes
