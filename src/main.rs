@@ -110,10 +110,15 @@ fn main() -> ExitCode {
     // of CPU per change against 12-16 µs on one thread; its profile had 40% of the
     // daemon's time in the kernel, mostly wake-ups and context switches.
     let runtime = match std::env::var("WAL2CACHE_RUNTIME").as_deref() {
+        // The park hook paces reads while the stream catches up (source::pace).
         Err(_) | Ok("current_thread") => tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            .on_thread_park(wal2cache::source::pace::on_park)
             .build(),
-        Ok("multi_thread") => tokio::runtime::Runtime::new(),
+        Ok("multi_thread") => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .on_thread_park(wal2cache::source::pace::on_park)
+            .build(),
         Ok(other) => {
             say_err(format_args!(
                 "error: WAL2CACHE_RUNTIME={other:?} is not a runtime: use current_thread (the default) or multi_thread, or unset it"

@@ -8,6 +8,7 @@ pub mod change;
 pub mod conninfo;
 pub mod error;
 pub mod messages;
+pub mod pace;
 pub mod pgoutput;
 pub mod relations;
 pub mod slot;

@@ -18,6 +18,7 @@ use crate::backoff::Backoff;
 use crate::lsn::Lsn;
 use crate::source::change::{Relation, SourceEvent};
 use crate::source::error::{ErrorKind, SourceError};
+use crate::source::pace;
 use crate::source::pgoutput::{self, Begin, Commit, Message};
 use crate::source::relations::Relations;
 use crate::source::table::TableName;
@@ -348,6 +349,7 @@ impl Session<'_> {
         self.relations.reset();
         tracing::info!(slot = %self.config.slot, server = %self.config.target.display(), "streaming");
         let result = self.stream(&mut client).await;
+        pace::stream_ended();
         if result.is_ok() {
             self.report_last_confirmation(&client).await;
             let _ = client.shutdown().await;
@@ -377,7 +379,8 @@ impl Session<'_> {
         let mut pending: Vec<SourceEvent> = Vec::with_capacity(CHUNK);
         loop {
             let event = if pending.is_empty() {
-                tokio::select! {
+                pace::waiting_for_source(true);
+                let event = tokio::select! {
                     biased;
                     _ = self.stop.wait_for(|s| *s) => return Ok(()),
                     changed = self.confirm.changed() => {
@@ -387,7 +390,9 @@ impl Session<'_> {
                         continue;
                     }
                     event = client.recv() => event,
-                }
+                };
+                pace::waiting_for_source(false);
+                event
             } else {
                 // While events keep arriving only the stream is polled; the stop and
                 // the confirmations are checked between events, without registering
@@ -427,12 +432,15 @@ impl Session<'_> {
                     lsn,
                     end_lsn,
                     commit_time_micros,
-                }) => Message::Commit(Commit {
-                    flags: 0,
-                    commit_lsn: ours(lsn),
-                    end_lsn: ours(end_lsn),
-                    commit_time: commit_time_micros,
-                }),
+                }) => {
+                    pace::saw_commit(commit_time_micros);
+                    Message::Commit(Commit {
+                        flags: 0,
+                        commit_lsn: ours(lsn),
+                        end_lsn: ours(end_lsn),
+                        commit_time: commit_time_micros,
+                    })
+                }
                 Some(ReplicationEvent::Message {
                     transactional,
                     lsn,
