@@ -4,7 +4,8 @@
 //! SASL SCRAM login. The whole daemon (`wal2cache run`) runs over TLS to PostgreSQL,
 //! Redis and Kafka at once, with a password file for each; the L1 subscribes over
 //! SASL_SSL and evicts; each Kafka misconfiguration exits non-zero with its cause and
-//! fix; and no failure path of any of the three services prints a secret.
+//! fix; no failure path of any of the three services prints a secret; and the daemon
+//! publishes over TLS without SASL to the TLS-only broker (`start kafka-ssl`).
 
 mod support;
 
@@ -15,8 +16,10 @@ use redis::AsyncCommands;
 use support::config::ConfigBuilder;
 use support::daemon::{run_binary, Daemon};
 use support::db::{url_on, wait_streaming, TestDb};
-use support::env::{kafka_sasl_login, kafka_tls_brokers, redis_tls_url, tls_file, unique};
-use support::kafka::{create_topic_on, read_topic_on, sasl_ssl};
+use support::env::{
+    kafka_sasl_login, kafka_ssl_brokers, kafka_tls_brokers, redis_tls_url, tls_file, unique,
+};
+use support::kafka::{create_topic_on, read_topic_on, sasl_ssl, ssl};
 use support::l1::{Events, Heartbeats, BOUND, HEARTBEAT};
 use support::store::{gone, redis_tls};
 use support::tls::{item_rules, items_db_on, pg_tls_admin, without_password};
@@ -34,10 +37,26 @@ fn kafka_password() -> String {
 /// it: PostgreSQL verify-full with SCRAM, Redis over rediss:// as an ACL user, Kafka
 /// SASL_SSL with SCRAM-SHA-512 (the tests' own clients use -256).
 fn tls_everywhere(db: &TestDb, prefix: &str, topic: &str, dir: &Path) -> ConfigBuilder {
+    std::fs::write(
+        dir.join("kafka-password"),
+        format!("{}\n", kafka_password()),
+    )
+    .unwrap();
+    pg_and_redis_over_tls(db, prefix, dir)
+        .kafka(&kafka_tls_brokers(), topic)
+        .kafka_key("sasl_password_file", "kafka-password")
+        .kafka_property("security.protocol", "SASL_SSL")
+        .kafka_property("sasl.mechanism", "SCRAM-SHA-512")
+        .kafka_property("sasl.username", &kafka_sasl_login().0)
+        .kafka_property("ssl.ca.location", &tls_file("ca.pem"))
+}
+
+/// The PostgreSQL and Redis half of [`tls_everywhere`], their passwords in files in
+/// `dir`.
+fn pg_and_redis_over_tls(db: &TestDb, prefix: &str, dir: &Path) -> ConfigBuilder {
     for (file, secret) in [
-        ("pg-password", PG_PASSWORD.to_string()),
-        ("redis-password", REDIS_PASSWORD.to_string()),
-        ("kafka-password", kafka_password()),
+        ("pg-password", PG_PASSWORD),
+        ("redis-password", REDIS_PASSWORD),
     ] {
         std::fs::write(dir.join(file), format!("{secret}\n")).unwrap();
     }
@@ -49,12 +68,6 @@ fn tls_everywhere(db: &TestDb, prefix: &str, topic: &str, dir: &Path) -> ConfigB
         .redis(&without_password(&redis_tls_url()))
         .redis_key("ca_file", tls_file("ca.pem"))
         .redis_key("password_file", "redis-password")
-        .kafka(&kafka_tls_brokers(), topic)
-        .kafka_key("sasl_password_file", "kafka-password")
-        .kafka_property("security.protocol", "SASL_SSL")
-        .kafka_property("sasl.mechanism", "SCRAM-SHA-512")
-        .kafka_property("sasl.username", &kafka_sasl_login().0)
-        .kafka_property("ssl.ca.location", &tls_file("ca.pem"))
         .pipeline("idle_heartbeat", "0s")
 }
 
@@ -97,6 +110,35 @@ async fn the_daemon_runs_over_tls_to_postgres_redis_and_kafka_at_once() {
     ] {
         assert!(!text.contains(&secret), "a password was logged:\n{text}");
     }
+}
+
+/// Kafka over TLS without SASL (`security.protocol=SSL`, as MSK's TLS listener),
+/// against the TLS-only broker.
+#[tokio::test]
+async fn the_daemon_publishes_over_ssl_without_sasl() {
+    let db = items_db_on(&pg_tls_admin(), "kssl").await;
+    let prefix = unique("kssl");
+    let topic = format!("{prefix}.events");
+    let dir = tempfile::tempdir().unwrap();
+    let config = pg_and_redis_over_tls(&db, &prefix, dir.path())
+        .kafka(&kafka_ssl_brokers(), &topic)
+        .kafka_property("security.protocol", "SSL")
+        .kafka_property("ssl.ca.location", &tls_file("ca.pem"))
+        .write(dir.path());
+    let daemon = Daemon::start(&config, &[]);
+    wait_streaming(&db, &format!("{}_d", db.name)).await;
+    db.exec("INSERT INTO items VALUES (7, 'seven')").await;
+    let key = format!("{prefix}:item:7");
+    let wanted = key.clone();
+    let events = read_topic_on(&ssl(), &topic, move |events| {
+        events.iter().any(|e| e["keys"][0] == wanted.as_str())
+    })
+    .await;
+    daemon.stop();
+    assert!(
+        events.iter().any(|e| e["keys"][0] == key.as_str()),
+        "no event for {key} on {topic} over SSL: {events:?}"
+    );
 }
 
 #[tokio::test]

@@ -96,6 +96,11 @@ TANSU_FEATURES=dynostore,libsql
 # requires SASL (SCRAM-SHA-256 and -512) and advertises the TLS port.
 KAFKA_TLS_PORT="${WAL2CACHE_KAFKA_TLS_PORT:-19093}"
 KAFKA_SASL_PORT="${WAL2CACHE_KAFKA_SASL_PORT:-19094}"
+# The TLS-only variant (`services.sh start kafka-ssl`): stunnel on KAFKA_SSL_PORT in
+# front of an in-memory broker without SASL on KAFKA_SSL_BROKER_PORT (the same storage
+# as the plain broker, so a bench over it measures what TLS costs and nothing else).
+KAFKA_SSL_PORT="${WAL2CACHE_KAFKA_SSL_PORT:-19095}"
+KAFKA_SSL_BROKER_PORT="${WAL2CACHE_KAFKA_SSL_BROKER_PORT:-19096}"
 KAFKA_SASL_USER=wal2cache_sasl
 KAFKA_SASL_PASSWORD=kafka-sasl-secret
 

@@ -22,12 +22,13 @@ Commands:
   topic   NAME [PARTITIONS]      create a topic on the local broker (default 1 partition)
   topics                         list the topics of the local broker
   reset   [SERVICE]              stop and delete the data directories
-  env [tls]                      print the environment variables the tests read (tls: the
-                                 shared ones pointed at the TLS variants, for a bench over TLS)
+  env [tls|tls-sasl]             print the environment variables the tests read (tls: the
+                                 shared ones pointed at the TLS variants, for a bench over TLS,
+                                 Kafka over kafka-ssl; tls-sasl: Kafka over kafka-tls)
   help                           this text
 
 SERVICE is pg, redis, redis-cluster, kafka or all (the default), or a TLS variant:
-pg-tls, redis-tls, redis-cluster-tls, kafka-tls, or tls for all four. The TLS
+pg-tls, redis-tls, redis-cluster-tls, kafka-tls, kafka-ssl, or tls for all five. The TLS
 variants are started only when named (all does not include them).
 Aliases: postgres=pg, cluster=redis-cluster, tansu=kafka.
 
@@ -44,6 +45,9 @@ Addresses (all bound to $HOST):
   Cluster TLS    $HOST:${REDIS_CLUSTER_TLS_PORTS[0]}-${REDIS_CLUSTER_TLS_PORTS[-1]}   the same, 3 masters (tls-cluster yes)
   Kafka TLS      localhost:$KAFKA_TLS_PORT   SASL_SSL: TLS by stunnel, then a broker of its own on $HOST:$KAFKA_SASL_PORT
                          that requires SASL SCRAM-SHA-256/512, user '$KAFKA_SASL_USER'/'$KAFKA_SASL_PASSWORD'
+                         (sqlite storage)
+  Kafka SSL      localhost:$KAFKA_SSL_PORT   SSL: TLS by stunnel, then an in-memory broker of its own on
+                         $HOST:$KAFKA_SSL_BROKER_PORT, no SASL
 EOF
 }
 
@@ -783,6 +787,7 @@ kafka_use_tls() {
     TANSU_LISTENER_URL="tcp://$HOST:$KAFKA_SASL_PORT"
     TANSU_ADVERTISED_URL="tcp://localhost:$KAFKA_TLS_PORT"
     TANSU_EXTRA_ARGS=(--authentication)
+    STUNNEL_ACCEPT_PORT="$KAFKA_TLS_PORT"
     STUNNEL_CONF="$TANSU_DIR/stunnel.conf"
     STUNNEL_LOG="$TANSU_DIR/stunnel.log"
     STUNNEL_PIDFILE="$TANSU_DIR/stunnel.pid"
@@ -825,35 +830,42 @@ start_kafka_tls() {
         kafka_tls_ensure_users
     fi
     start_kafka
-    local pid
+    start_stunnel kafka-tls
+    log_ok "kafka-tls running on localhost:$STUNNEL_ACCEPT_PORT (TLS by stunnel, pid $(stunnel_pid); SASL/SCRAM user '$KAFKA_SASL_USER')"
+}
+
+# start_stunnel NAME: stunnel taking TLS on STUNNEL_ACCEPT_PORT and handing the bytes
+# to the broker on KAFKA_PORT (the variables of kafka_use_tls or kafka_use_ssl).
+start_stunnel() {
+    local name="$1" pid
     pid="$(stunnel_pid)"
     if [[ -n "$pid" ]]; then
-        log_ok "kafka-tls (stunnel) already running on $HOST:$KAFKA_TLS_PORT (pid $pid)"
+        log_ok "$name (stunnel) already running on $HOST:$STUNNEL_ACCEPT_PORT (pid $pid)"
         return 0
     fi
-    refuse_taken_port "$KAFKA_TLS_PORT"
+    refuse_taken_port "$STUNNEL_ACCEPT_PORT"
     cat >"$STUNNEL_CONF" <<CONF
-; TLS on $KAFKA_TLS_PORT, handed to the SASL broker on $KAFKA_SASL_PORT.
+; TLS on $STUNNEL_ACCEPT_PORT, handed to the broker on $KAFKA_PORT.
 foreground = yes
 output = $STUNNEL_LOG
 debug = warning
-[kafka-tls]
-accept = $HOST:$KAFKA_TLS_PORT
-connect = $HOST:$KAFKA_SASL_PORT
+[$name]
+accept = $HOST:$STUNNEL_ACCEPT_PORT
+connect = $HOST:$KAFKA_PORT
 cert = $TLS_DIR/server.pem
 key = $TLS_DIR/server.key
 CONF
     rm -f -- "$STUNNEL_PIDFILE"
-    log_info "starting kafka-tls (stunnel) on $HOST:$KAFKA_TLS_PORT -> $HOST:$KAFKA_SASL_PORT (log $STUNNEL_LOG)"
+    log_info "starting $name (stunnel) on $HOST:$STUNNEL_ACCEPT_PORT -> $HOST:$KAFKA_PORT (log $STUNNEL_LOG)"
     (
         # shellcheck disable=SC2016 # expanded by the inner shell
         setsid nohup bash -c 'echo "$$" >"$0" && exec "$@"' "$STUNNEL_PIDFILE" \
             stunnel4 "$STUNNEL_CONF" >>"$STUNNEL_LOG" 2>&1 </dev/null 9>&- &
     )
     local deadline=$((SECONDS + START_TIMEOUT))
-    until port_open "$HOST" "$KAFKA_TLS_PORT"; do
+    until port_open "$HOST" "$STUNNEL_ACCEPT_PORT"; do
         if ((SECONDS >= deadline)); then
-            fail_with_log "$STUNNEL_LOG" "stunnel did not accept connections on $HOST:$KAFKA_TLS_PORT within ${START_TIMEOUT}s"
+            fail_with_log "$STUNNEL_LOG" "stunnel did not accept connections on $HOST:$STUNNEL_ACCEPT_PORT within ${START_TIMEOUT}s"
         fi
         pid="$(read_pidfile "$STUNNEL_PIDFILE")"
         if [[ -n "$pid" ]] && ! pid_alive "$pid"; then
@@ -861,24 +873,67 @@ CONF
         fi
         sleep 0.2
     done
-    log_ok "kafka-tls running on localhost:$KAFKA_TLS_PORT (TLS by stunnel, pid $(stunnel_pid); SASL/SCRAM user '$KAFKA_SASL_USER')"
 }
 
-stop_kafka_tls() {
-    kafka_use_tls
+# stop_stunnel NAME
+stop_stunnel() {
     local pid
     pid="$(stunnel_pid)"
     if [[ -n "$pid" ]]; then
         kill -TERM "$pid" 2>/dev/null || true
         wait_pid_exit "$pid" 5 || kill -KILL "$pid" 2>/dev/null || true
-        log_ok "kafka-tls (stunnel) stopped"
+        log_ok "$1 (stunnel) stopped"
     fi
     rm -f -- "$STUNNEL_PIDFILE"
+}
+
+stop_kafka_tls() {
+    kafka_use_tls
+    stop_stunnel kafka-tls
     stop_kafka
 }
 
 reset_kafka_tls() {
     stop_kafka_tls
+    safe_rm_dir "$TANSU_DIR"
+}
+
+# The TLS-only variant: stunnel in front of an in-memory broker without SASL.
+kafka_use_ssl() {
+    tls_ensure_certs
+    KAFKA_PORT="$KAFKA_SSL_BROKER_PORT"
+    TANSU_DIR="$LOCAL/tansu-ssl"
+    TANSU_DATA="$TANSU_DIR/data"
+    TANSU_LOG="$TANSU_DIR/tansu.log"
+    TANSU_PIDFILE="$TANSU_DIR/tansu.pid"
+    TANSU_STORAGE_ENGINE="memory://tansu/"
+    TANSU_LISTENER_URL="tcp://$HOST:$KAFKA_SSL_BROKER_PORT"
+    TANSU_ADVERTISED_URL="tcp://localhost:$KAFKA_SSL_PORT"
+    TANSU_EXTRA_ARGS=()
+    STUNNEL_ACCEPT_PORT="$KAFKA_SSL_PORT"
+    STUNNEL_CONF="$TANSU_DIR/stunnel.conf"
+    STUNNEL_LOG="$TANSU_DIR/stunnel.log"
+    STUNNEL_PIDFILE="$TANSU_DIR/stunnel.pid"
+}
+
+install_kafka_ssl() { install_kafka_tls; }
+
+start_kafka_ssl() {
+    install_kafka_tls
+    kafka_use_ssl
+    start_kafka
+    start_stunnel kafka-ssl
+    log_ok "kafka-ssl running on localhost:$STUNNEL_ACCEPT_PORT (TLS by stunnel, pid $(stunnel_pid); no SASL)"
+}
+
+stop_kafka_ssl() {
+    kafka_use_ssl
+    stop_stunnel kafka-ssl
+    stop_kafka
+}
+
+reset_kafka_ssl() {
+    stop_kafka_ssl
     safe_rm_dir "$TANSU_DIR"
 }
 
@@ -981,6 +1036,13 @@ cmd_status() {
             status_line kafka-sasl "$HOST:$KAFKA_SASL_PORT" "$(tansu_pid)" "$TANSU_STORAGE_ENGINE" "$TANSU_LOG"
         fi
     )
+    (
+        kafka_use_ssl
+        if [[ -d "$TANSU_DIR" ]]; then
+            status_line kafka-ssl "localhost:$KAFKA_SSL_PORT" "$(stunnel_pid)" "stunnel -> $HOST:$KAFKA_SSL_BROKER_PORT" "$STUNNEL_LOG"
+            status_line kafka-ssl-b "$HOST:$KAFKA_SSL_BROKER_PORT" "$(tansu_pid)" "$TANSU_STORAGE_ENGINE (in memory)" "$TANSU_LOG"
+        fi
+    )
     return "$all_up"
 }
 
@@ -1030,18 +1092,33 @@ reset_kafka() {
 }
 
 cmd_env() {
-    if [[ "${1:-}" == tls ]]; then
+    case "${1:-}" in
+    tls | tls-sasl)
         # The shared services' variables pointed at the TLS variants: the tests and
-        # benches that read them then run over TLS to all three.
+        # benches that read them then run over TLS to all three. Kafka: tls is the
+        # TLS-only broker (in memory, as the plain one: a bench compares like with
+        # like); tls-sasl the SASL_SSL one (sqlite storage, itself slower).
         cat <<EOF
 export WAL2CACHE_TEST_PG='postgres://$PG_TLS_ROLE:$PG_TLS_PASSWORD@localhost:$PG_TLS_PORT/postgres?sslmode=verify-full&sslrootcert=$TLS_DIR/ca.pem'
 export WAL2CACHE_TEST_REDIS=rediss://$REDIS_TLS_USER:$REDIS_TLS_PASSWORD@localhost:$REDIS_TLS_PORT
-export WAL2CACHE_TEST_KAFKA=localhost:$KAFKA_TLS_PORT
-export WAL2CACHE_TEST_KAFKA_PROPERTIES='security.protocol=SASL_SSL,sasl.mechanism=SCRAM-SHA-256,sasl.username=$KAFKA_SASL_USER,sasl.password=$KAFKA_SASL_PASSWORD,ssl.ca.location=$TLS_DIR/ca.pem'
 export WAL2CACHE_TEST_TLS_DIR=$TLS_DIR
 EOF
+        if [[ "$1" == tls ]]; then
+            cat <<EOF
+export WAL2CACHE_TEST_KAFKA=localhost:$KAFKA_SSL_PORT
+export WAL2CACHE_TEST_KAFKA_PROPERTIES='security.protocol=SSL,ssl.ca.location=$TLS_DIR/ca.pem'
+EOF
+        else
+            cat <<EOF
+export WAL2CACHE_TEST_KAFKA=localhost:$KAFKA_TLS_PORT
+export WAL2CACHE_TEST_KAFKA_PROPERTIES='security.protocol=SASL_SSL,sasl.mechanism=SCRAM-SHA-256,sasl.username=$KAFKA_SASL_USER,sasl.password=$KAFKA_SASL_PASSWORD,ssl.ca.location=$TLS_DIR/ca.pem'
+EOF
+        fi
         return 0
-    fi
+        ;;
+    "") ;;
+    *) die "usage: $0 env [tls|tls-sasl]" ;;
+    esac
     cat <<EOF
 export WAL2CACHE_TEST_PG=postgres://$PG_SUPERUSER@$HOST:$PG_PORT/postgres
 export WAL2CACHE_TEST_REDIS=redis://$HOST:$REDIS_PORT
@@ -1052,6 +1129,7 @@ export WAL2CACHE_TEST_TLS_DIR=$TLS_DIR
 export WAL2CACHE_TEST_REDIS_TLS=rediss://$REDIS_TLS_USER:$REDIS_TLS_PASSWORD@localhost:$REDIS_TLS_PORT
 export WAL2CACHE_TEST_REDIS_CLUSTER_TLS=rediss://$REDIS_TLS_USER:$REDIS_TLS_PASSWORD@localhost:${REDIS_CLUSTER_TLS_PORTS[0]}
 export WAL2CACHE_TEST_KAFKA_TLS=localhost:$KAFKA_TLS_PORT
+export WAL2CACHE_TEST_KAFKA_SSL=localhost:$KAFKA_SSL_PORT
 EOF
 }
 
@@ -1069,11 +1147,12 @@ services() {
     redis-tls | redis_tls) echo redis_tls ;;
     redis-cluster-tls | redis_cluster_tls | cluster-tls) echo redis_cluster_tls ;;
     kafka-tls | kafka_tls | tansu-tls) echo kafka_tls ;;
+    kafka-ssl | kafka_ssl) echo kafka_ssl ;;
     tls)
         if [[ "$order" == reverse ]]; then
-            echo kafka_tls redis_cluster_tls redis_tls pg_tls
+            echo kafka_ssl kafka_tls redis_cluster_tls redis_tls pg_tls
         else
-            echo pg_tls redis_tls redis_cluster_tls kafka_tls
+            echo pg_tls redis_tls redis_cluster_tls kafka_tls kafka_ssl
         fi
         ;;
     redis) echo redis ;;
@@ -1086,7 +1165,7 @@ services() {
             echo pg redis redis_cluster kafka
         fi
         ;;
-    *) die "unknown service '$target' (expected pg, redis, redis-cluster, kafka, all, or a TLS variant: pg-tls, redis-tls, redis-cluster-tls, kafka-tls, tls)" ;;
+    *) die "unknown service '$target' (expected pg, redis, redis-cluster, kafka, all, or a TLS variant: pg-tls, redis-tls, redis-cluster-tls, kafka-tls, kafka-ssl, tls)" ;;
     esac
 }
 
@@ -1106,7 +1185,7 @@ main() {
     local svc list
     case "$cmd" in
     install | start | stop | restart | reset)
-        (($# <= 1)) || die "usage: $0 $cmd [pg|redis|redis-cluster|kafka|all|pg-tls|redis-tls|redis-cluster-tls|kafka-tls|tls]"
+        (($# <= 1)) || die "usage: $0 $cmd [pg|redis|redis-cluster|kafka|all|pg-tls|redis-tls|redis-cluster-tls|kafka-tls|kafka-ssl|tls]"
         take_lock
         ;;
     esac

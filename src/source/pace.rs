@@ -18,7 +18,7 @@
 //! paused runtime loses nothing: sockets keep queueing, timers fire late by at most
 //! [`PAUSE`].
 //!
-//! Measured on the same benchmark (three runs each, 2026-12-03): with a 2 ms pause,
+//! Measured on the same benchmark (three runs each, 2026-12-02): with a 2 ms pause,
 //! over TLS 53,783-74,830 changes/s and 5.20-7.80 µs of daemon CPU per change
 //! (without: 46,745-47,476 and 12.95-13.15 µs); plain 92,371-115,045 changes/s and
 //! 3.85-4.50 µs (without: 75,208-75,287 and 8.65-8.85 µs). 0.5 and 1 ms paused less

@@ -69,6 +69,13 @@ pub fn kafka_tls_brokers() -> String {
     std::env::var("WAL2CACHE_TEST_KAFKA_TLS").unwrap_or_else(|_| "localhost:19093".into())
 }
 
+/// The TLS-only variant of the broker (`services.sh start kafka-ssl`): SSL without
+/// SASL, TLS by stunnel with a certificate for `localhost`: `WAL2CACHE_TEST_KAFKA_SSL`.
+#[allow(dead_code)]
+pub fn kafka_ssl_brokers() -> String {
+    std::env::var("WAL2CACHE_TEST_KAFKA_SSL").unwrap_or_else(|_| "localhost:19095".into())
+}
+
 /// The SCRAM user of the TLS broker and its password:
 /// `WAL2CACHE_TEST_KAFKA_SASL_USER`, `WAL2CACHE_TEST_KAFKA_SASL_PASSWORD`.
 #[allow(dead_code)]

@@ -12,7 +12,10 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, TopicPartitionList};
 use serde_json::Value;
 
-use super::env::{kafka_brokers, kafka_properties, kafka_sasl_login, kafka_tls_brokers, tls_file};
+use super::env::{
+    kafka_brokers, kafka_properties, kafka_sasl_login, kafka_ssl_brokers, kafka_tls_brokers,
+    tls_file,
+};
 use super::net::free_port;
 use super::wait::eventually;
 
@@ -38,6 +41,20 @@ pub fn sasl_ssl() -> Access {
         ("sasl.mechanism", "SCRAM-SHA-256".into()),
         ("sasl.username", user),
         ("sasl.password", password),
+        ("ssl.ca.location", tls_file("ca.pem")),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// The TLS-only variant of the broker over SSL (no SASL), verifying the brokers'
+/// certificate with the throwaway CA.
+#[allow(dead_code)]
+pub fn ssl() -> Access {
+    [
+        ("bootstrap.servers", kafka_ssl_brokers()),
+        ("security.protocol", "SSL".into()),
         ("ssl.ca.location", tls_file("ca.pem")),
     ]
     .into_iter()
