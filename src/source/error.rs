@@ -1,6 +1,7 @@
 //! Errors of the source, each one either worth retrying or a stop with the fix
 //! spelled out for the operator.
 
+use crate::source::catalog::MIN_SERVER_MAJOR;
 use crate::source::pgoutput::DecodeError;
 use crate::source::relations::UnknownRelation;
 
@@ -52,6 +53,9 @@ pub enum SourceError {
 
     #[error("PostgreSQL has wal_level = {found}, logical replication needs wal_level = logical: set it in postgresql.conf (ALTER SYSTEM SET wal_level = logical) and restart PostgreSQL")]
     WalLevel { found: String },
+
+    #[error("the server {server} is PostgreSQL {version}; wal2cache needs PostgreSQL {MIN_SERVER_MAJOR} or later (pgoutput's `messages` option, which logical-message invalidation and the WAL heartbeat use, arrived in 14): upgrade the server, or point postgres.url at one that is 14 or later")]
+    UnsupportedServer { server: String, version: String },
 
     #[error("role {role:?} may not start replication: run `ALTER ROLE \"{role}\" REPLICATION;` as a superuser (and allow it in pg_hba.conf for the \"replication\" database)")]
     NoReplicationPrivilege { role: String },

@@ -48,8 +48,10 @@ pub async fn ensure(target: &PgTarget, plan: &SetupPlan) -> Result<SetupReport, 
     Ok(report)
 }
 
-/// `wal_level = logical` and a role that may replicate.
+/// A supported server (14 or later), `wal_level = logical` and a role that may
+/// replicate.
 pub async fn check_preconditions(client: &Client, target: &PgTarget) -> Result<(), SourceError> {
+    catalog::require_supported_server(client, &target.display()).await?;
     let row = client
         .query_one("SELECT current_setting('wal_level')", &[])
         .await

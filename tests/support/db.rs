@@ -170,7 +170,20 @@ impl TestDb {
     /// read before the commit either. The commit record itself is looked up with
     /// `pg_walinspect` (contrib, created here; the test role is a superuser), from the
     /// insert position read inside the transaction, by the transaction's xid.
+    ///
+    /// `pg_walinspect` came with 15: on 14, the commit is read back through a
+    /// test_decoding slot of the database's own, whose COMMIT rows carry the end of
+    /// their commit record.
     pub async fn exec_commit_end(&self, sql: &str) -> Lsn {
+        let version: i32 = self
+            .client
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if version < 150000 {
+            return self.exec_commit_end_decoded(sql).await;
+        }
         self.exec("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
             .await;
         self.exec("BEGIN").await;
@@ -194,6 +207,38 @@ impl TestDb {
             )
             .await
             .unwrap_or_else(|e| panic!("the commit record of xid {xid} after {before}: {e}"));
+        row.get::<_, String>(0).parse().unwrap()
+    }
+
+    /// [`TestDb::exec_commit_end`] without `pg_walinspect`.
+    async fn exec_commit_end_decoded(&self, sql: &str) -> Lsn {
+        let slot = format!("{}_commit_end", self.name);
+        self.client
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'test_decoding')
+                  WHERE NOT EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = $1)",
+                &[&slot],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("create slot {slot}: {e}"));
+        self.exec("BEGIN").await;
+        self.exec(sql).await;
+        let xid: String = self
+            .client
+            .query_one("SELECT (txid_current() % 4294967296)::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        self.exec("COMMIT").await;
+        let row = self
+            .client
+            .query_one(
+                "SELECT lsn::text FROM pg_logical_slot_get_changes($1, NULL, NULL)
+                  WHERE data = 'COMMIT ' || $2",
+                &[&slot, &xid],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("the commit of xid {xid} through {slot}: {e}"));
         row.get::<_, String>(0).parse().unwrap()
     }
 

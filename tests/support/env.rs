@@ -10,6 +10,14 @@ pub fn pg_admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:54320/postgres".into())
 }
 
+/// The superuser URL of the server of another PostgreSQL major (`services.sh start
+/// pgN`, port 54300 + N): `WAL2CACHE_TEST_PG<N>`.
+#[allow(dead_code)]
+pub fn pg_major_admin_url(major: u32) -> String {
+    std::env::var(format!("WAL2CACHE_TEST_PG{major}"))
+        .unwrap_or_else(|_| format!("postgres://postgres@127.0.0.1:{}/postgres", 54300 + major))
+}
+
 /// The TLS variant of PostgreSQL (`services.sh start pg-tls`), as a superuser that
 /// logs in with SCRAM: `WAL2CACHE_TEST_PG_TLS`; no TLS options in it.
 #[allow(dead_code)]
