@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::lsn::Lsn;
 use crate::pipeline::{self, Pipeline, Reload};
-use crate::rules::check::{self, CheckError, CheckReport};
+use crate::rules::check::{self, CheckError, CheckProblem, CheckReport};
 use crate::rules::{self, Planner, RuleSet};
 use crate::sink::kafka::KafkaSink;
 use crate::sink::redis::RedisSink;
@@ -33,6 +33,7 @@ fn setup_plan(config: &Config, rules: &RuleSet, with_slot: bool) -> SetupPlan {
         tables: rules.tables(),
         create: config.postgres.create,
         with_slot,
+        failover: config.postgres.failover_slot,
     }
 }
 
@@ -76,7 +77,20 @@ pub async fn check_rules(
     let target = config.pg_target();
     let client = target.connect().await?;
     slot::check_preconditions(&client, &target).await?;
-    let report = check::check(&client, rules, &config.postgres.publication, create).await?;
+    let mut report = check::check(&client, rules, &config.postgres.publication, create).await?;
+    for (message, fix) in slot::failover_warnings(
+        &client,
+        &config.postgres.slot,
+        config.postgres.failover_slot,
+    )
+    .await?
+    {
+        report.warnings.push(CheckProblem {
+            origin: "postgres.slot".into(),
+            message,
+            fix,
+        });
+    }
     if report.problems.is_empty() {
         Ok(report)
     } else {

@@ -91,6 +91,11 @@ pub struct PostgresConfig {
     /// relative to the config file's directory.
     #[serde(default)]
     pub password_file: Option<PathBuf>,
+    /// Create the slot as a failover slot (PostgreSQL 17 and later), so that a standby
+    /// with `sync_replication_slots = on` carries it across a promotion. Default: true
+    /// on 17 and later, false before; `true` on an older server is refused.
+    #[serde(default)]
+    pub failover_slot: Option<bool>,
 }
 
 /// Without the secrets: the URL's password and `password` show as `***`.
@@ -103,6 +108,7 @@ impl std::fmt::Debug for PostgresConfig {
             .field("create", &self.create)
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("password_file", &self.password_file)
+            .field("failover_slot", &self.failover_slot)
             .finish()
     }
 }
@@ -718,7 +724,7 @@ brokers = "127.0.0.1:9092"
         let err = Config::load(f.path()).unwrap_err().to_string();
         for needle in [
             "nmae: unknown key",
-            "postgres.slott: unknown key ([postgres] has url, slot, publication, create, password, password_file)",
+            "postgres.slott: unknown key ([postgres] has url, slot, publication, create, password, password_file, failover_slot)",
             "redis.urll: unknown key",
             "kafka.topicc: unknown key",
             "kafka.brokerz: unknown key",

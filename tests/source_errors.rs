@@ -29,6 +29,7 @@ fn plan(publication: &str, slot: &str, tables: &[&str]) -> SetupPlan {
             .collect(),
         create: true,
         with_slot: true,
+        failover: None,
     }
 }
 

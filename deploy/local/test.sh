@@ -13,8 +13,13 @@ cd "$ROOT"
 bash "$ROOT/deploy/local/services.sh" start all
 # The TLS variants, for the tests of TLS and authentication.
 bash "$ROOT/deploy/local/services.sh" start tls
-# PostgreSQL 13, which every command must refuse (tests/pg_versions.rs).
-bash "$ROOT/deploy/local/services.sh" start pg13
+# The other PostgreSQL majors: 13, which every command must refuse, 16 and 17 for
+# failover slots (tests/pg_versions.rs), and the version matrix at the end. Started
+# first: their ports are in the kernel's ephemeral range, and once the suite has
+# opened thousands of connections one of them may hold such a port as its source.
+for major in 13 14 16 17 18; do
+    bash "$ROOT/deploy/local/services.sh" start "pg$major"
+done
 
 export WAL2CACHE_TEST_PG="${WAL2CACHE_TEST_PG:-postgres://postgres@$HOST:$PG_PORT/postgres}"
 export WAL2CACHE_TEST_REDIS="${WAL2CACHE_TEST_REDIS:-redis://$HOST:$REDIS_PORT}"
@@ -26,7 +31,10 @@ export WAL2CACHE_TEST_REDIS_TLS="${WAL2CACHE_TEST_REDIS_TLS:-rediss://$REDIS_TLS
 export WAL2CACHE_TEST_REDIS_CLUSTER_TLS="${WAL2CACHE_TEST_REDIS_CLUSTER_TLS:-rediss://$REDIS_TLS_USER:$REDIS_TLS_PASSWORD@localhost:${REDIS_CLUSTER_TLS_PORTS[0]}}"
 export WAL2CACHE_TEST_KAFKA_TLS="${WAL2CACHE_TEST_KAFKA_TLS:-localhost:$KAFKA_TLS_PORT}"
 export WAL2CACHE_TEST_KAFKA_SSL="${WAL2CACHE_TEST_KAFKA_SSL:-localhost:$KAFKA_SSL_PORT}"
-export WAL2CACHE_TEST_PG13="${WAL2CACHE_TEST_PG13:-postgres://postgres@$HOST:$((PG_MAJOR_PORT_BASE + 13))/postgres}"
+for major in 13 16 17; do
+    var="WAL2CACHE_TEST_PG$major"
+    export "$var=${!var:-postgres://postgres@$HOST:$((PG_MAJOR_PORT_BASE + major))/postgres}"
+done
 export WAL2CACHE_TEST_KAFKA_SASL_USER="$KAFKA_SASL_USER"
 export WAL2CACHE_TEST_KAFKA_SASL_PASSWORD="$KAFKA_SASL_PASSWORD"
 

@@ -22,6 +22,18 @@ pub const MIN_SERVER_MAJOR: i32 = 14;
 /// Refuses a server older than [`MIN_SERVER_MAJOR`], naming it (`server`, as shown
 /// to the user) and its version.
 pub async fn require_supported_server(client: &Client, server: &str) -> Result<i32, SourceError> {
+    let (num, version) = server_version_text(client).await?;
+    if num < MIN_SERVER_MAJOR * 10_000 {
+        return Err(SourceError::UnsupportedServer {
+            server: server.to_string(),
+            version,
+        });
+    }
+    Ok(num)
+}
+
+/// `server_version_num` and `server_version`: (170002, "17.2").
+pub async fn server_version_text(client: &Client) -> Result<(i32, String), SourceError> {
     let row = client
         .query_one(
             "SELECT current_setting('server_version_num')::int, current_setting('server_version')",
@@ -29,14 +41,7 @@ pub async fn require_supported_server(client: &Client, server: &str) -> Result<i
         )
         .await
         .map_err(pg("reading server_version_num"))?;
-    let num: i32 = row.get(0);
-    if num < MIN_SERVER_MAJOR * 10_000 {
-        return Err(SourceError::UnsupportedServer {
-            server: server.to_string(),
-            version: row.get(1),
-        });
-    }
-    Ok(num)
+    Ok((row.get(0), row.get(1)))
 }
 
 /// `server_version_num`: 150004 for 15.4.

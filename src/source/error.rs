@@ -57,6 +57,9 @@ pub enum SourceError {
     #[error("the server {server} is PostgreSQL {version}; wal2cache needs PostgreSQL {MIN_SERVER_MAJOR} or later (pgoutput's `messages` option, which logical-message invalidation and the WAL heartbeat use, arrived in 14): upgrade the server, or point postgres.url at one that is 14 or later")]
     UnsupportedServer { server: String, version: String },
 
+    #[error("postgres.failover_slot = true needs PostgreSQL 17 or later (failover slots), and the server is {version}: set postgres.failover_slot = false, or leave it out (its default is true on 17 and later only)")]
+    FailoverSlotUnsupported { version: String },
+
     #[error("role {role:?} may not start replication: run `ALTER ROLE \"{role}\" REPLICATION;` as a superuser (and allow it in pg_hba.conf for the \"replication\" database)")]
     NoReplicationPrivilege { role: String },
 

@@ -23,6 +23,29 @@ pub struct SetupPlan {
     pub create: bool,
     /// Ensure the slot too (`tail` uses a temporary slot of its own).
     pub with_slot: bool,
+    /// Create the slot as a failover slot: `None` for the server's default (17 and
+    /// later: yes).
+    pub failover: Option<bool>,
+}
+
+/// The first major with failover slots.
+pub const FAILOVER_SLOTS_SINCE: i32 = 17;
+
+/// Whether a new slot is to be a failover slot on a server of `server_version`
+/// (`server_version_num`), as `wanted` (`postgres.failover_slot`) asks.
+pub fn failover_slot(
+    wanted: Option<bool>,
+    server_version: i32,
+    version: &str,
+) -> Result<bool, SourceError> {
+    let supported = server_version >= FAILOVER_SLOTS_SINCE * 10_000;
+    match wanted {
+        None => Ok(supported),
+        Some(true) if !supported => Err(SourceError::FailoverSlotUnsupported {
+            version: version.to_string(),
+        }),
+        Some(wanted) => Ok(wanted),
+    }
 }
 
 /// What `ensure` found and did.
@@ -211,15 +234,20 @@ async fn ensure_slot(
             report.confirmed_lsn = confirmed.and_then(|s| s.parse().ok());
         }
         None if plan.create => {
+            let (num, version) = catalog::server_version_text(client).await?;
+            let failover = failover_slot(plan.failover, num, &version)?;
+            // The fifth argument (failover) exists from 17 on.
+            let sql = if failover {
+                "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
+            } else {
+                "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')"
+            };
             let row = client
-                .query_one(
-                    "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-                    &[&plan.slot],
-                )
+                .query_one(sql, &[&plan.slot])
                 .await
                 .map_err(pg(format!("creating replication slot {:?}", plan.slot)))?;
             let lsn: String = row.get(0);
-            tracing::info!(slot = %plan.slot, lsn = %lsn, "created replication slot");
+            tracing::info!(slot = %plan.slot, lsn = %lsn, failover, "created replication slot");
             report.created_slot = true;
             report.confirmed_lsn = lsn.parse().ok();
         }
@@ -232,6 +260,55 @@ async fn ensure_slot(
     Ok(())
 }
 
+/// What `check` says about failover slots, as (message, fix) pairs: on 17 and later,
+/// a slot wanted as a failover slot (`wanted`: `postgres.failover_slot`) that is not
+/// one, and a primary whose `synchronized_standby_slots` is empty. An error when
+/// `wanted` is `Some(true)` and the server is older than 17.
+pub async fn failover_warnings(
+    client: &Client,
+    slot: &str,
+    wanted: Option<bool>,
+) -> Result<Vec<(String, Option<String>)>, SourceError> {
+    let (num, version) = catalog::server_version_text(client).await?;
+    if !failover_slot(wanted, num, &version)? {
+        return Ok(Vec::new());
+    }
+    let mut warnings = Vec::new();
+    let row = client
+        .query_opt(
+            "SELECT failover FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(pg("reading pg_replication_slots"))?;
+    if let Some(row) = row {
+        if !row.get::<_, bool>(0) {
+            warnings.push((
+                format!("slot {slot:?} is not a failover slot: a standby does not carry it across a promotion, and wal2cache would then find it gone and flush the caches"),
+                Some(format!(
+                    "with wal2cache stopped: psql \"dbname=<database> replication=database\" -c 'ALTER_REPLICATION_SLOT {} (FAILOVER true)'; or set postgres.failover_slot = false to keep it as it is",
+                    escape_identifier(slot)
+                )),
+            ));
+        }
+    }
+    let row = client
+        .query_one(
+            "SELECT pg_is_in_recovery(), current_setting('synchronized_standby_slots')",
+            &[],
+        )
+        .await
+        .map_err(pg("reading synchronized_standby_slots"))?;
+    let (in_recovery, standby_slots): (bool, String) = (row.get(0), row.get(1));
+    if !in_recovery && standby_slots.trim().is_empty() {
+        warnings.push((
+            "synchronized_standby_slots is empty on the primary: the logical slot may run ahead of the standbys, and after a promotion wal2cache would find the synced slot behind what it confirmed and flush the caches".into(),
+            Some("ALTER SYSTEM SET synchronized_standby_slots = '<the standbys\' physical slots>'; SELECT pg_reload_conf();".into()),
+        ));
+    }
+    Ok(warnings)
+}
+
 /// Drops a slot if it exists (tests and tooling; the daemon never drops its slot).
 pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), SourceError> {
     client
@@ -241,4 +318,19 @@ pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), SourceError> {
         ))
         .await
         .map_err(pg(format!("dropping replication slot {slot:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failover_slots_by_default_from_17_and_refused_before() {
+        assert!(failover_slot(None, 170_002, "17.2").unwrap());
+        assert!(!failover_slot(None, 160_006, "16.6").unwrap());
+        assert!(!failover_slot(Some(false), 180_000, "18.0").unwrap());
+        assert!(failover_slot(Some(true), 180_000, "18.0").unwrap());
+        let e = failover_slot(Some(true), 160_006, "16.6").unwrap_err();
+        assert!(e.to_string().contains("the server is 16.6"), "{e}");
+    }
 }
