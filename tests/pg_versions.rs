@@ -18,15 +18,9 @@ use support::tls::{item_rules, items_db_on};
 async fn every_command_refuses_postgresql_13_naming_the_version_it_found() {
     let admin = pg_major_admin_url(13);
     let db = items_db_on(&admin, "pg13").await;
-    let prefix = unique("pg13");
     let dir = tempfile::tempdir().unwrap();
-    let config = ConfigBuilder::on_url(&url_on(&admin, &db.name, None))
-        .slot(&format!("{}_d", db.name))
-        .rules(&item_rules(&prefix))
-        .redis(&redis_url())
-        .kafka(&kafka_brokers(), &format!("{prefix}.events"))
-        .write(dir.path());
-    let config = config.to_str().unwrap();
+    let config = config_on(&admin, &db, dir.path(), &[]);
+    let config = config.as_str();
     for command in ["check", "setup", "tail", "run"] {
         let (code, stdout, stderr) = run_binary(&[command, "--config", config], &[]);
         assert_ne!(
@@ -41,21 +35,12 @@ async fn every_command_refuses_postgresql_13_naming_the_version_it_found() {
         );
     }
     // Refused before anything was made: no slot, no publication.
-    let slots: i64 = db
-        .client
-        .query_one(
-            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    let publications: i64 = db
-        .client
-        .query_one("SELECT count(*) FROM pg_publication", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let slots = count(
+        &db,
+        "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()",
+    )
+    .await;
+    let publications = count(&db, "SELECT count(*) FROM pg_publication").await;
     assert_eq!((slots, publications), (0, 0));
 }
 
@@ -72,6 +57,10 @@ fn config_on(admin: &str, db: &TestDb, dir: &std::path::Path, extra: &[&str]) ->
         builder = builder.raw("postgres", line);
     }
     builder.write(dir).to_str().unwrap().to_string()
+}
+
+async fn count(db: &TestDb, sql: &str) -> i64 {
+    db.client.query_one(sql, &[]).await.unwrap().get(0)
 }
 
 async fn slot_failover(db: &TestDb) -> Option<bool> {
@@ -145,15 +134,11 @@ async fn on_16_a_failover_slot_is_refused_and_the_default_is_an_ordinary_slot() 
             "{command}: {stderr}"
         );
     }
-    let slots: i64 = db
-        .client
-        .query_one(
-            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let slots = count(
+        &db,
+        "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()",
+    )
+    .await;
     assert_eq!(slots, 0, "a refused setup created a slot");
     let config = config_on(&admin, &db, dir.path(), &[]);
     let (code, stdout, stderr) = run_binary(&["setup", "--config", &config], &[]);

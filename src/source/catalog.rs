@@ -23,6 +23,7 @@ pub const MIN_SERVER_MAJOR: i32 = 14;
 /// to the user) and its version.
 pub async fn require_supported_server(client: &Client, server: &str) -> Result<i32, SourceError> {
     let (num, version) = server_version_text(client).await?;
+    tracing::info!(server, "PostgreSQL {version}");
     if num < MIN_SERVER_MAJOR * 10_000 {
         return Err(SourceError::UnsupportedServer {
             server: server.to_string(),
