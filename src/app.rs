@@ -76,10 +76,18 @@ pub async fn check_rules(
 ) -> Result<CheckReport, Error> {
     let target = config.pg_target();
     let client = target.connect().await?;
-    slot::check_preconditions(&client, &target).await?;
-    let mut report = check::check(&client, rules, &config.postgres.publication, create).await?;
+    let version = slot::check_preconditions(&client, &target).await?;
+    let mut report = check::check(
+        &client,
+        &version,
+        rules,
+        &config.postgres.publication,
+        create,
+    )
+    .await?;
     for (message, fix) in slot::failover_warnings(
         &client,
+        &version,
         &config.postgres.slot,
         config.postgres.failover_slot,
     )

@@ -5,9 +5,8 @@
 mod support;
 
 use support::db::{TestDb, EXAMPLE_SCHEMA};
-use support::rules::{compile_rules, problems};
+use support::rules::{checked, compile_rules, problems};
 use support::stream::{changes, commits};
-use wal2cache::rules::check::check;
 use wal2cache::rules::{plan_message, Planner};
 use wal2cache::source::{Source, SourceEvent};
 use wal2cache::Lsn;
@@ -25,9 +24,7 @@ async fn the_example_rules_pass_on_the_example_schema() {
     let example =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/rules/example.toml"))
             .unwrap();
-    let report = check(&db.client, &compile_rules(&example), "w2c", true)
-        .await
-        .unwrap();
+    let report = checked(&db, &example, true).await;
     assert!(report.problems.is_empty(), "{:#?}", report.problems);
     assert_eq!(
         report.to_publish(),

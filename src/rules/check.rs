@@ -11,7 +11,9 @@ use postgres_protocol::escape::escape_identifier;
 use tokio_postgres::Client;
 
 use crate::rules::compile::{Action, Rule, RuleSet};
-use crate::source::catalog::{self, ColumnInfo, Member, PublicationInfo, TableInfo, ToPublish};
+use crate::source::catalog::{
+    self, ColumnInfo, Member, PublicationInfo, ServerVersion, TableInfo, ToPublish,
+};
 use crate::source::{SourceError, TableName};
 
 /// One problem `check` found.
@@ -76,13 +78,15 @@ impl fmt::Display for CheckError {
 
 /// Checks every rule against the catalog of the database `client` is connected to.
 /// `publication` is the configured one; with `create`, missing tables will be added.
+/// `server` is what `slot::check_preconditions` read.
 pub async fn check(
     client: &Client,
+    server: &ServerVersion,
     rules: &RuleSet,
     publication: &str,
     create: bool,
 ) -> Result<CheckReport, SourceError> {
-    let version = catalog::server_version(client).await?;
+    let version = server.num;
     let mut report = CheckReport {
         server_version: version,
         ..CheckReport::default()

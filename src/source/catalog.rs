@@ -19,22 +19,36 @@ use crate::source::table::TableName;
 /// The oldest PostgreSQL major wal2cache streams from.
 pub const MIN_SERVER_MAJOR: i32 = 14;
 
-/// Refuses a server older than [`MIN_SERVER_MAJOR`], naming it (`server`, as shown
-/// to the user) and its version.
-pub async fn require_supported_server(client: &Client, server: &str) -> Result<i32, SourceError> {
-    let (num, version) = server_version_text(client).await?;
-    tracing::info!(server, "PostgreSQL {version}");
-    if num < MIN_SERVER_MAJOR * 10_000 {
-        return Err(SourceError::UnsupportedServer {
-            server: server.to_string(),
-            version,
-        });
-    }
-    Ok(num)
+/// The server's version, read once per connection by `slot::check_preconditions`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerVersion {
+    /// `server_version_num`: 170002 for 17.2.
+    pub num: i32,
+    /// `server_version`: "17.2" (and whatever the build appends).
+    pub text: String,
 }
 
-/// `server_version_num` and `server_version`: (170002, "17.2").
-pub async fn server_version_text(client: &Client) -> Result<(i32, String), SourceError> {
+impl ServerVersion {
+    /// The major: 17 for 17.2.
+    pub fn major(&self) -> i32 {
+        self.num / 10_000
+    }
+
+    /// Refuses a server older than [`MIN_SERVER_MAJOR`], naming it (`server`, as shown
+    /// to the user) and its version.
+    pub fn require_supported(&self, server: &str) -> Result<(), SourceError> {
+        if self.major() < MIN_SERVER_MAJOR {
+            return Err(SourceError::UnsupportedServer {
+                server: server.to_string(),
+                version: self.text.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// `server_version_num` and `server_version`.
+pub async fn server_version(client: &Client) -> Result<ServerVersion, SourceError> {
     let row = client
         .query_one(
             "SELECT current_setting('server_version_num')::int, current_setting('server_version')",
@@ -42,16 +56,10 @@ pub async fn server_version_text(client: &Client) -> Result<(i32, String), Sourc
         )
         .await
         .map_err(pg("reading server_version_num"))?;
-    Ok((row.get(0), row.get(1)))
-}
-
-/// `server_version_num`: 150004 for 15.4.
-pub async fn server_version(client: &Client) -> Result<i32, SourceError> {
-    let row = client
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await
-        .map_err(pg("reading server_version_num"))?;
-    Ok(row.get(0))
+    Ok(ServerVersion {
+        num: row.get(0),
+        text: row.get(1),
+    })
 }
 
 /// One column as the catalog describes it.

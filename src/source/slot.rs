@@ -6,7 +6,7 @@ use postgres_protocol::escape::{escape_identifier, escape_literal};
 use tokio_postgres::Client;
 
 use crate::lsn::Lsn;
-use crate::source::catalog::{self, ToPublish};
+use crate::source::catalog::{self, ServerVersion, ToPublish};
 use crate::source::error::{pg, SourceError};
 use crate::source::table::TableName;
 use crate::source::target::PgTarget;
@@ -31,18 +31,14 @@ pub struct SetupPlan {
 /// The first major with failover slots.
 pub const FAILOVER_SLOTS_SINCE: i32 = 17;
 
-/// Whether a new slot is to be a failover slot on a server of `server_version`
-/// (`server_version_num`), as `wanted` (`postgres.failover_slot`) asks.
-pub fn failover_slot(
-    wanted: Option<bool>,
-    server_version: i32,
-    version: &str,
-) -> Result<bool, SourceError> {
-    let supported = server_version >= FAILOVER_SLOTS_SINCE * 10_000;
+/// Whether a new slot is to be a failover slot on `server`, as `wanted`
+/// (`postgres.failover_slot`) asks.
+pub fn failover_slot(wanted: Option<bool>, server: &ServerVersion) -> Result<bool, SourceError> {
+    let supported = server.major() >= FAILOVER_SLOTS_SINCE;
     match wanted {
         None => Ok(supported),
         Some(true) if !supported => Err(SourceError::FailoverSlotUnsupported {
-            version: version.to_string(),
+            version: server.text.clone(),
         }),
         Some(wanted) => Ok(wanted),
     }
@@ -62,19 +58,25 @@ pub struct SetupReport {
 /// Idempotent: a second call changes nothing.
 pub async fn ensure(target: &PgTarget, plan: &SetupPlan) -> Result<SetupReport, SourceError> {
     let client = target.connect().await?;
-    check_preconditions(&client, target).await?;
+    let version = check_preconditions(&client, target).await?;
     let mut report = SetupReport::default();
-    ensure_publication(&client, target, plan, &mut report).await?;
+    ensure_publication(&client, target, plan, version.num, &mut report).await?;
     if plan.with_slot {
-        ensure_slot(&client, target, plan, &mut report).await?;
+        ensure_slot(&client, target, plan, &version, &mut report).await?;
     }
     Ok(report)
 }
 
 /// A supported server (14 or later), `wal_level = logical` and a role that may
-/// replicate.
-pub async fn check_preconditions(client: &Client, target: &PgTarget) -> Result<(), SourceError> {
-    catalog::require_supported_server(client, &target.display()).await?;
+/// replicate; the server's version, for what depends on it.
+pub async fn check_preconditions(
+    client: &Client,
+    target: &PgTarget,
+) -> Result<ServerVersion, SourceError> {
+    let server = target.display();
+    let version = catalog::server_version(client).await?;
+    tracing::info!(server, "PostgreSQL {}", version.text);
+    version.require_supported(&server)?;
     let row = client
         .query_one("SELECT current_setting('wal_level')", &[])
         .await
@@ -95,16 +97,16 @@ pub async fn check_preconditions(client: &Client, target: &PgTarget) -> Result<(
             role: target.user.clone(),
         });
     }
-    Ok(())
+    Ok(version)
 }
 
 async fn ensure_publication(
     client: &Client,
     target: &PgTarget,
     plan: &SetupPlan,
+    version: i32,
     report: &mut SetupReport,
 ) -> Result<(), SourceError> {
-    let version = catalog::server_version(client).await?;
     let publication = catalog::publication(client, &plan.publication, version).await?;
     let mut missing: Vec<ToPublish> = Vec::new();
     for (table, origin) in &plan.tables {
@@ -191,6 +193,7 @@ async fn ensure_slot(
     client: &Client,
     target: &PgTarget,
     plan: &SetupPlan,
+    version: &ServerVersion,
     report: &mut SetupReport,
 ) -> Result<(), SourceError> {
     let slot = client
@@ -234,8 +237,7 @@ async fn ensure_slot(
             report.confirmed_lsn = confirmed.and_then(|s| s.parse().ok());
         }
         None if plan.create => {
-            let (num, version) = catalog::server_version_text(client).await?;
-            let failover = failover_slot(plan.failover, num, &version)?;
+            let failover = failover_slot(plan.failover, version)?;
             // The fifth argument (failover) exists from 17 on.
             let sql = if failover {
                 "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
@@ -266,11 +268,11 @@ async fn ensure_slot(
 /// `wanted` is `Some(true)` and the server is older than 17.
 pub async fn failover_warnings(
     client: &Client,
+    version: &ServerVersion,
     slot: &str,
     wanted: Option<bool>,
 ) -> Result<Vec<(String, Option<String>)>, SourceError> {
-    let (num, version) = catalog::server_version_text(client).await?;
-    if !failover_slot(wanted, num, &version)? {
+    if !failover_slot(wanted, version)? {
         return Ok(Vec::new());
     }
     let mut warnings = Vec::new();
@@ -284,7 +286,7 @@ pub async fn failover_warnings(
     if let Some(row) = row {
         if !row.get::<_, bool>(0) {
             warnings.push((
-                format!("slot {slot:?} is not a failover slot: a standby does not carry it across a promotion, and wal2cache would then find it gone and flush the caches"),
+                format!("slot {slot:?} is not a failover slot: a standby does not carry it across a promotion, so the new primary would have no slot for wal2cache, and the changes made before one is created again would reach no cache"),
                 Some(format!(
                     "with wal2cache stopped: psql \"dbname=<database> replication=database\" -c 'ALTER_REPLICATION_SLOT {} (FAILOVER true)'; or set postgres.failover_slot = false to keep it as it is",
                     escape_identifier(slot)
@@ -302,7 +304,7 @@ pub async fn failover_warnings(
     let (in_recovery, standby_slots): (bool, String) = (row.get(0), row.get(1));
     if !in_recovery && standby_slots.trim().is_empty() {
         warnings.push((
-            "synchronized_standby_slots is empty on the primary: the logical slot may run ahead of the standbys, and after a promotion wal2cache would find the synced slot behind what it confirmed and flush the caches".into(),
+            "synchronized_standby_slots is empty on the primary: the logical slot may run ahead of the standbys, so after a promotion the caches may hold what transactions the new primary never received wrote".into(),
             Some("ALTER SYSTEM SET synchronized_standby_slots = '<the standbys\' physical slots>'; SELECT pg_reload_conf();".into()),
         ));
     }
@@ -326,11 +328,15 @@ mod tests {
 
     #[test]
     fn failover_slots_by_default_from_17_and_refused_before() {
-        assert!(failover_slot(None, 170_002, "17.2").unwrap());
-        assert!(!failover_slot(None, 160_006, "16.6").unwrap());
-        assert!(!failover_slot(Some(false), 180_000, "18.0").unwrap());
-        assert!(failover_slot(Some(true), 180_000, "18.0").unwrap());
-        let e = failover_slot(Some(true), 160_006, "16.6").unwrap_err();
+        let v = |num: i32, text: &str| ServerVersion {
+            num,
+            text: text.into(),
+        };
+        assert!(failover_slot(None, &v(170_002, "17.2")).unwrap());
+        assert!(!failover_slot(None, &v(160_006, "16.6")).unwrap());
+        assert!(!failover_slot(Some(false), &v(180_000, "18.0")).unwrap());
+        assert!(failover_slot(Some(true), &v(180_000, "18.0")).unwrap());
+        let e = failover_slot(Some(true), &v(160_006, "16.6")).unwrap_err();
         assert!(e.to_string().contains("the server is 16.6"), "{e}");
     }
 }

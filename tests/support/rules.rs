@@ -2,8 +2,9 @@
 
 use std::sync::Arc;
 
-use wal2cache::rules::check::check;
+use wal2cache::rules::check::{check, CheckReport};
 use wal2cache::rules::RuleSet;
+use wal2cache::source::catalog::server_version;
 
 use super::db::TestDb;
 
@@ -20,9 +21,7 @@ pub fn compile_rules(text: &str) -> Arc<RuleSet> {
 /// with `create`, tables missing from it are to be added, not problems).
 #[allow(dead_code)]
 pub async fn problems(db: &TestDb, text: &str, create: bool) -> Vec<String> {
-    let report = check(&db.client, &compile_rules(text), "w2c", create)
-        .await
-        .unwrap();
+    let report = checked(db, text, create).await;
     report.problems.iter().map(ToString::to_string).collect()
 }
 
@@ -30,10 +29,17 @@ pub async fn problems(db: &TestDb, text: &str, create: bool) -> Vec<String> {
 /// with `create`).
 #[allow(dead_code)]
 pub async fn warnings(db: &TestDb, text: &str) -> Vec<String> {
-    let report = check(&db.client, &compile_rules(text), "w2c", true)
-        .await
-        .unwrap();
+    let report = checked(db, text, true).await;
     report.warnings.iter().map(ToString::to_string).collect()
+}
+
+/// What `check` says of `text` against the database (publication `w2c`).
+#[allow(dead_code)]
+pub async fn checked(db: &TestDb, text: &str, create: bool) -> CheckReport {
+    let server = server_version(&db.client).await.unwrap();
+    check(&db.client, &server, &compile_rules(text), "w2c", create)
+        .await
+        .unwrap()
 }
 
 /// The example rules (`rules/example.toml`) with every key and tag under a prefix of
