@@ -72,7 +72,7 @@ async fn run() -> Result<(), BoxError> {
     let topic = format!("{prefix}.events");
     let dir = tempfile::Builder::new().prefix("w2c_l1_bench_").tempdir()?;
     let config = ConfigBuilder::new(&db)
-        .name("l1-bench")
+        .name(&format!("l1-bench-{}", db.name))
         .rules(&format!(
             "[[rule]]\nname = \"item\"\ntable = \"public.items\"\nkeys = [\"{prefix}:item:{{id}}\"]\ntags = [\"{prefix}:items\"]\n"
         ))

@@ -7,17 +7,21 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use crate::config::Config;
+use crate::config::OnSlotLoss;
 use crate::error::Error;
 use crate::lsn::Lsn;
 use crate::pipeline::{self, Pipeline, Reload};
+use crate::remember::Remembering;
 use crate::rules::check::{self, CheckError, CheckProblem, CheckReport};
 use crate::rules::{self, Planner, RuleSet};
 use crate::sink::kafka::KafkaSink;
-use crate::sink::redis::RedisSink;
-use crate::sink::Position;
+use crate::sink::redis::{state_key, RedisSink, StreamState};
+use crate::sink::{Batch, Item, Origin, Position, Sink, Version};
+use crate::source::catalog;
+use crate::source::identity::{self, Loss, LossReason, Remembered};
 use crate::source::messages::{wal_heartbeats, RELOAD_PREFIX};
 use crate::source::slot::{self, SetupPlan, SetupReport};
-use crate::source::{Source, SourceEvent, StreamConfig};
+use crate::source::{Source, SourceError, SourceEvent, StreamConfig};
 use crate::tail::TailFormatter;
 
 /// Loads and compiles the rules the configuration names.
@@ -62,8 +66,58 @@ pub async fn check(config: &Config) -> Result<(Arc<RuleSet>, CheckReport), Error
     // What `run` would refuse is reported here, before the database is asked.
     config.sinks()?;
     let rules = load_rules(config)?;
-    let report = check_rules(config, &rules, config.postgres.create).await?;
+    let mut report = check_rules(config, &rules, config.postgres.create).await?;
+    report.warnings.extend(check_slot_loss(config).await);
     Ok((rules, report))
+}
+
+/// What `run` would find comparing the stream record in Redis with the server and the
+/// slot: a warning saying what it would do about a loss, or that it could not tell.
+async fn check_slot_loss(config: &Config) -> Option<CheckProblem> {
+    let warning = |message: String, fix: Option<String>| {
+        Some(CheckProblem {
+            origin: "postgres.slot".into(),
+            message,
+            fix,
+        })
+    };
+    let found = async {
+        let (redis_config, _) = config.sinks()?;
+        let mut state = StreamState::connect(redis_config, &config.name).await?;
+        let remembered = state.read().await?;
+        let target = config.pg_target();
+        let client = target.connect().await?;
+        let version = catalog::server_version(&client).await?;
+        let server = identity::server_identity(&client, &target).await?;
+        let slot = identity::slot_state(&client, &config.postgres.slot, version.num).await?;
+        Ok::<_, Error>(identity::detect(
+            remembered.as_ref(),
+            &server,
+            &config.postgres.slot,
+            slot.as_ref(),
+        ))
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(20), found).await {
+        Err(_) => warning(
+            "could not compare the slot with the stream record in Redis (no answer within 20 s), so a slot loss would only be found by `run`".into(),
+            Some("check that Redis at redis.url runs".into()),
+        ),
+        Ok(Err(e)) => warning(
+            format!("could not compare the slot with the stream record in Redis, so a slot loss would only be found by `run`: {e}"),
+            None,
+        ),
+        Ok(Ok(None)) => None,
+        Ok(Ok(Some(loss))) => match config.postgres.on_slot_loss {
+            OnSlotLoss::Flush => warning(
+                format!("changes may have been missed: {loss}"),
+                Some("`run` flushes the caches (the rules' key prefixes and tag sets in Redis, and every subscriber through a flush_all with reason \"slot_lost\") before it streams (postgres.on_slot_loss = \"flush\")".into()),
+            ),
+            OnSlotLoss::Fail => warning(
+                format!("changes may have been missed: {loss}; `run` stops with exit code 4 (postgres.on_slot_loss = \"fail\")"),
+                Some("run once with postgres.on_slot_loss = \"flush\" to flush the caches and stream from the slot as it is".into()),
+            ),
+        },
+    }
 }
 
 /// Checks a compiled rule set against the database: the server's preconditions, then
@@ -176,52 +230,29 @@ async fn reload(config: &Config, rules_tx: &mpsc::UnboundedSender<Reload>) -> Re
 /// the publication and the slot when missing (with `postgres.create`); connects to
 /// Redis and Kafka (failing fast when they cannot be reached at start); then keeps the
 /// caches in step with the database until `shutdown`. A message on `reload` (SIGHUP)
-/// loads the rules again; if they fail, the old ones stay.
+/// loads the rules again; if they fail, the old ones stay. When changes may have been
+/// missed (see [`stream`]), it flushes the caches or stops, as
+/// `postgres.on_slot_loss` says; a loss found on a reconnect starts the stream again
+/// from those checks.
 pub async fn run(
     config: &Config,
     shutdown: impl Future<Output = ()>,
     mut reload_signals: mpsc::UnboundedReceiver<()>,
 ) -> Result<(), Error> {
-    let (redis_config, kafka_config) = config.sinks()?;
-    let rules = load_rules(config)?;
+    config.sinks()?;
+    let mut rules = load_rules(config)?;
     if rules.rules().is_empty() {
         tracing::warn!(rules = %config.rules.path.display(), "the rules have no [[rule]]: no change will invalidate anything; add rules (see rules/README.md) and send SIGHUP, or restart wal2cache");
     }
     let checked = check_rules(config, &rules, config.postgres.create).await?;
     log_warnings(&checked);
-    let target = config.pg_target();
-    let report = slot::ensure(&target, &setup_plan(config, &rules, true)).await?;
     crate::serve::start(&config.metrics).await?;
-    let confirmed = report.confirmed_lsn.unwrap_or(Lsn::ZERO);
-    // One stop signal for every task: the sinks' retries, Kafka's heartbeats, the WAL
-    // heartbeats and the reloader end when the pipeline stops, and are joined.
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let (position, position_rx) = tokio::sync::watch::channel(Position {
-        confirmed,
-        ..Position::default()
-    });
-    let redis = RedisSink::connect(redis_config, stop_rx.clone()).await?;
-    let kafka =
-        KafkaSink::connect(kafka_config, &config.name, position_rx, stop_rx.clone()).await?;
-    let mut stream = StreamConfig::new(
-        target,
-        config.postgres.slot.clone(),
-        config.postgres.publication.clone(),
-    );
-    stream.application_name = format!("wal2cache {}", config.name);
-    let heartbeats = (!config.pipeline.idle_heartbeat.is_zero()).then(|| {
-        tokio::spawn(wal_heartbeats(
-            config.pg_target(),
-            config.pipeline.idle_heartbeat,
-            stop_rx.clone(),
-        ))
-    });
-    let source = Source::start(stream, confirmed);
-    tracing::info!(slot = %config.postgres.slot, confirmed = %confirmed, rules = rules.rules().len(), "running");
+    tokio::pin!(shutdown);
 
-    let (rules_tx, rules_rx) = mpsc::unbounded_channel();
+    // The reloader lives as long as `run`: reloads reach whichever stream runs.
+    let (stop_reloads, mut reload_stop) = tokio::sync::watch::channel(false);
+    let (rules_tx, mut rules_rx) = mpsc::unbounded_channel();
     let reload_config = config.clone();
-    let mut reload_stop = stop_rx;
     let reloader = tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -240,6 +271,112 @@ pub async fn run(
             }
         }
     });
+    let result = loop {
+        match stream(config, rules.clone(), shutdown.as_mut(), &mut rules_rx).await {
+            Err(Error::Source(SourceError::SlotLost(loss))) => {
+                tracing::error!(reason = loss.reason.label(), "changes may have been missed (found on reconnecting): {loss}; starting the stream again from its checks");
+                // The rules as the file holds them now (a reload may have changed them).
+                match load_rules(config) {
+                    Ok(r) => rules = r,
+                    Err(e) => tracing::warn!(
+                        "the rules file no longer loads, keeping the rules in force: {e}"
+                    ),
+                }
+            }
+            other => break other,
+        }
+    };
+    let _ = stop_reloads.send(true);
+    let _ = reloader.await;
+    result
+}
+
+/// One life of the stream: compares the stream record in Redis with the server and
+/// the slot (see `source::identity`); on a loss flushes the caches (or stops, under
+/// `postgres.on_slot_loss = "fail"`) after the slot is created again; writes the
+/// record; then runs the pipeline until `shutdown`, a fatal error, or a loss found on a
+/// reconnect (`SourceError::SlotLost`).
+async fn stream(
+    config: &Config,
+    rules: Arc<RuleSet>,
+    mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+    rules_rx: &mut mpsc::UnboundedReceiver<Reload>,
+) -> Result<(), Error> {
+    let (redis_config, kafka_config) = config.sinks()?;
+    let target = config.pg_target();
+    let slot_name = &config.postgres.slot;
+    let mut state = StreamState::connect(redis_config, &config.name).await?;
+    let remembered = state.read().await?;
+    let (server, loss) = {
+        let client = target.connect().await?;
+        let version = catalog::server_version(&client).await?;
+        let server = identity::server_identity(&client, &target).await?;
+        let slot_now = identity::slot_state(&client, slot_name, version.num).await?;
+        let loss = identity::detect(remembered.as_ref(), &server, slot_name, slot_now.as_ref());
+        if let Some(loss) = &loss {
+            metrics::counter!("wal2cache_slot_losses_total", "reason" => loss.reason.label())
+                .increment(1);
+            if config.postgres.on_slot_loss == OnSlotLoss::Fail {
+                return Err(Error::SlotLost {
+                    loss: loss.clone(),
+                    record: state_key(&config.name),
+                });
+            }
+            tracing::error!(reason = loss.reason.label(), "changes may have been missed: {loss}; the slot is created again (when missing) and the caches are flushed before streaming (postgres.on_slot_loss = \"flush\")");
+            if loss.reason == LossReason::WalLost && config.postgres.create {
+                // A slot that lost WAL cannot stream again.
+                slot::drop_slot(&client, slot_name).await?;
+                tracing::warn!(slot = %slot_name, "dropped the slot that had lost WAL, to create it again");
+            }
+        }
+        (server, loss)
+    };
+    let report = slot::ensure(&target, &setup_plan(config, &rules, true)).await?;
+    let confirmed = report.confirmed_lsn.unwrap_or(Lsn::ZERO);
+    // One stop signal for every task: the sinks' retries, Kafka's heartbeats and the
+    // WAL heartbeats end when the pipeline stops, and are joined.
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let (position, position_rx) = tokio::sync::watch::channel(Position {
+        confirmed,
+        ..Position::default()
+    });
+    let mut redis = RedisSink::connect(redis_config, stop_rx.clone()).await?;
+    let mut kafka =
+        KafkaSink::connect(kafka_config, &config.name, position_rx, stop_rx.clone()).await?;
+    if let Some(loss) = &loss {
+        tokio::select! {
+            flushed = flush_after_loss(&mut redis, &mut kafka, &rules, loss, confirmed) => flushed?,
+            _ = &mut shutdown => {
+                tracing::warn!("stopped before the caches were flushed: the next start flushes them");
+                let _ = stop.send(true);
+                kafka.close().await;
+                return Ok(());
+            }
+        }
+        tracing::error!(reason = loss.reason.label(), slot = %slot_name, confirmed = %confirmed, "flushed the caches after the slot loss; streaming from the slot's position");
+    }
+    let record = Remembered {
+        slot: slot_name.clone(),
+        server,
+        confirmed,
+    };
+    state.write(&record).await?;
+    let mut stream = StreamConfig::new(
+        target,
+        slot_name.clone(),
+        config.postgres.publication.clone(),
+    );
+    stream.application_name = format!("wal2cache {}", config.name);
+    stream.guard = Some(record.server.clone());
+    let heartbeats = (!config.pipeline.idle_heartbeat.is_zero()).then(|| {
+        tokio::spawn(wal_heartbeats(
+            config.pg_target(),
+            config.pipeline.idle_heartbeat,
+            stop_rx.clone(),
+        ))
+    });
+    let source = Remembering::new(Source::start(stream, confirmed), state, record);
+    tracing::info!(slot = %slot_name, confirmed = %confirmed, rules = rules.rules().len(), "running");
     let pipeline = Pipeline {
         config: config.pipeline.clone(),
         events: source,
@@ -251,11 +388,48 @@ pub async fn run(
     let result = pipeline::run(pipeline, rules, shutdown, rules_rx).await;
     // The pipeline has set the stop signal; every task ends on it.
     let _ = stop.send(true);
-    let _ = reloader.await;
     if let Some(h) = heartbeats {
         let _ = h.await;
     }
     result
+}
+
+/// After a loss: every key under the rules' prefixes and every tag set of theirs
+/// unlinked in Redis, then a `flush_all` with `reason = "slot_lost"` on every
+/// partition, before anything from the new slot is confirmed.
+async fn flush_after_loss(
+    redis: &mut RedisSink,
+    kafka: &mut KafkaSink,
+    rules: &RuleSet,
+    loss: &Loss,
+    at: Lsn,
+) -> Result<(), Error> {
+    let (plan, unflushable) = rules::plan_slot_loss(rules);
+    for rule in unflushable {
+        tracing::warn!(rule = %rule, "the keys of rule {rule:?} start with a placeholder, so they cannot be found by prefix after a slot loss: only its tags were purged; give its keys a literal prefix");
+    }
+    let item = Item {
+        origin: Origin {
+            version: Version {
+                commit_lsn: at,
+                seq: 0,
+            },
+            xid: 0,
+            commit_time: crate::pgtime::pg_now(),
+            table: None,
+            op: "slot_lost",
+        },
+        plan: Arc::new(plan),
+    };
+    let batch = Batch {
+        items: vec![item],
+        ..Batch::default()
+    };
+    redis.apply(&batch).await?;
+    kafka
+        .announce_flush_all("slot_lost", &loss.to_string(), at)
+        .await?;
+    Ok(())
 }
 
 /// `wal2cache tail`: streams on a temporary slot of its own until `shutdown`, writing

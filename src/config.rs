@@ -96,6 +96,22 @@ pub struct PostgresConfig {
     /// on 17 and later, false before; `true` on an older server is refused.
     #[serde(default)]
     pub failover_slot: Option<bool>,
+    /// What to do when changes may have been missed (the slot is gone, lost WAL, was
+    /// recreated, or another server answers): flush the caches, or stop.
+    #[serde(default)]
+    pub on_slot_loss: OnSlotLoss,
+}
+
+/// `postgres.on_slot_loss`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnSlotLoss {
+    /// Recreate the slot (with `postgres.create`), flush Redis and every subscriber,
+    /// then stream.
+    #[default]
+    Flush,
+    /// Stop with exit code 4, touching nothing.
+    Fail,
 }
 
 /// Without the secrets: the URL's password and `password` show as `***`.
@@ -109,6 +125,7 @@ impl std::fmt::Debug for PostgresConfig {
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("password_file", &self.password_file)
             .field("failover_slot", &self.failover_slot)
+            .field("on_slot_loss", &self.on_slot_loss)
             .finish()
     }
 }
@@ -724,7 +741,7 @@ brokers = "127.0.0.1:9092"
         let err = Config::load(f.path()).unwrap_err().to_string();
         for needle in [
             "nmae: unknown key",
-            "postgres.slott: unknown key ([postgres] has url, slot, publication, create, password, password_file, failover_slot)",
+            "postgres.slott: unknown key ([postgres] has url, slot, publication, create, password, password_file, failover_slot, on_slot_loss)",
             "redis.urll: unknown key",
             "kafka.topicc: unknown key",
             "kafka.brokerz: unknown key",

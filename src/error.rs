@@ -29,6 +29,12 @@ pub enum Error {
     },
     #[error("the shutdown deadline ({0:?}) passed before what was in flight was applied; it was not confirmed and will be applied again at the next start")]
     ShutdownTimeout(std::time::Duration),
+    #[error("changes may have been missed since wal2cache last confirmed a position ({loss}). postgres.on_slot_loss = \"fail\", so nothing was changed: to flush the caches (the rules' key prefixes and tag sets in Redis, and every subscriber) and stream from the slot as it is, run once with postgres.on_slot_loss = \"flush\"; or flush them yourself and delete the stream record {record} in Redis")]
+    SlotLost {
+        loss: crate::source::identity::Loss,
+        /// The Redis key of the stream record.
+        record: String,
+    },
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -45,6 +51,8 @@ pub mod exit {
     pub const USAGE: i32 = 2;
     /// The config or rules file is invalid, or the rules do not fit the database.
     pub const CONFIG: i32 = 3;
+    /// Changes may have been missed and `postgres.on_slot_loss = "fail"`.
+    pub const SLOT_LOST: i32 = 4;
 }
 
 impl Error {
@@ -52,6 +60,7 @@ impl Error {
         match self {
             Error::Config(_) | Error::Rules(_) | Error::Check(_) => exit::CONFIG,
             Error::Source(SourceError::Url(_)) => exit::CONFIG,
+            Error::SlotLost { .. } => exit::SLOT_LOST,
             Error::Source(_)
             | Error::Io { .. }
             | Error::Plan(_)

@@ -28,6 +28,8 @@ pub mod l1;
 #[cfg(feature = "daemon")]
 pub mod redact;
 #[cfg(feature = "daemon")]
+pub mod remember;
+#[cfg(feature = "daemon")]
 pub mod rules;
 pub mod secret;
 #[cfg(feature = "daemon")]

@@ -20,6 +20,8 @@ pub struct Plan {
     pub purge_tags: Vec<String>,
     /// Table-wide flush (TRUNCATE without truncate_tags): every key under these prefixes.
     pub flush_prefixes: Vec<String>,
+    /// Every tag set whose tag starts with one of these, purged (after a slot loss).
+    pub purge_tag_prefixes: Vec<String>,
     /// Subscribers empty their whole cache.
     pub flush_all: bool,
     /// What was skipped or replaced, and why.
@@ -35,6 +37,7 @@ impl Plan {
             && self.republish.is_empty()
             && self.purge_tags.is_empty()
             && self.flush_prefixes.is_empty()
+            && self.purge_tag_prefixes.is_empty()
             && !self.flush_all
     }
 

@@ -29,7 +29,7 @@ const KILLS: usize = 10;
 /// Two rules on `items`: a key per version (each write's own), and its republished row.
 fn crash_config(dir: &Path, db: &TestDb, prefix: &str, topic: &str) -> PathBuf {
     ConfigBuilder::new(db)
-        .name("crash")
+        .name(&format!("crash-{}", db.name))
         .slot_suffix(db, "c")
         .rules(&format!(
             r#"[[rule]]

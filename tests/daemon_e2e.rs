@@ -31,7 +31,7 @@ async fn the_daemon_keeps_redis_and_the_topic_in_step() {
     // daemons cannot be told apart in the WAL). Without them the slot must end exactly
     // at the end of the last transaction.
     let config = ConfigBuilder::example(&db, &prefix, &topic)
-        .name("e2e")
+        .name(&format!("e2e-{}", db.name))
         .pipeline("idle_heartbeat", "0s")
         .write(dir.path());
     let mut r = redis().await;
@@ -224,7 +224,7 @@ async fn the_daemon_keeps_redis_and_the_topic_in_step() {
         .unwrap();
     assert_eq!(insert["schema"], 1);
     assert_eq!(insert["kind"], "invalidate");
-    assert_eq!(insert["source"], "e2e");
+    assert_eq!(insert["source"], format!("e2e-{}", db.name));
     assert!(insert["lsn"].as_str().unwrap().contains('/'));
     assert!(insert["xid"].as_u64().is_some());
     assert!(insert["commit_time"].as_str().unwrap().ends_with('Z'));
@@ -253,7 +253,7 @@ async fn an_idle_slot_advances_while_other_tables_write() {
     let prefix = unique("idle");
     let dir = tempfile::tempdir().unwrap();
     let config = ConfigBuilder::example(&db, &prefix, &format!("{prefix}.t"))
-        .name("e2e")
+        .name(&format!("e2e-{}", db.name))
         .pipeline("idle_heartbeat", "1s")
         .write(dir.path());
     let slot = format!("{}_d", db.name);
@@ -280,7 +280,7 @@ async fn a_poison_command_stops_the_daemon_naming_the_key_and_the_rule() {
     let prefix = unique("poison");
     let dir = tempfile::tempdir().unwrap();
     let config = ConfigBuilder::example(&db, &prefix, &format!("{prefix}.t"))
-        .name("e2e")
+        .name(&format!("e2e-{}", db.name))
         .write(dir.path());
     let slot = format!("{}_d", db.name);
     // The tag's set is a string: SMEMBERS answers WRONGTYPE, whatever the retries.
@@ -328,7 +328,7 @@ async fn unreachable_sinks_and_failing_rules_stop_with_a_clear_error() {
     let prefix = unique("bad");
     let dir = tempfile::tempdir().unwrap();
     let config = ConfigBuilder::example(&db, &prefix, &format!("{prefix}.t"))
-        .name("e2e")
+        .name(&format!("e2e-{}", db.name))
         .write(dir.path());
     let slot = format!("{}_d", db.name);
     // The binary, for its exit codes and what it prints.
@@ -336,18 +336,18 @@ async fn unreachable_sinks_and_failing_rules_stop_with_a_clear_error() {
         let (code, _, err) = run_binary(&["run", "--config", config.to_str().unwrap()], envs);
         (Some(code), err)
     };
+    let (code, err) = run(&[("WAL2CACHE__KAFKA__BROKERS", "127.0.0.1:1")]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("cannot reach the Kafka brokers"), "{err}");
+    // The slot exists now; writes after it must stay unconfirmed.
+    let created = db.confirmed_lsn(&slot).await.expect("run created the slot");
+    db.exec("INSERT INTO categories VALUES (1, 'x')").await;
     let (code, err) = run(&[("WAL2CACHE__REDIS__URL", "redis://127.0.0.1:1")]);
     assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains("cannot connect to redis://127.0.0.1:1"),
         "{err}"
     );
-    // The slot exists now; writes after it must stay unconfirmed.
-    let created = db.confirmed_lsn(&slot).await.expect("run created the slot");
-    db.exec("INSERT INTO categories VALUES (1, 'x')").await;
-    let (code, err) = run(&[("WAL2CACHE__KAFKA__BROKERS", "127.0.0.1:1")]);
-    assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("cannot reach the Kafka brokers"), "{err}");
     // A URL that does not parse is a config error, found before connecting anywhere.
     let (code, err) = run(&[("WAL2CACHE__REDIS__URL", "not a url")]);
     assert_eq!(code, Some(3), "{err}");

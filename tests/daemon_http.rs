@@ -20,7 +20,7 @@ async fn the_listener_serves_get_metrics_and_404_elsewhere() {
     let topic = unique("w2c_http");
     let addr = free_addr();
     let config = ConfigBuilder::example(&db, &prefix, &topic)
-        .name("http")
+        .name(&format!("http-{}", db.name))
         .metrics_listen(addr)
         .write(dir.path());
 
@@ -57,7 +57,7 @@ async fn a_taken_metrics_port_is_an_error_naming_metrics_listen() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
     let config = ConfigBuilder::example(&db, &unique("http"), &unique("w2c_http"))
-        .name("http")
+        .name(&format!("http-{}", db.name))
         .metrics_listen(addr)
         .write(dir.path());
     // The binary prints this error as its last line and exits with its code.

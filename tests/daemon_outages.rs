@@ -76,7 +76,7 @@ async fn redis_then_the_broker_down_for_10_s_lose_nothing() {
     let topic = format!("{prefix}.events");
     let dir = tempfile::tempdir().unwrap();
     let config = ConfigBuilder::new(&db)
-        .name("outage")
+        .name(&format!("outage-{}", db.name))
         .slot_suffix(&db, "o")
         .rules(&format!(
             "[[rule]]\nname = \"item\"\ntable = \"public.items\"\nkeys = [\"{prefix}:json:{{id}}\"]\naction = \"republish\"\n"

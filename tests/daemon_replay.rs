@@ -24,7 +24,7 @@ async fn a_replay_from_an_older_position_never_makes_values_older() {
     let prefix = unique("replay");
     let dir = tempfile::tempdir().unwrap();
     let config = ConfigBuilder::new(&db)
-        .name("replay")
+        .name(&format!("replay-{}", db.name))
         .slot_suffix(&db, "a")
         .rules(&format!(
             "[[rule]]\nname = \"item_json\"\ntable = \"public.items\"\nkeys = [\"{prefix}:json:{{id}}\"]\naction = \"republish\"\n"

@@ -26,7 +26,7 @@ async fn an_update_in_postgres_evicts_the_key_from_an_l1_subscribed_to_the_daemo
     let topic = format!("{prefix}.events");
     let dir = tempfile::tempdir().unwrap();
     let config = ConfigBuilder::example(&db, &prefix, &topic)
-        .name("l1-e2e")
+        .name(&format!("l1-e2e-{}", db.name))
         .write(dir.path());
     let k = |s: &str| format!("{prefix}:{s}");
 

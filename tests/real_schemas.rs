@@ -20,7 +20,7 @@ use wal2cache::Lsn;
 /// `w2c`); Redis and the brokers do not answer (`check` and `setup` do not ask them).
 fn write_schemas_config(dir: &Path, db: &TestDb, rules: &str) -> PathBuf {
     ConfigBuilder::on_url(&db.url)
-        .name("schemas")
+        .name(&format!("schemas-{}", db.name))
         .slot_suffix(db, "s")
         .rules(rules)
         .write(dir)

@@ -91,7 +91,7 @@ pub async fn run<E: Events, R: Sink, K: Sink>(
     pipeline: Pipeline<E, R, K>,
     rules: Arc<RuleSet>,
     shutdown: impl Future<Output = ()>,
-    mut reload: mpsc::UnboundedReceiver<Reload>,
+    reload: &mut mpsc::UnboundedReceiver<Reload>,
 ) -> Result<(), Error> {
     let Pipeline {
         config,

@@ -197,7 +197,7 @@ fn start_with(
         position,
         stop,
     };
-    let (_reload_tx, reload_rx) = mpsc::unbounded_channel();
+    let (_reload_tx, mut reload_rx) = mpsc::unbounded_channel();
     let rules = crate::rules::testing::rule_set(RULES);
     let done = tokio::spawn(async move {
         let _keep = _reload_tx;
@@ -207,7 +207,7 @@ fn start_with(
             async {
                 let _ = shutdown_rx.await;
             },
-            reload_rx,
+            &mut reload_rx,
         )
         .await
     });

@@ -302,6 +302,58 @@ impl Planner {
     }
 }
 
+/// What a slot loss flushes: every key under the literal prefix of each rule's key
+/// templates (with the version sidecars of republished keys), every tag set under the
+/// literal prefix of each tag template and each `truncate_tags` tag, and every
+/// subscriber. Prefixes covered by a shorter one are left out. Also the rules whose
+/// keys start with a placeholder: their keys cannot be found by prefix, only their
+/// tags are purged.
+pub fn plan_slot_loss(rules: &RuleSet) -> (Plan, Vec<String>) {
+    let mut keys: Vec<String> = Vec::new();
+    let mut tags: Vec<String> = Vec::new();
+    let mut unflushable = Vec::new();
+    for rule in rules.rules() {
+        for k in &rule.keys {
+            let prefix = k.literal_prefix();
+            if prefix.is_empty() {
+                if !unflushable.contains(&rule.name) {
+                    unflushable.push(rule.name.clone());
+                }
+                continue;
+            }
+            keys.push(prefix.to_string());
+            if matches!(rule.action, Action::Republish { .. }) && !prefix.contains('{') {
+                // The sidecar of a key without a hash tag is `{KEY}:w2c:v`.
+                keys.push(format!("{{{prefix}"));
+            }
+        }
+        tags.extend(rule.tags.iter().map(|t| t.literal_prefix().to_string()));
+        tags.extend(rule.truncate_tags.iter().flatten().cloned());
+    }
+    let plan = Plan {
+        flush_prefixes: shortest_prefixes(keys),
+        purge_tag_prefixes: shortest_prefixes(tags),
+        flush_all: true,
+        rules: rules.rules().iter().map(|r| r.name.clone()).collect(),
+        ..Plan::default()
+    };
+    (plan, unflushable)
+}
+
+/// The prefixes no other of them starts with, sorted.
+fn shortest_prefixes(mut prefixes: Vec<String>) -> Vec<String> {
+    prefixes.sort();
+    prefixes.dedup();
+    let mut out: Vec<String> = Vec::with_capacity(prefixes.len());
+    for p in prefixes {
+        // Sorted: a prefix of `p` sorts before it, and is the last one kept if any.
+        if !out.last().is_some_and(|kept| p.starts_with(kept.as_str())) {
+            out.push(p);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -662,6 +714,41 @@ truncate_tags = [\"shop:products\"]
         let flushed = Planner::new(rule_set(PRODUCT_JSON)).plan_truncate(&[rel]);
         assert!(flushed.flush_all);
         assert_eq!(flushed.flush_prefixes, ["shop:product:json:v3:"]);
+    }
+
+    #[test]
+    fn a_slot_loss_flushes_every_rules_prefixes_and_tag_sets() {
+        let rules = format!(
+            "{PRODUCT}{PRODUCT_JSON}
+[[rule]]
+name = \"by_slug_only\"
+table = \"public.products\"
+keys = [\"{{slug}}\"]
+truncate_tags = [\"shop:all\"]
+"
+        );
+        let (p, unflushable) = plan_slot_loss(&rule_set(&rules));
+        assert!(p.flush_all);
+        // Each rule's prefix, and the version sidecars of the republished keys.
+        assert_eq!(
+            p.flush_prefixes,
+            [
+                "shop:product:json:v3:",
+                "shop:product:slug:v3:",
+                "shop:product:v3:",
+                "{shop:product:json:v3:"
+            ]
+        );
+        // Tag templates' prefixes and truncate tags, once each.
+        assert_eq!(
+            p.purge_tag_prefixes,
+            ["shop:all", "shop:category:", "shop:products"]
+        );
+        assert_eq!(unflushable, ["by_slug_only"]);
+        assert_eq!(
+            shortest_prefixes(vec!["ab".into(), "a".into(), "b".into(), "a".into()]),
+            ["a", "b"]
+        );
     }
 
     #[test]

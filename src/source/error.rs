@@ -114,6 +114,17 @@ pub enum SourceError {
 
     #[error("the replication stream ended: PostgreSQL closed it")]
     Ended,
+
+    #[error("the server {server} is a standby (in recovery), and wal2cache streams from the primary: point postgres.url at the primary, or list every host with target_session_attrs=read-write (postgres://user@host1,host2/db?target_session_attrs=read-write)")]
+    InRecovery { server: String },
+
+    #[error("the current WAL file name {0:?} does not start with a timeline: report this with the PostgreSQL version")]
+    Timeline(String),
+
+    /// Found on a reconnect: the daemon starts again from its checks, which flush (or
+    /// stop, under `postgres.on_slot_loss = "fail"`).
+    #[error("changes may have been missed: {0}")]
+    SlotLost(crate::source::identity::Loss),
 }
 
 impl SourceError {
@@ -144,6 +155,9 @@ impl SourceError {
             SourceError::SlotInUse { .. } => ErrorKind::Standby,
             SourceError::Tls { retry: true, .. } => ErrorKind::Transient,
             SourceError::Ended => ErrorKind::Transient,
+            // A failover in progress: the old primary comes back as a standby, or the
+            // new one is not promoted yet.
+            SourceError::InRecovery { .. } => ErrorKind::Transient,
             _ => ErrorKind::Fatal,
         }
     }

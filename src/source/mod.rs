@@ -7,6 +7,7 @@ pub mod catalog;
 pub mod change;
 pub mod conninfo;
 pub mod error;
+pub mod identity;
 pub mod messages;
 pub mod pace;
 pub mod pgoutput;

@@ -16,8 +16,10 @@ use tokio::task::JoinHandle;
 
 use crate::backoff::Backoff;
 use crate::lsn::Lsn;
+use crate::source::catalog;
 use crate::source::change::{Relation, SourceEvent};
 use crate::source::error::{ErrorKind, SourceError};
+use crate::source::identity::{self, Loss, LossReason, Remembered, ServerIdentity};
 use crate::source::pace;
 use crate::source::pgoutput::{self, Begin, Commit, Message};
 use crate::source::relations::Relations;
@@ -40,6 +42,10 @@ pub struct StreamConfig {
     pub backoff_max: Duration,
     /// Shown in `pg_stat_replication.application_name`.
     pub application_name: String,
+    /// The server streamed from at start: before each reconnect the slot and the
+    /// server are compared with it and with the last confirmed position, and a loss
+    /// ends the stream with [`SourceError::SlotLost`].
+    pub guard: Option<ServerIdentity>,
 }
 
 impl StreamConfig {
@@ -54,6 +60,7 @@ impl StreamConfig {
             backoff_initial: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
             application_name: "wal2cache".into(),
+            guard: None,
         }
     }
 }
@@ -180,9 +187,11 @@ async fn run(
     let mut relations = Relations::new();
     let mut standby = false;
     let mut sessions = 0u64;
+    let mut guard = config.guard.clone();
     loop {
         let mut session = Session {
             resumed: sessions > 0,
+            guard: &mut guard,
             config: &config,
             relations: &mut relations,
             tx: &tx,
@@ -238,6 +247,9 @@ struct Session<'a> {
     started: bool,
     /// An earlier session of this stream had started.
     resumed: bool,
+    /// The server as the stream knows it (`StreamConfig::guard`), updated when a
+    /// promotion carried the slot over.
+    guard: &'a mut Option<ServerIdentity>,
     /// An ordinary connection for what the stream does not say (a table's ancestors),
     /// opened when first needed.
     catalog: Option<tokio_postgres::Client>,
@@ -335,11 +347,60 @@ impl Session<'_> {
         Ok(client)
     }
 
+    /// Before a reconnect: is the slot still the one the stream read, on the same
+    /// server, not ahead of what was confirmed? (See `source::identity`.)
+    async fn check_guard(
+        config: &StreamConfig,
+        guard: &mut Option<ServerIdentity>,
+        confirmed: Lsn,
+    ) -> Result<(), SourceError> {
+        let Some(server) = guard.as_mut() else {
+            return Ok(());
+        };
+        let slot_name = &config.slot;
+        let client = config.target.connect().await?;
+        let version = catalog::server_version(&client).await?;
+        let now = identity::server_identity(&client, &config.target).await?;
+        let slot = identity::slot_state(&client, slot_name, version.num).await?;
+        let expected = Remembered {
+            slot: slot_name.clone(),
+            server: server.clone(),
+            confirmed,
+        };
+        if let Some(loss) = identity::detect(Some(&expected), &now, slot_name, slot.as_ref()) {
+            return Err(SourceError::SlotLost(loss));
+        }
+        if now.timeline != server.timeline {
+            tracing::warn!(slot = %slot_name, from = server.timeline, to = now.timeline, "the server was promoted and carries the slot (a synchronized failover slot): streaming on from it");
+            *server = now;
+        }
+        Ok(())
+    }
+
     async fn run(&mut self) -> Result<(), SourceError> {
+        if self.resumed {
+            let confirmed = *self.confirm.borrow();
+            tokio::select! {
+                checked = Self::check_guard(self.config, self.guard, confirmed) => checked?,
+                _ = self.stop.wait_for(|s| *s) => return Ok(()),
+            }
+        }
         let confirmed = *self.confirm.borrow_and_update();
-        let mut client = tokio::select! {
-            client = Self::connect(self.config, confirmed) => client?,
+        let connected = tokio::select! {
+            client = Self::connect(self.config, confirmed) => client,
             _ = self.stop.wait_for(|s| *s) => return Ok(()),
+        };
+        let mut client = match connected {
+            // Dropped between the check and the connection.
+            Err(SourceError::MissingSlot { slot }) if self.resumed && self.guard.is_some() => {
+                return Err(SourceError::SlotLost(Loss {
+                    reason: LossReason::SlotMissing,
+                    detail: format!(
+                        "replication slot {slot:?} disappeared while the stream was reconnecting"
+                    ),
+                }))
+            }
+            other => other?,
         };
         self.started = true;
         if self.resumed && self.config.temporary_slot {

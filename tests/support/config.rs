@@ -97,7 +97,9 @@ impl ConfigBuilder {
     /// On the test's database: slot `<db>_d`, publication `w2c`, the shared Redis and
     /// broker (topic `<db>.events`, one partition), no rules.
     pub fn new(db: &TestDb) -> ConfigBuilder {
-        let mut b = ConfigBuilder::on_url(&db.url).slot(&format!("{}_d", db.name));
+        let mut b = ConfigBuilder::on_url(&db.url)
+            .slot(&format!("{}_d", db.name))
+            .name(&db.name);
         b.kafka = Some(vec![
             ("brokers".into(), kafka_brokers().toml()),
             ("topic".into(), format!("{}.events", db.name).toml()),
@@ -130,8 +132,11 @@ impl ConfigBuilder {
     /// (`redis://127.0.0.1:1`, `127.0.0.1:1`): for the commands that stop before, or
     /// at, connecting to them.
     pub fn on_url(url: &str) -> ConfigBuilder {
+        // Unique: the stream record in Redis is per name.
+        static BUILT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = BUILT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         ConfigBuilder {
-            name: "test".into(),
+            name: format!("test-{}-{n}", std::process::id()),
             url: url.into(),
             slot: "wal2cache".into(),
             publication: "w2c".into(),

@@ -28,7 +28,10 @@ mod topic;
 
 pub use acks::SinkProducer;
 use acks::{send_all, Acks, Record, Tracked};
-use topic::{announce_topic_lost, ensure_topic, heartbeats, off_runtime, TopicWatch};
+use topic::{
+    announce_topic_lost, ensure_topic, flush_all_event, heartbeats, off_runtime, send_flush_all,
+    TopicWatch,
+};
 
 /// librdkafka's log lines and errors as tracing events, each distinct message at most
 /// once per `WARN_EVERY` with the count of repeats kept quiet (with a broker down it
@@ -187,6 +190,8 @@ pub struct KafkaSink {
     /// Keeps the WARN about oversized events to one line per rule and interval.
     oversized: Repeats,
     stop: watch::Receiver<bool>,
+    /// The topic's partitions, as last found.
+    partitions: i32,
     /// The heartbeat task, stopped and joined on `close` (or stopped with the
     /// pipeline's stop signal).
     heartbeats: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
@@ -327,6 +332,7 @@ impl KafkaSink {
             ),
             oversized: Repeats::new(WARN_EVERY),
             stop,
+            partitions,
             heartbeats: Some((closing, heartbeats)),
         })
     }
@@ -470,6 +476,7 @@ impl KafkaSink {
                 .await
                 {
                     Ok((partitions, true)) => {
+                        self.partitions = partitions;
                         tracing::warn!(topic = %self.topic, "the topic had disappeared and was created again; subscribers are told to flush (reason \"topic_lost\")");
                         // A new topic: the old producer's sequence numbers mean nothing
                         // to it.
@@ -498,6 +505,44 @@ impl KafkaSink {
                 _ = self.stop.wait_for(|s| *s) => return Err(SinkError::Stopped),
             }
         }
+    }
+}
+
+impl KafkaSink {
+    /// Publishes a `flush_all` with `reason` and `detail` on every partition and waits
+    /// until the broker acknowledged each, retrying (with the sink's backoff and log)
+    /// until it did or the sink is stopped.
+    pub async fn announce_flush_all(
+        &mut self,
+        reason: &str,
+        detail: &str,
+        lsn: Lsn,
+    ) -> Result<(), SinkError> {
+        let payload = flush_all_event(&self.source, lsn, reason, detail);
+        for partition in 0..self.partitions {
+            loop {
+                let producer = self.producers.borrow().clone();
+                let e = match send_flush_all(&producer, &self.topic, &payload, partition).await {
+                    Ok(()) => break,
+                    Err(e) => e,
+                };
+                if is_poison(&e) {
+                    return Err(fatal(&self.config, "the broker refused the flush_all", e));
+                }
+                let delay = self.backoff.next_delay();
+                self.retries.failed(
+                    &format!("the flush_all ({reason}) on partition {partition}: {e}"),
+                    delay,
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = self.stop.wait_for(|s| *s) => return Err(SinkError::Stopped),
+                }
+            }
+        }
+        self.backoff.reset();
+        self.retries.succeeded();
+        Ok(())
     }
 }
 

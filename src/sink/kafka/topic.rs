@@ -35,30 +35,48 @@ pub(super) async fn announce_topic_lost(
     confirmed: Lsn,
 ) {
     const ATTEMPTS: u32 = 20;
-    let mut e = Event::new(Kind::FlushAll, source);
-    e.lsn = Some(confirmed.to_string());
-    e.commit_time = Some(now());
-    e.reason = Some("topic_lost".into());
-    e.detail = Some(format!(
+    let detail = format!(
         "the topic {topic:?} had disappeared (deleted, or the broker lost its state) and was created again: events published before may not have reached subscribers"
-    ));
-    let payload = e.to_json();
+    );
+    let payload = flush_all_event(&source, confirmed, "topic_lost", &detail);
     for partition in 0..partitions {
         for attempt in 1..=ATTEMPTS {
             let producer = producers.borrow().clone();
-            let record = (&b"wal2cache"[..], payload.as_bytes(), Some(partition));
-            match send_all(&producer, &topic, &[record]).await {
+            match send_flush_all(&producer, &topic, &payload, partition).await {
                 Ok(()) => break,
-                Err((_, e)) if attempt < ATTEMPTS => {
+                Err(e) if attempt < ATTEMPTS => {
                     tracing::debug!(error = %e, attempt, "the flush_all for the lost topic is not delivered yet");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
-                Err((_, e)) => {
+                Err(e) => {
                     tracing::warn!(error = %e, partition, "the flush_all for the lost topic was not delivered; subscribers notice the loss by themselves (no heartbeats, lost partitions)")
                 }
             }
         }
     }
+}
+
+/// A `flush_all` event's JSON.
+pub(super) fn flush_all_event(source: &str, lsn: Lsn, reason: &str, detail: &str) -> String {
+    let mut e = Event::new(Kind::FlushAll, source);
+    e.lsn = Some(lsn.to_string());
+    e.commit_time = Some(now());
+    e.reason = Some(reason.into());
+    e.detail = Some(detail.into());
+    e.to_json()
+}
+
+/// Sends one `flush_all` to one partition and waits for the broker's acknowledgement.
+pub(super) async fn send_flush_all(
+    producer: &SinkProducer,
+    topic: &str,
+    payload: &str,
+    partition: i32,
+) -> Result<(), rdkafka::error::KafkaError> {
+    let record = (&b"wal2cache"[..], payload.as_bytes(), Some(partition));
+    send_all(producer, topic, &[record])
+        .await
+        .map_err(|(_, e)| e)
 }
 
 /// Runs a blocking librdkafka call on a thread of its own, not on the runtime's

@@ -16,7 +16,7 @@ use redis::{ErrorKind, Pipeline, RedisError, Value};
 use crate::config::RedisConfig;
 use crate::redact::redact;
 use crate::sink::redis::ops::{for_each_command, group_by_slot, Mode, Ops, CHUNK};
-use crate::sink::redis::scripts::{scan_pattern, Scripts};
+use crate::sink::redis::scripts::Scripts;
 use crate::sink::{SinkError, SinkErrorKind};
 
 /// Pipelines in flight at once (one per hash slot).
@@ -116,7 +116,9 @@ pub(super) async fn connect_cluster(config: &RedisConfig) -> Result<ClusterConne
 
 /// `host:port` of every master, as the cluster client knows them. Refuses a partial
 /// list (a master it has no connection to), so that a flush never skips one.
-async fn cluster_masters(conn: &mut ClusterConnection) -> Result<Vec<(String, u16)>, RedisError> {
+pub(super) async fn masters(
+    conn: &mut ClusterConnection,
+) -> Result<Vec<(String, u16)>, RedisError> {
     let reply = conn
         .route_command(
             redis::cmd("PING"),
@@ -256,40 +258,4 @@ pub(super) async fn purge_tags_cluster(
     }
     run_pipelines(conn, srem.into_pipelines()).await?;
     Ok(())
-}
-
-/// Every key under `prefix` on every master, unlinked as SCAN finds them.
-pub(super) async fn flush_prefix_cluster(
-    conn: &ClusterConnection,
-    prefix: &str,
-) -> Result<u64, RedisError> {
-    let mut conn = conn.clone();
-    let pattern = scan_pattern(prefix);
-    let mut total = 0;
-    for (host, port) in cluster_masters(&mut conn).await? {
-        let node = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
-        let mut cursor: u64 = 0;
-        loop {
-            let mut scan = redis::cmd("SCAN");
-            scan.arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000);
-            let (next, keys): (u64, Vec<Vec<u8>>) = redis::from_redis_value(
-                conn.route_command(scan, node.clone())
-                    .await?
-                    .extract_error()?,
-            )?;
-            if !keys.is_empty() {
-                total += keys.len() as u64;
-                unlink_cluster(&conn, keys).await?;
-            }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
-    }
-    Ok(total)
 }

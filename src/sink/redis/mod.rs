@@ -12,11 +12,13 @@ mod cluster;
 mod errors;
 mod ops;
 mod scripts;
+mod state;
 
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Client, Cmd, Pipeline, RedisError, RedisFuture, Value};
 use tokio::sync::watch;
 
@@ -32,6 +34,7 @@ use scripts::{scan_pattern, Scripts};
 pub(crate) use access::problems as access_problems;
 pub use ops::group_by_slot;
 pub use scripts::version_key;
+pub use state::{state_key, StreamState};
 
 /// The connection: one server, or a cluster.
 enum Conn {
@@ -95,6 +98,15 @@ async fn connect_single(config: &RedisConfig) -> Result<ConnectionManager, SinkE
         );
         SinkError::redis(message, Some(e), SinkErrorKind::Retry)
     })
+}
+
+/// A SCAN in progress: the servers still to scan (the last one first; `None`: the one
+/// server) and the cursor on the current one.
+struct Scan {
+    pattern: String,
+    sets_only: bool,
+    nodes: Vec<Option<(String, u16)>>,
+    cursor: u64,
 }
 
 pub struct RedisSink {
@@ -184,32 +196,112 @@ impl RedisSink {
         out
     }
 
-    /// Every key under `prefix`, unlinked as SCAN finds them.
-    async fn flush_prefix(&mut self, prefix: &str) -> Result<u64, RedisError> {
-        let pattern = scan_pattern(prefix);
-        let mut cursor: u64 = 0;
-        let mut total = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut self.conn)
-                .await?;
-            if !keys.is_empty() {
-                total += keys.len() as u64;
-                redis::cmd("UNLINK")
-                    .arg(&keys)
-                    .query_async::<()>(&mut self.conn)
-                    .await?;
-            }
-            if next == 0 {
-                return Ok(total);
-            }
-            cursor = next;
+    /// Starts a SCAN of the keys under `prefix` (only sets, with `sets_only`), on the
+    /// one server or on every master of a cluster.
+    async fn scan(&mut self, prefix: &str, sets_only: bool) -> Result<Scan, RedisError> {
+        let nodes = match &self.conn {
+            Conn::Cluster(conn) => cluster::masters(&mut conn.clone())
+                .await?
+                .into_iter()
+                .map(Some)
+                .collect(),
+            Conn::Single(_) => vec![None],
+        };
+        Ok(Scan {
+            pattern: scan_pattern(prefix),
+            sets_only,
+            nodes,
+            cursor: 0,
+        })
+    }
+
+    /// The next page of `scan`, `None` once every server has been scanned.
+    async fn scan_next(&mut self, scan: &mut Scan) -> Result<Option<Vec<Vec<u8>>>, RedisError> {
+        let Some(node) = scan.nodes.last() else {
+            return Ok(None);
+        };
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(scan.cursor)
+            .arg("MATCH")
+            .arg(&scan.pattern)
+            .arg("COUNT")
+            .arg(1000);
+        if scan.sets_only {
+            cmd.arg("TYPE").arg("set");
         }
+        let (next, keys): (u64, Vec<Vec<u8>>) = match (node, &self.conn) {
+            (Some((host, port)), Conn::Cluster(conn)) => {
+                let node = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port: *port,
+                });
+                redis::from_redis_value(
+                    conn.clone()
+                        .route_command(cmd, node)
+                        .await?
+                        .extract_error()?,
+                )?
+            }
+            _ => cmd.query_async(&mut self.conn).await?,
+        };
+        if next == 0 {
+            scan.nodes.pop();
+            scan.cursor = 0;
+        } else {
+            scan.cursor = next;
+        }
+        Ok(Some(keys))
+    }
+
+    /// Every key under `prefix`, on one server or every master, unlinked as SCAN finds
+    /// them.
+    async fn flush(&mut self, prefix: &str) -> Result<(), RedisError> {
+        let mut scan = self.scan(prefix, false).await?;
+        let mut total = 0;
+        while let Some(keys) = self.scan_next(&mut scan).await? {
+            if keys.is_empty() {
+                continue;
+            }
+            total += keys.len();
+            match &self.conn {
+                Conn::Cluster(conn) => cluster::unlink_cluster(conn, keys).await?,
+                Conn::Single(_) => {
+                    redis::cmd("UNLINK")
+                        .arg(&keys)
+                        .query_async::<()>(&mut self.conn)
+                        .await?
+                }
+            }
+        }
+        tracing::info!(prefix = %prefix, keys = total, "flushed key prefix");
+        Ok(())
+    }
+
+    /// Every tag set whose tag starts with `prefix` purged (its members and the set),
+    /// as SCAN finds them.
+    async fn purge_tag_prefix(&mut self, prefix: &str) -> Result<(), Failure> {
+        let mut scan = self
+            .scan(&format!("{}{prefix}", self.tag_prefix), true)
+            .await?;
+        let mut total = 0;
+        while let Some(sets) = self.scan_next(&mut scan).await? {
+            let tags: Vec<String> = sets
+                .into_iter()
+                .filter_map(|set| {
+                    let set = String::from_utf8(set).ok()?;
+                    set.strip_prefix(self.tag_prefix.as_str())
+                        .map(str::to_string)
+                })
+                .collect();
+            total += tags.len();
+            let ops = Ops {
+                tags: tags.iter().map(String::as_str).collect(),
+                ..Ops::default()
+            };
+            self.apply_ops(&ops).await?;
+        }
+        tracing::info!(prefix = %format!("{}{prefix}", self.tag_prefix), sets = total, "purged tag sets");
+        Ok(())
     }
 
     /// Applies coalesced operations on one server: one pipeline; a failure carries
@@ -243,30 +335,21 @@ impl RedisSink {
         }
     }
 
-    /// Every key under `prefix`, on one server or every master.
-    async fn flush(&mut self, prefix: &str) -> Result<(), RedisError> {
-        let n = match &self.conn {
-            Conn::Cluster(conn) => {
-                let conn = conn.clone();
-                cluster::flush_prefix_cluster(&conn, prefix).await?
-            }
-            Conn::Single(_) => self.flush_prefix(prefix).await?,
-        };
-        tracing::info!(prefix = %prefix, keys = n, "flushed key prefix");
-        Ok(())
-    }
-
     /// One attempt at the whole batch, in order: the items between flushes coalesced,
     /// each flush after what came before it.
     async fn try_apply(&mut self, items: &[Item]) -> Result<(), Failure> {
         let mut start = 0;
         for (i, item) in items.iter().enumerate() {
-            if item.plan.flush_prefixes.is_empty() {
+            let plan = &item.plan;
+            if plan.flush_prefixes.is_empty() && plan.purge_tag_prefixes.is_empty() {
                 continue;
             }
             self.apply_ops(&Ops::build(&items[start..i])).await?;
-            for prefix in &item.plan.flush_prefixes {
+            for prefix in &plan.flush_prefixes {
                 self.flush(prefix).await?;
+            }
+            for prefix in &plan.purge_tag_prefixes {
+                self.purge_tag_prefix(prefix).await?;
             }
             start = i;
         }
