@@ -118,6 +118,9 @@ pub enum SourceError {
     #[error("the server {server} is a standby (in recovery), and wal2cache streams from the primary: point postgres.url at the primary, or list every host with target_session_attrs=read-write (postgres://user@host1,host2/db?target_session_attrs=read-write)")]
     InRecovery { server: String },
 
+    #[error("no primary among the servers in postgres.url ({hosts}); retrying: a failover may be in progress")]
+    NoPrimary { hosts: String },
+
     #[error("the current WAL file name {0:?} does not start with a timeline: report this with the PostgreSQL version")]
     Timeline(String),
 
@@ -157,7 +160,7 @@ impl SourceError {
             SourceError::Ended => ErrorKind::Transient,
             // A failover in progress: the old primary comes back as a standby, or the
             // new one is not promoted yet.
-            SourceError::InRecovery { .. } => ErrorKind::Transient,
+            SourceError::InRecovery { .. } | SourceError::NoPrimary { .. } => ErrorKind::Transient,
             _ => ErrorKind::Fatal,
         }
     }

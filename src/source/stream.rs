@@ -306,7 +306,8 @@ impl Session<'_> {
     }
 
     async fn connect(c: &StreamConfig, confirmed: Lsn) -> Result<ReplicationClient, SourceError> {
-        let t = &c.target;
+        let primary = c.target.primary().await?;
+        let t = &primary;
         let err = |e| match e {
             pgwire_replication::PgWireError::Tls(m) => t.tls_error(m),
             e => SourceError::from_replication(e, &c.slot, &t.user),

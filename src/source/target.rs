@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use tokio_postgres::config::{Host, TargetSessionAttrs};
 use tokio_postgres::Client;
 
 use crate::source::conninfo;
@@ -57,12 +58,17 @@ impl PgTarget {
             Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
             None => "127.0.0.1".to_string(),
         };
-        if config.get_hosts().len() > 1 {
-            return Err(SourceError::Url(
-                "several hosts given: wal2cache streams from one server".into(),
-            ));
-        }
         let port = config.get_ports().first().copied().unwrap_or(5432);
+        if config.get_hosts().len() > 1 {
+            // Several servers (libpq's failover syntax): wal2cache always wants the
+            // primary, as `target_session_attrs=read-write` asks.
+            if config.get_target_session_attrs() == TargetSessionAttrs::ReadOnly {
+                return Err(SourceError::Url(
+                    "target_session_attrs=read-only: wal2cache streams from the primary; list the hosts with target_session_attrs=read-write".into(),
+                ));
+            }
+            config.target_session_attrs(TargetSessionAttrs::ReadWrite);
+        }
         let user = config
             .get_user()
             .ok_or_else(|| {
@@ -102,12 +108,106 @@ impl PgTarget {
         self.config.get_password().is_some()
     }
 
-    /// The address without the password, for logs and errors.
+    /// The address without the password, for logs and errors (every host, when there
+    /// are several).
     pub fn display(&self) -> String {
-        format!(
-            "postgres://{}@{}:{}/{}",
-            self.user, self.host, self.port, self.database
-        )
+        let hosts = self
+            .hosts()
+            .iter()
+            .map(|(h, p)| format!("{h}:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        format!("postgres://{}@{hosts}/{}", self.user, self.database)
+    }
+
+    /// Every server the URL lists, with its port (libpq's rule: one port for all, or
+    /// one each).
+    pub fn hosts(&self) -> Vec<(String, u16)> {
+        let ports = self.config.get_ports();
+        self.config
+            .get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let host = match h {
+                    Host::Tcp(h) => h.clone(),
+                    #[cfg(unix)]
+                    Host::Unix(p) => p.display().to_string(),
+                };
+                let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+                (host, port)
+            })
+            .collect()
+    }
+
+    /// The same login and options, on one of the servers only.
+    fn on_host(&self, host: &str, port: u16) -> PgTarget {
+        let c = &self.config;
+        let mut config = tokio_postgres::Config::new();
+        if let Some(user) = c.get_user() {
+            config.user(user);
+        }
+        if let Some(password) = c.get_password() {
+            config.password(password);
+        }
+        if let Some(dbname) = c.get_dbname() {
+            config.dbname(dbname);
+        }
+        if let Some(options) = c.get_options() {
+            config.options(options);
+        }
+        if let Some(timeout) = c.get_connect_timeout() {
+            config.connect_timeout(*timeout);
+        }
+        config
+            .ssl_mode(c.get_ssl_mode())
+            .channel_binding(c.get_channel_binding())
+            .keepalives(c.get_keepalives())
+            .keepalives_idle(c.get_keepalives_idle())
+            .host(host)
+            .port(port);
+        if let Some(interval) = c.get_keepalives_interval() {
+            config.keepalives_interval(interval);
+        }
+        if let Some(retries) = c.get_keepalives_retries() {
+            config.keepalives_retries(retries);
+        }
+        PgTarget {
+            config,
+            host: host.to_string(),
+            port,
+            ..self.clone()
+        }
+    }
+
+    /// The primary among the servers the URL lists (itself when it lists one): the
+    /// first, in order, that answers and is not in recovery. The replication
+    /// connection goes to one server; after a failover this finds the new primary.
+    pub async fn primary(&self) -> Result<PgTarget, SourceError> {
+        let hosts = self.hosts();
+        if hosts.len() <= 1 {
+            return Ok(self.clone());
+        }
+        let mut found = Vec::with_capacity(hosts.len());
+        for (host, port) in hosts {
+            let one = self.on_host(&host, port);
+            let answer = match one.connect().await {
+                Ok(client) => client
+                    .query_one("SELECT pg_is_in_recovery()", &[])
+                    .await
+                    .map(|row| row.get::<_, bool>(0))
+                    .map_err(|e| crate::source::error::pg_error(&e)),
+                Err(e) => Err(e.to_string()),
+            };
+            match answer {
+                Ok(false) => return Ok(one),
+                Ok(true) => found.push(format!("{host}:{port} is a standby")),
+                Err(e) => found.push(format!("{host}:{port}: {e}")),
+            }
+        }
+        Err(SourceError::NoPrimary {
+            hosts: found.join("; "),
+        })
     }
 
     /// The password to log in with now: a password file is read each time, its
@@ -282,8 +382,27 @@ mod tests {
         assert!(PgTarget::parse("not a url at all ::").is_err());
         assert!(PgTarget::parse("postgres://db/shop").is_err(), "no user");
         assert!(
-            PgTarget::parse("postgres://u@a,b/shop").is_err(),
-            "two hosts"
+            PgTarget::parse("postgres://u@a,b/shop?target_session_attrs=read-only").is_err(),
+            "two hosts, read-only"
         );
+    }
+
+    #[test]
+    fn several_hosts_are_tried_for_a_read_write_server() {
+        let t = PgTarget::parse("postgres://u@db1:5433,db2/shop").unwrap();
+        assert_eq!(
+            t.hosts(),
+            [("db1".to_string(), 5433), ("db2".to_string(), 5432)]
+        );
+        assert_eq!(t.display(), "postgres://u@db1:5433,db2:5432/shop");
+        assert_eq!(
+            t.config.get_target_session_attrs(),
+            TargetSessionAttrs::ReadWrite
+        );
+        let one = t.on_host("db2", 5432);
+        assert_eq!(one.display(), "postgres://u@db2:5432/shop");
+        assert_eq!(one.config.get_dbname(), Some("shop"));
+        let same_port = PgTarget::parse("postgres://u@a,b:6000/shop").unwrap();
+        assert_eq!(same_port.hosts().len(), 2);
     }
 }

@@ -22,15 +22,7 @@ const ATTEMPTS: u32 = 8;
 impl Cluster {
     /// initdb, then start with `settings` (`-c name=value` each) on a free port.
     pub fn start(bin: &Path, name: &str, settings: &[&str]) -> Cluster {
-        let dir = std::env::temp_dir().join(format!("w2c_{name}_{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let chown = Command::new("chown")
-            .arg("postgres")
-            .arg(&dir)
-            .status()
-            .unwrap();
-        assert!(chown.success(), "chown postgres {}", dir.display());
+        let dir = Self::make_dir(name);
         let data = dir.join("data");
         as_postgres(&[
             bin.join("initdb").to_str().unwrap(),
@@ -42,6 +34,88 @@ impl Cluster {
             "postgres",
         ])
         .unwrap_or_else(|e| panic!("{e}"));
+        Self::launch(bin, name, dir, settings)
+    }
+
+    /// A physical standby of `primary` (same binaries), streaming from it through a
+    /// physical slot `<name>_phys` on the primary: a file-level copy between
+    /// `pg_backup_start` and `pg_backup_stop` (the npm server packages have no
+    /// pg_basebackup), then started with `settings` on a free port.
+    pub async fn standby_of(primary: &Cluster, name: &str, settings: &[&str]) -> Cluster {
+        let (client, conn) = tokio_postgres::connect(&primary.url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let slot = format!("{name}_phys");
+        client
+            .execute(
+                "SELECT pg_create_physical_replication_slot($1, true)",
+                &[&slot],
+            )
+            .await
+            .unwrap();
+        let dir = Self::make_dir(name);
+        let data = dir.join("data");
+        client
+            .execute("SELECT pg_backup_start($1, true)", &[&name])
+            .await
+            .unwrap();
+        as_postgres(&[
+            "cp",
+            "-a",
+            primary.dir.join("data").to_str().unwrap(),
+            data.to_str().unwrap(),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let row = client
+            .query_one("SELECT labelfile FROM pg_backup_stop(false)", &[])
+            .await
+            .unwrap();
+        let label: String = row.get(0);
+        for stale in ["postmaster.pid", "postmaster.opts"] {
+            let _ = std::fs::remove_file(data.join(stale));
+        }
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres application_name={name}",
+            primary.port
+        );
+        let files = [
+            ("backup_label", label),
+            ("standby.signal", String::new()),
+            (
+                "postgresql.auto.conf",
+                format!("primary_conninfo = '{conninfo}'\nprimary_slot_name = '{slot}'\n"),
+            ),
+        ];
+        for (file, text) in files {
+            let path = data.join(file);
+            std::fs::write(&path, text).unwrap();
+            let chown = Command::new("chown")
+                .arg("postgres")
+                .arg(&path)
+                .status()
+                .unwrap();
+            assert!(chown.success());
+        }
+        Self::launch(&primary.bin, name, dir, settings)
+    }
+
+    fn make_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("w2c_{name}_{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let chown = Command::new("chown")
+            .arg("postgres")
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(chown.success(), "chown postgres {}", dir.display());
+        dir
+    }
+
+    /// Starts the cluster in `dir/data` on a free port.
+    fn launch(bin: &Path, name: &str, dir: PathBuf, settings: &[&str]) -> Cluster {
+        let data = dir.join("data");
         let log = dir.join("log");
         let span = (PORTS.end - PORTS.start) as u32;
         let mut tried = Vec::new();
@@ -90,6 +164,37 @@ impl Cluster {
             "no free port for the {name} cluster; tried {}",
             tried.join(", ")
         )
+    }
+
+    /// `pg_ctl promote`, waiting until the server accepts writes.
+    pub fn promote(&self) {
+        as_postgres(&[
+            self.bin.join("pg_ctl").to_str().unwrap(),
+            "-D",
+            self.dir.join("data").to_str().unwrap(),
+            "-w",
+            "promote",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// A clean (fast) shutdown: the standbys receive all the WAL first.
+    pub fn stop(&self) {
+        as_postgres(&[
+            self.bin.join("pg_ctl").to_str().unwrap(),
+            "-D",
+            self.dir.join("data").to_str().unwrap(),
+            "-m",
+            "fast",
+            "-w",
+            "stop",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
     }
 
     pub fn url(&self) -> String {
