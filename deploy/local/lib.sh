@@ -34,15 +34,16 @@ PG_PORT="${WAL2CACHE_PG_PORT:-54320}"
 PG_TLS_PORT="${WAL2CACHE_PG_TLS_PORT:-54330}"
 REDIS_PORT="${WAL2CACHE_REDIS_PORT:-63790}"
 KAFKA_PORT="${WAL2CACHE_KAFKA_PORT:-19092}"
-# Redis Cluster: three masters, no replicas. Their cluster bus ports are set
-# explicitly (the default, port + 10000, would be past 65535).
+# Redis Cluster: three masters (the first three ports) and one replica of each (the
+# next three). Their cluster bus ports are set explicitly (the default, port +
+# 10000, would be past 65535).
 _rc="${WAL2CACHE_REDIS_CLUSTER_PORT:-63791}"
-REDIS_CLUSTER_PORTS=("$_rc" "$((_rc + 1))" "$((_rc + 2))")
+REDIS_CLUSTER_PORTS=("$_rc" "$((_rc + 1))" "$((_rc + 2))" "$((_rc + 3))" "$((_rc + 4))" "$((_rc + 5))")
 REDIS_CLUSTER_BUS_OFFSET=-10000
 # The TLS variants of Redis (one server) and of the cluster (three masters).
 REDIS_TLS_PORT="${WAL2CACHE_REDIS_TLS_PORT:-63800}"
 _rct="${WAL2CACHE_REDIS_CLUSTER_TLS_PORT:-63801}"
-REDIS_CLUSTER_TLS_PORTS=("$_rct" "$((_rct + 1))" "$((_rct + 2))")
+REDIS_CLUSTER_TLS_PORTS=("$_rct" "$((_rct + 1))" "$((_rct + 2))" "$((_rct + 3))" "$((_rct + 4))" "$((_rct + 5))")
 REDIS_TLS_USER=wal2cache_tls
 REDIS_TLS_PASSWORD=redis-tls-secret
 

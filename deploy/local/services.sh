@@ -39,13 +39,13 @@ Addresses (all bound to $HOST):
   PostgreSQL $PG_VERSION  $HOST:$PG_PORT   superuser '$PG_SUPERUSER' (trust from $HOST),
                          role '$PG_APP_ROLE'/'$PG_APP_PASSWORD' (scram), database '$PG_APP_DB'
   Redis          $HOST:$REDIS_PORT   no persistence
-  Redis Cluster  $HOST:${REDIS_CLUSTER_PORTS[0]}-${REDIS_CLUSTER_PORTS[-1]}   3 masters, no replicas, no persistence
+  Redis Cluster  $HOST:${REDIS_CLUSTER_PORTS[0]}-${REDIS_CLUSTER_PORTS[-1]}   3 masters, one replica each, no persistence
   Kafka (Tansu)  $HOST:$KAFKA_PORT   storage $TANSU_STORAGE_ENGINE (lost on stop)
   PostgreSQL TLS $HOST:$PG_TLS_PORT   ssl on, certificate for 'localhost' by the CA $TLS_DIR/ca.pem;
                          TCP only over TLS: '$PG_TLS_ROLE'/'$PG_TLS_PASSWORD' (scram),
                          '$PG_CERT_ROLE' (client certificate $TLS_DIR/client.pem)
   Redis TLS      $HOST:$REDIS_TLS_PORT   TLS only; ACL user '$REDIS_TLS_USER'/'$REDIS_TLS_PASSWORD', default user off
-  Cluster TLS    $HOST:${REDIS_CLUSTER_TLS_PORTS[0]}-${REDIS_CLUSTER_TLS_PORTS[-1]}   the same, 3 masters (tls-cluster yes)
+  Cluster TLS    $HOST:${REDIS_CLUSTER_TLS_PORTS[0]}-${REDIS_CLUSTER_TLS_PORTS[-1]}   the same, 3 masters + 3 replicas (tls-cluster yes)
   Kafka TLS      localhost:$KAFKA_TLS_PORT   SASL_SSL: TLS by stunnel, then a broker of its own on $HOST:$KAFKA_SASL_PORT
                          that requires SASL SCRAM-SHA-256/512, user '$KAFKA_SASL_USER'/'$KAFKA_SASL_PASSWORD'
                          (sqlite storage)
@@ -538,7 +538,7 @@ stop_redis() {
 }
 
 # ===========================================================================
-# Redis Cluster (three masters, no replicas)
+# Redis Cluster (three masters, one replica each)
 # ===========================================================================
 
 rc_dir() { printf '%s/%s\n' "$REDIS_CLUSTER_DIR" "$1"; }
@@ -611,32 +611,48 @@ rc_start_node() {
     log_ok "redis-cluster node running on $HOST:$port (pid $pid)"
 }
 
-# rc_create: form the cluster when no node has slots yet; refuse a half-formed one.
+# rc_create: form the cluster (3 masters, one replica each) when no node has slots
+# yet; give a cluster formed before replicas were added its replicas; refuse a
+# half-formed one.
 rc_create() {
-    local port known slots fresh=0 formed=0
+    local port known slots fresh=0 formed=0 unreplicated=0 n=${#REDIS_CLUSTER_PORTS[@]}
     for port in "${REDIS_CLUSTER_PORTS[@]}"; do
         known="$(rc_info "$port" cluster_known_nodes)"
         slots="$(rc_info "$port" cluster_slots_assigned)"
         if [[ "$known" == 1 && "$slots" == 0 ]]; then
             fresh=$((fresh + 1))
-        elif [[ "$known" == "${#REDIS_CLUSTER_PORTS[@]}" && "$slots" == 16384 ]]; then
+        elif [[ "$known" == "$n" && "$slots" == 16384 ]]; then
             formed=$((formed + 1))
+        elif [[ "$known" == 3 && "$slots" == 16384 ]]; then
+            unreplicated=$((unreplicated + 1))
         else
             fail_with_log "$(rc_log "$port")" "redis-cluster node $port is in an unexpected state (known nodes '$known', slots assigned '$slots'): run '$0 reset redis-cluster'"
         fi
     done
-    if ((formed == ${#REDIS_CLUSTER_PORTS[@]})); then
+    if ((formed == n)); then
         log_info "redis-cluster already formed (nodes.conf); waiting for cluster_state:ok"
         return 0
     fi
-    if ((fresh != ${#REDIS_CLUSTER_PORTS[@]})); then
+    local out
+    if ((unreplicated == 3 && fresh == n - 3)); then
+        for port in "${REDIS_CLUSTER_PORTS[@]:3}"; do
+            log_info "adding $HOST:$port as a replica to the cluster formed without replicas"
+            if ! out="$(timeout 60 redis-cli "${REDIS_CLI_ARGS[@]}" --cluster add-node "$HOST:$port" \
+                "$HOST:${REDIS_CLUSTER_PORTS[0]}" --cluster-slave 2>&1 9>&-)"; then
+                printf '%s\n' "$out" >&2
+                fail_with_log "$(rc_log "$port")" "redis-cli --cluster add-node $port failed"
+            fi
+        done
+        return 0
+    fi
+    if ((fresh != n)); then
         die "the redis-cluster nodes disagree ($formed formed, $fresh fresh): run '$0 reset redis-cluster'"
     fi
-    local addrs=() out
+    local addrs=()
     for port in "${REDIS_CLUSTER_PORTS[@]}"; do addrs+=("$HOST:$port"); done
-    log_info "redis-cli --cluster create ${addrs[*]} --cluster-replicas 0 --cluster-yes"
+    log_info "redis-cli --cluster create ${addrs[*]} --cluster-replicas 1 --cluster-yes"
     if ! out="$(timeout 60 redis-cli "${REDIS_CLI_ARGS[@]}" --cluster create "${addrs[@]}" \
-        --cluster-replicas 0 --cluster-yes 2>&1 9>&-)"; then
+        --cluster-replicas 1 --cluster-yes 2>&1 9>&-)"; then
         printf '%s\n' "$out" >&2
         fail_with_log "$(rc_log "${REDIS_CLUSTER_PORTS[0]}")" "redis-cli --cluster create failed"
     fi
@@ -665,7 +681,18 @@ start_redis_cluster() {
             sleep 0.3
         done
     done
-    log_ok "redis-cluster running on $HOST:${REDIS_CLUSTER_PORTS[0]}-${REDIS_CLUSTER_PORTS[-1]} (3 masters, no replicas, cluster_state:ok)"
+    # A node added as a replica joins as a master first: wait for the roles.
+    local masters replicas
+    until
+        masters="$(rc_cli "${REDIS_CLUSTER_PORTS[0]}" cluster nodes | awk '$3 ~ /master/ && $9 != "" {n++} END {print n+0}')"
+        replicas="$(rc_cli "${REDIS_CLUSTER_PORTS[0]}" cluster nodes | awk '$3 ~ /slave/ {n++} END {print n+0}')"
+        ((masters == 3 && replicas == ${#REDIS_CLUSTER_PORTS[@]} - 3))
+    do
+        ((SECONDS < deadline)) ||
+            fail_with_log "$(rc_log "${REDIS_CLUSTER_PORTS[0]}")" "redis-cluster has $masters masters with slots and $replicas replicas after ${START_TIMEOUT}s, expected 3 and $((${#REDIS_CLUSTER_PORTS[@]} - 3))"
+        sleep 0.3
+    done
+    log_ok "redis-cluster running on $HOST:${REDIS_CLUSTER_PORTS[0]}-${REDIS_CLUSTER_PORTS[-1]} ($masters masters, $replicas replicas, cluster_state:ok)"
 }
 
 stop_redis_cluster() {

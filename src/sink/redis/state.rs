@@ -10,7 +10,7 @@ use crate::redact::redact;
 use crate::sink::{SinkError, SinkErrorKind};
 use crate::source::identity::Remembered;
 
-use super::{cluster, connect_single, Conn};
+use super::{access, cluster, connect_single, Conn};
 
 /// The key of a source's record: `wal2cache:{NAME}:stream` (the braces keep it in one
 /// cluster slot whatever the name).
@@ -42,8 +42,13 @@ impl StreamState {
     fn error(&self, what: &str, e: redis::RedisError) -> SinkError {
         SinkError::redis(
             format!(
-                "{what} {} at {}: {e}; check that Redis runs and accepts reads and writes",
-                self.key, self.url
+                "{what} the stream record {} at {}: {e}; {}",
+                self.key,
+                self.url,
+                access::hint(
+                    &format!("{e:?}"),
+                    "check that Redis runs and accepts reads and writes"
+                )
             ),
             Some(e),
             SinkErrorKind::Retry,
