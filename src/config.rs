@@ -148,6 +148,15 @@ pub struct RedisConfig {
     /// With `cluster`: more nodes to try at start when `url` does not answer.
     #[serde(default)]
     pub nodes: Vec<String>,
+    /// After each batch, `WAIT` until this many replicas of every master that took it
+    /// acknowledged its writes, before the batch counts as applied (0: off). A master
+    /// that dies before replicating then loses nothing that was confirmed.
+    #[serde(default)]
+    pub wait_replicas: u32,
+    /// How long one `WAIT` may take; a batch not replicated within it is applied and
+    /// waited for again, with backoff.
+    #[serde(default = "default_wait_timeout", with = "humantime_serde")]
+    pub wait_timeout: std::time::Duration,
     /// `rediss://`: a PEM file of the CA(s) to trust instead of the system's roots.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
@@ -174,6 +183,8 @@ impl RedisConfig {
             tag_prefix: default_tag_prefix(),
             cluster: false,
             nodes: Vec::new(),
+            wait_replicas: 0,
+            wait_timeout: default_wait_timeout(),
             ca_file: None,
             cert_file: None,
             key_file: None,
@@ -194,6 +205,8 @@ impl std::fmt::Debug for RedisConfig {
                 "nodes",
                 &self.nodes.iter().map(|n| redact(n)).collect::<Vec<_>>(),
             )
+            .field("wait_replicas", &self.wait_replicas)
+            .field("wait_timeout", &self.wait_timeout)
             .field("ca_file", &self.ca_file)
             .field("cert_file", &self.cert_file)
             .field("key_file", &self.key_file)
@@ -244,6 +257,10 @@ impl std::fmt::Debug for KafkaConfig {
             .field("sasl_password_file", &self.sasl_password_file)
             .finish()
     }
+}
+
+fn default_wait_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(1)
 }
 
 fn default_name() -> String {

@@ -919,3 +919,95 @@ async fn a_failing_pipeline_logs_one_short_line() {
     );
     println!("WARN line, {} bytes: {line}", line.len());
 }
+
+/// `redis.wait_replicas`: on the cluster (one replica per master) a batch is applied
+/// once every master's replica has it; on a server without replicas it is never done,
+/// and the sink keeps retrying until stopped.
+#[tokio::test]
+async fn wait_replicas_waits_for_the_replicas_and_retries_without_them() {
+    let prefix = unique("wait");
+    let mut config = cluster_config(&prefix);
+    config.wait_replicas = 1;
+    let mut sink = connect_sink(config).await;
+    let key = format!("{prefix}:k");
+    sink.apply(vec![item(
+        5,
+        0,
+        Plan {
+            republish: vec![republish(&key, "{\"v\":1}")],
+            ..Plan::default()
+        },
+    )])
+    .await
+    .expect("every master has a replica");
+    let got: Option<String> = checker().await.get(&key).await.unwrap();
+    assert_eq!(got.as_deref(), Some("{\"v\":1}"));
+
+    let (stop, stop_rx) = watch::channel(false);
+    let single = RedisConfig {
+        url: redis_url(),
+        tag_prefix: format!("{prefix}:tag:"),
+        wait_replicas: 1,
+        wait_timeout: Duration::from_millis(50),
+        ..RedisConfig::without_tls()
+    };
+    let mut sink = RedisSink::connect(&single, stop_rx).await.unwrap();
+    let batch = Batch {
+        items: vec![item(
+            5,
+            0,
+            Plan {
+                delete: vec![format!("{prefix}:single")],
+                ..Plan::default()
+            },
+        )],
+        ..Batch::default()
+    };
+    let stopper = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let _ = stop.send(true);
+    });
+    let err = tokio::time::timeout(Duration::from_secs(20), sink.apply(&batch))
+        .await
+        .expect("the stop ends the retries")
+        .unwrap_err();
+    assert!(matches!(err, SinkError::Stopped), "{err}");
+    stopper.await.unwrap();
+}
+
+/// A slot loss purges every tag set under a prefix (SCAN of sets on every master),
+/// members included, and leaves other keys alone.
+#[tokio::test]
+async fn tag_sets_under_a_prefix_are_purged_on_every_master() {
+    let prefix = unique("tagpfx");
+    let mut sink = connect_sink(cluster_config(&prefix)).await;
+    let mut c = checker().await;
+    let mut members = Vec::new();
+    for i in 0..50 {
+        let set = format!("{prefix}:tag:cat:{i}");
+        let member = format!("{prefix}:page:{i}");
+        let () = c.set(&member, "cached").await.unwrap();
+        let () = c.sadd(&set, &member).await.unwrap();
+        members.push((set, member));
+    }
+    let other = format!("{prefix}:tag:other");
+    let () = c.sadd(&other, format!("{prefix}:keep")).await.unwrap();
+    let () = c.set(format!("{prefix}:keep"), "x").await.unwrap();
+    sink.apply(vec![item(
+        9,
+        0,
+        Plan {
+            purge_tag_prefixes: vec!["cat:".into()],
+            ..Plan::default()
+        },
+    )])
+    .await
+    .unwrap();
+    for (set, member) in &members {
+        let left: bool = c.exists(set).await.unwrap();
+        let cached: bool = c.exists(member).await.unwrap();
+        assert!(!left && !cached, "{set} or {member} survived");
+    }
+    let kept: bool = c.exists(format!("{prefix}:keep")).await.unwrap();
+    assert!(kept && c.exists::<_, bool>(&other).await.unwrap());
+}

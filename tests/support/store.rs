@@ -187,3 +187,234 @@ impl Drop for PrivateRedis {
         let _ = self.child.wait();
     }
 }
+
+/// One node of a `PrivateCluster`.
+struct Node {
+    port: u16,
+    bus: u16,
+    child: Option<Child>,
+}
+
+/// A Redis Cluster of the test's own (three masters, one replica each, no
+/// persistence, a 2 s node timeout), for the tests that kill, fail over or reshard
+/// it; every node is killed when dropped.
+#[allow(dead_code)]
+pub struct PrivateCluster {
+    nodes: Vec<Node>,
+    dir: tempfile::TempDir,
+}
+
+/// A node as CLUSTER NODES shows it.
+#[allow(dead_code)]
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub id: String,
+    pub port: u16,
+    pub master: bool,
+    /// A replica's master.
+    pub of: Option<String>,
+    pub failed: bool,
+}
+
+#[allow(dead_code)]
+impl PrivateCluster {
+    pub async fn start() -> PrivateCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cluster = PrivateCluster {
+            nodes: Vec::new(),
+            dir,
+        };
+        for _ in 0..6 {
+            let node = Node {
+                port: free_port(),
+                bus: free_port(),
+                child: None,
+            };
+            cluster.nodes.push(node);
+        }
+        for i in 0..6 {
+            cluster.spawn(i);
+        }
+        for node in &cluster.nodes {
+            let port = node.port;
+            eventually(
+                "a cluster node to answer",
+                Duration::from_secs(20),
+                || async move { cli(port, &["PING"]).is_some_and(|o| o.trim() == "PONG") },
+            )
+            .await;
+        }
+        let addrs: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.wait_healthy().await;
+        cluster
+    }
+
+    /// Starts node `i` (again, after `kill`: it keeps its nodes.conf and rejoins).
+    fn spawn(&mut self, i: usize) {
+        let node = &self.nodes[i];
+        let dir = self.dir.path().join(node.port.to_string());
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &node.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--cluster-port", &node.bus.to_string()])
+            .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+            .args(["--cluster-config-file", "nodes.conf"])
+            .args(["--dir", dir.to_str().unwrap()])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (deploy/local/services.sh installs it)");
+        self.nodes[i].child = Some(child);
+    }
+
+    /// A node's URL, for `redis.url` and the test's own client.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.nodes[0].port)
+    }
+
+    /// Every node's URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect()
+    }
+
+    /// CLUSTER NODES, from the first node that answers.
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        let text = self
+            .nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .find_map(|n| cli(n.port, &["CLUSTER", "NODES"]))
+            .expect("a cluster node answers");
+        text.lines()
+            .filter_map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let port = f
+                    .get(1)?
+                    .split('@')
+                    .next()?
+                    .rsplit(':')
+                    .next()?
+                    .parse()
+                    .ok()?;
+                let flags = f.get(2)?;
+                Some(NodeInfo {
+                    id: f[0].to_string(),
+                    port,
+                    master: flags.contains("master"),
+                    of: (f.get(3)? != &"-").then(|| f[3].to_string()),
+                    failed: flags.contains("fail"),
+                })
+            })
+            .collect()
+    }
+
+    /// Every live node says `cluster_state:ok`, each master has a replica that is
+    /// up, and no node is marked failed.
+    pub async fn wait_healthy(&self) {
+        eventually(
+            "the private cluster healthy",
+            Duration::from_secs(60),
+            || async {
+                let live = self.nodes.iter().filter(|n| n.child.is_some());
+                let ok = live.clone().all(|n| {
+                    cli(n.port, &["CLUSTER", "INFO"])
+                        .is_some_and(|i| i.contains("cluster_state:ok"))
+                });
+                let nodes = self.nodes();
+                let masters: Vec<&NodeInfo> =
+                    nodes.iter().filter(|n| n.master && !n.failed).collect();
+                ok && masters.len() == 3
+                    && masters.iter().all(|m| {
+                        nodes
+                            .iter()
+                            .any(|r| !r.failed && r.of.as_deref() == Some(m.id.as_str()))
+                    })
+            },
+        )
+        .await;
+    }
+
+    /// SIGKILL of the node on `port`.
+    pub fn kill(&mut self, port: u16) {
+        let node = self.nodes.iter_mut().find(|n| n.port == port).unwrap();
+        let mut child = node.child.take().expect("the node runs");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Starts the node on `port` again: it rejoins (as a replica, if it was failed
+    /// over meanwhile).
+    pub fn restart(&mut self, port: u16) {
+        let i = self.nodes.iter().position(|n| n.port == port).unwrap();
+        self.spawn(i);
+    }
+}
+
+/// `redis-cli -p PORT ARGS…`: its output, `None` when the node does not answer.
+fn cli(port: u16, args: &[&str]) -> Option<String> {
+    let out = Command::new("timeout")
+        .args(["5", "redis-cli", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        .filter(|o| !o.starts_with("Could not connect"))
+}
+
+/// `redis-cli` with `args` against the cluster at `port` (`--cluster reshard`…).
+#[allow(dead_code)]
+pub fn cluster_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["--cluster"])
+        .args(
+            args.iter()
+                .map(|a| a.replace("{node}", &format!("127.0.0.1:{port}"))),
+        )
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "redis-cli --cluster {args:?}: {text}");
+    text
+}
+
+/// `redis-cli -p PORT ARGS…` on one node: its output.
+#[allow(dead_code)]
+pub fn node_cli(port: u16, args: &[&str]) -> String {
+    cli(port, args).unwrap_or_else(|| panic!("node {port} does not answer {args:?}"))
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}

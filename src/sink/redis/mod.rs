@@ -113,6 +113,8 @@ pub struct RedisSink {
     conn: Conn,
     url: String,
     tag_prefix: String,
+    /// `redis.wait_replicas` and `redis.wait_timeout`.
+    wait: Option<(u32, Duration)>,
     scripts: Scripts,
     backoff: Backoff,
     retries: RetryLog,
@@ -141,6 +143,7 @@ impl RedisSink {
             conn,
             url: redact(&config.url),
             tag_prefix: config.tag_prefix.clone(),
+            wait: (config.wait_replicas > 0).then_some((config.wait_replicas, config.wait_timeout)),
             scripts: Scripts::new(),
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
             retries: RetryLog::new(
@@ -353,7 +356,34 @@ impl RedisSink {
             }
             start = i;
         }
-        self.apply_ops(&Ops::build(&items[start..])).await
+        self.apply_ops(&Ops::build(&items[start..])).await?;
+        self.wait_for_replicas().await
+    }
+
+    /// With `redis.wait_replicas`: `WAIT` on the server (on every master of a
+    /// cluster, the fewest acknowledgements counting) until that many replicas have
+    /// the batch's writes. Too few is a transient failure: the batch is applied again
+    /// (a master that failed over may have lost it) and waited for again.
+    async fn wait_for_replicas(&mut self) -> Result<(), Failure> {
+        let Some((wanted, timeout)) = self.wait else {
+            return Ok(());
+        };
+        let started = std::time::Instant::now();
+        let acked: i64 = redis::cmd("WAIT")
+            .arg(wanted)
+            .arg(timeout.as_millis().max(1) as u64)
+            .query_async(&mut self.conn)
+            .await?;
+        metrics::histogram!("wal2cache_redis_wait_seconds").record(started.elapsed().as_secs_f64());
+        if acked >= i64::from(wanted) {
+            return Ok(());
+        }
+        Err(Failure::from(RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "WAIT {wanted}: only {acked} replica(s) acknowledged the batch's writes within {timeout:?} (redis.wait_replicas = {wanted}); check the replicas, or lower redis.wait_replicas"
+            ),
+        ))))
     }
 
     /// Finds which item a poison error came from, trying them one by one (everything
