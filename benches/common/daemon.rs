@@ -107,14 +107,20 @@ pub struct Tuning {
     pub batch_size: Option<usize>,
     /// `[kafka.properties]`.
     pub kafka_properties: Vec<(String, String)>,
+    /// `[redis] wait_replicas` (the Redis of the bench needs that many replicas).
+    pub wait_replicas: Option<u32>,
 }
 
 #[allow(dead_code)]
 impl Tuning {
-    /// `W2C_BENCH_BATCH_DEADLINE=1ms`, `W2C_BENCH_BATCH_SIZE=1000` and
-    /// `W2C_BENCH_KAFKA_PROPS="linger.ms=0,batch.num.messages=1000"`.
+    /// `W2C_BENCH_BATCH_DEADLINE=1ms`, `W2C_BENCH_BATCH_SIZE=1000`,
+    /// `W2C_BENCH_KAFKA_PROPS="linger.ms=0,batch.num.messages=1000"` and
+    /// `W2C_BENCH_WAIT_REPLICAS=1`.
     pub fn from_env() -> Tuning {
         let mut t = Tuning {
+            wait_replicas: std::env::var("W2C_BENCH_WAIT_REPLICAS")
+                .ok()
+                .map(|v| v.parse().expect("W2C_BENCH_WAIT_REPLICAS: a number")),
             batch_deadline: std::env::var("W2C_BENCH_BATCH_DEADLINE").ok(),
             batch_size: std::env::var("W2C_BENCH_BATCH_SIZE")
                 .ok()
@@ -195,7 +201,8 @@ impl BenchSetup {
             .tempdir()
             .unwrap();
         let mut config = ConfigBuilder::new(db)
-            .name(&format!("bench-{label}"))
+            // Each run its own stream record: another run's would be a slot loss.
+            .name(&format!("bench-{label}-{}", std::process::id()))
             .publication(&publication)
             .rules(&rules_for(&prefix))
             .redis_key("tag_prefix", format!("{prefix}:tag:"))
@@ -210,6 +217,9 @@ impl BenchSetup {
         }
         if let Some(n) = tuning.batch_size {
             config = config.pipeline("batch_size", n);
+        }
+        if let Some(n) = tuning.wait_replicas {
+            config = config.redis_key("wait_replicas", n);
         }
         if let Some(port) = tuning.metrics_port {
             config = config.metrics_listen(([127, 0, 0, 1], port).into());
