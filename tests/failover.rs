@@ -1,22 +1,23 @@
 //! Primary failover with real servers: a primary and a physical standby of their own,
 //! the daemon given both hosts (`target_session_attrs=read-write`), writes going on
-//! while the primary stops and the standby is promoted.
-//! - PostgreSQL 17, failover slots synchronized to the standby: the daemon continues
-//!   on the new primary from the synced slot; nothing lost, no flush.
+//! while the primary stops (or crashes) and the standby is promoted.
+//! - PostgreSQL 17, failover slots synchronized to the standby, the primary crashing:
+//!   the daemon continues on the new primary from the synced slot; nothing lost, no
+//!   flush.
 //! - PostgreSQL 16 (no failover slots): the new primary has no slot; the daemon
 //!   flushes (`flush_all`, `slot_lost`), creates the slot, and nothing stale remains.
 
 mod support;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::AsyncCommands;
 use serde_json::Value;
-use support::cluster::Cluster;
+use support::cluster::{major_bin as bin, Cluster};
 use support::config::ConfigBuilder;
 use support::daemon::Daemon;
 use support::db::{wait_streaming, TestDb, EXAMPLE_SCHEMA as SCHEMA};
@@ -26,18 +27,6 @@ use support::store::redis;
 use support::wait::eventually;
 
 const PRODUCTS: i32 = 20;
-
-/// The server binaries of `major` that `services.sh start pgN` installs.
-fn bin(major: u32) -> PathBuf {
-    let bin =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!(".local/postgres-{major}/server/bin"));
-    assert!(
-        bin.join("postgres").exists(),
-        "no PostgreSQL {major} binaries in {}: run deploy/local/services.sh start pg{major}",
-        bin.display()
-    );
-    bin
-}
 
 const SERVER: [&str; 4] = [
     "wal_level=logical",
@@ -144,12 +133,24 @@ async fn start(major: u32, standby_settings: &[&str]) -> Failover {
     }
 }
 
+/// How the old primary goes away.
+enum Down {
+    /// A fast shutdown: the standby receives all the WAL first.
+    Clean,
+    /// `pg_ctl stop -m immediate`, as when its host dies: what was not yet sent to the
+    /// standby is gone.
+    Crash,
+}
+
 impl Failover {
-    /// Writes for a while, then the primary stops cleanly and the standby is promoted;
+    /// Writes for a while, then the primary goes `down` and the standby is promoted;
     /// writes go on on the new primary for a while, then stop.
-    async fn fail_over(&mut self) {
+    async fn fail_over(&mut self, down: Down) {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        self.primary.stop();
+        match down {
+            Down::Clean => self.primary.stop(),
+            Down::Crash => self.primary.crash(),
+        }
         self.standby.promote();
         let before = self.committed_total();
         eventually(
@@ -255,6 +256,11 @@ async fn update_events(
     (count(&events, prefix), events)
 }
 
+/// The primary crashes (no shutdown: nothing more reaches the standby). Commits are
+/// synchronous to the standby, so every update the writer saw commit survives the
+/// promotion and must have its event; the logical walsender sends nothing the standby
+/// lacks (`synchronized_standby_slots`), so Redis cannot hold a value the new primary
+/// never had.
 #[tokio::test]
 async fn on_17_the_daemon_continues_on_the_promoted_standby_from_the_synced_slot() {
     let mut f = start(
@@ -262,8 +268,11 @@ async fn on_17_the_daemon_continues_on_the_promoted_standby_from_the_synced_slot
         &["hot_standby_feedback=on", "sync_replication_slots=on"],
     )
     .await;
-    // The logical walsender waits for the standby's physical slot.
+    // The logical walsender waits for the standby's physical slot; commits wait for
+    // the standby (its application_name is the cluster's name).
     f.db.exec("ALTER SYSTEM SET synchronized_standby_slots = 'fo17_s_phys'")
+        .await;
+    f.db.exec("ALTER SYSTEM SET synchronous_standby_names = 'fo17_s'")
         .await;
     f.db.exec("SELECT pg_reload_conf()").await;
     let slot = format!("{}_d", f.db.name);
@@ -285,7 +294,7 @@ async fn on_17_the_daemon_continues_on_the_promoted_standby_from_the_synced_slot
             .is_some()
     })
     .await;
-    f.fail_over().await;
+    f.fail_over(Down::Crash).await;
     f.assert_redis_not_stale(true).await;
     let committed = f.committed.lock().unwrap().clone();
     let (seen, events) = update_events(&f.topic, &f.prefix, &committed).await;
@@ -309,7 +318,7 @@ async fn on_17_the_daemon_continues_on_the_promoted_standby_from_the_synced_slot
 #[tokio::test]
 async fn on_16_the_daemon_flushes_when_the_promoted_standby_has_no_slot() {
     let mut f = start(16, &["hot_standby_feedback=on"]).await;
-    f.fail_over().await;
+    f.fail_over(Down::Clean).await;
     let events = read_topic(&f.topic, |events| {
         events.iter().any(|e| e["reason"] == "slot_lost")
     })

