@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 use crate::config::Config;
 use crate::config::OnSlotLoss;
 use crate::error::Error;
+use crate::health::Health;
 use crate::lsn::Lsn;
 use crate::pipeline::{self, Pipeline, Reload};
 use crate::remember::Remembering;
@@ -17,9 +18,9 @@ use crate::rules::{self, Planner, RuleSet};
 use crate::sink::kafka::KafkaSink;
 use crate::sink::redis::{state_key, RedisSink, StreamState};
 use crate::sink::{Batch, Item, Origin, Position, Sink, Version};
-use crate::source::catalog;
 use crate::source::identity::{self, Loss, LossReason, Remembered};
 use crate::source::messages::{wal_heartbeats, RELOAD_PREFIX};
+use crate::source::monitor;
 use crate::source::slot::{self, SetupPlan, SetupReport};
 use crate::source::{Source, SourceError, SourceEvent, StreamConfig};
 use crate::tail::TailFormatter;
@@ -87,9 +88,7 @@ async fn check_slot_loss(config: &Config) -> Option<CheckProblem> {
         let remembered = state.read().await?;
         let target = config.pg_target();
         let client = target.connect().await?;
-        let version = catalog::server_version(&client).await?;
-        let server = identity::server_identity(&client, &target).await?;
-        let slot = identity::slot_state(&client, &config.postgres.slot, version.num).await?;
+        let (server, slot) = identity::observe(&client, &target, &config.postgres.slot).await?;
         Ok::<_, Error>(identity::detect(
             remembered.as_ref(),
             &server,
@@ -179,14 +178,15 @@ pub async fn reload_rules(config: &Config) -> Result<(Arc<RuleSet>, CheckReport)
 /// `ALTER PUBLICATION`, and the pipeline switches to the new rules when it reads the
 /// marker, before the first change that the new membership publishes. If the
 /// transaction fails, the marker never appears and the previous rules stay in force.
-async fn reload(config: &Config, rules_tx: &mpsc::UnboundedSender<Reload>) -> Result<(), Error> {
+async fn reload(config: &Config, rules_tx: &mpsc::UnboundedSender<Reload>) -> Result<usize, Error> {
     let (rules, report) = reload_rules(config).await?;
+    let count = rules.rules().len();
     if report.publish.is_empty() {
         let _ = rules_tx.send(Reload {
             rules,
             marker: None,
         });
-        return Ok(());
+        return Ok(count);
     }
     let marker = format!(
         "{}-{}",
@@ -223,7 +223,7 @@ async fn reload(config: &Config, rules_tx: &mpsc::UnboundedSender<Reload>) -> Re
         .await
         .map_err(failed("committing the transaction"))?;
     tracing::info!(publication = %publication, tables = ?report.to_publish(), "added tables to the publication; the new rules take effect from there in the stream");
-    Ok(())
+    Ok(count)
 }
 
 /// `wal2cache run`: the daemon. Refuses to start on rules that fail `check`; creates
@@ -246,13 +246,29 @@ pub async fn run(
     }
     let checked = check_rules(config, &rules, config.postgres.create).await?;
     log_warnings(&checked);
-    crate::serve::start(&config.metrics).await?;
+    let health = Health::new(
+        &config.name,
+        &config.postgres.slot,
+        &config.rules.path.display().to_string(),
+        config.metrics.ready_max_lag,
+    );
+    health.rules_loaded(rules.rules().len());
+    crate::serve::start(&config.metrics, health.clone()).await?;
     tokio::pin!(shutdown);
+    let (stop_monitor, monitor_stop) = tokio::sync::watch::channel(false);
+    let monitor = tokio::spawn(monitor::monitor(
+        config.pg_target(),
+        config.postgres.slot.clone(),
+        health.clone(),
+        config.metrics.slot_poll,
+        monitor_stop,
+    ));
 
     // The reloader lives as long as `run`: reloads reach whichever stream runs.
     let (stop_reloads, mut reload_stop) = tokio::sync::watch::channel(false);
     let (rules_tx, mut rules_rx) = mpsc::unbounded_channel();
     let reload_config = config.clone();
+    let reload_health = health.clone();
     let reloader = tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -265,14 +281,27 @@ pub async fn run(
                 r = reload(&reload_config, &rules_tx) => r,
                 _ = reload_stop.wait_for(|s| *s) => return,
             };
-            if let Err(e) = reloaded {
-                metrics::counter!("wal2cache_reload_failures_total").increment(1);
-                tracing::error!("rules not reloaded, the previous rules stay in force: {e}");
+            match reloaded {
+                Ok(count) => reload_health.reloaded(Ok(count)),
+                Err(e) => {
+                    metrics::counter!("wal2cache_reload_failures_total").increment(1);
+                    tracing::error!("rules not reloaded, the previous rules stay in force: {e}");
+                    reload_health.reloaded(Err(e.to_string()));
+                }
             }
+            crate::health::systemd::notify(&[crate::health::systemd::NotifyState::Ready]);
         }
     });
     let result = loop {
-        match stream(config, rules.clone(), shutdown.as_mut(), &mut rules_rx).await {
+        match stream(
+            config,
+            rules.clone(),
+            shutdown.as_mut(),
+            &mut rules_rx,
+            &health,
+        )
+        .await
+        {
             Err(Error::Source(SourceError::SlotLost(loss))) => {
                 tracing::error!(reason = loss.reason.label(), "changes may have been missed (found on reconnecting): {loss}; starting the stream again from its checks");
                 // The rules as the file holds them now (a reload may have changed them).
@@ -288,6 +317,8 @@ pub async fn run(
     };
     let _ = stop_reloads.send(true);
     let _ = reloader.await;
+    let _ = stop_monitor.send(true);
+    let _ = monitor.await;
     result
 }
 
@@ -301,6 +332,7 @@ async fn stream(
     rules: Arc<RuleSet>,
     mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
     rules_rx: &mut mpsc::UnboundedReceiver<Reload>,
+    health: &Arc<Health>,
 ) -> Result<(), Error> {
     let (redis_config, kafka_config) = config.sinks()?;
     let target = config.pg_target();
@@ -309,9 +341,7 @@ async fn stream(
     let remembered = state.read().await?;
     let (server, loss) = {
         let client = target.connect().await?;
-        let version = catalog::server_version(&client).await?;
-        let server = identity::server_identity(&client, &target).await?;
-        let slot_now = identity::slot_state(&client, slot_name, version.num).await?;
+        let (server, slot_now) = identity::observe(&client, &target, slot_name).await?;
         let loss = identity::detect(remembered.as_ref(), &server, slot_name, slot_now.as_ref());
         if let Some(loss) = &loss {
             metrics::counter!("wal2cache_slot_losses_total", "reason" => loss.reason.label())
@@ -360,7 +390,14 @@ async fn stream(
         server,
         confirmed,
     };
-    state.write(&record).await?;
+    // Written now only after a flush (so that the next start does not flush again)
+    // or when there is none yet; otherwise before each confirmation (`Remembering`).
+    // Not unconditionally: a standby that starts while another process streams would
+    // write back an older position than the active one wrote, and a slot ahead of the
+    // record reads as a loss at the next start.
+    if loss.is_some() || remembered.is_none() {
+        state.write(&record).await?;
+    }
     let mut stream = StreamConfig::new(
         target,
         slot_name.clone(),
@@ -368,6 +405,8 @@ async fn stream(
     );
     stream.application_name = format!("wal2cache {}", config.name);
     stream.guard = Some(record.server.clone());
+    stream.takeover = config.postgres.takeover;
+    stream.health = Some(health.clone());
     let heartbeats = (!config.pipeline.idle_heartbeat.is_zero()).then(|| {
         tokio::spawn(wal_heartbeats(
             config.pg_target(),
@@ -384,6 +423,7 @@ async fn stream(
         kafka,
         position,
         stop: stop.clone(),
+        health: Some(health.clone()),
     };
     let result = pipeline::run(pipeline, rules, shutdown, rules_rx).await;
     // The pipeline has set the stop signal; every task ends on it.
@@ -392,6 +432,140 @@ async fn stream(
         let _ = h.await;
     }
     result
+}
+
+/// `wal2cache status`: the slot as the database sees it, who streams from it, and the
+/// stream record in Redis, without a running daemon.
+#[derive(Debug)]
+pub struct StatusReport {
+    pub server: String,
+    pub slot_name: String,
+    pub slot: crate::health::SlotReport,
+    /// Who streams from the slot (`pg_stat_replication`), when someone does.
+    pub holder: Option<String>,
+    /// The stream record, or why it could not be read.
+    pub record: Result<Option<Remembered>, String>,
+}
+
+impl StatusReport {
+    /// A process streams from the slot.
+    pub fn streaming(&self) -> bool {
+        self.slot.active_pid.is_some()
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let s = &self.slot;
+        serde_json::json!({
+            "server": self.server,
+            "slot_name": self.slot_name,
+            "exists": s.exists,
+            "streaming": self.streaming(),
+            "active_pid": s.active_pid,
+            "holder": self.holder,
+            "server_lsn": s.server_lsn.map(|l| l.to_string()),
+            "confirmed_flush_lsn": s.confirmed_lsn.map(|l| l.to_string()),
+            "restart_lsn": s.restart_lsn.map(|l| l.to_string()),
+            "lag_bytes": s.lag_bytes(),
+            "retained_wal_bytes": s.retained_bytes(),
+            "wal_status": s.wal_status,
+            "safe_wal_size": s.safe_wal_bytes,
+            "record": match &self.record {
+                Ok(Some(r)) => serde_json::json!({
+                    "confirmed": r.confirmed.to_string(),
+                    "slot": r.slot,
+                    "system_identifier": r.server.system_identifier,
+                    "timeline": r.server.timeline,
+                }),
+                Ok(None) => serde_json::Value::Null,
+                Err(e) => serde_json::json!({"error": e}),
+            },
+        })
+    }
+}
+
+impl std::fmt::Display for StatusReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = &self.slot;
+        let lsn = |l: Option<Lsn>| l.map_or("-".to_string(), |l| l.to_string());
+        if !s.exists {
+            writeln!(
+                f,
+                "slot {:?} on {}: does not exist",
+                self.slot_name, self.server
+            )?;
+            writeln!(f, "  nothing streams: `wal2cache run` (with postgres.create) or `wal2cache setup` creates it")?;
+        } else {
+            writeln!(
+                f,
+                "slot {:?} on {}: wal_status {}",
+                self.slot_name,
+                self.server,
+                s.wal_status.as_deref().unwrap_or("-")
+            )?;
+            match (s.active_pid, &self.holder) {
+                (Some(pid), Some(h)) => writeln!(f, "  streaming: PID {pid}, {h}")?,
+                (Some(pid), None) => writeln!(f, "  streaming: PID {pid}")?,
+                (None, _) => writeln!(f, "  NOT streaming: no process reads the slot; the server keeps its WAL until one does")?,
+            }
+            writeln!(
+                f,
+                "  confirmed_flush_lsn {}, server at {} ({} bytes behind)",
+                lsn(s.confirmed_lsn),
+                lsn(s.server_lsn),
+                s.lag_bytes().map_or("-".into(), |b| b.to_string())
+            )?;
+            writeln!(
+                f,
+                "  retained WAL {} bytes (restart_lsn {}); safe_wal_size {}",
+                s.retained_bytes().map_or("-".into(), |b| b.to_string()),
+                lsn(s.restart_lsn),
+                s.safe_wal_bytes
+                    .map_or("unlimited (no max_slot_wal_keep_size)".into(), |b| format!(
+                        "{b} bytes"
+                    ))
+            )?;
+        }
+        match &self.record {
+            Ok(Some(r)) => writeln!(
+                f,
+                "  stream record in Redis: confirmed {} on slot {:?}, timeline {}, system {}",
+                r.confirmed, r.slot, r.server.timeline, r.server.system_identifier
+            ),
+            Ok(None) => writeln!(
+                f,
+                "  stream record in Redis: none (wal2cache has not streamed with this name)"
+            ),
+            Err(e) => writeln!(f, "  stream record in Redis: could not be read: {e}"),
+        }
+    }
+}
+
+/// `wal2cache status`: reads the slot from the database and the stream record from
+/// Redis; needs no running daemon.
+pub async fn status(config: &Config) -> Result<StatusReport, Error> {
+    let target = config.pg_target();
+    let client = target.connect().await?;
+    let slot = monitor::slot_report(&client, &config.postgres.slot).await?;
+    let holder = match slot.active_pid {
+        Some(pid) => monitor::slot_holder(&client, pid).await?,
+        None => None,
+    };
+    let record = async {
+        let (redis_config, _) = config.sinks()?;
+        let mut state = StreamState::connect(redis_config, &config.name).await?;
+        Ok::<_, Error>(state.read().await?)
+    };
+    let record = match tokio::time::timeout(std::time::Duration::from_secs(10), record).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("Redis did not answer within 10 s".into()),
+    };
+    Ok(StatusReport {
+        server: target.display(),
+        slot_name: config.postgres.slot.clone(),
+        slot,
+        holder,
+        record,
+    })
 }
 
 /// After a loss: every key under the rules' prefixes and every tag set of theirs

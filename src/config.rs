@@ -26,6 +26,7 @@ pub struct Config {
     pub kafka: Option<KafkaConfig>,
     pub pipeline: PipelineConfig,
     pub metrics: MetricsConfig,
+    pub log: LogConfig,
 }
 
 /// How the daemon batches and stops.
@@ -64,12 +65,45 @@ impl Default for PipelineConfig {
     }
 }
 
-/// The Prometheus endpoint.
-#[derive(Debug, Clone, Deserialize, Default)]
+/// The HTTP listener for operators: `/metrics`, `/healthz`, `/readyz`, `/status`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
 pub struct MetricsConfig {
-    /// `host:port` to serve `/metrics` on; none by default.
-    #[serde(default)]
+    /// `host:port` to serve on; none by default.
     pub listen: Option<std::net::SocketAddr>,
+    /// `/readyz` answers 503 when the lag is over this.
+    #[serde(with = "humantime_serde")]
+    pub ready_max_lag: std::time::Duration,
+    /// How often the slot is read from the database (retained WAL, safe WAL size).
+    #[serde(with = "humantime_serde")]
+    pub slot_poll: std::time::Duration,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: None,
+            ready_max_lag: std::time::Duration::from_secs(30),
+            slot_poll: std::time::Duration::from_secs(10),
+        }
+    }
+}
+
+/// How the daemon logs.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default)]
+pub struct LogConfig {
+    /// `json` (one object per line) or `text`; by default json when standard error is
+    /// not a terminal (a service manager, a container), text when it is.
+    pub format: Option<LogFormat>,
+}
+
+/// `log.format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Text,
 }
 
 #[derive(Clone, Deserialize)]
@@ -100,6 +134,14 @@ pub struct PostgresConfig {
     /// recreated, or another server answers): flush the caches, or stop.
     #[serde(default)]
     pub on_slot_loss: OnSlotLoss,
+    /// On standby (another process holds the slot), how often to check whether the
+    /// slot is free: a takeover starts within this of the slot being released.
+    #[serde(default = "default_takeover", with = "humantime_serde")]
+    pub takeover: std::time::Duration,
+}
+
+fn default_takeover() -> std::time::Duration {
+    std::time::Duration::from_secs(1)
 }
 
 /// `postgres.on_slot_loss`.
@@ -126,6 +168,7 @@ impl std::fmt::Debug for PostgresConfig {
             .field("password_file", &self.password_file)
             .field("failover_slot", &self.failover_slot)
             .field("on_slot_loss", &self.on_slot_loss)
+            .field("takeover", &self.takeover)
             .finish()
     }
 }
@@ -308,8 +351,8 @@ fn sections(names: &[&str]) -> String {
 }
 
 /// The top-level keys: each is read by `Config::from_sections`.
-const SECTIONS: [&str; 7] = [
-    "name", "postgres", "rules", "redis", "kafka", "pipeline", "metrics",
+const SECTIONS: [&str; 8] = [
+    "name", "postgres", "rules", "redis", "kafka", "pipeline", "metrics", "log",
 ];
 
 impl Config {
@@ -409,6 +452,7 @@ impl Config {
         let kafka: Option<KafkaConfig> = read_section(root, "kafka", p);
         let pipeline: Option<PipelineConfig> = read_section(root, "pipeline", p);
         let metrics: Option<MetricsConfig> = read_section(root, "metrics", p);
+        let log: Option<LogConfig> = read_section(root, "log", p);
         for (key, present, what) in [
             (
                 "name",
@@ -432,6 +476,7 @@ impl Config {
         }
         let pipeline = pipeline.unwrap_or_default();
         let metrics = metrics.unwrap_or_default();
+        let log = log.unwrap_or_default();
         if let (Some(name), Some(postgres)) = (&name, &postgres) {
             problems.extend(Config::problems(
                 name,
@@ -485,6 +530,7 @@ impl Config {
                     kafka,
                     pipeline,
                     metrics,
+                    log,
                 })
             }
             _ => Err(problems),
@@ -723,6 +769,26 @@ brokers = "127.0.0.1:9092"
     }
 
     #[test]
+    fn the_operator_keys_have_defaults_and_read_durations_and_formats() {
+        let c = Config::load(write(GOOD).path()).unwrap();
+        assert_eq!(c.postgres.takeover, std::time::Duration::from_secs(1));
+        assert_eq!(c.metrics.ready_max_lag, std::time::Duration::from_secs(30));
+        assert_eq!(c.metrics.slot_poll, std::time::Duration::from_secs(10));
+        assert_eq!(c.log.format, None);
+        let text = GOOD.replace("[postgres]", "[postgres]\ntakeover = \"250ms\"")
+            + "[metrics]\nready_max_lag = \"5s\"\nslot_poll = \"2s\"\n[log]\nformat = \"json\"\n";
+        let c = Config::load(write(&text).path()).unwrap();
+        assert_eq!(c.postgres.takeover, std::time::Duration::from_millis(250));
+        assert_eq!(c.metrics.ready_max_lag, std::time::Duration::from_secs(5));
+        assert_eq!(c.metrics.slot_poll, std::time::Duration::from_secs(2));
+        assert_eq!(c.log.format, Some(LogFormat::Json));
+        let err = Config::load(write(&(GOOD.to_string() + "[log]\nformat = \"xml\"\n")).path())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("log.format"), "{err}");
+    }
+
+    #[test]
     fn unknown_keys_are_errors_that_name_them() {
         let f = write(&GOOD.replace("[postgres]", "[postgres]\nslott = \"x\""));
         let err = Config::load(f.path()).unwrap_err().to_string();
@@ -758,7 +824,7 @@ brokers = "127.0.0.1:9092"
         let err = Config::load(f.path()).unwrap_err().to_string();
         for needle in [
             "nmae: unknown key",
-            "postgres.slott: unknown key ([postgres] has url, slot, publication, create, password, password_file, failover_slot, on_slot_loss)",
+            "postgres.slott: unknown key ([postgres] has url, slot, publication, create, password, password_file, failover_slot, on_slot_loss, takeover)",
             "redis.urll: unknown key",
             "kafka.topicc: unknown key",
             "kafka.brokerz: unknown key",

@@ -53,6 +53,8 @@ pub mod exit {
     pub const CONFIG: i32 = 3;
     /// Changes may have been missed and `postgres.on_slot_loss = "fail"`.
     pub const SLOT_LOST: i32 = 4;
+    /// `wal2cache status`: nothing streams from the slot (or it does not exist).
+    pub const NOT_STREAMING: i32 = 5;
 }
 
 impl Error {

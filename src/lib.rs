@@ -23,6 +23,8 @@ pub mod config;
 #[cfg(feature = "daemon")]
 pub mod error;
 pub mod event;
+#[cfg(feature = "daemon")]
+pub mod health;
 #[cfg(feature = "l1")]
 pub mod l1;
 #[cfg(feature = "daemon")]

@@ -1,8 +1,11 @@
-//! The daemon's HTTP listener (`metrics.listen`): `GET /metrics` in the Prometheus
-//! text format, 404 for every other path. Routes are added in `router`.
+//! The daemon's HTTP listener (`metrics.listen`), for operators and their tools:
+//! `GET /metrics` in the Prometheus text format; `GET /healthz` (the process and its
+//! tasks run), `GET /readyz` (active, streaming, sinks healthy, lag under
+//! `metrics.ready_max_lag`; otherwise 503 saying which fails) and `GET /status` (JSON
+//! for people and scripts), from [`Health`]. 404 for every other path.
 
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -14,20 +17,61 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::config::MetricsConfig;
 use crate::error::Error;
+use crate::health::Health;
 
 /// What the handlers read.
 #[derive(Clone)]
 pub struct HttpState {
     pub metrics: PrometheusHandle,
+    pub health: Arc<Health>,
 }
+
+/// The paths served: what probes and scrapers may point at.
+pub const PATHS: [&str; 4] = ["/metrics", "/healthz", "/readyz", "/status"];
 
 /// The routes of the listener; any other path is 404, another method on a known path
 /// 405.
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status))
         .fallback(not_found)
         .with_state(state)
+}
+
+fn json_response(code: StatusCode, body: serde_json::Value) -> axum::response::Response {
+    let mut text = body.to_string();
+    text.push('\n');
+    (code, [(header::CONTENT_TYPE, "application/json")], text).into_response()
+}
+
+async fn healthz(State(state): State<HttpState>) -> axum::response::Response {
+    match state.health.alive() {
+        Ok(()) => json_response(StatusCode::OK, serde_json::json!({"alive": true})),
+        Err(why) => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"alive": false, "failing": [why]}),
+        ),
+    }
+}
+
+async fn readyz(State(state): State<HttpState>) -> axum::response::Response {
+    let r = state.health.readiness();
+    let code = if r.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_response(
+        code,
+        serde_json::json!({"ready": r.ready, "role": r.role.label(), "failing": r.failing}),
+    )
+}
+
+async fn status(State(state): State<HttpState>) -> axum::response::Response {
+    json_response(StatusCode::OK, state.health.status())
 }
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
@@ -38,7 +82,10 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
 }
 
 async fn not_found() -> impl IntoResponse {
-    (StatusCode::NOT_FOUND, "not found: try GET /metrics\n")
+    (
+        StatusCode::NOT_FOUND,
+        "not found: try GET /metrics, /healthz, /readyz or /status\n",
+    )
 }
 
 /// The Prometheus recorder this process installed, once.
@@ -67,12 +114,14 @@ fn recorder() -> Result<PrometheusHandle, Error> {
 /// Binds `metrics.listen` (when set), installs the Prometheus recorder (see
 /// `recorder`) and serves in the background for as long as the process runs. A port
 /// that cannot be bound is an error naming `metrics.listen`.
-pub async fn start(config: &MetricsConfig) -> Result<(), Error> {
+pub async fn start(config: &MetricsConfig, health: Arc<Health>) -> Result<(), Error> {
     let Some(addr) = config.listen else {
         return Ok(());
     };
     let listener = bind(addr).await?;
     let handle = recorder()?;
+    describe();
+    health.publish();
     // Histograms are drained into their summaries by upkeep; without it they grow.
     let upkeep = handle.clone();
     tokio::spawn(async move {
@@ -81,14 +130,115 @@ pub async fn start(config: &MetricsConfig) -> Result<(), Error> {
             upkeep.run_upkeep();
         }
     });
-    let app = router(HttpState { metrics: handle });
+    let app = router(HttpState {
+        metrics: handle,
+        health,
+    });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(%addr, "the metrics listener stopped: {e}; /metrics is not served until wal2cache restarts");
+            tracing::error!(%addr, "the metrics listener stopped: {e}; /metrics, /healthz, /readyz and /status are not served until wal2cache restarts");
         }
     });
-    tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+    tracing::info!(%addr, "serving /metrics, /healthz, /readyz and /status");
     Ok(())
+}
+
+/// Every metric the daemon exports, registered with its help text at start, so that a
+/// scrape shows each one (at 0) before anything happened: dashboards and alerts see a
+/// series, not a gap.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!("wal2cache_up", "1 while the daemon runs");
+    describe_gauge!(
+        "wal2cache_role",
+        "1 for this instance's role (active, standby, starting), 0 for the others"
+    );
+    describe_gauge!(
+        "wal2cache_streaming",
+        "1 while the replication stream is connected"
+    );
+    describe_gauge!("wal2cache_replication_lag_seconds", Unit::Seconds, "now minus the commit time of the newest change applied to every sink; 0 when idle and caught up");
+    describe_gauge!(
+        "wal2cache_slot_retained_wal_bytes",
+        Unit::Bytes,
+        "WAL the server keeps for the slot: its current LSN minus the slot's restart_lsn (polled)"
+    );
+    describe_gauge!("wal2cache_slot_safe_wal_bytes", Unit::Bytes, "safe_wal_size of the slot: WAL the server may write before it invalidates the slot (0 without max_slot_wal_keep_size)");
+    describe_gauge!(
+        "wal2cache_confirmed_lsn",
+        "the last LSN confirmed to PostgreSQL, as a number"
+    );
+    describe_gauge!(
+        "wal2cache_sink_healthy",
+        "1 while the sink applies batches, 0 while it retries"
+    );
+    describe_counter!(
+        "wal2cache_changes_applied_total",
+        "row changes applied to every sink"
+    );
+    describe_counter!("wal2cache_sink_batches_total", "batches a sink applied");
+    describe_counter!(
+        "wal2cache_sink_items_total",
+        "changes (plans) in the batches a sink applied"
+    );
+    describe_counter!(
+        "wal2cache_sink_errors_total",
+        "failed sink attempts, by kind: retry (transient, retried) or stop (the daemon stops)"
+    );
+    describe_counter!("wal2cache_sink_retries_total", "batches retried by a sink");
+    describe_counter!(
+        "wal2cache_slot_losses_total",
+        "times changes may have been missed (slot lost), by reason"
+    );
+    describe_counter!(
+        "wal2cache_reload_failures_total",
+        "SIGHUP reloads refused (the old rules stay)"
+    );
+    describe_counter!(
+        "wal2cache_rule_plans_total",
+        "changes a rule produced something for"
+    );
+    describe_counter!(
+        "wal2cache_rule_keys_total",
+        "keys a rule produced (deleted or republished)"
+    );
+    describe_counter!(
+        "wal2cache_rule_null_keys_total",
+        "keys a rule skipped because a placeholder was NULL"
+    );
+    describe_histogram!(
+        "wal2cache_commit_to_redis_seconds",
+        Unit::Seconds,
+        "commit in PostgreSQL to applied in Redis"
+    );
+    describe_histogram!(
+        "wal2cache_commit_to_kafka_seconds",
+        Unit::Seconds,
+        "commit in PostgreSQL to acknowledged by the brokers"
+    );
+    describe_histogram!(
+        "wal2cache_batch_seconds",
+        Unit::Seconds,
+        "time a sink took to apply a batch"
+    );
+    for sink in ["redis", "kafka"] {
+        metrics::counter!("wal2cache_sink_batches_total", "sink" => sink).increment(0);
+        metrics::counter!("wal2cache_sink_items_total", "sink" => sink).increment(0);
+        metrics::counter!("wal2cache_sink_retries_total", "sink" => sink).increment(0);
+        for kind in ["retry", "stop"] {
+            metrics::counter!("wal2cache_sink_errors_total", "sink" => sink, "kind" => kind)
+                .increment(0);
+        }
+        let _ = metrics::histogram!("wal2cache_batch_seconds", "sink" => sink);
+    }
+    for reason in crate::source::identity::LossReason::ALL {
+        metrics::counter!("wal2cache_slot_losses_total", "reason" => reason.label()).increment(0);
+    }
+    metrics::counter!("wal2cache_changes_applied_total").increment(0);
+    metrics::counter!("wal2cache_reload_failures_total").increment(0);
+    metrics::gauge!("wal2cache_replication_lag_seconds").set(0.0);
+    metrics::gauge!("wal2cache_slot_retained_wal_bytes").set(0.0);
+    metrics::gauge!("wal2cache_slot_safe_wal_bytes").set(0.0);
 }
 
 /// The listener for `addr`, or an error that names `metrics.listen`.
@@ -107,6 +257,10 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, Error> {
 mod tests {
     use super::*;
 
+    fn health() -> Arc<Health> {
+        Health::new("t", "slot", "rules.toml", Duration::from_secs(30))
+    }
+
     #[tokio::test]
     async fn a_port_in_use_is_an_error_naming_metrics_listen() {
         let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -123,17 +277,21 @@ mod tests {
         for _ in 0..2 {
             let config = MetricsConfig {
                 listen: Some("127.0.0.1:0".parse().unwrap()),
+                ..MetricsConfig::default()
             };
-            start(&config).await.unwrap();
+            start(&config, health()).await.unwrap();
         }
     }
 
     #[tokio::test]
-    async fn only_get_metrics_is_served() {
+    async fn only_the_operator_paths_are_served() {
         let handle = PrometheusBuilder::new().build_recorder().handle();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let app = router(HttpState { metrics: handle });
+        let app = router(HttpState {
+            metrics: handle,
+            health: health(),
+        });
         tokio::spawn(async move { axum::serve(listener, app).await });
         let status = |method: &'static str, path: &'static str| async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -149,6 +307,11 @@ mod tests {
             out.split(' ').nth(1).unwrap().parse::<u16>().unwrap()
         };
         assert_eq!(status("GET", "/metrics").await, 200);
+        assert_eq!(status("GET", "/healthz").await, 200);
+        // Starting: not ready yet.
+        assert_eq!(status("GET", "/readyz").await, 503);
+        assert_eq!(status("GET", "/status").await, 200);
+        assert_eq!(status("POST", "/readyz").await, 405);
         assert_eq!(status("GET", "/nope").await, 404);
         assert_eq!(status("GET", "/").await, 404);
         assert_eq!(status("POST", "/metrics").await, 405);

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::config::ConfigBuilder;
-use support::daemon::{bin, run_binary};
+use support::daemon::{base_env, bin, run_binary};
 use support::db::{slot_active, url_for, TestDb};
 use support::env::unique;
 use support::wait::eventually;
@@ -68,6 +68,7 @@ async fn tail_prints_every_change_as_a_json_line_on_a_temporary_slot() {
     let dir = tempfile::tempdir().unwrap();
     let config = config_on(&db.url, "unused_slot", &["public.docs"]).write(dir.path());
     let mut child = Command::new(bin())
+        .envs(base_env())
         .args(["tail", "--config", config.to_str().unwrap()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -369,6 +370,7 @@ async fn tail_shows_plans_and_reloads_rules_on_sighup_keeping_old_ones_on_failur
     let dir = tempfile::tempdir().unwrap();
     let config = config_on(&db.url, "s", &["public.items"]).write(dir.path());
     let mut child = Command::new(bin())
+        .envs(base_env())
         .args(["tail", "--config", config.to_str().unwrap()])
         .env("WAL2CACHE_LOG", "info")
         .stdin(Stdio::null())
@@ -468,6 +470,7 @@ async fn tail_prints_every_value_exactly_as_postgres_does() {
     let dir = tempfile::tempdir().unwrap();
     let config = config_on(&db.url, "unused_slot", &["public.v"]).write(dir.path());
     let mut child = Command::new(bin())
+        .envs(base_env())
         .args(["tail", "--config", config.to_str().unwrap()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -662,6 +665,7 @@ fn exit_code_with_stderr_closed(args: &[&str], envs: &[(&str, &str)]) -> Option<
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
     Command::new(bin())
+        .envs(base_env())
         .args(args)
         .envs(envs.iter().copied())
         .stdin(Stdio::null())
@@ -704,6 +708,7 @@ async fn a_dropped_replication_connection_is_reported_by_wal2cache_alone() {
     let dir = tempfile::tempdir().unwrap();
     let config = config_on(&db.url, "s", &["public.items"]).write(dir.path());
     let mut child = Command::new(bin())
+        .envs(base_env())
         .args(["tail", "--config", config.to_str().unwrap()])
         .env("WAL2CACHE_LOG", "info")
         .stdin(Stdio::null())
@@ -756,6 +761,7 @@ async fn tail_ends_quietly_when_its_reader_goes_away() {
     let dir = tempfile::tempdir().unwrap();
     let config = config_on(&db.url, "unused_slot", &["public.t"]).write(dir.path());
     let mut child = Command::new(bin())
+        .envs(base_env())
         .args(["tail", "--config", config.to_str().unwrap()])
         .env("WAL2CACHE_LOG", "warn")
         .stdin(Stdio::null())

@@ -15,6 +15,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
+use crate::health::Health;
 use crate::lsn::Lsn;
 use crate::pgtime::since_pg_time;
 use crate::sink::{Batch, Position, Sink, SinkError};
@@ -47,6 +48,7 @@ struct Ledger {
     /// Every sink has applied everything dispatched: a new batch would start at once
     /// everywhere.
     free: watch::Sender<bool>,
+    health: Option<Arc<Health>>,
 }
 
 impl Ledger {
@@ -127,6 +129,9 @@ impl Permits<'_> {
         {
             let mut ledger = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
             ledger.dispatched = seq;
+            if let Some(h) = &ledger.health {
+                h.dispatched();
+            }
             ledger
                 .free
                 .send_if_modified(|free| std::mem::replace(free, false));
@@ -154,6 +159,7 @@ impl Applier {
         b: B,
         confirmer: Confirmer,
         position: watch::Sender<Position>,
+        health: Option<Arc<Health>>,
     ) -> Applier {
         let ledger = Arc::new(Mutex::new(Ledger {
             marks: VecDeque::new(),
@@ -163,6 +169,7 @@ impl Applier {
             stats: Stats::new(),
             dispatched: 0,
             free: watch::channel(true).0,
+            health,
         }));
         let (qa, ra) = mpsc::channel(QUEUED_BATCHES);
         let (qb, rb) = mpsc::channel(QUEUED_BATCHES);
@@ -281,6 +288,8 @@ async fn sink_task<S: Sink>(
     let name = sink.name();
     let latency = metrics::histogram!(format!("wal2cache_commit_to_{name}_seconds"));
     let seconds = metrics::histogram!("wal2cache_batch_seconds", "sink" => name);
+    let batches = metrics::counter!("wal2cache_sink_batches_total", "sink" => name);
+    let items = metrics::counter!("wal2cache_sink_items_total", "sink" => name);
     while let Some((mut seq, first)) = queue.recv().await {
         let mut merged: Option<Batch> = None;
         while let Ok((next_seq, next)) = queue.try_recv() {
@@ -295,12 +304,18 @@ async fn sink_task<S: Sink>(
         let batch = merged.as_ref().unwrap_or(&first);
         let started = Instant::now();
         if let Err(error) = sink.apply(batch).await {
+            if !matches!(error, SinkError::Stopped) {
+                metrics::counter!("wal2cache_sink_errors_total", "sink" => name, "kind" => "stop")
+                    .increment(1);
+            }
             return Err(Failed {
                 sink: sink.describe(),
                 error,
             });
         }
         seconds.record(started.elapsed().as_secs_f64());
+        batches.increment(1);
+        items.increment(batch.items.len() as u64);
         // Commit to applied, once per transaction.
         let mut last = None;
         for item in &batch.items {

@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::PipelineConfig;
 use crate::error::Error;
+use crate::health::Health;
 use crate::rules::{Planner, RuleSet};
 use crate::sink::{Position, Sink};
 use crate::source::{Confirmer, Source, SourceError, SourceEvent};
@@ -83,6 +84,8 @@ pub struct Pipeline<E, R, K> {
     pub position: watch::Sender<Position>,
     /// Set when the pipeline stops: sinks stop retrying, background tasks end.
     pub stop: watch::Sender<bool>,
+    /// Where the sinks and the position are reported for operators.
+    pub health: Option<Arc<Health>>,
 }
 
 /// Runs until `shutdown`, a fatal error, or the end of the stream. `reload` delivers
@@ -100,10 +103,16 @@ pub async fn run<E: Events, R: Sink, K: Sink>(
         mut kafka,
         position,
         stop,
+        health,
     } = pipeline;
     redis.set_error_after(config.sink_error_after);
     kafka.set_error_after(config.sink_error_after);
-    let mut applier = Applier::start(redis, kafka, events.confirmer(), position);
+    if let Some(h) = &health {
+        redis.set_health(h.sink("redis"));
+        kafka.set_health(h.sink("kafka"));
+        h.watch_position(position.subscribe());
+    }
+    let mut applier = Applier::start(redis, kafka, events.confirmer(), position, health);
     // A transaction that ends with the stream idle is sent at once when the stream is
     // live (its commit is recent) or every sink is free. While catching up (the commit
     // is older than `batcher::CATCHING_UP`) and a sink is still applying, it waits (up

@@ -196,6 +196,12 @@ fn start_with(
         kafka: kafka.0,
         position,
         stop,
+        health: Some(crate::health::Health::new(
+            "test",
+            "slot",
+            "rules.toml",
+            Duration::from_secs(30),
+        )),
     };
     let (_reload_tx, mut reload_rx) = mpsc::unbounded_channel();
     let rules = crate::rules::testing::rule_set(RULES);

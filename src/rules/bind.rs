@@ -18,6 +18,30 @@ pub(super) struct BoundRule {
     when_changed: Option<Vec<usize>>,
     /// Republish: the projected columns with their JSON-quoted names.
     columns: Vec<(usize, String)>,
+    /// The rule's counters, looked up once per binding, not per change.
+    pub(super) counters: RuleCounters,
+}
+
+/// `wal2cache_rule_*_total{rule}`.
+#[derive(Debug)]
+pub(super) struct RuleCounters {
+    /// Changes the rule produced something for.
+    pub(super) plans: metrics::Counter,
+    /// Keys it deleted or republished.
+    pub(super) keys: metrics::Counter,
+    /// Keys it skipped because a placeholder was NULL.
+    pub(super) null_keys: metrics::Counter,
+}
+
+impl RuleCounters {
+    fn new(rule: &str) -> RuleCounters {
+        let rule = rule.to_string();
+        RuleCounters {
+            plans: metrics::counter!("wal2cache_rule_plans_total", "rule" => rule.clone()),
+            keys: metrics::counter!("wal2cache_rule_keys_total", "rule" => rule.clone()),
+            null_keys: metrics::counter!("wal2cache_rule_null_keys_total", "rule" => rule),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -157,6 +181,7 @@ impl BoundRule {
             tags,
             when_changed,
             columns,
+            counters: RuleCounters::new(&rule.name),
         })
     }
 
@@ -174,6 +199,19 @@ impl BoundRule {
                 _ => true,
             },
         })
+    }
+
+    /// Keys of this rule's key templates skipped for a NULL placeholder among `notes`.
+    pub(super) fn null_keys(&self, notes: &[Note]) -> u64 {
+        notes
+            .iter()
+            .filter(|n| match &n.kind {
+                NoteKind::NullPlaceholder { template, .. } => {
+                    self.keys.iter().any(|k| &k.text == template)
+                }
+                _ => false,
+            })
+            .count() as u64
     }
 
     /// Renders templates for a row into `out`, noting what could not be rendered.

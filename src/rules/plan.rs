@@ -207,6 +207,8 @@ impl Planner {
             }
             let plan = &mut builder.plan;
             let before = plan.delete.len() + plan.purge_tags.len() + plan.republish.len();
+            let keys_before = plan.delete.len() + plan.republish.len();
+            let notes_before = plan.notes.len();
             // Keys and tags of the old row (a delete, or an update that changed a key
             // column) and of the new row; a value not sent in one is taken from the other.
             for (row, other) in [(old, new), (new, old)] {
@@ -273,7 +275,16 @@ impl Planner {
                 }
             }
             let plan = &builder.plan;
+            if plan.notes.len() > notes_before {
+                b.counters
+                    .null_keys
+                    .increment(b.null_keys(&plan.notes[notes_before..]));
+            }
             if plan.delete.len() + plan.purge_tags.len() + plan.republish.len() > before {
+                b.counters.plans.increment(1);
+                b.counters
+                    .keys
+                    .increment((plan.delete.len() + plan.republish.len() - keys_before) as u64);
                 builder.rule(&rule.name);
             }
         }

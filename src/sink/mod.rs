@@ -59,6 +59,9 @@ pub trait Sink: Send + 'static {
     /// How long failing may go on before the sink says so at ERROR.
     fn set_error_after(&mut self, bound: Duration);
 
+    /// Where to report failing and recovering, for `/readyz` and `/status`.
+    fn set_health(&mut self, _health: crate::health::SinkHealth) {}
+
     /// Stops the sink's background tasks and waits for them, after its last batch.
     fn close(self) -> impl Future<Output = ()> + Send;
 }

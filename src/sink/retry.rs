@@ -38,6 +38,8 @@ pub struct RetryLog {
     last_warn: Option<Instant>,
     quiet: u64,
     errored: bool,
+    /// Where failures and recoveries are reported for `/readyz` and `/status`.
+    pub health: Option<crate::health::SinkHealth>,
 }
 
 /// A duration rounded to whole seconds (milliseconds under one), for log lines.
@@ -62,7 +64,18 @@ impl RetryLog {
             last_warn: None,
             quiet: 0,
             errored: false,
+            health: None,
         }
+    }
+
+    /// The label of the sink's metrics: `redis`, `kafka` (the first word of its name:
+    /// the stream record's writer counts as Redis).
+    fn label(&self) -> String {
+        self.sink
+            .split_whitespace()
+            .next()
+            .unwrap_or(self.sink)
+            .to_ascii_lowercase()
     }
 
     /// An attempt failed with `error` (one line, already cut short); the next is in
@@ -71,6 +84,11 @@ impl RetryLog {
         let now = Instant::now();
         let since = *self.since.get_or_insert(now);
         self.attempts += 1;
+        metrics::counter!("wal2cache_sink_errors_total", "sink" => self.label(), "kind" => "retry")
+            .increment(1);
+        if let Some(h) = &self.health {
+            h.failing(error);
+        }
         let failing = now - since;
         let sink = self.sink;
         if !self.errored && failing >= self.error_after {
@@ -110,6 +128,9 @@ impl RetryLog {
     /// the sink failed.
     pub fn succeeded(&mut self) -> Option<(u64, Duration)> {
         let since = self.since.take()?;
+        if let Some(h) = &self.health {
+            h.ok();
+        }
         let attempts = std::mem::take(&mut self.attempts);
         self.last_warn = None;
         self.quiet = 0;

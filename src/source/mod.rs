@@ -9,6 +9,7 @@ pub mod conninfo;
 pub mod error;
 pub mod identity;
 pub mod messages;
+pub mod monitor;
 pub mod pace;
 pub mod pgoutput;
 pub mod relations;

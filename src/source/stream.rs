@@ -8,6 +8,7 @@
 //! error the task reconnects and resumes from the slot's confirmed position, so a
 //! transaction that was cut off is sent again from its Begin.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
@@ -15,8 +16,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::backoff::Backoff;
+use crate::health::Health;
 use crate::lsn::Lsn;
-use crate::source::catalog;
 use crate::source::change::{Relation, SourceEvent};
 use crate::source::error::{ErrorKind, SourceError};
 use crate::source::identity::{self, Loss, LossReason, Remembered, ServerIdentity};
@@ -46,6 +47,11 @@ pub struct StreamConfig {
     /// server are compared with it and with the last confirmed position, and a loss
     /// ends the stream with [`SourceError::SlotLost`].
     pub guard: Option<ServerIdentity>,
+    /// While another process holds the slot, how often to try for it: the bound on a
+    /// takeover once the slot is free (`postgres.takeover`).
+    pub takeover: Duration,
+    /// Where the stream reports streaming, standby and why not, for operators.
+    pub health: Option<Arc<Health>>,
 }
 
 impl StreamConfig {
@@ -61,6 +67,8 @@ impl StreamConfig {
             backoff_max: Duration::from_secs(30),
             application_name: "wal2cache".into(),
             guard: None,
+            takeover: Duration::from_secs(1),
+            health: None,
         }
     }
 }
@@ -210,6 +218,9 @@ async fn run(
             Ok(()) => return,
             Err(e) => e,
         };
+        if let Some(h) = &config.health {
+            h.not_streaming(&error.to_string(), error.kind() == ErrorKind::Standby);
+        }
         let delay = backoff.next_delay();
         match error.kind() {
             ErrorKind::Fatal => {
@@ -218,10 +229,12 @@ async fn run(
             }
             ErrorKind::Standby if !standby => {
                 standby = true;
-                tracing::warn!(slot = %config.slot, %error, "slot in use by another process: this instance is on standby until it is free");
+                tracing::warn!(slot = %config.slot, %error, retry_every = ?config.takeover, "slot in use by another process: this instance is on standby and takes over when it is free");
             }
+            // Not the backoff: a standby must take over within `takeover` of the slot
+            // being freed, however long it has waited (`wait_for_free_slot`).
             ErrorKind::Standby => {
-                tracing::debug!(slot = %config.slot, retry_in = ?delay, "still on standby")
+                tracing::debug!(slot = %config.slot, "still on standby")
             }
             ErrorKind::Transient => tracing::warn!(
                 %error,
@@ -230,10 +243,43 @@ async fn run(
                 "replication connection failed; reconnecting"
             ),
         }
+        let wait = async {
+            if error.kind() == ErrorKind::Standby {
+                wait_for_free_slot(&config).await;
+            } else {
+                tokio::time::sleep(delay).await;
+            }
+        };
         tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
+            _ = wait => {}
             _ = stop.wait_for(|s| *s) => return,
             _ = tx.closed() => return,
+        }
+    }
+}
+
+/// On standby: returns once the slot is not in use (or gone: the next session says
+/// what became of it), checking every `takeover` over an ordinary connection, so that
+/// the server does not log a refused replication connection at every check.
+async fn wait_for_free_slot(config: &StreamConfig) {
+    let mut client = None;
+    loop {
+        tokio::time::sleep(config.takeover).await;
+        if client.is_none() {
+            client = config.target.connect().await.ok();
+        }
+        let Some(c) = &client else { continue };
+        match c
+            .query_opt(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&config.slot],
+            )
+            .await
+        {
+            Ok(Some(row)) if row.get::<_, bool>(0) => {}
+            Ok(_) => return,
+            // Try the replication connection: it reports what is wrong.
+            Err(_) => return,
         }
     }
 }
@@ -360,9 +406,7 @@ impl Session<'_> {
         };
         let slot_name = &config.slot;
         let client = config.target.connect().await?;
-        let version = catalog::server_version(&client).await?;
-        let now = identity::server_identity(&client, &config.target).await?;
-        let slot = identity::slot_state(&client, slot_name, version.num).await?;
+        let (now, slot) = identity::observe(&client, &config.target, slot_name).await?;
         let expected = Remembered {
             slot: slot_name.clone(),
             server: server.clone(),
@@ -404,6 +448,9 @@ impl Session<'_> {
             other => other?,
         };
         self.started = true;
+        if let Some(h) = &self.config.health {
+            h.streaming();
+        }
         if self.resumed && self.config.temporary_slot {
             tracing::warn!(slot = %self.config.slot, "reconnected on a new temporary slot: changes committed while disconnected are not shown");
         }

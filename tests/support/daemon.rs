@@ -20,12 +20,25 @@ pub fn bin() -> String {
         .unwrap_or_else(|_| BIN.to_string())
 }
 
+/// The environment the tests give the binary before their own: text logs, which the
+/// tests read as text (a daemon whose stderr is not a terminal logs JSON by default).
+/// Not for another build (`bin()` is not `BIN`), which may predate `log.format`.
+#[allow(dead_code)]
+pub fn base_env() -> Vec<(&'static str, &'static str)> {
+    if bin() == BIN {
+        vec![("WAL2CACHE__LOG__FORMAT", "text")]
+    } else {
+        Vec::new()
+    }
+}
+
 /// Runs `wal2cache args` to its end with `envs` (and the test's environment): the exit
 /// code (-1 when a signal ended it), standard output, standard error.
 #[allow(dead_code)]
 pub fn run_binary(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
     let out = Command::new(bin())
         .args(args)
+        .envs(base_env())
         .envs(envs.iter().copied())
         .stdin(Stdio::null())
         .output()
@@ -88,6 +101,7 @@ impl Daemon {
         let child = command
             .args(["run", "--config", config.to_str().unwrap()])
             .env("WAL2CACHE_LOG", "warn")
+            .envs(base_env())
             .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(stdout)

@@ -15,6 +15,7 @@
 //! - `store`: Redis, the shared server and private ones (daemon)
 //! - `daemon`: the `wal2cache` binary as a process (daemon)
 //! - `inproc`: `app::run` in this process, and its log lines (daemon)
+//! - `oracle`: a writer that leaves a stale marker per write, and the check that none is left (daemon)
 //! - `kafka`: topics, read back from the beginning; a private broker (daemon or l1)
 //! - `l1`: a topic, events and heartbeats for `wal2cache::l1` (l1)
 //!
@@ -46,6 +47,8 @@ pub mod inproc;
 pub mod kafka;
 #[cfg(feature = "l1")]
 pub mod l1;
+#[cfg(feature = "daemon")]
+pub mod oracle;
 #[cfg(feature = "daemon")]
 pub mod rules;
 #[cfg(feature = "daemon")]

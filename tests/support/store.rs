@@ -144,7 +144,11 @@ pub struct PrivateRedis {
 #[allow(dead_code)]
 impl PrivateRedis {
     pub async fn start() -> PrivateRedis {
-        let port = free_port();
+        PrivateRedis::start_on(free_port()).await
+    }
+
+    /// On `port`: to bring one back where a client expects it.
+    pub async fn start_on(port: u16) -> PrivateRedis {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])

@@ -563,6 +563,10 @@ impl Sink for KafkaSink {
         self.retries.error_after = bound;
     }
 
+    fn set_health(&mut self, health: crate::health::SinkHealth) {
+        self.retries.health = Some(health);
+    }
+
     /// Stops the heartbeat task and waits for it. Every event was acknowledged by the
     /// time `apply` returned.
     async fn close(mut self) {

@@ -513,6 +513,10 @@ impl Sink for RedisSink {
         self.retries.error_after = bound;
     }
 
+    fn set_health(&mut self, health: crate::health::SinkHealth) {
+        self.retries.health = Some(health);
+    }
+
     async fn close(self) {}
 }
 
