@@ -286,8 +286,9 @@ impl Health {
                 let retained = report.retained_bytes();
                 metrics::gauge!("wal2cache_slot_retained_wal_bytes")
                     .set(retained.unwrap_or(0) as f64);
+                // NaN without max_slot_wal_keep_size: no limit, not "0 bytes left".
                 metrics::gauge!("wal2cache_slot_safe_wal_bytes")
-                    .set(report.safe_wal_bytes.unwrap_or(0) as f64);
+                    .set(report.safe_wal_bytes.map_or(f64::NAN, |b| b as f64));
                 s.slot = Some(report);
                 s.slot_polled_at = Some(SystemTime::now());
                 s.slot_error = None;
@@ -469,12 +470,17 @@ pub mod systemd {
         }
     }
 
-    /// The unit asks for watchdog pings (`WATCHDOG_USEC` for this process).
+    /// The unit asks for watchdog pings: `WATCHDOG_USEC` set, and `WATCHDOG_PID`
+    /// this process or unset (as libsystemd's `sd_watchdog_enabled` reads them; the
+    /// crate's version wants the PID).
     pub fn watchdog() -> bool {
         static ON: OnceLock<bool> = OnceLock::new();
         *ON.get_or_init(|| {
-            let mut usec = 0;
-            sd_notify::watchdog_enabled(false, &mut usec)
+            let usec = std::env::var("WATCHDOG_USEC")
+                .ok()
+                .and_then(|u| u.parse::<u64>().ok());
+            let pid = std::env::var("WATCHDOG_PID").ok();
+            usec.is_some_and(|u| u > 0) && pid.is_none_or(|p| p.parse() == Ok(std::process::id()))
         })
     }
 }

@@ -163,7 +163,7 @@ pub fn describe() {
         Unit::Bytes,
         "WAL the server keeps for the slot: its current LSN minus the slot's restart_lsn (polled)"
     );
-    describe_gauge!("wal2cache_slot_safe_wal_bytes", Unit::Bytes, "safe_wal_size of the slot: WAL the server may write before it invalidates the slot (0 without max_slot_wal_keep_size)");
+    describe_gauge!("wal2cache_slot_safe_wal_bytes", Unit::Bytes, "safe_wal_size of the slot: WAL the server may write before it invalidates the slot (NaN without max_slot_wal_keep_size, 0 before the first poll)");
     describe_gauge!(
         "wal2cache_confirmed_lsn",
         "the last LSN confirmed to PostgreSQL, as a number"
@@ -306,6 +306,9 @@ mod tests {
             s.read_to_string(&mut out).await.unwrap();
             out.split(' ').nth(1).unwrap().parse::<u16>().unwrap()
         };
+        for path in PATHS {
+            assert_ne!(status("GET", path).await, 404, "{path} is served");
+        }
         assert_eq!(status("GET", "/metrics").await, 200);
         assert_eq!(status("GET", "/healthz").await, 200);
         // Starting: not ready yet.

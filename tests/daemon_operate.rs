@@ -329,3 +329,46 @@ async fn logs_are_json_lines_when_stderr_is_not_a_terminal() {
     assert_eq!(streaming["level"], "INFO");
     assert_eq!(streaming["slot"], slot.as_str(), "{streaming}");
 }
+
+/// Under systemd (`Type=notify`): READY=1 with a STATUS once streaming, WATCHDOG=1
+/// pings while `WATCHDOG_USEC` is set, STOPPING=1 on SIGTERM. The notify socket here is
+/// a datagram socket of the test's own, as systemd's is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn it_tells_systemd_when_it_is_ready_alive_and_stopping() {
+    let db = TestDb::new("op_notify").await;
+    db.exec(ITEMS).await;
+    let prefix = unique("op");
+    let dir = tempfile::tempdir().unwrap();
+    let config = items_config(&db, &prefix, &format!("{prefix}.events"))
+        .name(&format!("op-{}", db.name))
+        .write(dir.path());
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let daemon = Daemon::start(
+        &config,
+        &[
+            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "2000000"),
+        ],
+    );
+    let mut seen: Vec<String> = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut receive_until = |what: &str, seen: &mut Vec<String>| {
+        while !seen.iter().any(|m| m.lines().any(|l| l.starts_with(what))) {
+            let n = socket
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("no {what} within 30 s ({e}); got {seen:?}"));
+            seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    };
+    receive_until("READY=1", &mut seen);
+    let ready = seen.iter().find(|m| m.contains("READY=1")).unwrap();
+    assert!(ready.contains("STATUS=active: streaming"), "{ready}");
+    receive_until("WATCHDOG=1", &mut seen);
+    let (code, _) = daemon.terminate(Duration::from_secs(30)).expect("it stops");
+    assert_eq!(code, Some(0));
+    receive_until("STOPPING=1", &mut seen);
+}

@@ -343,3 +343,41 @@ tansu_bin() {
     fi
     return 1
 }
+
+# ---------------------------------------------------------------------------
+# promtool (the unit tests of deploy/prometheus/alerts.yml)
+# ---------------------------------------------------------------------------
+
+# promtool_ensure: install Debian's `prometheus` package, which ships promtool, unless
+# promtool is on PATH already. Only promtool is wanted, not the server the package also
+# brings: its start is refused for the install (a policy-rc.d answering 101, unless the
+# host has its own), which deb-systemd-invoke and invoke-rc.d both obey, so neither a
+# systemd host nor a container without systemd gets a server on :9090; on a systemd host
+# the unit is also disabled, or the next boot would start it. Recommends (the node
+# exporter, another server) are not installed.
+promtool_ensure() {
+    command -v promtool >/dev/null 2>&1 && return 0
+    require_root "installing promtool"
+    local policy=/usr/sbin/policy-rc.d own_policy="" rc=0
+    if [[ ! -e "$policy" ]]; then
+        printf '#!/bin/sh\n# wal2cache test.sh: no service starts while promtool is installed\nexit 101\n' >"$policy"
+        chmod 0755 -- "$policy"
+        own_policy=1
+    fi
+    log_info "apt-get install -y --no-install-recommends prometheus (for promtool)"
+    {
+        DEBIAN_FRONTEND=noninteractive apt-get update -q &&
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus
+    } 9>&- || rc=$?
+    if [[ -n "$own_policy" ]]; then
+        rm -f -- "$policy"
+    fi
+    ((rc == 0)) || die "apt-get install prometheus failed (exit $rc)"
+    if [[ -d /run/systemd/system ]]; then
+        systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+    fi
+    command -v promtool >/dev/null 2>&1 || die "promtool still missing after apt-get install prometheus"
+    if ss -Htlnp 'sport = :9090' 2>/dev/null | grep -q prometheus; then
+        log_warn "a Prometheus server listens on :9090 (not started by this script): $(ss -Htlnp 'sport = :9090' | head -n1)"
+    fi
+}

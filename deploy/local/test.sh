@@ -48,6 +48,12 @@ if cargo tree --locked --no-default-features --features l1 -e normal --prefix no
     die "feature l1 pulls in a daemon dependency"
 fi
 
+# promtool runs the unit tests of the alerting rules (deploy/prometheus/alerts_test.yml).
+promtool_ensure
+log_info "promtool check rules / test rules: deploy/prometheus/alerts.yml"
+promtool check rules "$ROOT/deploy/prometheus/alerts.yml"
+promtool test rules "$ROOT/deploy/prometheus/alerts_test.yml"
+
 log_info "cargo test (daemon and L1)"
 cargo test --locked --features l1 "$@"
 
