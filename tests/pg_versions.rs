@@ -93,8 +93,9 @@ async fn on_17_the_slot_is_a_failover_slot_and_check_says_what_a_promotion_needs
     assert!(!said.contains("is not a failover slot"), "{said}");
 
     // A slot made before (not a failover slot): check says so, with the fix.
+    db.drop_slot(&format!("{}_d", db.name)).await;
     db.exec(&format!(
-        "SELECT pg_drop_replication_slot('{0}_d'); SELECT pg_create_logical_replication_slot('{0}_d', 'pgoutput')",
+        "SELECT pg_create_logical_replication_slot('{}_d', 'pgoutput')",
         db.name
     ))
     .await;
@@ -106,8 +107,7 @@ async fn on_17_the_slot_is_a_failover_slot_and_check_says_what_a_promotion_needs
         "{said}"
     );
     // Asked not to be one: created as asked, and nothing to warn about.
-    db.exec(&format!("SELECT pg_drop_replication_slot('{}_d')", db.name))
-        .await;
+    db.drop_slot(&format!("{}_d", db.name)).await;
     let config = config_on(&admin, &db, dir.path(), &["failover_slot = false"]);
     let (code, stdout, stderr) = run_binary(&["setup", "--config", &config], &[]);
     assert_eq!(code, 0, "{stdout}\n{stderr}");

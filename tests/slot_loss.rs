@@ -208,8 +208,7 @@ async fn a_slot_dropped_while_stopped_flushes_the_caches_and_tells_subscribers()
     assert_eq!(code, 0, "{out}{err}");
     assert!(!format!("{out}{err}").contains("missed"), "{out}{err}");
 
-    db.exec(&format!("SELECT pg_drop_replication_slot('{slot}')"))
-        .await;
+    db.drop_slot(&slot).await;
     // Missed: nothing reads this change.
     db.exec("UPDATE products SET name = 'Renamed' WHERE id = 42")
         .await;
@@ -252,8 +251,7 @@ async fn under_fail_a_lost_slot_stops_with_exit_code_4_and_changes_nothing() {
     let log = s.dir.path().join("daemon.log");
     run_once(&db, &config, &log).await;
     let slot = format!("{}_d", db.name);
-    db.exec(&format!("SELECT pg_drop_replication_slot('{slot}')"))
-        .await;
+    db.drop_slot(&slot).await;
     s.cached.fill().await;
     let (code, out, err) = run_binary(&["run", "--config", config.to_str().unwrap()], &[]);
     assert_eq!(code, 4, "{out}{err}");

@@ -131,7 +131,22 @@ impl TestDb {
         self.client
             .batch_execute(sql)
             .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            .unwrap_or_else(|e| panic!("{sql}: {}", db_message(&e)));
+    }
+
+    /// Drops a replication slot once no process streams from it. A client that
+    /// just stopped leaves its walsender running for a moment after the
+    /// disconnect (longer on a loaded machine), and dropping an active slot
+    /// fails; wait for `active` to turn false first.
+    pub async fn drop_slot(&self, slot: &str) {
+        eventually(
+            &format!("slot {slot} to be released"),
+            Duration::from_secs(60),
+            || async { !matches!(self.slot_state(slot).await, Some((_, true))) },
+        )
+        .await;
+        self.exec(&format!("SELECT pg_drop_replication_slot('{slot}')"))
+            .await;
     }
 
     /// Each statement in a transaction of its own.
@@ -340,4 +355,12 @@ pub async fn wait_streaming(db: &TestDb, slot: &str) {
         slot_active(db, slot)
     })
     .await;
+}
+
+/// The server's own words for a failed statement (`db error` alone says nothing).
+pub fn db_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
+        None => e.to_string(),
+    }
 }
