@@ -27,6 +27,8 @@ pub enum Error {
         error: Box<SinkError>,
         confirmed: crate::lsn::Lsn,
     },
+    #[error(transparent)]
+    Invalidate(#[from] crate::app::InvalidateError),
     #[error("the shutdown deadline ({0:?}) passed before what was in flight was applied; it was not confirmed and will be applied again at the next start")]
     ShutdownTimeout(std::time::Duration),
     #[error("changes may have been missed since wal2cache last confirmed a position ({loss}). postgres.on_slot_loss = \"fail\", so nothing was changed: to flush the caches (the rules' key prefixes and tag sets in Redis, and every subscriber) and stream from the slot as it is, run once with postgres.on_slot_loss = \"flush\"; or flush them yourself and delete the stream record {record} in Redis")]
@@ -53,7 +55,8 @@ pub mod exit {
     pub const CONFIG: i32 = 3;
     /// Changes may have been missed and `postgres.on_slot_loss = "fail"`.
     pub const SLOT_LOST: i32 = 4;
-    /// `wal2cache status`: nothing streams from the slot (or it does not exist).
+    /// `wal2cache status`: nothing streams from the slot (or it does not exist);
+    /// `wal2cache invalidate` without `--force`: nobody would apply it now.
     pub const NOT_STREAMING: i32 = 5;
 }
 
@@ -63,6 +66,10 @@ impl Error {
             Error::Config(_) | Error::Rules(_) | Error::Check(_) => exit::CONFIG,
             Error::Source(SourceError::Url(_)) => exit::CONFIG,
             Error::SlotLost { .. } => exit::SLOT_LOST,
+            Error::Invalidate(crate::app::InvalidateError::Nothing) => exit::USAGE,
+            Error::Invalidate(crate::app::InvalidateError::NotStreaming { .. }) => {
+                exit::NOT_STREAMING
+            }
             Error::Source(_)
             | Error::Io { .. }
             | Error::Plan(_)

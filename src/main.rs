@@ -64,6 +64,30 @@ enum Command {
         #[arg(long, short, default_value = "wal2cache.toml")]
         config: PathBuf,
     },
+    /// Invalidate keys or tags, or flush everything the rules cache, through the WAL:
+    /// a transactional logical message that the running daemon applies like a change
+    /// (ordered with the data, to Redis and every L1 subscriber, at least once).
+    /// Refused (exit 5) when no process streams from the slot, unless --force.
+    Invalidate {
+        #[arg(long, short, default_value = "wal2cache.toml")]
+        config: PathBuf,
+        /// A cache key to delete (repeatable).
+        #[arg(long = "key", value_name = "KEY")]
+        keys: Vec<String>,
+        /// A tag to purge: its set's members and the set (repeatable).
+        #[arg(long = "tag", value_name = "TAG")]
+        tags: Vec<String>,
+        /// Every key under the rules' key prefixes and every tag set, and a flush_all
+        /// (reason "manual") to every subscriber.
+        #[arg(long, conflicts_with_all = ["keys", "tags"])]
+        all: bool,
+        /// Why, for the flush_all event's detail (with --all).
+        #[arg(long, requires = "all")]
+        reason: Option<String>,
+        /// Write it even when no process streams from the slot now.
+        #[arg(long)]
+        force: bool,
+    },
     /// Ask the database (and Redis) whether wal2cache streams anywhere: the slot, who
     /// holds it, how far behind it is, the WAL it keeps. Needs no running daemon.
     /// Exit code 0 when a process streams from the slot, 5 when none does.
@@ -111,6 +135,7 @@ impl Command {
             | Command::Setup { config }
             | Command::Check { config }
             | Command::Tail { config }
+            | Command::Invalidate { config, .. }
             | Command::Status { config, .. } => config,
         }
     }
@@ -243,6 +268,32 @@ async fn run(
         Command::Tail { .. } => {
             let stdout = std::io::stdout().lock();
             wal2cache::app::tail(&config, stdout, shutdown_signal(), hangups()?).await?;
+            Ok(None)
+        }
+        Command::Invalidate {
+            keys,
+            tags,
+            all,
+            reason,
+            force,
+            ..
+        } => {
+            let what = wal2cache::app::Invalidation {
+                keys,
+                tags,
+                all,
+                reason,
+                force,
+            };
+            let lsn = wal2cache::app::invalidate(&config, &what).await?;
+            say(format_args!(
+                "written to the WAL at {lsn}: {}",
+                if what.all {
+                    "flush everything the rules cache (flush_all, reason \"manual\")".to_string()
+                } else {
+                    format!("{} keys, {} tags", what.keys.len(), what.tags.len())
+                }
+            ));
             Ok(None)
         }
         Command::Status { json, .. } => {

@@ -24,6 +24,9 @@ pub struct Plan {
     pub purge_tag_prefixes: Vec<String>,
     /// Subscribers empty their whole cache.
     pub flush_all: bool,
+    /// Why, for the `flush_all` event, when an operator asked for it
+    /// (`wal2cache invalidate --all --reason`): the event's `detail`.
+    pub detail: Option<String>,
     /// What was skipped or replaced, and why.
     pub notes: Vec<Note>,
     /// The rules that contributed, for messages about the plan.

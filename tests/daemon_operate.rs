@@ -101,6 +101,13 @@ async fn the_endpoints_and_status_describe_an_active_daemon() {
         },
     )
     .await;
+    // Idle and caught up: the lag is 0, not the age of the last change.
+    eventually(
+        "the lag back to 0 once idle",
+        Duration::from_secs(30),
+        || async { sample(&metrics(addr).await, "wal2cache_replication_lag_seconds") == Some(0.0) },
+    )
+    .await;
     let m = metrics(addr).await;
     for (series, want) in [
         ("wal2cache_up", 1.0),

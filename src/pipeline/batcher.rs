@@ -174,7 +174,14 @@ impl Batcher {
                 content,
             } => match plan_message(&prefix, &content) {
                 None => {}
-                Some(Ok(plan)) => {
+                Some(Ok(mut plan)) => {
+                    if plan.flush_all {
+                        // `{"all":true}`: everything the rules in force cache.
+                        let detail = plan.detail.take();
+                        let _ = crate::rules::plan_slot_loss(self.planner.rules()).0;
+                        plan.detail = detail;
+                        tracing::warn!(lsn = %lsn, reason = plan.detail.as_deref().unwrap_or(""), "a manual flush (wal2cache invalidate --all): every key under the rules' prefixes and every subscriber's cache");
+                    }
                     let mut origin = self.origin(None, "message");
                     if !transactional {
                         origin.version = Version {

@@ -1,5 +1,7 @@
 //! The logical messages that invalidate: `wal2cache.invalidate(keys, tags)` (see
-//! migrations/) writes `{"keys":[...],"tags":[...]}` under the prefix `wal2cache`.
+//! migrations/) writes `{"keys":[...],"tags":[...]}` under the prefix `wal2cache`;
+//! `wal2cache invalidate --all` writes `{"all":true,"reason":"..."}`: everything the
+//! rules cache is flushed and every subscriber empties itself.
 
 use crate::plan::Plan;
 use crate::rules::plan::PlanBuilder;
@@ -7,7 +9,7 @@ use crate::source::messages::MESSAGE_PREFIX;
 
 /// A `wal2cache` logical message that is not `{"keys":[...],"tags":[...]}`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("malformed wal2cache message {content:?}: {problem}; expected {{\"keys\":[\"...\"],\"tags\":[\"...\"]}}")]
+#[error("malformed wal2cache message {content:?}: {problem}; expected {{\"keys\":[\"...\"],\"tags\":[\"...\"]}} or {{\"all\":true,\"reason\":\"...\"}}")]
 pub struct MessageError {
     pub content: String,
     pub problem: String,
@@ -32,8 +34,26 @@ pub fn plan_message(prefix: &str, content: &[u8]) -> Option<Result<Plan, Message
         Ok(_) => return Some(Err(err("not a JSON object".into()))),
         Err(e) => return Some(Err(err(e.to_string()))),
     };
-    if let Some(unknown) = parsed.keys().find(|k| *k != "keys" && *k != "tags") {
+    if let Some(unknown) = parsed
+        .keys()
+        .find(|k| !["keys", "tags", "all", "reason"].contains(&k.as_str()))
+    {
         return Some(Err(err(format!("unknown field {unknown:?}"))));
+    }
+    match parsed.get("all") {
+        None | Some(serde_json::Value::Bool(false)) => {}
+        Some(serde_json::Value::Bool(true)) => {
+            // Filled in with the rules' prefixes by the pipeline (`rules::plan_flush`).
+            return Some(Ok(Plan {
+                flush_all: true,
+                detail: parsed
+                    .get("reason")
+                    .and_then(|r| r.as_str())
+                    .map(|r| r.chars().take(500).collect()),
+                ..Plan::default()
+            }));
+        }
+        Some(other) => return Some(Err(err(format!("\"all\" is {other}, not true or false")))),
     }
     let mut plan = PlanBuilder::default();
     let mut skipped = Vec::new();

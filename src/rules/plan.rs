@@ -795,6 +795,24 @@ truncate_tags = [\"shop:all\"]
     }
 
     #[test]
+    fn an_all_message_is_a_flush_with_its_reason() {
+        let p = plan_message("wal2cache", br#"{"all":true,"reason":"deploy 42"}"#)
+            .unwrap()
+            .unwrap();
+        assert!(p.flush_all && p.delete.is_empty());
+        assert_eq!(p.detail.as_deref(), Some("deploy 42"));
+        let p = plan_message("wal2cache", br#"{"all":false,"keys":["k"]}"#)
+            .unwrap()
+            .unwrap();
+        assert!(!p.flush_all);
+        assert_eq!(p.delete, ["k"]);
+        let err = plan_message("wal2cache", br#"{"all":"yes"}"#)
+            .unwrap()
+            .unwrap_err();
+        assert!(err.to_string().contains("not true or false"), "{err}");
+    }
+
+    #[test]
     fn a_rule_column_the_table_lost_is_an_error_and_a_new_shape_rebinds() {
         let mut planner = Planner::new(rule_set(PRODUCT));
         let rel = products(ReplicaIdentity::Default);

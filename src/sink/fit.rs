@@ -104,9 +104,20 @@ fn base_event(source: &str, item: &Item) -> Event {
     e.table = o.table.as_deref().map(str::to_string);
     e.op = Some(o.op.to_string());
     if plan.flush_all {
-        e.reason = Some("truncate".into());
+        e.reason = Some(flush_reason(o.op).into());
+        e.detail.clone_from(&plan.detail);
     }
     e
+}
+
+/// The `reason` of a `flush_all` a plan asks for: a TRUNCATE without `truncate_tags`,
+/// or an operator's `wal2cache invalidate --all` (a logical message).
+fn flush_reason(op: &str) -> &'static str {
+    if op == "message" {
+        "manual"
+    } else {
+        "truncate"
+    }
 }
 
 /// The small event that stands for an item whose event cannot be published: every
@@ -185,8 +196,12 @@ pub fn events_for(
             op: Some(o.op),
             keys: &keys,
             tags: &tags,
-            reason: flush_all.then_some("truncate"),
-            detail: None,
+            reason: flush_all.then(|| flush_reason(o.op)),
+            detail: if flush_all {
+                plan.detail.as_deref()
+            } else {
+                None
+            },
         }
         .to_json();
         if payload.len() <= limits.max_event_bytes {
@@ -339,6 +354,31 @@ mod tests {
             .flatten()
             .map(|s| s.as_str().unwrap().to_string())
             .collect()
+    }
+
+    #[test]
+    fn a_flush_asked_for_by_a_message_is_manual_with_its_detail() {
+        let plan = Plan {
+            flush_all: true,
+            flush_prefixes: vec!["shop:".into()],
+            detail: Some("deploy 42".into()),
+            ..Plan::default()
+        };
+        let (out, _) = events_for("main-db", &item(None, plan.clone()), 0, &limits(900_000));
+        let v = parse(&out[0]);
+        assert_eq!(
+            (v["kind"].as_str(), v["reason"].as_str()),
+            (Some("flush_all"), Some("manual"))
+        );
+        assert_eq!(v["detail"], "deploy 42");
+        // A TRUNCATE's flush stays "truncate".
+        let (out, _) = events_for(
+            "main-db",
+            &item(Some("public.products"), plan),
+            0,
+            &limits(900_000),
+        );
+        assert_eq!(parse(&out[0])["reason"], "truncate");
     }
 
     #[test]
