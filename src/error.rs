@@ -29,6 +29,8 @@ pub enum Error {
     },
     #[error(transparent)]
     Invalidate(#[from] crate::app::InvalidateError),
+    #[error(transparent)]
+    Backfill(#[from] crate::backfill::BackfillError),
     #[error("the shutdown deadline ({0:?}) passed before what was in flight was applied; it was not confirmed and will be applied again at the next start")]
     ShutdownTimeout(std::time::Duration),
     #[error("changes may have been missed since wal2cache last confirmed a position ({loss}). postgres.on_slot_loss = \"fail\", so nothing was changed: to flush the caches (the rules' key prefixes and tag sets in Redis, and every subscriber) and stream from the slot as it is, run once with postgres.on_slot_loss = \"flush\"; or flush them yourself and delete the stream record {record} in Redis")]
@@ -67,6 +69,8 @@ impl Error {
             Error::Source(SourceError::Url(_)) => exit::CONFIG,
             Error::SlotLost { .. } => exit::SLOT_LOST,
             Error::Invalidate(crate::app::InvalidateError::Nothing) => exit::USAGE,
+            Error::Backfill(crate::backfill::BackfillError::NoKey { .. }) => exit::FATAL,
+            Error::Backfill(_) => exit::USAGE,
             Error::Invalidate(crate::app::InvalidateError::NotStreaming { .. }) => {
                 exit::NOT_STREAMING
             }

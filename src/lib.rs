@@ -17,6 +17,8 @@ pub mod pipeline;
 pub mod sink;
 
 #[cfg(feature = "daemon")]
+pub mod backfill;
+#[cfg(feature = "daemon")]
 pub mod backoff;
 #[cfg(feature = "daemon")]
 pub mod config;

@@ -88,6 +88,29 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Write every current row of the republish rules' tables to Redis, as the
+    /// republish of an INSERT of that row would, read under one exported snapshot and
+    /// versioned so that the stream always wins. Safe while the daemon runs, and to run
+    /// again. Ctrl-C stops it; what was written stays.
+    Backfill {
+        #[arg(long, short, default_value = "wal2cache.toml")]
+        config: PathBuf,
+        /// Only this republish rule (repeatable).
+        #[arg(long = "rule", value_name = "NAME")]
+        rules: Vec<String>,
+        /// Only the rules of this table, schema.table (repeatable).
+        #[arg(long = "table", value_name = "SCHEMA.TABLE")]
+        tables: Vec<String>,
+        /// At most this many rows a second.
+        #[arg(long, value_name = "ROWS_PER_S")]
+        rate: Option<u32>,
+        /// Read and plan every row, write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Rows per query.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        chunk: u32,
+    },
     /// Ask the database (and Redis) whether wal2cache streams anywhere: the slot, who
     /// holds it, how far behind it is, the WAL it keeps. Needs no running daemon.
     /// Exit code 0 when a process streams from the slot, 5 when none does.
@@ -136,6 +159,7 @@ impl Command {
             | Command::Check { config }
             | Command::Tail { config }
             | Command::Invalidate { config, .. }
+            | Command::Backfill { config, .. }
             | Command::Status { config, .. } => config,
         }
     }
@@ -295,6 +319,51 @@ async fn run(
                 }
             ));
             Ok(None)
+        }
+        Command::Backfill {
+            rules,
+            tables,
+            rate,
+            dry_run,
+            chunk,
+            ..
+        } => {
+            let options = wal2cache::backfill::Options {
+                rules,
+                tables,
+                rate,
+                dry_run,
+                chunk: chunk as usize,
+                ..wal2cache::backfill::Options::default()
+            };
+            let (stop, stop_rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                let _ = stop.send(true);
+            });
+            let rule_set = wal2cache::app::load_rules(&config)?;
+            let report = wal2cache::backfill::run(&config, &rule_set, &options, stop_rx).await?;
+            for (table, rows) in &report.tables {
+                say(format_args!("{table}: {rows} rows"));
+            }
+            say(format_args!(
+                "backfill {}: {} rows, {} keys {} at version {} in {:.1}s",
+                if report.interrupted {
+                    "stopped (run it again to complete it)"
+                } else {
+                    "done"
+                },
+                report.rows,
+                report.keys,
+                if dry_run {
+                    "planned (dry run: nothing written)"
+                } else {
+                    "written (a key the stream wrote since keeps the stream's value)"
+                },
+                report.version.map(|v| v.encode()).unwrap_or_default(),
+                report.elapsed.as_secs_f64()
+            ));
+            Ok(report.interrupted.then_some(1))
         }
         Command::Status { json, .. } => {
             let report = wal2cache::app::status(&config).await?;

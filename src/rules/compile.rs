@@ -75,6 +75,16 @@ impl RuleSet {
         &self.rules
     }
 
+    /// The rules `keep` keeps, in order: a rule set of their own.
+    pub fn subset(&self, keep: impl Fn(&Rule) -> bool) -> RuleSet {
+        let rules: Vec<Arc<Rule>> = self.rules.iter().filter(|r| keep(r)).cloned().collect();
+        let mut by_table: HashMap<TableName, Vec<Arc<Rule>>> = HashMap::new();
+        for r in &rules {
+            by_table.entry(r.table.clone()).or_default().push(r.clone());
+        }
+        RuleSet { rules, by_table }
+    }
+
     /// The rules of a table.
     pub fn for_table(&self, table: &TableName) -> &[Arc<Rule>] {
         self.by_table.get(table).map_or(&[], Vec::as_slice)

@@ -124,6 +124,9 @@ pub enum SourceError {
     #[error("the current WAL file name {0:?} does not start with a timeline: report this with the PostgreSQL version")]
     Timeline(String),
 
+    #[error("the server's answer was not what the replication protocol promises ({0}): report this with the PostgreSQL version")]
+    Protocol(String),
+
     /// Found on a reconnect: the daemon starts again from its checks, which flush (or
     /// stop, under `postgres.on_slot_loss = "fail"`).
     #[error("changes may have been missed: {0}")]

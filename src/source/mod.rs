@@ -14,6 +14,7 @@ pub mod pace;
 pub mod pgoutput;
 pub mod relations;
 pub mod slot;
+pub mod snapshot;
 pub mod stream;
 pub mod table;
 pub mod target;

@@ -1,0 +1,274 @@
+//! `wal2cache backfill` against the real services: rows written to Redis as their
+//! republish would write them, under one snapshot, while the daemon streams and a
+//! writer updates and deletes rows; afterwards every key equals its row and no deleted
+//! row has a key. With the version guard switched off (a test-only switch) the same
+//! check finds stale values: the check can fail.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use serde_json::{json, Value};
+use support::config::ConfigBuilder;
+use support::daemon::{run_binary, Daemon};
+use support::db::{connect, wait_streaming, TestDb};
+use support::env::unique;
+use support::rng::Lcg;
+use support::store::{redis, unlink_matching};
+use support::wait::eventually;
+
+const ROWS: i32 = 100_000;
+
+struct Setup {
+    db: TestDb,
+    prefix: String,
+    config: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup(label: &str, rows: i32) -> Setup {
+    let db = TestDb::new(label).await;
+    db.exec(&format!(
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL, name text NOT NULL);
+         CREATE TABLE nokey (id int, name text);
+         ALTER TABLE nokey REPLICA IDENTITY FULL;
+         INSERT INTO items SELECT i, 0, 'item-' || i FROM generate_series(1, {rows}) i;"
+    ))
+    .await;
+    let prefix = unique("bf");
+    let dir = tempfile::tempdir().unwrap();
+    let config = ConfigBuilder::new(&db)
+        .rules(&format!(
+            r#"[[rule]]
+name = "item_json"
+table = "public.items"
+keys = ["{prefix}:json:{{id}}"]
+action = "republish"
+columns = ["id", "v", "name"]
+
+[[rule]]
+name = "item"
+table = "public.items"
+keys = ["{prefix}:item:{{id}}"]
+
+[[rule]]
+name = "nokey_json"
+table = "public.nokey"
+keys = ["{prefix}:nokey:{{id}}"]
+action = "republish"
+"#
+        ))
+        .write(dir.path());
+    Setup {
+        db,
+        prefix,
+        config,
+        _dir: dir,
+    }
+}
+
+fn backfill(config: &Path, args: &[&str], envs: &[(&str, &str)]) -> (i32, String) {
+    let mut all = vec!["backfill", "--config", config.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let (code, out, err) = run_binary(&all, envs);
+    (code, format!("{out}{err}"))
+}
+
+/// Updates and deletes random rows (single-row and five-row transactions) until
+/// stopped.
+async fn writer(url: String, stop: Arc<AtomicBool>) -> u64 {
+    let mut client = connect(&url).await;
+    let mut rng = Lcg(0xbf);
+    let mut writes = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let txn = client.transaction().await.unwrap();
+        let n = if rng.below(4) == 0 { 5 } else { 1 };
+        for _ in 0..n {
+            let id = 1 + rng.below(ROWS as u64) as i32;
+            if rng.below(10) == 0 {
+                txn.execute("DELETE FROM items WHERE id = $1", &[&id])
+                    .await
+                    .unwrap();
+            } else {
+                txn.execute(
+                    "UPDATE items SET v = v + 1, name = 'w' || (v + 1) WHERE id = $1",
+                    &[&id],
+                )
+                .await
+                .unwrap();
+            }
+        }
+        txn.commit().await.unwrap();
+        writes += n;
+    }
+    writes
+}
+
+/// Once a sentinel written last is applied: the keys that differ from their rows
+/// (value, or a key left for a deleted row, or a row without its key).
+async fn stale_keys(s: &Setup) -> Vec<String> {
+    s.db.exec("INSERT INTO items VALUES (0, 0, 'sentinel') ON CONFLICT (id) DO UPDATE SET v = items.v + 1")
+        .await;
+    let sentinel_v: i32 =
+        s.db.client
+            .query_one("SELECT v FROM items WHERE id = 0", &[])
+            .await
+            .unwrap()
+            .get(0);
+    let mut r = redis().await;
+    let key0 = format!("{}:json:0", s.prefix);
+    eventually("the sentinel applied", Duration::from_secs(60), || {
+        let mut r = r.clone();
+        let key0 = key0.clone();
+        async move {
+            let got: Option<String> = r.get(&key0).await.unwrap();
+            got.and_then(|g| serde_json::from_str::<Value>(&g).ok())
+                .is_some_and(|v| v["v"] == sentinel_v)
+        }
+    })
+    .await;
+    let rows: BTreeMap<i32, (i32, String)> =
+        s.db.client
+            .query("SELECT id, v, name FROM items", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2))))
+            .collect();
+    let mut stale = Vec::new();
+    let keys: Vec<String> = (1..=ROWS)
+        .map(|id| format!("{}:json:{id}", s.prefix))
+        .collect();
+    for (chunk_ids, chunk) in (1..=ROWS)
+        .collect::<Vec<_>>()
+        .chunks(1000)
+        .zip(keys.chunks(1000))
+    {
+        let got: Vec<Option<String>> = r.mget(chunk).await.unwrap();
+        for (id, got) in chunk_ids.iter().zip(got) {
+            let want = rows
+                .get(id)
+                .map(|(v, name)| json!({"id": id, "v": v, "name": name}));
+            let got = got.map(|g| serde_json::from_str::<Value>(&g).unwrap());
+            if got != want {
+                stale.push(format!("{id}: {got:?} vs row {want:?}"));
+            }
+        }
+    }
+    stale
+}
+
+async fn race(s: &Setup, envs: &[(&str, &str)]) -> (Vec<String>, u64, String) {
+    let daemon = Daemon::start(&s.config, &[]);
+    wait_streaming(&s.db, &format!("{}_d", s.db.name)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writing = tokio::spawn(writer(s.db.url.clone(), stop.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let config = s.config.clone();
+    let envs: Vec<(String, String)> = envs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let (code, out) = tokio::task::spawn_blocking(move || {
+        let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        backfill(&config, &["--rule", "item_json", "--chunk", "500"], &envs)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let writes = writing.await.unwrap();
+    let stale = stale_keys(s).await;
+    daemon.stop();
+    (stale, writes, out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_during_writes_leaves_every_key_equal_to_its_row() {
+    let s = setup("bf_race", ROWS).await;
+    let (stale, writes, out) = race(&s, &[]).await;
+    println!("{writes} writes during the backfill; {out}");
+    assert!(writes > 100, "only {writes} writes during the backfill");
+    assert!(out.contains("backfill done"), "{out}");
+    assert!(
+        stale.is_empty(),
+        "{} keys differ from their rows, e.g. {:?}",
+        stale.len(),
+        &stale[..stale.len().min(5)]
+    );
+    unlink_matching(&mut redis().await, &format!("{}*", s.prefix)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_version_guard_the_same_check_finds_stale_values() {
+    let s = setup("bf_unguarded", ROWS).await;
+    let (stale, writes, _) = race(&s, &[(wal2cache::backfill::UNGUARDED, "1")]).await;
+    println!(
+        "without the guard: {} stale keys after {writes} writes",
+        stale.len()
+    );
+    assert!(!stale.is_empty(), "the check found nothing to catch");
+    unlink_matching(&mut redis().await, &format!("{}*", s.prefix)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_tables_dry_run_and_tables_without_a_key() {
+    let s = setup("bf_opts", 50).await;
+    let mut r = redis().await;
+    let json1 = format!("{}:json:1", s.prefix);
+    // A table without a key is refused, naming it and the fix.
+    let (code, out) = backfill(&s.config, &["--rule", "nokey_json"], &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("\"public\".\"nokey\" has no primary key"),
+        "{out}"
+    );
+    // A delete rule, or an unknown one, is not something to backfill.
+    let (code, out) = backfill(&s.config, &["--rule", "item"], &[]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("item_json"),
+        "names the republish rules: {out}"
+    );
+    // Dry run: every row planned, nothing written.
+    let (code, out) = backfill(&s.config, &["--table", "public.items", "--dry-run"], &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("50 rows, 50 keys planned"), "{out}");
+    assert!(!r.exists::<_, bool>(&json1).await.unwrap());
+    // --rule, at a rate: 50 rows at 100 a second take about half a second.
+    let started = std::time::Instant::now();
+    let (code, out) = backfill(
+        &s.config,
+        &["--rule", "item_json", "--rate", "100", "--chunk", "10"],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "--rate 100 for 50 rows took {:?}",
+        started.elapsed()
+    );
+    assert!(out.contains("50 rows, 50 keys written"), "{out}");
+    // Every row, paged ten at a time in key order (1, 2, ..., 10, 11: not as text).
+    for id in 1..=50 {
+        let key = format!("{}:json:{id}", s.prefix);
+        assert!(r.exists::<_, bool>(&key).await.unwrap(), "{key} missing");
+    }
+    let got: String = r.get(&json1).await.unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&got).unwrap(),
+        json!({"id": 1, "v": 0, "name": "item-1"})
+    );
+    // Again: idempotent (the same version is refused, the value stays).
+    let (code, out) = backfill(&s.config, &["--rule", "item_json"], &[]);
+    assert_eq!(code, 0, "{out}");
+    let again: String = r.get(&json1).await.unwrap();
+    assert_eq!(again, got);
+    unlink_matching(&mut r, &format!("{}*", s.prefix)).await;
+}
