@@ -203,6 +203,8 @@ async fn a_backfill_during_writes_leaves_every_key_equal_to_its_row() {
         &stale[..stale.len().min(5)]
     );
     unlink_matching(&mut redis().await, &format!("{}*", s.prefix)).await;
+    // The version sidecars, `{KEY}:w2c:v`.
+    unlink_matching(&mut redis().await, &format!("{{{}*", s.prefix)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,6 +217,8 @@ async fn without_the_version_guard_the_same_check_finds_stale_values() {
     );
     assert!(!stale.is_empty(), "the check found nothing to catch");
     unlink_matching(&mut redis().await, &format!("{}*", s.prefix)).await;
+    // The version sidecars, `{KEY}:w2c:v`.
+    unlink_matching(&mut redis().await, &format!("{{{}*", s.prefix)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -271,4 +275,5 @@ async fn rules_tables_dry_run_and_tables_without_a_key() {
     let again: String = r.get(&json1).await.unwrap();
     assert_eq!(again, got);
     unlink_matching(&mut r, &format!("{}*", s.prefix)).await;
+    unlink_matching(&mut r, &format!("{{{}*", s.prefix)).await;
 }
