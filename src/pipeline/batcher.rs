@@ -178,7 +178,7 @@ impl Batcher {
                     if plan.flush_all {
                         // `{"all":true}`: everything the rules in force cache.
                         let detail = plan.detail.take();
-                        let _ = crate::rules::plan_slot_loss(self.planner.rules()).0;
+                        plan = crate::rules::plan_slot_loss(self.planner.rules()).0;
                         plan.detail = detail;
                         tracing::warn!(lsn = %lsn, reason = plan.detail.as_deref().unwrap_or(""), "a manual flush (wal2cache invalidate --all): every key under the rules' prefixes and every subscriber's cache");
                     }

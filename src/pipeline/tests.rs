@@ -544,3 +544,28 @@ async fn a_live_transaction_goes_at_once_even_while_a_sink_is_busy() {
     let (r, ..) = run.stop().await;
     r.unwrap();
 }
+
+#[tokio::test]
+async fn an_invalidate_all_message_becomes_a_flush_of_what_the_rules_cache() {
+    let mut b = batcher(100);
+    let mut events = txn(200, 0..0);
+    events.insert(
+        1,
+        SourceEvent::Message {
+            transactional: true,
+            lsn: Lsn(199),
+            prefix: crate::source::messages::MESSAGE_PREFIX.into(),
+            content: Bytes::from_static(br#"{"all":true,"reason":"deploy 42"}"#),
+        },
+    );
+    for e in events {
+        b.add(e).unwrap();
+    }
+    let batch = b.take();
+    assert_eq!(batch.items.len(), 1);
+    let plan = &batch.items[0].plan;
+    assert!(plan.flush_all);
+    assert_eq!(plan.flush_prefixes, ["item:"]);
+    assert_eq!(plan.purge_tag_prefixes, ["items:list"]);
+    assert_eq!(plan.detail.as_deref(), Some("deploy 42"));
+}
