@@ -187,6 +187,10 @@ pub fn describe() {
     );
     describe_counter!("wal2cache_sink_retries_total", "batches retried by a sink");
     describe_counter!(
+        "wal2cache_redis_refused_total",
+        "versioned writes Redis refused because it held that version or a newer one (replays after a restart, backfilled rows the stream wrote first)"
+    );
+    describe_counter!(
         "wal2cache_slot_losses_total",
         "times changes may have been missed (slot lost), by reason"
     );
@@ -221,6 +225,7 @@ pub fn describe() {
         Unit::Seconds,
         "time a sink took to apply a batch"
     );
+    metrics::counter!("wal2cache_redis_refused_total").increment(0);
     for sink in ["redis", "kafka"] {
         metrics::counter!("wal2cache_sink_batches_total", "sink" => sink).increment(0);
         metrics::counter!("wal2cache_sink_items_total", "sink" => sink).increment(0);

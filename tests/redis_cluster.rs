@@ -265,6 +265,7 @@ async fn republish_writes_value_and_version_and_refuses_older() {
         assert!(keep > 86_000, "version ttl {keep}");
     }
 
+    assert_eq!(sink.sink.refused(), 0, "nothing refused yet");
     // Older (by LSN, then by position) and equal versions are refused.
     sink.apply(vec![
         item(0x100, 9, plan(r#"{"v":1}"#)),
@@ -273,6 +274,8 @@ async fn republish_writes_value_and_version_and_refuses_older() {
     ])
     .await
     .unwrap();
+    // Coalesced to one write per key (the newest), refused on every master.
+    assert_eq!(sink.sink.refused(), 60, "one refusal per key");
     for k in &keys {
         assert_eq!(
             get(&mut conn, k).await.as_deref(),
@@ -731,6 +734,47 @@ fn cluster_config_is_checked() {
         err.contains("redis.nodes: only used with redis.cluster = true"),
         "{err}"
     );
+}
+
+/// On one server too, the sink counts the versioned writes the guard refused: older
+/// republishes and tombstones, an equal replay; newer ones are written.
+#[tokio::test]
+async fn a_single_server_counts_the_writes_the_version_guard_refused() {
+    let prefix = unique("refused");
+    let mut sink = connect_sink(single_config(&redis_url(), &prefix)).await;
+    let mut conn = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = (0..10).map(|i| format!("{prefix}:k:{i}")).collect();
+    let rep = |from: usize, value: &str| Plan {
+        republish: keys[from..].iter().map(|k| republish(k, value)).collect(),
+        ..Plan::default()
+    };
+    sink.apply(vec![item(200, 0, rep(0, "new"))]).await.unwrap();
+    assert_eq!(sink.sink.refused(), 0);
+    // Keys 0..4: an older tombstone; keys 4..10: an older republish, then a replay.
+    let tomb = Plan {
+        delete: keys[..4].to_vec(),
+        tombstones: keys[..4].to_vec(),
+        ..Plan::default()
+    };
+    sink.apply(vec![item(100, 0, tomb)]).await.unwrap();
+    sink.apply(vec![item(150, 0, rep(4, "old"))]).await.unwrap();
+    sink.apply(vec![item(200, 0, rep(4, "replay"))])
+        .await
+        .unwrap();
+    assert_eq!(sink.sink.refused(), 4 + 6 + 6);
+    sink.apply(vec![item(300, 0, rep(0, "newer"))])
+        .await
+        .unwrap();
+    assert_eq!(sink.sink.refused(), 16, "newer writes are not refused");
+    for k in &keys {
+        let v: Option<String> = conn.get(k).await.unwrap();
+        assert_eq!(v.as_deref(), Some("newer"), "{k}");
+        let () = conn.del(&[k.clone(), version_key(k)]).await.unwrap();
+    }
 }
 
 fn single_config(url: &str, prefix: &str) -> RedisConfig {

@@ -200,12 +200,27 @@ pub(super) async fn apply_ops(
     scripts: &Scripts,
     tag_prefix: &str,
     ops: &Ops<'_>,
-) -> Result<(), RedisError> {
+) -> Result<u64, RedisError> {
     let mut pipes = SlotPipes::default();
-    for_each_command(ops, scripts, tag_prefix, Mode::Cluster, |cmd, key, _| {
-        pipes.pipe(key).add_command(cmd).ignore();
-    });
-    run_pipelines(conn, pipes.into_pipelines()).await?;
+    for_each_command(
+        ops,
+        scripts,
+        tag_prefix,
+        Mode::Cluster,
+        |cmd, key, versioned, _| {
+            // Only the versioned writes' replies come back, to count refusals.
+            let added = pipes.pipe(key).add_command(cmd);
+            if !versioned {
+                added.ignore();
+            }
+        },
+    );
+    let refused = run_pipelines(conn, pipes.into_pipelines())
+        .await?
+        .iter()
+        .flatten()
+        .filter(|reply| matches!(reply, Value::Int(0)))
+        .count() as u64;
     if !ops.tags.is_empty() {
         let sets: Vec<String> = ops
             .tags
@@ -214,7 +229,7 @@ pub(super) async fn apply_ops(
             .collect();
         purge_tags_cluster(conn, &sets).await?;
     }
-    Ok(())
+    Ok(refused)
 }
 
 /// A tag purge where the members may live in any slot: SMEMBERS of every set, UNLINK

@@ -119,6 +119,8 @@ pub struct RedisSink {
     backoff: Backoff,
     retries: RetryLog,
     stop: watch::Receiver<bool>,
+    /// Versioned writes the version guard refused so far (see [`RedisSink::refused`]).
+    refused: u64,
 }
 
 impl RedisSink {
@@ -152,6 +154,7 @@ impl RedisSink {
                 "check that Redis runs, is reachable at redis.url and accepts writes (memory, ACLs); nothing is confirmed meanwhile and Postgres keeps the WAL",
             ),
             stop,
+            refused: 0,
         };
         sink.load_scripts().await.map_err(|e| {
             let message = format!(
@@ -164,6 +167,13 @@ impl RedisSink {
             SinkError::redis(message, Some(e), SinkErrorKind::Retry)
         })?;
         Ok(sink)
+    }
+
+    /// How many versioned writes (republish, tombstone) Redis refused so far because
+    /// it held that version or a newer one: the stream got there first, or a replay.
+    /// A batch applied again after a failed attempt counts its own earlier writes.
+    pub fn refused(&self) -> u64 {
+        self.refused
     }
 
     /// The backoff between failed attempts (capped exponential, jittered).
@@ -194,7 +204,7 @@ impl RedisSink {
             &self.scripts,
             &self.tag_prefix,
             self.mode(),
-            |_, _, d| out.push(d()),
+            |_, _, _, d| out.push(d()),
         );
         out
     }
@@ -308,14 +318,15 @@ impl RedisSink {
     }
 
     /// Applies coalesced operations on one server: one pipeline; a failure carries
-    /// what each of its commands is.
-    async fn apply_ops(&mut self, ops: &Ops<'_>) -> Result<(), Failure> {
+    /// what each of its commands is. Returns how many versioned writes the version
+    /// guard refused (Redis held that version or a newer one).
+    async fn apply_ops(&mut self, ops: &Ops<'_>) -> Result<u64, Failure> {
         if let Conn::Cluster(conn) = &self.conn {
             return Ok(cluster::apply_ops(conn, &self.scripts, &self.tag_prefix, ops).await?);
         }
         // An empty pipeline is never sent: Redis answers it with an error.
         if ops.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let mut pipe = Pipeline::with_capacity(
             ops.versioned.len() + ops.tags.len() / scripts::SETS_PER_PURGE + 3,
@@ -325,12 +336,16 @@ impl RedisSink {
             &self.scripts,
             &self.tag_prefix,
             Mode::Single,
-            |cmd, _, _| {
-                pipe.add_command(cmd).ignore();
+            |cmd, _, versioned, _| {
+                // Only the versioned writes' replies come back, to count refusals.
+                let added = pipe.add_command(cmd);
+                if !versioned {
+                    added.ignore();
+                }
             },
         );
-        match pipe.query_async::<()>(&mut self.conn).await {
-            Ok(()) => Ok(()),
+        match pipe.query_async::<Vec<i64>>(&mut self.conn).await {
+            Ok(written) => Ok(written.iter().filter(|w| **w == 0).count() as u64),
             Err(error) => Err(Failure {
                 error,
                 commands: self.describe_commands(ops),
@@ -340,14 +355,15 @@ impl RedisSink {
 
     /// One attempt at the whole batch, in order: the items between flushes coalesced,
     /// each flush after what came before it.
-    async fn try_apply(&mut self, items: &[Item]) -> Result<(), Failure> {
+    async fn try_apply(&mut self, items: &[Item]) -> Result<u64, Failure> {
+        let mut refused = 0;
         let mut start = 0;
         for (i, item) in items.iter().enumerate() {
             let plan = &item.plan;
             if plan.flush_prefixes.is_empty() && plan.purge_tag_prefixes.is_empty() {
                 continue;
             }
-            self.apply_ops(&Ops::build(&items[start..i])).await?;
+            refused += self.apply_ops(&Ops::build(&items[start..i])).await?;
             for prefix in &plan.flush_prefixes {
                 self.flush(prefix).await?;
             }
@@ -356,8 +372,9 @@ impl RedisSink {
             }
             start = i;
         }
-        self.apply_ops(&Ops::build(&items[start..])).await?;
-        self.wait_for_replicas().await
+        refused += self.apply_ops(&Ops::build(&items[start..])).await?;
+        self.wait_for_replicas().await?;
+        Ok(refused)
     }
 
     /// With `redis.wait_replicas`: `WAIT` on the server (on every master of a
@@ -395,9 +412,13 @@ impl RedisSink {
             let one = std::slice::from_ref(item);
             let ops = Ops::build(one);
             let mut commands: Vec<(Cmd, Described)> = Vec::new();
-            for_each_command(&ops, &self.scripts, &self.tag_prefix, mode, |cmd, _, d| {
-                commands.push((cmd, d()))
-            });
+            for_each_command(
+                &ops,
+                &self.scripts,
+                &self.tag_prefix,
+                mode,
+                |cmd, _, _, d| commands.push((cmd, d())),
+            );
             if mode == Mode::Cluster {
                 // The cluster purge is several steps; SMEMBERS is the one that can be
                 // refused.
@@ -458,7 +479,11 @@ impl RedisSink {
         let mut reloaded = false;
         loop {
             let failure = match self.try_apply(&batch.items).await {
-                Ok(()) => {
+                Ok(refused) => {
+                    if refused > 0 {
+                        self.refused += refused;
+                        metrics::counter!("wal2cache_redis_refused_total").increment(refused);
+                    }
                     self.backoff.reset();
                     self.retries.succeeded();
                     return Ok(());

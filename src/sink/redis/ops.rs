@@ -172,17 +172,19 @@ pub(super) enum Mode {
     Cluster,
 }
 
-/// A command, the key that routes it, and what it is (built only when asked).
-type EachCommand<'e> = dyn FnMut(Cmd, &str, &dyn Fn() -> Described) + 'e;
+/// A command, the key that routes it, whether it is a versioned write (its reply: 1
+/// written, 0 refused by the version guard), and what it is (built only when asked).
+type EachCommand<'e> = dyn FnMut(Cmd, &str, bool, &dyn Fn() -> Described) + 'e;
 
-/// Hands each command for `ops` to `each`, in order, with the key that routes it and a
-/// way to say what it is (called only for messages, so the hot path builds none).
+/// Hands each command for `ops` to `each`, in order, with the key that routes it,
+/// whether it is a versioned write, and a way to say what it is (called only for
+/// messages, so the hot path builds none).
 pub(super) fn for_each_command(
     ops: &Ops<'_>,
     scripts: &Scripts,
     tag_prefix: &str,
     mode: Mode,
-    mut each: impl FnMut(Cmd, &str, &dyn Fn() -> Described),
+    mut each: impl FnMut(Cmd, &str, bool, &dyn Fn() -> Described),
 ) {
     let unlinks = |keys: &[&str], each: &mut EachCommand<'_>| {
         let groups: Vec<Vec<&str>> = match mode {
@@ -193,7 +195,7 @@ pub(super) fn for_each_command(
             for chunk in group.chunks(CHUNK) {
                 let mut cmd = redis::cmd("UNLINK");
                 cmd.arg(chunk);
-                each(cmd, chunk[0], &|| {
+                each(cmd, chunk[0], false, &|| {
                     let keys = chunk
                         .iter()
                         .map(|k| cut(k, KEY_SHOWN))
@@ -210,20 +212,20 @@ pub(super) fn for_each_command(
         version.clear();
         v.version.encode_into(&mut version);
         match v.write {
-            Write::Tombstone(key) => {
-                each(scripts.tombstone_cmd(key, &version), key, &|| Described {
+            Write::Tombstone(key) => each(scripts.tombstone_cmd(key, &version), key, true, &|| {
+                Described {
                     command: "the tombstone script (EVALSHA)",
                     key: key.to_string(),
                     sidecar: Some(version_key(key)),
-                })
-            }
-            Write::Republish(r) => {
-                each(scripts.republish_cmd(r, &version), &r.key, &|| Described {
+                }
+            }),
+            Write::Republish(r) => each(scripts.republish_cmd(r, &version), &r.key, true, &|| {
+                Described {
                     command: "the republish script (EVALSHA)",
                     key: r.key.clone(),
                     sidecar: Some(version_key(&r.key)),
-                })
-            }
+                }
+            }),
         }
     }
     unlinks(&ops.unlink, &mut each);
@@ -234,7 +236,7 @@ pub(super) fn for_each_command(
             .map(|t| format!("{tag_prefix}{t}"))
             .collect();
         for chunk in sets.chunks(SETS_PER_PURGE) {
-            each(scripts.purge_cmd(chunk), &chunk[0], &|| {
+            each(scripts.purge_cmd(chunk), &chunk[0], false, &|| {
                 Described::new(
                     "a tag purge (the purge script: SMEMBERS, UNLINK)",
                     chunk.join(", "),
