@@ -11,7 +11,7 @@ use bytes::Bytes;
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
-use crate::config::Config;
+use crate::config::{BackfillConfig, Config};
 use crate::error::Error;
 use crate::lsn::Lsn;
 use crate::plan::Plan;
@@ -35,10 +35,9 @@ pub struct Options {
     pub rate: Option<u32>,
     /// Read and plan, write nothing.
     pub dry_run: bool,
-    /// Rows per query.
+    /// Rows of the first page of each table; later pages adapt to
+    /// `backfill.page_time`.
     pub chunk: usize,
-    /// Each query's `statement_timeout`.
-    pub statement_timeout: Duration,
 }
 
 impl Default for Options {
@@ -49,9 +48,117 @@ impl Default for Options {
             rate: None,
             dry_run: false,
             chunk: 1000,
-            statement_timeout: Duration::from_secs(60),
         }
     }
+}
+
+/// Pages never hold fewer rows than this, nor more than `MAX_PAGE`, whatever the
+/// time a page takes.
+const MIN_PAGE: usize = 100;
+const MAX_PAGE: usize = 40_000;
+
+/// Rows a second a backfill was measured to write on a 2-core machine (the
+/// `backfill` benchmark, `deploy/local/bench-backfill.sh`): the expected duration
+/// printed before starting assumes it, or `--rate` when lower.
+pub const NOMINAL_ROWS_PER_S: u64 = 50_000;
+
+/// The next page's size: one that took `took` for `rows` rows aims at `page_time`,
+/// changing by at most a factor of 2 a page, within `MIN_PAGE..=MAX_PAGE`.
+fn next_page(rows: usize, took: Duration, page_time: Duration) -> usize {
+    let ratio = page_time.as_secs_f64() / took.as_secs_f64().max(1e-6);
+    let wanted = (rows as f64 * ratio.clamp(0.5, 2.0)) as usize;
+    wanted.clamp(MIN_PAGE, MAX_PAGE)
+}
+
+/// A table to backfill, as the catalog sees it before starting.
+#[derive(Debug, Clone)]
+pub struct TableEstimate {
+    pub table: String,
+    /// `pg_class.reltuples`; `None` for a table never analyzed.
+    pub rows: Option<u64>,
+    /// `pg_total_relation_size`.
+    pub bytes: u64,
+}
+
+/// The expected duration of backfilling `rows` rows, at `rate` rows a second or the
+/// measured nominal rate, whichever is lower.
+pub fn expected_duration(rows: u64, rate: Option<u32>) -> Duration {
+    let per_s = rate
+        .map(u64::from)
+        .filter(|r| *r > 0)
+        .map_or(NOMINAL_ROWS_PER_S, |r| r.min(NOMINAL_ROWS_PER_S));
+    Duration::from_secs_f64(rows as f64 / per_s as f64)
+}
+
+/// What a backfill says while it runs: the command line shows a progress bar in a
+/// terminal and log lines otherwise ([`LogObserver`]).
+pub trait Observer: Send {
+    /// Before the first row: each table's estimate and the expected duration.
+    fn planned(&mut self, tables: &[TableEstimate], expected: Duration);
+    /// After each page: the table, rows read so far (all tables), rows expected in
+    /// all (`0`: unknown).
+    fn progress(&mut self, table: &str, rows: u64, expected_rows: u64);
+    /// A table read to its end.
+    fn table_done(&mut self, table: &str, rows: u64);
+}
+
+/// Structured log lines: the plan, then progress every `every` (rows, rows/s, ETA).
+pub struct LogObserver {
+    started: Instant,
+    last: Instant,
+    every: Duration,
+}
+
+impl LogObserver {
+    pub fn new(every: Duration) -> LogObserver {
+        LogObserver {
+            started: Instant::now(),
+            last: Instant::now(),
+            every,
+        }
+    }
+}
+
+impl Observer for LogObserver {
+    fn planned(&mut self, tables: &[TableEstimate], expected: Duration) {
+        for t in tables {
+            tracing::info!(table = %t.table, rows_estimate = t.rows, bytes = t.bytes, "backfill: table to read");
+        }
+        tracing::info!(
+            expected_s = expected.as_secs(),
+            "backfill: expected duration"
+        );
+        self.started = Instant::now();
+        self.last = self.started;
+    }
+
+    fn progress(&mut self, table: &str, rows: u64, expected_rows: u64) {
+        if self.last.elapsed() < self.every {
+            return;
+        }
+        self.last = Instant::now();
+        let (per_s, eta) = rate_and_eta(self.started.elapsed(), rows, expected_rows);
+        tracing::info!(
+            table,
+            rows,
+            rows_per_s = per_s as u64,
+            eta_s = eta.map(|e| e.as_secs()),
+            "backfill: progress"
+        );
+    }
+
+    fn table_done(&mut self, table: &str, rows: u64) {
+        tracing::info!(table, rows, "backfill: table done");
+    }
+}
+
+/// Rows a second so far, and the time left for `expected` rows at that rate (`None`
+/// when unknown or already past the estimate).
+pub fn rate_and_eta(elapsed: Duration, rows: u64, expected: u64) -> (f64, Option<Duration>) {
+    let per_s = rows as f64 / elapsed.as_secs_f64().max(1e-3);
+    let eta = (expected > rows && per_s > 0.0)
+        .then(|| Duration::from_secs_f64((expected - rows) as f64 / per_s));
+    (per_s, eta)
 }
 
 /// What a backfill did.
@@ -60,9 +167,11 @@ pub struct Report {
     /// Rows read, per table, in order.
     pub tables: Vec<(String, u64)>,
     pub rows: u64,
-    /// Keys written (offered to the version guard: a key the stream wrote since the
-    /// snapshot keeps the stream's value).
+    /// Keys offered to Redis.
     pub keys: u64,
+    /// Of those, the keys the version guard refused: the stream wrote (or deleted)
+    /// them since the snapshot, or an earlier backfill from the same snapshot did.
+    pub refused: u64,
     /// The version every value carried.
     pub version: Option<Version>,
     pub elapsed: Duration,
@@ -79,6 +188,8 @@ pub enum BackfillError {
     UnknownRule(String, String),
     #[error("table {table} has no primary key and no unique index on NOT NULL columns, so it cannot be read page by page: add a primary key (ALTER TABLE {table} ADD PRIMARY KEY (...)), or leave its rules out with --rule")]
     NoKey { table: String },
+    #[error("stopped after {}h in {table}, the longest a backfill may run: a row deleted while it runs stays deleted only while the delete's tombstone lives (a day). What was written stays and is correct; backfill the tables one at a time with --table, or fewer rules with --rule", .limit.as_secs() / 3600)]
+    TooLong { table: String, limit: Duration },
 }
 
 /// The version of every backfilled value.
@@ -252,6 +363,7 @@ pub async fn run(
     config: &Config,
     rules: &RuleSet,
     options: &Options,
+    observer: &mut dyn Observer,
     mut stop: watch::Receiver<bool>,
 ) -> Result<Report, Error> {
     let started = Instant::now();
@@ -260,7 +372,10 @@ pub async fn run(
     let snapshot = Snapshot::export(&config.pg_target(), &slot).await?;
     let version = version(snapshot.consistent_point);
     tracing::info!(consistent_point = %snapshot.consistent_point, snapshot = %snapshot.name, rules = chosen.rules().len(), dry_run = options.dry_run, "backfill: reading under an exported snapshot");
-    let result = copy(config, &chosen, options, &snapshot, version, &mut stop).await;
+    let result = copy(
+        config, &chosen, options, &snapshot, version, observer, &mut stop,
+    )
+    .await;
     snapshot.release();
     let mut report = result?;
     report.version = Some(version);
@@ -268,33 +383,34 @@ pub async fn run(
     Ok(report)
 }
 
-async fn copy(
-    config: &Config,
-    rules: &RuleSet,
-    options: &Options,
-    snapshot: &Snapshot,
-    version: Version,
-    stop: &mut watch::Receiver<bool>,
-) -> Result<Report, Error> {
-    let reader = snapshot.reader(options.statement_timeout).await?;
-    let (redis_config, _) = config.sinks()?;
-    let (_stop_redis, stop_rx) = watch::channel(false);
-    let mut redis = if options.dry_run {
-        None
-    } else {
-        Some(RedisSink::connect(redis_config, stop_rx).await?)
-    };
-    let mut planner = Planner::new(Arc::new(rules.subset(|_| true)));
-    let mut report = Report::default();
-    // Every table's shape first: a table that cannot be paged stops the backfill
-    // before anything is written.
-    let mut shapes = Vec::new();
-    for (table, _) in rules.tables() {
-        let shape = table_shape(&reader, &table).await?;
-        shapes.push((table, shape));
-    }
-    let pace_started = Instant::now();
-    for (table, shape) in shapes {
+/// A table's estimate from the catalog.
+async fn estimate(client: &Client, table: &TableName) -> Result<TableEstimate, Error> {
+    let row = client
+        .query_one(
+            "SELECT c.reltuples::float8, pg_total_relation_size(c.oid)::int8
+             FROM pg_class c WHERE c.oid = $1::text::regclass",
+            &[&table.quoted()],
+        )
+        .await
+        .map_err(pg(format!("reading the size of {table}")))?;
+    let reltuples: f64 = row.get(0);
+    Ok(TableEstimate {
+        table: table.to_string(),
+        // -1: never vacuumed nor analyzed (14 and later).
+        rows: (reltuples >= 0.0).then_some(reltuples as u64),
+        bytes: row.get::<_, i64>(1).max(0) as u64,
+    })
+}
+
+/// One table's pages: the queries, and how to read a page's rows.
+struct Pages {
+    shape: TableShape,
+    first: String,
+    next: String,
+}
+
+impl Pages {
+    fn new(table: &TableName, shape: TableShape) -> Pages {
         let columns: Vec<String> = shape
             .relation
             .columns
@@ -315,116 +431,227 @@ async fn copy(
             .map(|(n, &i)| format!("${}::text::{}", n + 1, shape.types[i]))
             .collect::<Vec<_>>()
             .join(", ");
+        let limit = shape.key.len() + 1;
         let first = format!(
-            "SELECT {} FROM {} AS t ORDER BY {key_list} LIMIT {}",
+            "SELECT {} FROM {} AS t ORDER BY {key_list} LIMIT $1::int8",
             columns.join(", "),
             table.quoted(),
-            options.chunk
         );
         let next = format!(
-            "SELECT {} FROM {} AS t WHERE ({key_list}) > ({after}) ORDER BY {key_list} LIMIT {}",
+            "SELECT {} FROM {} AS t WHERE ({key_list}) > ({after}) ORDER BY {key_list} LIMIT ${limit}::int8",
             columns.join(", "),
             table.quoted(),
-            options.chunk
         );
-        let mut last: Option<Vec<String>> = None;
-        let mut rows_of_table = 0u64;
-        loop {
-            if *stop.borrow() {
-                report.interrupted = true;
-                report.tables.push((table.to_string(), rows_of_table));
-                return Ok(report);
-            }
-            let rows = match &last {
-                None => reader.query(first.as_str(), &[]).await,
-                Some(key) => {
-                    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = key
-                        .iter()
-                        .map(|k| k as &(dyn tokio_postgres::types::ToSql + Sync))
-                        .collect();
-                    reader.query(next.as_str(), &params).await
-                }
-            }
-            .map_err(pg(format!("reading {table} under the backfill's snapshot")))?;
-            if rows.is_empty() {
-                break;
-            }
-            let mut items = Vec::with_capacity(rows.len());
-            for row in &rows {
-                let values: Vec<Option<String>> = (0..shape.relation.columns.len())
-                    .map(|i| row.get(i))
+        Pages { shape, first, next }
+    }
+
+    /// The page after `last` (the key of the last row read; `None`: the first page).
+    async fn read(
+        &self,
+        reader: &Client,
+        last: Option<&[String]>,
+        rows: usize,
+    ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+        let limit = rows as i64;
+        match last {
+            None => reader.query(self.first.as_str(), &[&limit]).await,
+            Some(key) => {
+                let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = key
+                    .iter()
+                    .map(|k| k as &(dyn tokio_postgres::types::ToSql + Sync))
                     .collect();
-                let change = Change {
-                    relation: shape.relation.clone(),
-                    op: Op::Insert,
-                    new: Some(Row(values
-                        .iter()
-                        .map(|v| match v {
-                            Some(text) => Value::Text(Bytes::from(text.clone())),
-                            None => Value::Null,
-                        })
-                        .collect())),
-                    old: None,
-                    old_kind: None,
-                };
-                let planned = planner
-                    .plan_change(&change)
-                    .map_err(|e| Error::Plan(Box::new(e)))?;
-                // The values only: no tag purge, no delete, nothing for subscribers.
-                let plan = Plan {
+                params.push(&limit);
+                reader.query(self.next.as_str(), &params).await
+            }
+        }
+    }
+
+    /// The page's rows as the republish of their INSERTs, and the key of its last row.
+    fn plan(
+        &self,
+        planner: &mut Planner,
+        rows: &[tokio_postgres::Row],
+        origin: &Origin,
+    ) -> Result<(Vec<Item>, Option<Vec<String>>), Error> {
+        let shape = &self.shape;
+        let mut items = Vec::with_capacity(rows.len());
+        let mut last = None;
+        for row in rows {
+            let values: Vec<Option<String>> = (0..shape.relation.columns.len())
+                .map(|i| row.get(i))
+                .collect();
+            last = Some(
+                shape
+                    .key
+                    .iter()
+                    .map(|&i| values[i].clone().unwrap_or_default())
+                    .collect(),
+            );
+            let change = Change {
+                relation: shape.relation.clone(),
+                op: Op::Insert,
+                new: Some(Row(values
+                    .into_iter()
+                    .map(|v| match v {
+                        Some(text) => Value::Text(Bytes::from(text)),
+                        None => Value::Null,
+                    })
+                    .collect())),
+                old: None,
+                old_kind: None,
+            };
+            let planned = planner
+                .plan_change(&change)
+                .map_err(|e| Error::Plan(Box::new(e)))?;
+            // The values only: no tag purge, no delete, nothing for subscribers.
+            items.push(Item {
+                origin: origin.clone(),
+                plan: Arc::new(Plan {
                     republish: planned.republish,
                     rules: planned.rules,
                     ..Plan::default()
-                };
-                report.keys += plan.republish.len() as u64;
-                items.push(Item {
-                    origin: Origin {
-                        version,
-                        xid: 0,
-                        commit_time: crate::pgtime::pg_now(),
-                        table: Some(Arc::from(table.to_string())),
-                        op: "backfill",
-                    },
-                    plan: Arc::new(plan),
-                });
-                last = Some(
-                    shape
-                        .key
-                        .iter()
-                        .map(|&i| values[i].clone().unwrap_or_default())
-                        .collect(),
-                );
+                }),
+            });
+        }
+        Ok((items, last))
+    }
+}
+
+async fn copy(
+    config: &Config,
+    rules: &RuleSet,
+    options: &Options,
+    snapshot: &Snapshot,
+    version: Version,
+    observer: &mut dyn Observer,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<Report, Error> {
+    let settings = &config.backfill;
+    let reader = snapshot.reader(settings.statement_timeout).await?;
+    let (redis_config, _) = config.sinks()?;
+    let (_stop_redis, stop_rx) = watch::channel(false);
+    let mut redis = if options.dry_run {
+        None
+    } else {
+        Some(RedisSink::connect(redis_config, stop_rx).await?)
+    };
+    let mut planner = Planner::new(Arc::new(rules.subset(|_| true)));
+    let mut report = Report::default();
+    // Every table's shape first: a table that cannot be paged stops the backfill
+    // before anything is written.
+    let mut tables = Vec::new();
+    let mut estimates = Vec::new();
+    for (table, _) in rules.tables() {
+        let shape = table_shape(&reader, &table).await?;
+        estimates.push(estimate(&reader, &table).await?);
+        tables.push((table, shape));
+    }
+    let expected_rows: u64 = estimates.iter().filter_map(|e| e.rows).sum();
+    let expected = expected_duration(expected_rows, options.rate);
+    if expected > settings.max_duration {
+        tracing::warn!(
+            expected_s = expected.as_secs(),
+            max_duration_s = settings.max_duration.as_secs(),
+            "backfill: expected to take longer than backfill.max_duration; its snapshot holds back vacuum on the database (and its slot holds WAL) all that time: backfill the tables one at a time with --table, or raise backfill.max_duration"
+        );
+    }
+    observer.planned(&estimates, expected);
+    let started = Instant::now();
+    let mut warned_long = false;
+    for (table, shape) in tables {
+        let table_name = table.to_string();
+        let pages = Pages::new(&table, shape);
+        let origin = Origin {
+            version,
+            xid: 0,
+            commit_time: crate::pgtime::pg_now(),
+            table: Some(Arc::from(table_name.as_str())),
+            op: "backfill",
+        };
+        let mut last: Option<Vec<String>> = None;
+        let mut rows_of_table = 0u64;
+        let mut page = options.chunk.clamp(1, MAX_PAGE);
+        // The page read while the one before it is written.
+        let mut writing: Option<Batch> = None;
+        loop {
+            if *stop.borrow() {
+                report.interrupted = true;
+                break;
             }
+            if started.elapsed() > BackfillConfig::MAX_RUN {
+                return Err(Error::Backfill(BackfillError::TooLong {
+                    table: table_name,
+                    limit: BackfillConfig::MAX_RUN,
+                }));
+            }
+            if !warned_long && started.elapsed() > settings.max_duration {
+                warned_long = true;
+                tracing::warn!(elapsed_s = started.elapsed().as_secs(), rows = report.rows, "backfill: still running after backfill.max_duration; its snapshot holds back vacuum on the database meanwhile (Ctrl-C stops it, what was written stays)");
+            }
+            let asked = Instant::now();
+            let (rows, written) = tokio::join!(
+                pages.read(&reader, last.as_deref(), page),
+                write(redis.as_mut(), writing.take())
+            );
+            report.refused += written?;
+            let rows = rows.map_err(pg(format!(
+                "reading {table} under the backfill's snapshot (backfill.statement_timeout = {:?})",
+                settings.statement_timeout
+            )))?;
+            let took = asked.elapsed();
+            let (items, key) = pages.plan(&mut planner, &rows, &origin)?;
+            report.keys += items
+                .iter()
+                .map(|i| i.plan.republish.len() as u64)
+                .sum::<u64>();
             rows_of_table += rows.len() as u64;
             report.rows += rows.len() as u64;
-            if let Some(redis) = redis.as_mut() {
-                redis
-                    .apply(&Batch {
-                        items,
-                        ..Batch::default()
-                    })
-                    .await?;
-            }
+            metrics::counter!("wal2cache_backfill_rows_total", "table" => table_name.clone())
+                .increment(rows.len() as u64);
+            writing = Some(Batch {
+                items,
+                ..Batch::default()
+            });
+            observer.progress(&table_name, report.rows, expected_rows);
+            let read_all = rows.len() < page;
+            last = key;
+            page = next_page(rows.len(), took, settings.page_time);
             if let Some(rate) = options.rate.filter(|r| *r > 0) {
+                // No faster than the rate, in pages no bigger than a second's worth.
+                page = page.min(rate as usize).max(1);
                 let due = Duration::from_secs_f64(report.rows as f64 / f64::from(rate));
-                let wait = due.saturating_sub(pace_started.elapsed());
+                let wait = due.saturating_sub(started.elapsed());
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = stop.wait_for(|s| *s) => {}
                 }
             }
-            if rows.len() < options.chunk {
+            if read_all {
                 break;
             }
         }
-        tracing::info!(table = %table, rows = rows_of_table, "backfill: table done");
-        report.tables.push((table.to_string(), rows_of_table));
+        report.refused += write(redis.as_mut(), writing.take()).await?;
+        report.tables.push((table_name.clone(), rows_of_table));
+        if report.interrupted {
+            return Ok(report);
+        }
+        observer.table_done(&table_name, rows_of_table);
     }
     if let Some(redis) = redis {
         redis.close().await;
     }
     let _ = reader.batch_execute("COMMIT").await;
     Ok(report)
+}
+
+/// Writes a page (nothing in a dry run); returns the keys the version guard refused.
+async fn write(redis: Option<&mut RedisSink>, batch: Option<Batch>) -> Result<u64, Error> {
+    let (Some(redis), Some(batch)) = (redis, batch) else {
+        return Ok(0);
+    };
+    let before = redis.refused();
+    redis.apply(&batch).await?;
+    Ok(redis.refused() - before)
 }
 
 #[cfg(test)]
@@ -449,5 +676,40 @@ mod tests {
             seq: u32::MAX,
         };
         assert!(v > before && v.encode() > before.encode());
+    }
+}
+
+#[cfg(test)]
+mod paging {
+    use super::*;
+
+    #[test]
+    fn pages_grow_when_fast_and_shrink_when_slow_within_bounds() {
+        let budget = Duration::from_millis(500);
+        assert_eq!(next_page(1000, Duration::from_millis(10), budget), 2000);
+        assert_eq!(next_page(1000, Duration::from_millis(1000), budget), 500);
+        assert_eq!(next_page(1000, Duration::from_millis(600), budget), 833);
+        assert_eq!(
+            next_page(30_000, Duration::from_millis(1), budget),
+            MAX_PAGE
+        );
+        assert_eq!(next_page(150, Duration::from_secs(30), budget), MIN_PAGE);
+    }
+
+    #[test]
+    fn the_expected_duration_takes_the_lower_of_rate_and_nominal() {
+        assert_eq!(
+            expected_duration(NOMINAL_ROWS_PER_S * 10, None),
+            Duration::from_secs(10)
+        );
+        assert_eq!(expected_duration(1000, Some(100)), Duration::from_secs(10));
+        assert_eq!(
+            expected_duration(NOMINAL_ROWS_PER_S, Some(u32::MAX)),
+            Duration::from_secs(1)
+        );
+        let (per_s, eta) = rate_and_eta(Duration::from_secs(2), 1000, 3000);
+        assert_eq!(per_s, 500.0);
+        assert_eq!(eta, Some(Duration::from_secs(4)));
+        assert_eq!(rate_and_eta(Duration::from_secs(2), 3000, 1000).1, None);
     }
 }

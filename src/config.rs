@@ -27,6 +27,44 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    pub backfill: BackfillConfig,
+}
+
+/// `wal2cache backfill`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct BackfillConfig {
+    /// A backfill expected to take longer is warned about before it starts (its
+    /// snapshot holds back vacuum meanwhile); one still running after this long
+    /// warns again. At most the tombstones' lifetime (a day), which bounds how long a
+    /// backfill may run: see `max_run`.
+    #[serde(with = "humantime_serde")]
+    pub max_duration: std::time::Duration,
+    /// The time one page's query should take: the page size adapts to it.
+    #[serde(with = "humantime_serde")]
+    pub page_time: std::time::Duration,
+    /// `statement_timeout` of each query under the snapshot.
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: std::time::Duration,
+}
+
+impl Default for BackfillConfig {
+    fn default() -> Self {
+        BackfillConfig {
+            max_duration: std::time::Duration::from_secs(3600),
+            page_time: std::time::Duration::from_millis(500),
+            statement_timeout: std::time::Duration::from_secs(60),
+        }
+    }
+}
+
+impl BackfillConfig {
+    /// How long a backfill may run at most: a row deleted while it runs stays deleted
+    /// only while the delete's tombstone lives (`TOMBSTONE_LIFETIME`), so a backfill
+    /// stops (and says how to rerun it in parts) before that, whatever
+    /// `max_duration` says.
+    pub const MAX_RUN: std::time::Duration =
+        std::time::Duration::from_secs(crate::sink::redis::TOMBSTONE_LIFETIME_SECS - 3600);
 }
 
 /// How the daemon batches and stops.
@@ -351,8 +389,8 @@ fn sections(names: &[&str]) -> String {
 }
 
 /// The top-level keys: each is read by `Config::from_sections`.
-const SECTIONS: [&str; 8] = [
-    "name", "postgres", "rules", "redis", "kafka", "pipeline", "metrics", "log",
+const SECTIONS: [&str; 9] = [
+    "name", "postgres", "rules", "redis", "kafka", "pipeline", "metrics", "log", "backfill",
 ];
 
 impl Config {
@@ -453,6 +491,7 @@ impl Config {
         let pipeline: Option<PipelineConfig> = read_section(root, "pipeline", p);
         let metrics: Option<MetricsConfig> = read_section(root, "metrics", p);
         let log: Option<LogConfig> = read_section(root, "log", p);
+        let backfill: Option<BackfillConfig> = read_section(root, "backfill", p);
         for (key, present, what) in [
             (
                 "name",
@@ -477,6 +516,19 @@ impl Config {
         let pipeline = pipeline.unwrap_or_default();
         let metrics = metrics.unwrap_or_default();
         let log = log.unwrap_or_default();
+        let backfill = backfill.unwrap_or_default();
+        if backfill.max_duration > BackfillConfig::MAX_RUN {
+            problems.push(format!(
+                "backfill.max_duration = {:?}: over {}h, the longest a backfill may run (a row deleted while it runs stays deleted only while the delete's tombstone lives, a day): lower it, and backfill big tables one at a time with --table",
+                backfill.max_duration,
+                BackfillConfig::MAX_RUN.as_secs() / 3600
+            ));
+        }
+        if backfill.page_time.is_zero() || backfill.statement_timeout.is_zero() {
+            problems.push(
+                "backfill.page_time and backfill.statement_timeout: must be more than 0s".into(),
+            );
+        }
         if let (Some(name), Some(postgres)) = (&name, &postgres) {
             problems.extend(Config::problems(
                 name,
@@ -531,6 +583,7 @@ impl Config {
                     pipeline,
                     metrics,
                     log,
+                    backfill,
                 })
             }
             _ => Err(problems),
@@ -765,6 +818,29 @@ brokers = "127.0.0.1:9092"
         assert_eq!(
             c.rules.path,
             f.path().parent().unwrap().join("rules/example.toml")
+        );
+    }
+
+    #[test]
+    fn backfill_keys_have_defaults_and_no_backfill_outlives_the_tombstones() {
+        let c = Config::load(write(GOOD).path()).unwrap();
+        assert_eq!(
+            c.backfill.max_duration,
+            std::time::Duration::from_secs(3600)
+        );
+        assert_eq!(c.backfill.page_time, std::time::Duration::from_millis(500));
+        let text = GOOD.to_string() + "[backfill]\nmax_duration = \"2h\"\npage_time = \"1s\"\n";
+        let c = Config::load(write(&text).path()).unwrap();
+        assert_eq!(
+            c.backfill.max_duration,
+            std::time::Duration::from_secs(7200)
+        );
+        assert_eq!(c.backfill.page_time, std::time::Duration::from_secs(1));
+        let text = GOOD.to_string() + "[backfill]\nmax_duration = \"30h\"\n";
+        let err = Config::load(write(&text).path()).unwrap_err().to_string();
+        assert!(
+            err.contains("backfill.max_duration") && err.contains("tombstone"),
+            "{err}"
         );
     }
 

@@ -146,6 +146,91 @@ fn say_err(line: std::fmt::Arguments<'_>) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
+/// What `wal2cache backfill` shows: the plan on standard output, then a progress bar
+/// when standard error is a terminal, log lines otherwise.
+struct CliObserver {
+    bar: Option<indicatif::ProgressBar>,
+    log: wal2cache::backfill::LogObserver,
+    max_duration: std::time::Duration,
+}
+
+impl CliObserver {
+    fn new(settings: &wal2cache::config::BackfillConfig) -> CliObserver {
+        CliObserver {
+            bar: None,
+            log: wal2cache::backfill::LogObserver::new(std::time::Duration::from_secs(5)),
+            max_duration: settings.max_duration,
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl wal2cache::backfill::Observer for CliObserver {
+    fn planned(
+        &mut self,
+        tables: &[wal2cache::backfill::TableEstimate],
+        expected: std::time::Duration,
+    ) {
+        use indicatif::{HumanBytes, HumanDuration};
+        for t in tables {
+            let rows = t.rows.map_or(
+                "? rows (never analyzed: ANALYZE it for an estimate)".to_string(),
+                |r| format!("~{r} rows"),
+            );
+            say(format_args!("{}: {rows}, {}", t.table, HumanBytes(t.bytes)));
+        }
+        say(format_args!(
+            "expected duration: about {}{}",
+            HumanDuration(expected),
+            if expected > self.max_duration {
+                format!(", over backfill.max_duration ({}): the snapshot holds back vacuum all that time; consider --table, one table at a time", HumanDuration(self.max_duration))
+            } else {
+                String::new()
+            }
+        ));
+        let total: u64 = tables.iter().filter_map(|t| t.rows).sum();
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            let bar = indicatif::ProgressBar::new(total.max(1));
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {human_pos}/~{human_len} rows, {per_sec}, ETA {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            self.bar = Some(bar);
+        } else {
+            self.log.planned(tables, expected);
+        }
+    }
+
+    fn progress(&mut self, table: &str, rows: u64, expected_rows: u64) {
+        match &self.bar {
+            Some(bar) => {
+                if rows > bar.length().unwrap_or(0) {
+                    // The estimate was low (reltuples is a statistic).
+                    bar.set_length(rows);
+                }
+                bar.set_message(table.to_string());
+                bar.set_position(rows);
+            }
+            None => self.log.progress(table, rows, expected_rows),
+        }
+    }
+
+    fn table_done(&mut self, table: &str, rows: u64) {
+        match &self.bar {
+            Some(bar) => bar.println(format!("{table}: done, {rows} rows")),
+            None => self.log.table_done(table, rows),
+        }
+    }
+}
+
 /// Writes a line to standard output, ignoring a closed or broken pipe.
 fn say(line: std::fmt::Arguments<'_>) {
     let _ = writeln!(std::io::stdout(), "{line}");
@@ -334,7 +419,6 @@ async fn run(
                 rate,
                 dry_run,
                 chunk: chunk as usize,
-                ..wal2cache::backfill::Options::default()
             };
             let (stop, stop_rx) = tokio::sync::watch::channel(false);
             tokio::spawn(async move {
@@ -342,7 +426,12 @@ async fn run(
                 let _ = stop.send(true);
             });
             let rule_set = wal2cache::app::load_rules(&config)?;
-            let report = wal2cache::backfill::run(&config, &rule_set, &options, stop_rx).await?;
+            let mut observer = CliObserver::new(&config.backfill);
+            let report =
+                wal2cache::backfill::run(&config, &rule_set, &options, &mut observer, stop_rx)
+                    .await;
+            observer.finish();
+            let report = report?;
             for (table, rows) in &report.tables {
                 say(format_args!("{table}: {rows} rows"));
             }
@@ -356,9 +445,12 @@ async fn run(
                 report.rows,
                 report.keys,
                 if dry_run {
-                    "planned (dry run: nothing written)"
+                    "planned (dry run: nothing written)".to_string()
                 } else {
-                    "written (a key the stream wrote since keeps the stream's value)"
+                    format!(
+                        "written, {} refused by the version guard (the stream wrote or deleted them since the snapshot: its value stays)",
+                        report.refused
+                    )
                 },
                 report.version.map(|v| v.encode()).unwrap_or_default(),
                 report.elapsed.as_secs_f64()

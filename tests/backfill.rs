@@ -196,6 +196,10 @@ async fn a_backfill_during_writes_leaves_every_key_equal_to_its_row() {
     println!("{writes} writes during the backfill; {out}");
     assert!(writes > 100, "only {writes} writes during the backfill");
     assert!(out.contains("backfill done"), "{out}");
+    // Rows the writer changed ahead of the backfill's cursor were written by the
+    // stream first: the guard refused the backfill's older values.
+    let refused = refused(&out);
+    assert!(refused > 0, "nothing refused by the guard: {out}");
     assert!(
         stale.is_empty(),
         "{} keys differ from their rows, e.g. {:?}",
@@ -205,6 +209,18 @@ async fn a_backfill_during_writes_leaves_every_key_equal_to_its_row() {
     unlink_matching(&mut redis().await, &format!("{}*", s.prefix)).await;
     // The version sidecars, `{KEY}:w2c:v`.
     unlink_matching(&mut redis().await, &format!("{{{}*", s.prefix)).await;
+}
+
+/// The summary's count of keys the version guard refused.
+fn refused(out: &str) -> u64 {
+    let (before, _) = out
+        .split_once(" refused by the version guard")
+        .unwrap_or_else(|| panic!("no refused count in {out}"));
+    before
+        .rsplit(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no refused count in {out}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -240,10 +256,30 @@ async fn rules_tables_dry_run_and_tables_without_a_key() {
         out.contains("item_json"),
         "names the republish rules: {out}"
     );
-    // Dry run: every row planned, nothing written.
+    // Dry run: every row planned, nothing written. Before it starts, the plan: the
+    // table's estimated rows and size (never analyzed: no estimate), the duration.
     let (code, out) = backfill(&s.config, &["--table", "public.items", "--dry-run"], &[]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("50 rows, 50 keys planned"), "{out}");
+    assert!(
+        out.contains("public.items: ? rows (never analyzed: ANALYZE it for an estimate)"),
+        "{out}"
+    );
+    assert!(out.contains("expected duration: about"), "{out}");
+    // Analyzed, the estimate is the row count; an expected duration over
+    // backfill.max_duration is said before starting.
+    s.db.exec("ANALYZE items").await;
+    let (code, out) = backfill(
+        &s.config,
+        &["--table", "public.items", "--dry-run", "--rate", "25"],
+        &[("WAL2CACHE__BACKFILL__MAX_DURATION", "1s")],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("public.items: ~50 rows"), "{out}");
+    assert!(
+        out.contains("expected duration: about 2 seconds, over backfill.max_duration (1 second)"),
+        "{out}"
+    );
     assert!(!r.exists::<_, bool>(&json1).await.unwrap());
     // --rule, at a rate: 50 rows at 100 a second take about half a second.
     let started = std::time::Instant::now();
@@ -258,7 +294,7 @@ async fn rules_tables_dry_run_and_tables_without_a_key() {
         "--rate 100 for 50 rows took {:?}",
         started.elapsed()
     );
-    assert!(out.contains("50 rows, 50 keys written"), "{out}");
+    assert!(out.contains("50 rows, 50 keys written, 0 refused"), "{out}");
     // Every row, paged ten at a time in key order (1, 2, ..., 10, 11: not as text).
     for id in 1..=50 {
         let key = format!("{}:json:{id}", s.prefix);
@@ -269,11 +305,87 @@ async fn rules_tables_dry_run_and_tables_without_a_key() {
         serde_json::from_str::<Value>(&got).unwrap(),
         json!({"id": 1, "v": 0, "name": "item-1"})
     );
-    // Again: idempotent (the same version is refused, the value stays).
+    // Again: idempotent (a newer snapshot's version wins, the value is the same).
     let (code, out) = backfill(&s.config, &["--rule", "item_json"], &[]);
     assert_eq!(code, 0, "{out}");
+    assert!(out.contains("50 keys written, 0 refused"), "{out}");
     let again: String = r.get(&json1).await.unwrap();
     assert_eq!(again, got);
+    unlink_matching(&mut r, &format!("{}*", s.prefix)).await;
+    unlink_matching(&mut r, &format!("{{{}*", s.prefix)).await;
+}
+
+/// How many of the keys of rows 1..=n exist.
+async fn keys_present(r: &mut redis::aio::MultiplexedConnection, prefix: &str, n: i32) -> usize {
+    let keys: Vec<String> = (1..=n).map(|id| format!("{prefix}:json:{id}")).collect();
+    let got: Vec<Option<String>> = r.mget(&keys).await.unwrap();
+    got.iter().filter(|g| g.is_some()).count()
+}
+
+/// Ctrl-C mid-way: exit 1, "stopped", part of the rows written, the temporary slot
+/// gone; a rerun writes the rest and every key equals its row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_then_run_again_it_converges() {
+    const N: i32 = 3000;
+    let s = setup("bf_int", N).await;
+    let mut r = redis().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("out");
+    let child = std::process::Command::new(support::daemon::bin())
+        .args(["backfill", "--config", s.config.to_str().unwrap()])
+        .args(["--rule", "item_json", "--rate", "600", "--chunk", "50"])
+        .envs(support::daemon::base_env())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let first = format!("{}:json:1", s.prefix);
+    eventually("the first page written", Duration::from_secs(30), || {
+        let mut r = r.clone();
+        let first = first.clone();
+        async move { r.exists::<_, bool>(&first).await.unwrap() }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    support::daemon::signal(&child, "INT");
+    let status = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap().status)
+        .await
+        .unwrap();
+    let out = std::fs::read_to_string(&out_path).unwrap();
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("stopped (run it again to complete it)"),
+        "{out}"
+    );
+    let written = keys_present(&mut r, &s.prefix, N).await;
+    assert!(
+        written > 0 && written < N as usize,
+        "{written} of {N} keys written before Ctrl-C"
+    );
+    let slots: i64 = s
+        .db
+        .client
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'wal2cache_backfill_%' AND database = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0, "the temporary slot outlived the backfill");
+    let (code, out) = backfill(&s.config, &["--rule", "item_json"], &[]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        keys_present(&mut r, &s.prefix, N).await,
+        N as usize,
+        "after the rerun"
+    );
+    let last: String = r.get(format!("{}:json:{N}", s.prefix)).await.unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&last).unwrap(),
+        json!({"id": N, "v": 0, "name": format!("item-{N}")})
+    );
     unlink_matching(&mut r, &format!("{}*", s.prefix)).await;
     unlink_matching(&mut r, &format!("{{{}*", s.prefix)).await;
 }

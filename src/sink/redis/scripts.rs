@@ -13,8 +13,9 @@ use redis::{Cmd, Script};
 
 use crate::plan::Republish;
 
-/// Version sidecars live at least this long.
-pub(super) const VERSION_KEEP_SECS: u64 = 86_400;
+/// How long a version sidecar, and so a delete's tombstone, lives at least (a day).
+pub const TOMBSTONE_LIFETIME_SECS: u64 = 86_400;
+const VERSION_KEEP_SECS: u64 = TOMBSTONE_LIFETIME_SECS;
 
 const REPUBLISH: &str = r#"
 -- KEYS[1] value key, KEYS[2] version key; ARGV[1] version, ARGV[2] value, ARGV[3] ttl (0: none), ARGV[4] version ttl
