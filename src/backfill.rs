@@ -55,7 +55,7 @@ impl Default for Options {
 /// Pages never hold fewer rows than this, nor more than `MAX_PAGE`, whatever the
 /// time a page takes.
 const MIN_PAGE: usize = 100;
-const MAX_PAGE: usize = 40_000;
+const MAX_PAGE: usize = 10_000;
 
 /// Rows a second a backfill was measured to write on a 2-core machine (the
 /// `backfill` benchmark, `deploy/local/bench-backfill.sh`): the expected duration

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# `wal2cache backfill` of a 5-column table (1,000,000 rows by default) into Redis,
+# beside a baseline measured in the same run: the same rows read with
+# `COPY (SELECT ...) TO STDOUT`, one plain `SET key value` per row, piped into
+# `redis-cli --pipe` (no versions, no JSON, no TTL): what this machine can move from
+# PostgreSQL to Redis at most. Prints rows/s of both, their ratio (target >= 0.5)
+# and the backfill's peak RSS (target < 100 MB). Runs against the local services
+# (deploy/local/services.sh start pg redis); the release binary is built first.
+# Not run in CI (minutes).
+#
+# Usage: deploy/local/bench-backfill.sh
+#
+# Env (defaults in brackets):
+#   W2C_BENCH_ROWS        rows of the table [1000000]
+#   W2C_BENCH_ROUNDS      baseline + backfill rounds, interleaved [2]
+#   WAL2CACHE_TEST_PG     admin URL of the server [postgres://postgres@127.0.0.1:54320/postgres]
+#   WAL2CACHE_TEST_REDIS  [redis://127.0.0.1:63790]
+set -euo pipefail
+
+ROOT="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/../.." && pwd -P)"
+cd "$ROOT"
+
+pg_admin="${WAL2CACHE_TEST_PG:-postgres://postgres@127.0.0.1:54320/postgres}"
+redis_url="${WAL2CACHE_TEST_REDIS:-redis://127.0.0.1:63790}"
+rows="${W2C_BENCH_ROWS:-1000000}"
+rounds="${W2C_BENCH_ROUNDS:-2}"
+db="w2c_bench_backfill"
+pg_db="${pg_admin%/*}/$db"
+redis_hostport="${redis_url#redis://}"
+redis_host="${redis_hostport%:*}"
+redis_port="${redis_hostport##*:}"
+work="$(mktemp -d /tmp/w2c-bench-backfill.XXXXXX)"
+trap 'rm -rf "$work"' EXIT
+
+echo "building the release binary (cargo build --release)..." >&2
+cargo build --release --quiet >&2
+bin="$ROOT/target/release/wal2cache"
+
+rcli() { redis-cli -h "$redis_host" -p "$redis_port" "$@"; }
+
+# Every key of the run (values, version sidecars) unlinked.
+clean_redis() {
+    local pattern
+    for pattern in 'bfb:*' 'bfv:*' '{bfv:*'; do
+        rcli --scan --pattern "$pattern" | xargs -r -n 10000 redis-cli -h "$redis_host" -p "$redis_port" UNLINK >/dev/null
+    done
+}
+
+echo "creating $db with $rows rows..." >&2
+PGOPTIONS="-c client_min_messages=warning" psql -q -X "$pg_admin" -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
+psql -q -X "$pg_db" >/dev/null <<SQL
+CREATE TABLE bench_rows (
+    id bigint PRIMARY KEY,
+    qty int NOT NULL,
+    name text NOT NULL,
+    price numeric(10, 2) NOT NULL,
+    updated_at timestamptz NOT NULL
+);
+INSERT INTO bench_rows
+SELECT i, i % 1000, 'name-' || i, (i % 10000) / 100.0, '2026-01-01'::timestamptz + i * interval '1 second'
+FROM generate_series(1, $rows) i;
+VACUUM ANALYZE bench_rows;
+SQL
+
+cat >"$work/rules.toml" <<'RULES'
+[[rule]]
+name = "row"
+table = "public.bench_rows"
+keys = ["bfv:{id}"]
+action = "republish"
+ttl = "1h"
+RULES
+cat >"$work/wal2cache.toml" <<CONFIG
+name = "bench-backfill"
+[postgres]
+url = "$pg_db"
+slot = "w2c_bench_backfill"
+publication = "w2c_bench_backfill"
+[rules]
+path = "$work/rules.toml"
+[redis]
+url = "$redis_url"
+[kafka]
+brokers = "127.0.0.1:19092"
+topic = "w2c.bench.backfill"
+CONFIG
+psql -q -X "$pg_db" -c "CREATE PUBLICATION w2c_bench_backfill FOR TABLE bench_rows" >/dev/null
+
+# seconds since the epoch, with nanoseconds
+now() { date +%s.%N; }
+
+baseline() {
+    clean_redis
+    local start end
+    start=$(now)
+    psql -X -q "$pg_db" -c "COPY (SELECT 'SET bfb:' || id || ' ' || qty || '|' || name || '|' || price || '|' || extract(epoch FROM updated_at) FROM bench_rows) TO STDOUT" \
+        | rcli --pipe >"$work/pipe.out"
+    end=$(now)
+    grep -q "errors: 0, replies: $rows" "$work/pipe.out" || {
+        cat "$work/pipe.out" >&2
+        echo "the baseline did not write $rows keys" >&2
+        exit 1
+    }
+    echo "$start $end" | awk -v n="$rows" '{ printf "%.0f", n / ($2 - $1) }'
+}
+
+# Runs the backfill under /usr/bin/time; prints "rows_per_s peak_rss_kib".
+backfill() {
+    clean_redis
+    local start end
+    start=$(now)
+    WAL2CACHE__LOG__FORMAT=text /usr/bin/time -f "%M" -o "$work/rss" \
+        "$bin" backfill --config "$work/wal2cache.toml" >"$work/backfill.out" 2>"$work/backfill.err"
+    end=$(now)
+    grep -q "backfill done: $rows rows, $rows keys written, 0 refused" "$work/backfill.out" || {
+        cat "$work/backfill.out" "$work/backfill.err" >&2
+        echo "the backfill did not write $rows keys" >&2
+        exit 1
+    }
+    local written
+    written=$(rcli --scan --pattern 'bfv:*' | wc -l)
+    [[ "$written" -eq "$rows" ]] || {
+        echo "Redis holds $written backfilled keys, not $rows" >&2
+        exit 1
+    }
+    echo "$start $end $(cat "$work/rss")" | awk -v n="$rows" '{ printf "%.0f %d\n", n / ($2 - $1), $3 }'
+}
+
+printf '%-6s %16s %16s %7s %14s\n' round "baseline rows/s" "backfill rows/s" ratio "peak RSS MiB"
+for round in $(seq 1 "$rounds"); do
+    base=$(baseline)
+    read -r ours rss < <(backfill)
+    awk -v r="$round" -v b="$base" -v o="$ours" -v m="$rss" \
+        'BEGIN { printf "%-6s %16d %16d %7.2f %14.1f\n", r, b, o, o / b, m / 1024 }'
+done
+echo "targets: ratio >= 0.5, peak RSS < 100 MB" >&2
+clean_redis
+[[ -n "${W2C_BENCH_KEEP:-}" ]] || psql -q -X "$pg_admin" -c "DROP DATABASE $db" >/dev/null
