@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use crate::config::Config;
-use crate::config::OnSlotLoss;
+use crate::config::{OnSlotLoss, RulesBackfill};
 use crate::error::Error;
 use crate::health::Health;
 use crate::lsn::Lsn;
@@ -256,6 +256,7 @@ pub async fn run(
     crate::serve::start(&config.metrics, health.clone()).await?;
     tokio::pin!(shutdown);
     let (stop_monitor, monitor_stop) = tokio::sync::watch::channel(false);
+    let monitor_stop_for_warm = monitor_stop.clone();
     let monitor = tokio::spawn(monitor::monitor(
         config.pg_target(),
         config.postgres.slot.clone(),
@@ -292,6 +293,16 @@ pub async fn run(
             crate::health::systemd::notify(&[crate::health::systemd::NotifyState::Ready]);
         }
     });
+    // `rules.backfill = "new"`: warms the rules in force that were never backfilled.
+    let (in_force, in_force_rx) = tokio::sync::watch::channel(rules.clone());
+    let warmer = (config.rules.backfill == RulesBackfill::New).then(|| {
+        tokio::spawn(crate::backfill::warm::warm(
+            config.clone(),
+            in_force_rx,
+            health.clone(),
+            monitor_stop_for_warm.clone(),
+        ))
+    });
     let result = loop {
         match stream(
             config,
@@ -299,6 +310,7 @@ pub async fn run(
             shutdown.as_mut(),
             &mut rules_rx,
             &health,
+            &in_force,
         )
         .await
         {
@@ -319,6 +331,15 @@ pub async fn run(
     let _ = reloader.await;
     let _ = stop_monitor.send(true);
     let _ = monitor.await;
+    if let Some(mut warmer) = warmer {
+        // A backfill stops between pages; one stuck on an unreachable Redis is cut.
+        if tokio::time::timeout(std::time::Duration::from_secs(5), &mut warmer)
+            .await
+            .is_err()
+        {
+            warmer.abort();
+        }
+    }
     result
 }
 
@@ -333,6 +354,7 @@ async fn stream(
     mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
     rules_rx: &mut mpsc::UnboundedReceiver<Reload>,
     health: &Arc<Health>,
+    in_force: &tokio::sync::watch::Sender<Arc<RuleSet>>,
 ) -> Result<(), Error> {
     let (redis_config, kafka_config) = config.sinks()?;
     let target = config.pg_target();
@@ -384,6 +406,8 @@ async fn stream(
             }
         }
         tracing::error!(reason = loss.reason.label(), slot = %slot_name, confirmed = %confirmed, "flushed the caches after the slot loss; streaming from the slot's position");
+        // Cold again: `rules.backfill = "new"` warms every republish rule.
+        state.forget_backfilled().await?;
     }
     let record = Remembered {
         slot: slot_name.clone(),
@@ -424,6 +448,7 @@ async fn stream(
         position,
         stop: stop.clone(),
         health: Some(health.clone()),
+        in_force: Some(in_force.clone()),
     };
     let result = pipeline::run(pipeline, rules, shutdown, rules_rx).await;
     // The pipeline has set the stop signal; every task ends on it.

@@ -215,6 +215,26 @@ impl std::fmt::Debug for PostgresConfig {
 pub struct RulesConfig {
     /// One file, or a directory of `*.toml`; relative to the config file's directory.
     pub path: PathBuf,
+    /// `new`: at start and after each reload, backfill in the background every
+    /// republish rule not backfilled before (by name and shape); `off` (default).
+    #[serde(default)]
+    pub backfill: RulesBackfill,
+    /// Rows a second such a backfill reads at most.
+    #[serde(default = "default_backfill_rate")]
+    pub backfill_rate: u32,
+}
+
+/// `rules.backfill`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RulesBackfill {
+    #[default]
+    Off,
+    New,
+}
+
+fn default_backfill_rate() -> u32 {
+    10_000
 }
 
 #[derive(Clone, Deserialize)]

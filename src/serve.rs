@@ -187,6 +187,14 @@ pub fn describe() {
     );
     describe_counter!("wal2cache_sink_retries_total", "batches retried by a sink");
     describe_counter!(
+        "wal2cache_backfill_rows_total",
+        "rows a backfill (rules.backfill = \"new\") read, by table"
+    );
+    describe_gauge!(
+        "wal2cache_backfill_progress",
+        "rows read over rows expected (0 to 1) of the backfill of a rule (rules.backfill = \"new\")"
+    );
+    describe_counter!(
         "wal2cache_redis_refused_total",
         "versioned writes Redis refused because it held that version or a newer one (replays after a restart, backfilled rows the stream wrote first)"
     );

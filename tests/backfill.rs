@@ -389,3 +389,138 @@ async fn interrupted_then_run_again_it_converges() {
     unlink_matching(&mut r, &format!("{}*", s.prefix)).await;
     unlink_matching(&mut r, &format!("{{{}*", s.prefix)).await;
 }
+
+/// Waits until the log holds `what` at least `times` times.
+async fn logged(log: &Path, what: &str, times: usize) {
+    eventually(
+        &format!("{times} x {what:?} in the daemon's log"),
+        Duration::from_secs(60),
+        || async {
+            std::fs::read_to_string(log)
+                .unwrap_or_default()
+                .matches(what)
+                .count()
+                >= times
+        },
+    )
+    .await;
+}
+
+/// How many of rows 1..=n have a JSON key equal to `want(row)`.
+async fn keys_equal(s: &Setup, n: i32, want: impl Fn(i32, i32, &str) -> Value) -> usize {
+    let mut r = redis().await;
+    let rows =
+        s.db.client
+            .query(
+                "SELECT id, v, name FROM items WHERE id <= $1 ORDER BY id",
+                &[&n],
+            )
+            .await
+            .unwrap();
+    let keys: Vec<String> = rows
+        .iter()
+        .map(|row| format!("{}:json:{}", s.prefix, row.get::<_, i32>(0)))
+        .collect();
+    let got: Vec<Option<String>> = r.mget(&keys).await.unwrap();
+    rows.iter()
+        .zip(got)
+        .filter(|(row, got)| {
+            got.as_deref()
+                .and_then(|g| serde_json::from_str::<Value>(g).ok())
+                .is_some_and(|g| g == want(row.get(0), row.get(1), row.get(2)))
+        })
+        .count()
+}
+
+/// `rules.backfill = "new"`: a republish rule added by SIGHUP is warmed in the
+/// background while the daemon streams; a restart does not backfill it again; a
+/// change of its columns backfills it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_backfill_new_warms_a_rule_added_by_sighup() {
+    const N: i32 = 2000;
+    let s = setup("bf_new", N).await;
+    let log = s._dir.path().join("daemon.log");
+    let rules_file = s.config.parent().unwrap().join("rules.toml");
+    let delete_only = format!(
+        "[[rule]]\nname = \"item\"\ntable = \"public.items\"\nkeys = [\"{}:item:{{id}}\"]\n",
+        s.prefix
+    );
+    let republish = |columns: &str| {
+        format!(
+            "{delete_only}\n[[rule]]\nname = \"item_json\"\ntable = \"public.items\"\nkeys = [\"{}:json:{{id}}\"]\naction = \"republish\"\ncolumns = [{columns}]\n",
+            s.prefix
+        )
+    };
+    std::fs::write(&rules_file, &delete_only).unwrap();
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(
+        &s.config,
+        text.replace("[rules]\n", "[rules]\nbackfill = \"new\"\n"),
+    )
+    .unwrap();
+    let envs = [("WAL2CACHE_LOG", "info")];
+    let daemon = Daemon::start_logging(&s.config, &envs, &log);
+    wait_streaming(&s.db, &format!("{}_d", s.db.name)).await;
+
+    std::fs::write(&rules_file, republish("\"id\", \"v\", \"name\"")).unwrap();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &daemon.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    logged(&log, "rules.backfill: done", 1).await;
+    let full = |id: i32, v: i32, name: &str| json!({"id": id, "v": v, "name": name});
+    assert_eq!(
+        keys_equal(&s, N, full).await,
+        N as usize,
+        "every row warmed"
+    );
+    // The stream goes on writing the rule's keys.
+    s.db.exec("UPDATE items SET v = 7 WHERE id = 5").await;
+    eventually(
+        "the update republished",
+        Duration::from_secs(30),
+        || async { keys_equal(&s, 5, full).await == 5 },
+    )
+    .await;
+    daemon.stop();
+
+    // A restart: the rule was backfilled with this shape, nothing to do.
+    let log2 = s._dir.path().join("daemon2.log");
+    let daemon = Daemon::start_logging(&s.config, &envs, &log2);
+    wait_streaming(&s.db, &format!("{}_d", s.db.name)).await;
+    // The warm task starts as soon as this instance streams: give it time to show.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !std::fs::read_to_string(&log2)
+            .unwrap()
+            .contains("rules.backfill: backfilling"),
+        "backfilled again at the restart"
+    );
+    // Its columns change: backfilled again, in the new shape.
+    std::fs::write(&rules_file, republish("\"id\", \"v\"")).unwrap();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &daemon.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    logged(&log2, "rules.backfill: done", 1).await;
+    let started = std::fs::read_to_string(&log2)
+        .unwrap()
+        .matches("rules.backfill: backfilling")
+        .count();
+    assert_eq!(
+        started, 1,
+        "backfilled once: after the change, not at the restart"
+    );
+    let short = |id: i32, v: i32, _: &str| json!({"id": id, "v": v});
+    assert_eq!(
+        keys_equal(&s, N, short).await,
+        N as usize,
+        "rewarmed in the new shape"
+    );
+    daemon.stop();
+    let mut r = redis().await;
+    unlink_matching(&mut r, &format!("{}*", s.prefix)).await;
+    unlink_matching(&mut r, &format!("{{{}*", s.prefix)).await;
+}

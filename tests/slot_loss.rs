@@ -222,8 +222,17 @@ async fn a_slot_dropped_while_stopped_flushes_the_caches_and_tells_subscribers()
         "{said}"
     );
 
+    // What `rules.backfill = "new"` backfilled is forgotten with the flush.
+    let name = wal2cache::config::Config::load(&config).unwrap().name;
+    let backfilled = wal2cache::sink::redis::backfilled_key(&name);
+    let mut r = s.cached.r.clone();
+    let () = r.hset(&backfilled, "product_json", "0123").await.unwrap();
     let mut daemon = Daemon::start_logging(&config, &[], &log);
     assert_flushed_then_streams(&db, &s, &mut daemon, "slot_missing").await;
+    assert!(
+        !r.exists::<_, bool>(&backfilled).await.unwrap(),
+        "{backfilled} outlived the flush"
+    );
     let logged = read(&log);
     assert!(
         logged.contains("ERROR") && logged.contains("changes may have been missed"),

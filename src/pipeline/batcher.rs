@@ -33,6 +33,8 @@ pub(crate) struct Batcher {
     pending: Option<(String, Arc<crate::rules::RuleSet>)>,
     /// `schema.table` of each relation, made once per relation shape.
     names: HashMap<u32, (Arc<Relation>, Arc<str>)>,
+    /// Told the rules each time they take effect.
+    pub(crate) in_force: Option<tokio::sync::watch::Sender<Arc<crate::rules::RuleSet>>>,
 }
 
 impl Batcher {
@@ -46,14 +48,23 @@ impl Batcher {
             seq: 0,
             pending: None,
             names: HashMap::new(),
+            in_force: None,
         }
+    }
+
+    /// New rules take effect from here in the stream.
+    fn switch(&mut self, rules: Arc<crate::rules::RuleSet>) {
+        if let Some(tx) = &self.in_force {
+            tx.send_replace(rules.clone());
+        }
+        self.planner = Planner::new(rules);
     }
 
     pub(crate) fn reload(&mut self, reload: Reload) {
         match reload.marker {
             None => {
                 tracing::info!(rules = reload.rules.rules().len(), "rules reloaded");
-                self.planner = Planner::new(reload.rules);
+                self.switch(reload.rules);
                 self.pending = None;
             }
             Some(marker) => self.pending = Some((marker, reload.rules)),
@@ -164,7 +175,7 @@ impl Batcher {
                 if ours {
                     let (_, rules) = self.pending.take().expect("checked above");
                     tracing::info!(rules = rules.rules().len(), lsn = %lsn, "rules reloaded, in force from here in the stream");
-                    self.planner = Planner::new(rules);
+                    self.switch(rules);
                 }
             }
             SourceEvent::Message {

@@ -86,6 +86,9 @@ pub struct Pipeline<E, R, K> {
     pub stop: watch::Sender<bool>,
     /// Where the sinks and the position are reported for operators.
     pub health: Option<Arc<Health>>,
+    /// Told the rules in force each time they change (at start, and where a reload
+    /// takes effect in the stream): what `rules.backfill = "new"` warms.
+    pub in_force: Option<watch::Sender<Arc<RuleSet>>>,
 }
 
 /// Runs until `shutdown`, a fatal error, or the end of the stream. `reload` delivers
@@ -104,6 +107,7 @@ pub async fn run<E: Events, R: Sink, K: Sink>(
         position,
         stop,
         health,
+        in_force,
     } = pipeline;
     redis.set_error_after(config.sink_error_after);
     kafka.set_error_after(config.sink_error_after);
@@ -123,7 +127,11 @@ pub async fn run<E: Events, R: Sink, K: Sink>(
     // live, at 2,000 transactions/s, gathering doubled commit -> Kafka.
     let mut free = applier.free();
     let free_now = free.clone();
+    if let Some(tx) = &in_force {
+        tx.send_replace(rules.clone());
+    }
     let mut b = Batcher::new(config, Planner::new(rules));
+    b.in_force = in_force;
     tokio::pin!(shutdown);
     let result: Result<(), Error> = loop {
         let deadline = b.deadline();

@@ -196,6 +196,7 @@ fn start_with(
         kafka: kafka.0,
         position,
         stop,
+        in_force: None,
         health: Some(crate::health::Health::new(
             "test",
             "slot",

@@ -34,7 +34,7 @@ use scripts::{scan_pattern, Scripts};
 pub(crate) use access::problems as access_problems;
 pub use ops::group_by_slot;
 pub use scripts::{version_key, TOMBSTONE_LIFETIME_SECS};
-pub use state::{state_key, StreamState};
+pub use state::{backfilled_key, state_key, StreamState};
 
 /// The connection: one server, or a cluster.
 enum Conn {

@@ -19,9 +19,16 @@ pub fn state_key(name: &str) -> String {
 }
 
 /// The record of one source, on its own connection.
+/// The hash of the republish rules `rules.backfill = "new"` has backfilled: rule name
+/// → fingerprint of its shape. Same hash tag as the stream record.
+pub fn backfilled_key(name: &str) -> String {
+    format!("wal2cache:{{{name}}}:backfilled")
+}
+
 pub struct StreamState {
     conn: Conn,
     key: String,
+    backfilled: String,
     url: String,
 }
 
@@ -35,6 +42,7 @@ impl StreamState {
         Ok(StreamState {
             conn,
             key: state_key(name),
+            backfilled: backfilled_key(name),
             url: redact(&config.url),
         })
     }
@@ -88,5 +96,38 @@ impl StreamState {
             )))
         });
         written.map_err(|e| self.error("writing", e))
+    }
+
+    /// The backfilled rules: name → fingerprint.
+    pub async fn backfilled(
+        &mut self,
+    ) -> Result<std::collections::HashMap<String, String>, SinkError> {
+        let key = self.backfilled.clone();
+        self.conn
+            .hgetall(&key)
+            .await
+            .map_err(|e| self.error(&format!("reading {key} beside"), e))
+    }
+
+    /// Records that `rule` was backfilled with this shape.
+    pub async fn mark_backfilled(
+        &mut self,
+        rule: &str,
+        fingerprint: &str,
+    ) -> Result<(), SinkError> {
+        let key = self.backfilled.clone();
+        self.conn
+            .hset::<_, _, _, ()>(&key, rule, fingerprint)
+            .await
+            .map_err(|e| self.error(&format!("writing {key} beside"), e))
+    }
+
+    /// Forgets every backfill (after a flush: the caches are cold again).
+    pub async fn forget_backfilled(&mut self) -> Result<(), SinkError> {
+        let key = self.backfilled.clone();
+        self.conn
+            .del::<_, ()>(&key)
+            .await
+            .map_err(|e| self.error(&format!("deleting {key} beside"), e))
     }
 }

@@ -4,6 +4,8 @@
 //! [`version`]). Running it while the daemon streams is safe, and so is running it
 //! again: the version guard makes it idempotent.
 
+pub mod warm;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -190,6 +192,8 @@ pub enum BackfillError {
     NoKey { table: String },
     #[error("stopped after {}h in {table}, the longest a backfill may run: a row deleted while it runs stays deleted only while the delete's tombstone lives (a day). What was written stays and is correct; backfill the tables one at a time with --table, or fewer rules with --rule", .limit.as_secs() / 3600)]
     TooLong { table: String, limit: Duration },
+    #[error("the backfill of {0} failed (the errors above say why)")]
+    Failed(String),
 }
 
 /// The version of every backfilled value.
