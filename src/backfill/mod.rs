@@ -539,7 +539,7 @@ async fn copy(
     } else {
         Some(RedisSink::connect(redis_config, stop_rx).await?)
     };
-    let mut planner = Planner::new(Arc::new(rules.subset(|_| true)));
+    let mut planner = Planner::new(Arc::new(rules.clone()));
     let mut report = Report::default();
     // Every table's shape first: a table that cannot be paged stops the backfill
     // before anything is written.

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use pgwire_replication::{ReplicationClient, ReplicationConfig};
+use pgwire_replication::ReplicationClient;
 use tokio_postgres::Client;
 
 use crate::lsn::Lsn;
@@ -29,27 +29,11 @@ impl Snapshot {
     /// Creates the temporary slot `slot` (`wal2cache_backfill_<pid>`) with an exported
     /// snapshot on the primary.
     pub async fn export(target: &PgTarget, slot: &str) -> Result<Snapshot, SourceError> {
-        let t = target.primary().await?;
-        let err = |e| match e {
-            pgwire_replication::PgWireError::Tls(m) => t.tls_error(m),
-            e => SourceError::from_replication(e, slot, &t.user),
-        };
-        if t.tls.mode == crate::source::tls::SslMode::VerifyCa {
-            // Learns the names the server's certificate carries (see PgTls::replication).
-            drop(t.connect().await?);
-        }
-        let config = ReplicationConfig::new(
-            t.host.clone(),
-            t.user.clone(),
-            t.password()?,
-            t.database.clone(),
-            slot.to_string(),
-            "unused",
-        )
-        .with_port(t.port)
-        .with_tls(t.tls.replication(&t.host))
-        .with_status_interval(Duration::from_secs(10))
-        .with_application_name("wal2cache backfill".to_string());
+        let (t, config) = target.replication(slot, "unused").await?;
+        let err = |e| t.replication_error(e, slot);
+        let config = config
+            .with_status_interval(Duration::from_secs(10))
+            .with_application_name("wal2cache backfill".to_string());
         let mut holder = ReplicationClient::connect_gated(config)
             .await
             .map_err(err)?;

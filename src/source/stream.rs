@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
+use pgwire_replication::{ReplicationClient, ReplicationEvent};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -352,33 +352,16 @@ impl Session<'_> {
     }
 
     async fn connect(c: &StreamConfig, confirmed: Lsn) -> Result<ReplicationClient, SourceError> {
-        let primary = c.target.primary().await?;
-        let t = &primary;
-        let err = |e| match e {
-            pgwire_replication::PgWireError::Tls(m) => t.tls_error(m),
-            e => SourceError::from_replication(e, &c.slot, &t.user),
-        };
-        if t.tls.mode == crate::source::tls::SslMode::VerifyCa {
-            // Learns the names the server's certificate carries (see PgTls::replication).
-            drop(t.connect().await?);
-        }
-        let replication = ReplicationConfig::new(
-            t.host.clone(),
-            t.user.clone(),
-            t.password()?,
-            t.database.clone(),
-            c.slot.clone(),
-            c.publication.as_str(),
-        )
-        .with_port(t.port)
-        .with_tls(t.tls.replication(&t.host))
-        // Zero: resume from the slot's confirmed_flush_lsn.
-        .with_start_lsn(pgwire_replication::Lsn(0))
-        .with_ack_lsn(wire(confirmed))
-        .with_status_interval(c.status_interval)
-        .with_wakeup_interval(Duration::from_secs(5))
-        .with_buffer_size(c.buffer.clamp(16, 1024))
-        .with_application_name(c.application_name.clone());
+        let (primary, replication) = c.target.replication(&c.slot, &c.publication).await?;
+        let err = |e| primary.replication_error(e, &c.slot);
+        let replication = replication
+            // Zero: resume from the slot's confirmed_flush_lsn.
+            .with_start_lsn(pgwire_replication::Lsn(0))
+            .with_ack_lsn(wire(confirmed))
+            .with_status_interval(c.status_interval)
+            .with_wakeup_interval(Duration::from_secs(5))
+            .with_buffer_size(c.buffer.clamp(16, 1024))
+            .with_application_name(c.application_name.clone());
         let mut client = ReplicationClient::connect_gated(replication)
             .await
             .map_err(err)?;

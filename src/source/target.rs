@@ -210,6 +210,44 @@ impl PgTarget {
         })
     }
 
+    /// The primary, and what every replication connection to it shares: host, user,
+    /// password, database, `slot`, `publication`, port and TLS. Under `verify-ca` an
+    /// ordinary connection first learns the names the server's certificate carries
+    /// (see `PgTls::replication`).
+    pub(crate) async fn replication(
+        &self,
+        slot: &str,
+        publication: &str,
+    ) -> Result<(PgTarget, pgwire_replication::ReplicationConfig), SourceError> {
+        let t = self.primary().await?;
+        if t.tls.mode == crate::source::tls::SslMode::VerifyCa {
+            drop(t.connect().await?);
+        }
+        let config = pgwire_replication::ReplicationConfig::new(
+            t.host.clone(),
+            t.user.clone(),
+            t.password()?,
+            t.database.clone(),
+            slot.to_string(),
+            publication,
+        )
+        .with_port(t.port)
+        .with_tls(t.tls.replication(&t.host));
+        Ok((t, config))
+    }
+
+    /// An error of a replication connection to this server on `slot`, explained.
+    pub(crate) fn replication_error(
+        &self,
+        e: pgwire_replication::PgWireError,
+        slot: &str,
+    ) -> SourceError {
+        match e {
+            pgwire_replication::PgWireError::Tls(m) => self.tls_error(m),
+            e => SourceError::from_replication(e, slot, &self.user),
+        }
+    }
+
     /// The password to log in with now: a password file is read each time, its
     /// trailing newline dropped.
     pub(crate) fn password(&self) -> Result<String, SourceError> {
