@@ -3,11 +3,15 @@
 //! `source` reads the logical replication stream into typed, committed row changes;
 //! `rules` maps them to cache keys and tags. The daemon's binary wires them together.
 
+#[cfg(any(feature = "daemon", feature = "l2"))]
+pub mod keys;
 pub mod lsn;
 #[cfg(feature = "daemon")]
 pub mod pgtime;
 #[cfg(feature = "daemon")]
 pub mod plan;
+#[cfg(any(feature = "daemon", feature = "l2"))]
+pub mod redis_conn;
 
 #[cfg(feature = "daemon")]
 pub mod app;
@@ -29,7 +33,9 @@ pub mod event;
 pub mod health;
 #[cfg(feature = "l1")]
 pub mod l1;
-#[cfg(feature = "daemon")]
+#[cfg(feature = "l2")]
+pub mod l2;
+#[cfg(any(feature = "daemon", feature = "l2"))]
 pub mod redact;
 #[cfg(feature = "daemon")]
 pub mod remember;

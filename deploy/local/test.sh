@@ -48,14 +48,21 @@ if cargo tree --locked --no-default-features --features l1 -e normal --prefix no
     die "feature l1 pulls in a daemon dependency"
 fi
 
+log_info "the L2 library builds without the Postgres side (feature l2)"
+cargo check --locked --lib --no-default-features --features l2
+if cargo tree --locked --no-default-features --features l2 -e normal --prefix none |
+    grep -Ei '^(tokio-postgres|postgres-protocol|pgwire-replication|rdkafka|clap|config|tracing-subscriber|metrics-exporter-prometheus|axum) '; then
+    die "feature l2 pulls in a daemon dependency"
+fi
+
 # promtool runs the unit tests of the alerting rules (deploy/prometheus/alerts_test.yml).
 promtool_ensure
 log_info "promtool check rules / test rules: deploy/prometheus/alerts.yml"
 promtool check rules "$ROOT/deploy/prometheus/alerts.yml"
 promtool test rules "$ROOT/deploy/prometheus/alerts_test.yml"
 
-log_info "cargo test (daemon and L1)"
-cargo test --locked --features l1 "$@"
+log_info "cargo test (daemon, L1 and L2)"
+cargo test --locked --features l1,l2 "$@"
 
 # The version matrix (PostgreSQL 15 ran the whole suite above).
 log_info "the source and end-to-end tests on the other supported PostgreSQL majors"

@@ -227,50 +227,41 @@ pub(super) async fn apply_ops(
             .iter()
             .map(|t| format!("{tag_prefix}{t}"))
             .collect();
-        purge_tags_cluster(conn, &sets).await?;
+        purge_tags_cluster(conn, scripts, &sets).await?;
     }
     Ok(refused)
 }
 
-/// A tag purge where the members may live in any slot: SMEMBERS of every set, UNLINK
-/// of the members (grouped by slot), then SREM of exactly the members read, so a
-/// member added meanwhile stays in its set for the next purge. Not atomic.
+/// A tag purge where the members may live in any slot: each set's members moved into
+/// its purge sidecar and the set deleted, atomically (`lua/purge_begin.lua`); UNLINK
+/// of the members (keys and their leases, grouped by slot); then UNLINK of the
+/// sidecars. A key an application registers meanwhile goes into a new set and stays
+/// there for the next purge; its lease was granted after this purge's commit.
+/// Not atomic as a whole, but a replay after a crash finds the sidecars' members.
 pub(super) async fn purge_tags_cluster(
     conn: &ClusterConnection,
+    scripts: &Scripts,
     sets: &[String],
 ) -> Result<(), RedisError> {
     let by_slot = group_by_slot(sets.iter().map(String::as_str));
-    let mut reads = Vec::with_capacity(by_slot.len());
+    let mut begins = Vec::with_capacity(by_slot.len());
     for group in &by_slot {
         let mut pipe = redis::pipe();
         for set in group {
-            pipe.cmd("SMEMBERS").arg(*set);
+            pipe.add_command(scripts.purge_begin_cmd(set));
         }
-        reads.push(pipe);
+        begins.push(pipe);
     }
-    let replies = run_pipelines(conn, reads).await?;
-    let mut members: Vec<(&str, Vec<Vec<u8>>)> = Vec::with_capacity(sets.len());
-    for (group, replies) in by_slot.iter().zip(replies) {
-        for (set, reply) in group.iter().zip(replies) {
-            members.push((set, redis::from_redis_value(reply)?));
-        }
-    }
+    let replies = run_pipelines(conn, begins).await?;
     let mut seen = HashSet::new();
-    let unlink: Vec<&[u8]> = members
-        .iter()
-        .flat_map(|(_, m)| m.iter().map(Vec::as_slice))
-        .filter(|m| seen.insert(*m))
-        .collect();
-    if unlink.is_empty() {
-        return Ok(());
+    let mut unlink: Vec<Vec<u8>> = Vec::new();
+    for reply in replies.into_iter().flatten() {
+        let members: Vec<Vec<u8>> = redis::from_redis_value(reply)?;
+        unlink.extend(members.into_iter().filter(|m| seen.insert(m.clone())));
     }
-    unlink_cluster(conn, unlink).await?;
-    let mut srem = SlotPipes::default();
-    for (set, members) in &members {
-        for chunk in members.chunks(CHUNK) {
-            srem.pipe(set).cmd("SREM").arg(*set).arg(chunk).ignore();
-        }
+    if !unlink.is_empty() {
+        unlink_cluster(conn, unlink).await?;
     }
-    run_pipelines(conn, srem.into_pipelines()).await?;
-    Ok(())
+    let sidecars: Vec<String> = sets.iter().map(|s| scripts.purging_key(s)).collect();
+    unlink_cluster(conn, sidecars).await
 }

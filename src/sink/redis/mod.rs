@@ -16,10 +16,9 @@ mod state;
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::cluster_async::ClusterConnection;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-use redis::{Client, Cmd, Pipeline, RedisError, RedisFuture, Value};
+use redis::{Client, Cmd, Pipeline, RedisError, Value};
 use tokio::sync::watch;
 
 use crate::backoff::Backoff;
@@ -31,44 +30,13 @@ use errors::{classify, next_step, Described, Failure, Next, MESSAGE_SHOWN};
 use ops::{for_each_command, Mode, Ops};
 use scripts::{scan_pattern, Scripts};
 
+pub use crate::keys::version_key;
 pub(crate) use access::problems as access_problems;
 pub use ops::group_by_slot;
-pub use scripts::{version_key, TOMBSTONE_LIFETIME_SECS};
+pub use scripts::TOMBSTONE_LIFETIME_SECS;
 pub use state::{backfilled_key, state_key, StreamState};
 
-/// The connection: one server, or a cluster.
-enum Conn {
-    Single(ConnectionManager),
-    Cluster(ClusterConnection),
-}
-
-impl ConnectionLike for Conn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
-        }
-    }
-}
+use crate::redis_conn::RedisConn as Conn;
 
 /// One server, through a connection manager that reconnects by itself.
 async fn connect_single(config: &RedisConfig) -> Result<ConnectionManager, SinkError> {
@@ -212,6 +180,15 @@ impl RedisSink {
     /// Starts a SCAN of the keys under `prefix` (only sets, with `sets_only`), on the
     /// one server or on every master of a cluster.
     async fn scan(&mut self, prefix: &str, sets_only: bool) -> Result<Scan, RedisError> {
+        self.scan_matching(scan_pattern(prefix), sets_only).await
+    }
+
+    /// Starts a SCAN of the keys matching `pattern` (a Redis glob).
+    async fn scan_matching(
+        &mut self,
+        pattern: String,
+        sets_only: bool,
+    ) -> Result<Scan, RedisError> {
         let nodes = match &self.conn {
             Conn::Cluster(conn) => cluster::masters(&mut conn.clone())
                 .await?
@@ -221,7 +198,7 @@ impl RedisSink {
             Conn::Single(_) => vec![None],
         };
         Ok(Scan {
-            pattern: scan_pattern(prefix),
+            pattern,
             sets_only,
             nodes,
             cursor: 0,
@@ -267,9 +244,20 @@ impl RedisSink {
     }
 
     /// Every key under `prefix`, on one server or every master, unlinked as SCAN finds
-    /// them.
+    /// them; then the lease sidecars of keys under `prefix` that are not under it
+    /// themselves (`{KEY}:w2c:l`), so that no load that began before the flush stores.
     async fn flush(&mut self, prefix: &str) -> Result<(), RedisError> {
-        let mut scan = self.scan(prefix, false).await?;
+        let total = self.unlink_matching(scan_pattern(prefix)).await?;
+        let leases = self
+            .unlink_matching(crate::keys::lease_scan_pattern(prefix))
+            .await?;
+        tracing::info!(prefix = %prefix, keys = total, leases, "flushed key prefix");
+        Ok(())
+    }
+
+    /// Every key matching `pattern`, unlinked as SCAN finds them; how many.
+    async fn unlink_matching(&mut self, pattern: String) -> Result<usize, RedisError> {
+        let mut scan = self.scan_matching(pattern, false).await?;
         let mut total = 0;
         while let Some(keys) = self.scan_next(&mut scan).await? {
             if keys.is_empty() {
@@ -286,8 +274,7 @@ impl RedisSink {
                 }
             }
         }
-        tracing::info!(prefix = %prefix, keys = total, "flushed key prefix");
-        Ok(())
+        Ok(total)
     }
 
     /// Every tag set whose tag starts with `prefix` purged (its members and the set),

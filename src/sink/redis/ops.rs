@@ -21,9 +21,10 @@ use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use redis::cluster_routing::Slot;
 use redis::Cmd;
 
+use crate::keys::{lease_key, version_key};
 use crate::plan::{Plan, Republish};
 use crate::sink::redis::errors::Described;
-use crate::sink::redis::scripts::{version_key, Scripts, SETS_PER_PURGE};
+use crate::sink::redis::scripts::{Scripts, SETS_PER_PURGE};
 use crate::sink::{cut, Item, Version, KEY_SHOWN};
 
 /// Keys per UNLINK or SREM command when the count is unbounded (tag members, SCAN
@@ -193,15 +194,19 @@ pub(super) fn for_each_command(
         };
         for group in &groups {
             for chunk in group.chunks(CHUNK) {
+                // Each key with its lease sidecar (same slot): a load of the key
+                // that began before this delete cannot store.
                 let mut cmd = redis::cmd("UNLINK");
-                cmd.arg(chunk);
+                for key in chunk {
+                    cmd.arg(*key).arg(lease_key(key));
+                }
                 each(cmd, chunk[0], false, &|| {
                     let keys = chunk
                         .iter()
                         .map(|k| cut(k, KEY_SHOWN))
                         .collect::<Vec<_>>()
                         .join(", ");
-                    Described::new("UNLINK", keys)
+                    Described::new("UNLINK (keys and their lease sidecars)", keys)
                 });
             }
         }
