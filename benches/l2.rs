@@ -54,12 +54,20 @@ async fn plain() -> ConnectionManager {
 
 async fn hits(l2: &L2, r: &mut ConnectionManager, prefix: &str) {
     let key = format!("{prefix}:hit");
-    let () = redis::cmd("SET").arg(&key).arg("x".repeat(200)).query_async(r).await.unwrap();
+    let () = redis::cmd("SET")
+        .arg(&key)
+        .arg("x".repeat(200))
+        .query_async(r)
+        .await
+        .unwrap();
     let mut l2_times = Vec::with_capacity(ROUNDS);
     let mut get_times = Vec::with_capacity(ROUNDS);
     for _ in 0..ROUNDS {
         let t = Instant::now();
-        let v = l2.get_or_load(&key, NO_TAGS, None, || async { None }).await.unwrap();
+        let v = l2
+            .get_or_load(&key, NO_TAGS, None, || async { None })
+            .await
+            .unwrap();
         l2_times.push(t.elapsed());
         assert!(v.is_some());
         let t = Instant::now();
@@ -156,8 +164,11 @@ async fn storm(leases: bool, prefix: &str, clients: u64, secs: u64) -> (u64, u64
                         .await
                         .unwrap();
                 } else {
-                    let v: Option<Vec<u8>> =
-                        redis::cmd("GET").arg(key).query_async(&mut r).await.unwrap();
+                    let v: Option<Vec<u8>> = redis::cmd("GET")
+                        .arg(key)
+                        .query_async(&mut r)
+                        .await
+                        .unwrap();
                     if v.is_none() {
                         let v = load().await.unwrap();
                         let () = redis::cmd("SET")
@@ -195,7 +206,12 @@ async fn storm(leases: bool, prefix: &str, clients: u64, secs: u64) -> (u64, u64
     }
     let took = started.elapsed().as_secs_f64();
     for k in keys.iter() {
-        let () = redis::cmd("UNLINK").arg(k).arg(lease_key(k)).query_async(&mut r).await.unwrap();
+        let () = redis::cmd("UNLINK")
+            .arg(k)
+            .arg(lease_key(k))
+            .query_async(&mut r)
+            .await
+            .unwrap();
     }
     (
         (requests.load(Ordering::Relaxed) as f64 / took) as u64,
