@@ -959,3 +959,41 @@ async fn an_unreachable_redis_is_named_without_its_password() {
     );
     assert!(!shown.contains("hunter2"), "{shown}");
 }
+
+#[tokio::test]
+async fn over_tls_with_an_acl_user_on_one_server_and_a_cluster() {
+    let ca = support::env::tls_file("ca.pem");
+    for (url, cluster) in [
+        (support::env::redis_tls_url(), false),
+        (support::env::redis_cluster_tls_url(), true),
+    ] {
+        let mut builder = L2::builder(&url).ca_file(&ca);
+        if cluster {
+            builder = builder.cluster(Vec::<String>::new());
+        }
+        let l2 = builder.build().await.unwrap_or_else(|e| {
+            panic!("{e}: start the TLS services with deploy/local/services.sh start tls")
+        });
+        let key = unique("l2tls");
+        let v = l2
+            .get_or_load(&key, NO_TAGS, Some(Duration::from_secs(60)), || async {
+                Some(b"over tls".to_vec())
+            })
+            .await
+            .unwrap();
+        assert_eq!(v.as_deref(), Some(&b"over tls"[..]));
+        let again = l2
+            .get_or_load(&key, NO_TAGS, None, || async { Some(b"loaded twice".to_vec()) })
+            .await
+            .unwrap();
+        assert_eq!(again.as_deref(), Some(&b"over tls"[..]), "cluster: {cluster}");
+        assert_eq!(l2.metrics().hits, 1);
+    }
+    // Without the CA, the throwaway certificate is refused, and the error says so.
+    let err = L2::builder(support::env::redis_tls_url())
+        .build()
+        .await
+        .err()
+        .expect("an untrusted certificate");
+    assert!(!err.to_string().contains("redis-tls-secret"), "{err}");
+}

@@ -355,6 +355,25 @@ tansu_bin() {
 # systemd host nor a container without systemd gets a server on :9090; on a systemd host
 # the unit is also disabled, or the next boot would start it. Recommends (the node
 # exporter, another server) are not installed.
+# The Python of the example client (examples/python), in $ROOT/.local/py, with its
+# packages from PyPI (confluent-kafka, redis). Idempotent.
+python_ensure() {
+    local venv="$ROOT/.local/py"
+    if [[ -x "$venv/bin/python" ]] && "$venv/bin/python" -c 'import confluent_kafka, redis' 2>/dev/null; then
+        return 0
+    fi
+    if ! command -v python3 >/dev/null 2>&1 || ! python3 -m venv --help >/dev/null 2>&1; then
+        require_root "installing python3-venv"
+        log_info "apt-get install -y --no-install-recommends python3 python3-venv"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3 python3-venv ||
+            die "apt-get install python3 python3-venv failed"
+    fi
+    log_info "python3 -m venv $venv; pip install -r examples/python/requirements.txt"
+    python3 -m venv "$venv" || die "python3 -m venv $venv failed"
+    "$venv/bin/pip" install -q --disable-pip-version-check -r "$ROOT/examples/python/requirements.txt" ||
+        die "pip install of the example client's packages failed (PyPI unreachable?)"
+}
+
 promtool_ensure() {
     command -v promtool >/dev/null 2>&1 && return 0
     require_root "installing promtool"

@@ -61,6 +61,9 @@ log_info "promtool check rules / test rules: deploy/prometheus/alerts.yml"
 promtool check rules "$ROOT/deploy/prometheus/alerts.yml"
 promtool test rules "$ROOT/deploy/prometheus/alerts_test.yml"
 
+# The Python example client (tests/other_languages.rs runs it).
+python_ensure
+
 log_info "cargo test (daemon, L1 and L2)"
 cargo test --locked --features l1,l2 "$@"
 

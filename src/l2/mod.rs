@@ -103,6 +103,10 @@ impl L2Error<Infallible> {
 pub struct L2Builder {
     url: String,
     cluster_nodes: Option<Vec<String>>,
+    /// PEM: the CA to verify the server with (instead of the system's roots), and a
+    /// client certificate and key.
+    ca_file: Option<std::path::PathBuf>,
+    client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
     settings: Settings,
 }
 
@@ -123,6 +127,8 @@ impl L2Builder {
         L2Builder {
             url: url.into(),
             cluster_nodes: None,
+            ca_file: None,
+            client_cert: None,
             settings: Settings {
                 tag_prefix: "tag:".into(),
                 lease_ttl: Duration::from_secs(5),
@@ -139,6 +145,47 @@ impl L2Builder {
     pub fn cluster<S: Into<String>>(mut self, nodes: impl IntoIterator<Item = S>) -> Self {
         self.cluster_nodes = Some(nodes.into_iter().map(Into::into).collect());
         self
+    }
+
+    /// For `rediss://`: verify the server against this CA (PEM) instead of the
+    /// system's roots (as the daemon's `redis.ca_file`).
+    pub fn ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
+        self
+    }
+
+    /// For `rediss://`: a client certificate and its key (PEM files).
+    pub fn client_cert(
+        mut self,
+        cert: impl Into<std::path::PathBuf>,
+        key: impl Into<std::path::PathBuf>,
+    ) -> Self {
+        self.client_cert = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// The certificates of `ca_file` and `client_cert`, read now.
+    fn certificates(&self) -> Result<Option<redis::TlsCertificates>, L2Error> {
+        if self.ca_file.is_none() && self.client_cert.is_none() {
+            return Ok(None);
+        }
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| {
+                L2Error::Setting(format!("cannot read {}: {e}", path.display()))
+            })
+        };
+        let root_cert = self.ca_file.as_deref().map(read).transpose()?;
+        let client_tls = match &self.client_cert {
+            Some((cert, key)) => Some(redis::ClientTlsConfig {
+                client_cert: read(cert)?,
+                client_key: read(key)?,
+            }),
+            None => None,
+        };
+        Ok(Some(redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        }))
     }
 
     /// The daemon's `redis.tag_prefix` (default `tag:`): a tag's set of keys is at
@@ -192,6 +239,11 @@ impl L2Builder {
     }
 
     async fn connect(self) -> Result<L2, L2Error> {
+        // rustls needs one crypto provider for the process; an application that chose
+        // one already keeps it.
+        if self.url.starts_with("rediss://") {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
         let s = &self.settings;
         if s.lease_ttl < Duration::from_millis(1) || s.negative_ttl < Duration::from_millis(1) {
             return Err(L2Error::Setting(
@@ -203,14 +255,20 @@ impl L2Builder {
                 let seeds: Vec<&str> = std::iter::once(self.url.as_str())
                     .chain(nodes.iter().map(String::as_str))
                     .collect();
-                let client = redis::cluster::ClusterClient::builder(seeds)
+                let mut builder = redis::cluster::ClusterClient::builder(seeds)
                     .connection_timeout(Duration::from_secs(5))
-                    .response_timeout(Duration::from_secs(5))
-                    .build()?;
+                    .response_timeout(Duration::from_secs(5));
+                if let Some(certs) = self.certificates()? {
+                    builder = builder.certs(certs);
+                }
+                let client = builder.build()?;
                 RedisConn::Cluster(client.get_async_connection().await?)
             }
             None => {
-                let client = redis::Client::open(self.url.as_str())?;
+                let client = match self.certificates()? {
+                    Some(certs) => redis::Client::build_with_tls(self.url.as_str(), certs)?,
+                    None => redis::Client::open(self.url.as_str())?,
+                };
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(Duration::from_secs(5)))
                     .set_response_timeout(Some(Duration::from_secs(5)))
