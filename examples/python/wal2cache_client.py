@@ -237,7 +237,8 @@ def check(args):
     """The protocol against the running daemon; the Rust test drives the database
     through stdin/stdout: each "wait" line is answered once the test has written."""
     r = redis.Redis.from_url(args.redis)
-    l2 = L2(r, tag_prefix=args.tag_prefix)
+    # A lease far longer than the check: only the daemon can end it.
+    l2 = L2(r, tag_prefix=args.tag_prefix, lease_ttl_ms=120000)
     sub = Subscriber(args.brokers, args.topic, properties=dict(args.property))
     deadline = time.monotonic() + 30
     while not sub.healthy:
