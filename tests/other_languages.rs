@@ -56,7 +56,11 @@ fn python_names_lease_sidecars_as_the_library_does() {
         .args(keys)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines: Vec<Value> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()
@@ -150,20 +154,35 @@ tags = ["{prefix}:items"]
     assert_eq!(leased["kind"], "granted", "{leased}");
     let mut r = redis().await;
     db.exec("UPDATE items SET v = v + 1 WHERE id = 2").await;
-    eventually("the daemon to remove item 2's lease", Duration::from_secs(30), || {
-        let mut r = r.clone();
-        let lease = lease_key(&two);
-        async move { !redis::AsyncCommands::exists::<_, bool>(&mut r, &lease).await.unwrap() }
-    })
+    eventually(
+        "the daemon to remove item 2's lease",
+        Duration::from_secs(30),
+        || {
+            let mut r = r.clone();
+            let lease = lease_key(&two);
+            async move {
+                !redis::AsyncCommands::exists::<_, bool>(&mut r, &lease)
+                    .await
+                    .unwrap()
+            }
+        },
+    )
     .await;
     writeln!(stdin, "go").unwrap();
     let stored = step(&mut rx, "store_after_change").await;
-    assert_eq!(stored["stored"], 0, "a value loaded before the change was stored: {stored}");
+    assert_eq!(
+        stored["stored"], 0,
+        "a value loaded before the change was stored: {stored}"
+    );
     assert_eq!(stored["exists"], 0, "{stored}");
 
     let negative = step(&mut rx, "negative").await;
     assert_eq!(negative["value"], Value::Null, "{negative}");
-    assert_eq!(negative["again"], Value::Null, "the marker was not a hit: {negative}");
+    assert_eq!(
+        negative["again"],
+        Value::Null,
+        "the marker was not a hit: {negative}"
+    );
     assert_eq!(negative["marker"], true, "{negative}");
 
     let cached = step(&mut rx, "l1_cached").await;
@@ -173,12 +192,20 @@ tags = ["{prefix}:items"]
     let evicted = step(&mut rx, "l1_evicted").await;
     assert_eq!(evicted["evicted"], true, "{evicted}");
     assert_eq!(evicted["event"]["kind"], "invalidate", "{evicted}");
-    assert_eq!(evicted["event"]["keys"], serde_json::json!([one]), "{evicted}");
+    assert_eq!(
+        evicted["event"]["keys"],
+        serde_json::json!([one]),
+        "{evicted}"
+    );
     // The daemon also purged the tag: the key the Python L2 stored is gone.
     eventually("item 1 gone from Redis", Duration::from_secs(30), || {
         let mut r = r.clone();
         let one = one.clone();
-        async move { !redis::AsyncCommands::exists::<_, bool>(&mut r, &one).await.unwrap() }
+        async move {
+            !redis::AsyncCommands::exists::<_, bool>(&mut r, &one)
+                .await
+                .unwrap()
+        }
     })
     .await;
 

@@ -34,13 +34,22 @@ NOT_FOUND = b"\0wal2cache:not-found"
 
 def lease_key(key: str) -> str:
     """The lease sidecar of ``key``, in the same Redis Cluster slot."""
+    return sidecar_key(key, "l")
+
+
+def version_key(key: str) -> str:
+    """The version sidecar the daemon writes for ``key``, in the same slot."""
+    return sidecar_key(key, "v")
+
+
+def sidecar_key(key: str, suffix: str) -> str:
     start = key.find("{")
     if start >= 0:
         end = key.find("}", start + 1)
         if end > start + 1:
-            return f"{key}:w2c:l"
+            return f"{key}:w2c:{suffix}"
     if key and "}" not in key:
-        return f"{{{key}}}:w2c:l"
+        return f"{{{key}}}:w2c:{suffix}"
     # The whole key is hashed: a short tag of the same slot goes in front.
     alphabet = "0123456789abcdefghijklmnopqrstuvwxyz"
     slot = key_slot(key.encode())
@@ -51,7 +60,7 @@ def lease_key(key: str) -> str:
                 tag += alphabet[m % len(alphabet)]
                 m //= len(alphabet)
             if key_slot(tag.encode()) == slot:
-                return f"{{{tag}}}{key}:w2c:l"
+                return f"{{{tag}}}{key}:w2c:{suffix}"
     raise AssertionError("36^4 tags cover every slot")
 
 
@@ -81,7 +90,7 @@ class L2:
     def look(self, key, token, tags):
         """One call of fetch.lua: ("hit", value) | ("granted", None) | ("held", pttl)."""
         sets = [self.tag_prefix + t for t in tags]
-        reply = self.fetch(keys=[key, lease_key(key)] + sets,
+        reply = self.fetch(keys=[key, lease_key(key), version_key(key)] + sets,
                            args=[token, self.lease_ttl_ms])
         kind = {1: "hit", 2: "granted", 3: "held"}[reply[0]]
         return kind, (reply[1] if len(reply) > 1 else None)
@@ -90,7 +99,8 @@ class L2:
         """One call of store.lua: 1 stored, 0 lease lost, 2 a value was there."""
         if value is None:
             value, ttl_ms = NOT_FOUND, self.negative_ttl_ms
-        return self.store(keys=[key, lease_key(key)], args=[token, value, ttl_ms or 0])
+        return self.store(keys=[key, lease_key(key), version_key(key)],
+                          args=[token, value, ttl_ms or 0])
 
     def get_or_load(self, key, tags, ttl_ms, loader):
         token = secrets.token_hex(16)

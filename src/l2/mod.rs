@@ -3,10 +3,11 @@
 //! [`L2::get_or_load`] returns the cached value of a key, or loads it once across
 //! every client of the same Redis and stores it, such that:
 //! - **no stale set:** a value is stored only while the load's lease is still valid,
-//!   and the daemon removes a key's lease in the same atomic step as it deletes or
-//!   republishes the key (and a tag purge removes the leases registered under the
-//!   tag), so a value read from the database before a change can never be stored
-//!   after the daemon applied that change;
+//!   and the daemon removes a key's lease in the same atomic step as it deletes the
+//!   key (and a tag purge removes the leases registered under the tag), while a
+//!   republish changes the key's version, which the lease recorded at its grant; so a
+//!   value read from the database before a change can never be stored after the
+//!   daemon applied that change;
 //! - **no stampede:** one lease per key at a time; other readers wait (with backoff,
 //!   up to `lease_wait`) for the value the holder stores;
 //! - **tags registered for you:** the key (and its lease) goes into each tag's set
@@ -31,7 +32,7 @@ use redis::aio::ConnectionManagerConfig;
 use redis::{RedisError, Script, Value};
 use tokio::time::Instant;
 
-use crate::keys::lease_key;
+use crate::keys::{lease_key, version_key};
 use crate::redis_conn::RedisConn;
 
 pub use metrics::Metrics;
@@ -170,9 +171,8 @@ impl L2Builder {
             return Ok(None);
         }
         let read = |path: &std::path::Path| {
-            std::fs::read(path).map_err(|e| {
-                L2Error::Setting(format!("cannot read {}: {e}", path.display()))
-            })
+            std::fs::read(path)
+                .map_err(|e| L2Error::Setting(format!("cannot read {}: {e}", path.display())))
         };
         let root_cert = self.ca_file.as_deref().map(read).transpose()?;
         let client_tls = match &self.client_cert {
@@ -514,6 +514,7 @@ impl L2 {
         let stored: i64 = self.inner.scripts[1]
             .key(key)
             .key(lease)
+            .key(version_key(key))
             .arg(token)
             .arg(value)
             .arg(expiry_ms)
@@ -536,7 +537,7 @@ impl L2 {
         sets: &[String],
     ) -> Result<Fetched, RedisError> {
         let mut invocation = self.inner.scripts[0].key(key);
-        invocation.key(lease);
+        invocation.key(lease).key(version_key(key));
         if !self.conn.is_cluster() {
             for set in sets {
                 invocation.key(set);

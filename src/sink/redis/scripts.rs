@@ -6,9 +6,10 @@
 //! slot (a key with a `}` but no hash tag gets a short tag of its own slot in front).
 //! Readers `GET KEY` and see plain JSON; the sidecar lives at least a day (longer with a
 //! longer TTL) so that a replay after a crash finds it. A republished key that is
-//! deleted leaves its sidecar behind as a tombstone for the same reason. Both scripts
-//! also remove the key's lease sidecar (`wal2cache::l2`), and so does every plain
-//! delete: an application's load that began before the change cannot store.
+//! deleted leaves its sidecar behind as a tombstone for the same reason. A delete
+//! (plain or tombstone) also unlinks the key's lease sidecar (`wal2cache::l2`) in the
+//! same command; a republish changes the version, which the lease recorded: either way
+//! an application's load that began before the change cannot store.
 //! The scripts are the files in `lua/`.
 
 use redis::{Cmd, Script};
@@ -91,10 +92,9 @@ impl Scripts {
         };
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.republish.get_hash())
-            .arg(3)
+            .arg(2)
             .arg(&r.key)
             .arg(version_key(&r.key))
-            .arg(lease_key(&r.key))
             .arg(version)
             .arg(&*r.value)
             .arg(ttl)

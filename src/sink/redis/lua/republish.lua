@@ -1,7 +1,8 @@
 -- The daemon's republish of a row: writes the value only when its version is newer
--- than the one stored in the version sidecar, and ends any application lease on the
--- key (a load that began before this change must not store).
--- KEYS[1] value key, KEYS[2] version sidecar, KEYS[3] lease sidecar
+-- than the one stored in the version sidecar. (An application's load of the key that
+-- began before this cannot store: its lease recorded the older version, see
+-- src/l2/lua/store.lua.)
+-- KEYS[1] value key, KEYS[2] version sidecar
 -- ARGV[1] version (24 hex digits), ARGV[2] value, ARGV[3] ttl in s (0: none),
 -- ARGV[4] version ttl in s (0: none)
 -- Returns 1 written, 0 refused (Redis holds this version or a newer one).
@@ -17,5 +18,4 @@ if ARGV[4] ~= '0' then
 else
   redis.call('SET', KEYS[2], ARGV[1])
 end
-redis.call('UNLINK', KEYS[3])
 return 1
