@@ -1021,3 +1021,54 @@ async fn over_tls_with_an_acl_user_on_one_server_and_a_cluster() {
         .expect("an untrusted certificate");
     assert!(!err.to_string().contains("redis-tls-secret"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insert_invalidates_a_cached_not_found() {
+    for mode in [Mode::Single, Mode::Cluster] {
+        let s = setup(
+            if mode == Mode::Single {
+                "l2_neg"
+            } else {
+                "l2_neg_c"
+            },
+            mode,
+        )
+        .await;
+        let l2 = mode
+            .l2(&s.prefix)
+            .await
+            .negative_ttl(Duration::from_secs(300))
+            .build()
+            .await
+            .unwrap();
+        let client = connect(&s.db.url).await;
+        let key = format!("{}:item:1000", s.prefix);
+        let load = || async {
+            client
+                .query_opt("SELECT v FROM items WHERE id = 1000", &[])
+                .await
+                .unwrap()
+                .map(|row| row.get::<_, i64>(0).to_string().into_bytes())
+        };
+        assert_eq!(
+            l2.get_or_load(&key, NO_TAGS, None, load).await.unwrap(),
+            None
+        );
+        assert_eq!(
+            l2.get_or_load(&key, NO_TAGS, None, load).await.unwrap(),
+            None
+        );
+        assert_eq!(l2.metrics().negative_hits, 1, "{mode:?}");
+        // The row appears: the rule's key, rendered from the new row, is deleted.
+        s.db.exec("INSERT INTO items VALUES (1000, 7)").await;
+        s.quiet().await;
+        let v = l2.get_or_load(&key, NO_TAGS, None, load).await.unwrap();
+        assert_eq!(
+            v.as_deref(),
+            Some(&b"7"[..]),
+            "{mode:?}: the not-found answer outlived the INSERT"
+        );
+        unlink(&mut mode.conn().await, &[key]).await;
+        s.daemon.stop_ok().await;
+    }
+}
