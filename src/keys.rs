@@ -7,8 +7,9 @@
 //! front (`{TAG}KEY:w2c:SUFFIX`). Two sidecars exist:
 //! - `v`, the version (commit LSN and position) of a republished key or of its
 //!   tombstone, written by the daemon;
-//! - `l`, the lease of an application's load (`wal2cache::l2`), removed by the daemon
-//!   whenever it deletes or republishes the key.
+//! - `l`, the lease of an application's load (`wal2cache::l2`): `TOKEN VERSION`,
+//!   unlinked by the daemon whenever it deletes the key; a republish changes the
+//!   version sidecar instead, which the lease recorded at its grant.
 
 use redis::cluster_routing::Slot;
 

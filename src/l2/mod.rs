@@ -309,6 +309,15 @@ pub struct L2 {
     conn: RedisConn,
 }
 
+/// The keys and token of one read, computed once for all its looks.
+struct Names {
+    lease: String,
+    version: String,
+    token: String,
+    /// Tag sets, with the tag prefix.
+    sets: Vec<String>,
+}
+
 /// What the fetch script answered.
 enum Fetched {
     Hit(Vec<u8>),
@@ -385,18 +394,21 @@ impl L2 {
         Fut: Future<Output = Result<Option<Vec<u8>>, E>>,
     {
         let s = &self.inner.settings;
-        let lease = lease_key(key);
-        let token = format!("{:032x}", rand::rng().random::<u128>());
-        let sets: Vec<String> = tags
-            .iter()
-            .map(|t| format!("{}{}", s.tag_prefix, t.as_ref()))
-            .collect();
+        let names = Names {
+            lease: lease_key(key),
+            version: version_key(key),
+            token: format!("{:032x}", rand::rng().random::<u128>()),
+            sets: tags
+                .iter()
+                .map(|t| format!("{}{}", s.tag_prefix, t.as_ref()))
+                .collect(),
+        };
         let started = Instant::now();
         let mut pause = Duration::from_millis(1);
         let mut first = true;
         loop {
             let fetched = self
-                .fetch(key, &lease, &token, &sets)
+                .fetch(key, &names)
                 .await
                 .map_err(|e| self.redis_error(e).widen())?;
             match fetched {
@@ -414,9 +426,7 @@ impl L2 {
                         self.bump(Counter::misses);
                     }
                     self.bump(Counter::leases_granted);
-                    return self
-                        .load_and_store(key, &lease, &token, &sets, ttl, loader)
-                        .await;
+                    return self.load_and_store(key, &names, ttl, loader).await;
                 }
                 Fetched::Held => {
                     if first {
@@ -468,9 +478,7 @@ impl L2 {
     async fn load_and_store<F, Fut, E>(
         &self,
         key: &str,
-        lease: &str,
-        token: &str,
-        sets: &[String],
+        names: &Names,
         ttl: Option<Duration>,
         loader: F,
     ) -> Result<Option<Vec<u8>>, L2Error<E>>
@@ -478,6 +486,12 @@ impl L2 {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<Vec<u8>>, E>>,
     {
+        let Names {
+            lease,
+            version,
+            token,
+            sets,
+        } = names;
         let mut conn = self.conn.clone();
         if conn.is_cluster() {
             // Before the load: a purge that starts after this finds the key and its
@@ -514,7 +528,7 @@ impl L2 {
         let stored: i64 = self.inner.scripts[1]
             .key(key)
             .key(lease)
-            .key(version_key(key))
+            .key(version)
             .arg(token)
             .arg(value)
             .arg(expiry_ms)
@@ -529,15 +543,15 @@ impl L2 {
         Ok(loaded)
     }
 
-    async fn fetch(
-        &self,
-        key: &str,
-        lease: &str,
-        token: &str,
-        sets: &[String],
-    ) -> Result<Fetched, RedisError> {
+    async fn fetch(&self, key: &str, names: &Names) -> Result<Fetched, RedisError> {
+        let Names {
+            lease,
+            version,
+            token,
+            sets,
+        } = names;
         let mut invocation = self.inner.scripts[0].key(key);
-        invocation.key(lease).key(version_key(key));
+        invocation.key(lease).key(version);
         if !self.conn.is_cluster() {
             for set in sets {
                 invocation.key(set);
