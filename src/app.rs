@@ -22,6 +22,7 @@ use crate::source::identity::{self, Loss, LossReason, Remembered};
 use crate::source::messages::{wal_heartbeats, RELOAD_PREFIX};
 use crate::source::monitor;
 use crate::source::slot::{self, SetupPlan, SetupReport};
+use crate::source::visibility::Visibility;
 use crate::source::{Source, SourceError, SourceEvent, StreamConfig};
 use crate::tail::TailFormatter;
 
@@ -449,6 +450,7 @@ async fn stream(
         stop: stop.clone(),
         health: Some(health.clone()),
         in_force: Some(in_force.clone()),
+        visibility: Some(Visibility::new(config.pg_target(), stop_rx.clone())),
     };
     let result = pipeline::run(pipeline, rules, shutdown, rules_rx).await;
     // The pipeline has set the stop signal; every task ends on it.

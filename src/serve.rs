@@ -203,6 +203,10 @@ pub fn describe() {
         "times changes may have been missed (slot lost), by reason"
     );
     describe_counter!(
+        "wal2cache_visibility_waits_total",
+        "batches held back because a transaction in them was committed in the WAL but not yet visible to other sessions"
+    );
+    describe_counter!(
         "wal2cache_reload_failures_total",
         "SIGHUP reloads refused (the old rules stay)"
     );
@@ -249,6 +253,7 @@ pub fn describe() {
     }
     metrics::counter!("wal2cache_changes_applied_total").increment(0);
     metrics::counter!("wal2cache_reload_failures_total").increment(0);
+    metrics::counter!("wal2cache_visibility_waits_total").increment(0);
     metrics::gauge!("wal2cache_replication_lag_seconds").set(0.0);
     metrics::gauge!("wal2cache_slot_retained_wal_bytes").set(0.0);
     metrics::gauge!("wal2cache_slot_safe_wal_bytes").set(0.0);

@@ -4,15 +4,17 @@
 
 mod support;
 
+use std::path::Path;
 use std::time::Duration;
 
 use redis::AsyncCommands;
 use serde_json::{json, Value};
+use support::cluster::Cluster;
 use support::config::ConfigBuilder;
 use support::daemon::run_binary;
 use support::db::{wait_streaming, TestDb, EXAMPLE_SCHEMA as SCHEMA};
 use support::env::unique;
-use support::inproc::InProcess;
+use support::inproc::{InProcess, Logs};
 use support::kafka::read_topic_until_quiet;
 use support::store::redis;
 use support::wait::eventually;
@@ -359,4 +361,109 @@ async fn unreachable_sinks_and_failing_rules_stop_with_a_clear_error() {
     assert!(err.contains("REPLICA IDENTITY FULL"), "{err}");
     // Nothing was confirmed by any of them.
     assert_eq!(db.confirmed_lsn(&slot).await, Some(created));
+}
+
+/// A commit that waits for a synchronous standby is in the WAL, and decoded, while it
+/// is still invisible to other sessions. Invalidating then would let a reader that
+/// misses read the old row and cache it again: the daemon waits until the transaction
+/// is visible, however long that takes, and then invalidates.
+#[tokio::test]
+async fn an_invalidation_waits_until_its_transaction_is_visible() {
+    // Sessions commit locally by default; one that asks for synchronous replication
+    // waits for a standby that does not exist.
+    let server = Cluster::start(
+        Path::new("/usr/lib/postgresql/15/bin"),
+        "visible",
+        &[
+            "wal_level=logical",
+            "max_wal_senders=10",
+            "max_replication_slots=10",
+            "synchronous_standby_names=absent_standby",
+            "synchronous_commit=local",
+        ],
+    );
+    let db = TestDb::on(&server.url(), "visible").await;
+    db.exec(
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL); INSERT INTO items VALUES (1, 0)",
+    )
+    .await;
+    let prefix = unique("visible");
+    let dir = tempfile::tempdir().unwrap();
+    let config = ConfigBuilder::new(&db)
+        .rules(&format!(
+            "[[rule]]\nname = \"item\"\ntable = \"public.items\"\nkeys = [\"{prefix}:item:{{id}}\"]\n"
+        ))
+        .write(dir.path());
+    let (log, _guard) = Logs::capture("info");
+    let daemon = InProcess::start(&config);
+    wait_streaming(&db, &format!("{}_d", db.name)).await;
+    let mut r = redis().await;
+    let key = format!("{prefix}:item:1");
+    let _: () = r.set(&key, "v=0").await.unwrap();
+
+    let writer = support::db::connect(&db.url).await;
+    let writer_pid: i32 = writer
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let commit = tokio::spawn(async move {
+        writer
+            .batch_execute("SET synchronous_commit = on; UPDATE items SET v = 1 WHERE id = 1")
+            .await
+    });
+    eventually(
+        "the commit waiting for the standby",
+        Duration::from_secs(10),
+        || async {
+            db.client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND wait_event = 'SyncRep'",
+                    &[&writer_pid],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                == 1
+        },
+    )
+    .await;
+    // Until the daemon says it is waiting for the transaction (after 5 s), the cached
+    // value stays, and the row still reads as it was.
+    let waiting = "not yet visible to other sessions";
+    let started = std::time::Instant::now();
+    while log.lines_with(waiting) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the daemon never said it waits for the transaction; its log:\n{}",
+            log.text()
+        );
+        let cached: Option<String> = r.get(&key).await.unwrap();
+        let v: i32 = db
+            .client
+            .query_one("SELECT v FROM items WHERE id = 1", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            (cached.as_deref(), v),
+            (Some("v=0"), 0),
+            "invalidated while the transaction was invisible: a reader would cache v=0 again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        log.text().contains("pg_stat_replication"),
+        "the warning says where to look: {}",
+        log.text()
+    );
+    // The wait for the standby cancelled: the transaction is visible, the key goes.
+    db.exec(&format!("SELECT pg_cancel_backend({writer_pid})"))
+        .await;
+    commit.await.unwrap().unwrap();
+    eventually("the key invalidated", Duration::from_secs(10), || async {
+        !r.clone().exists::<_, bool>(&key).await.unwrap()
+    })
+    .await;
+    daemon.stop_ok().await;
 }

@@ -38,6 +38,13 @@ done
 export WAL2CACHE_TEST_KAFKA_SASL_USER="$KAFKA_SASL_USER"
 export WAL2CACHE_TEST_KAFKA_SASL_PASSWORD="$KAFKA_SASL_PASSWORD"
 
+# The test build (about 60 binaries) needs several GiB under target/; running out
+# mid-link gives a confusing rustc error, so say it up front.
+avail_kib=$(df -Pk "$ROOT" | awk 'NR == 2 { print $4 }')
+if [ "${avail_kib:-0}" -lt $((8 * 1024 * 1024)) ]; then
+    log_warn "only $((avail_kib / 1024)) MiB free on the disk of $ROOT; the test build needs about 8 GiB: free space (e.g. cargo clean in old checkouts) if the build fails with 'No space left on device'"
+fi
+
 log_info "the library builds without the daemon (feature split)"
 cargo check --locked --lib --no-default-features
 

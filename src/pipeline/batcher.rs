@@ -244,6 +244,11 @@ impl Batcher {
         self.opened.map(|t| t + self.config.batch_deadline)
     }
 
+    /// The transactions of the changes in the open batch (0 for none), in order.
+    pub(crate) fn xids(&self) -> impl Iterator<Item = u32> + Clone + '_ {
+        self.batch.items.iter().map(|i| i.origin.xid)
+    }
+
     pub(crate) fn take(&mut self) -> Batch {
         self.opened = None;
         std::mem::take(&mut self.batch)

@@ -20,6 +20,7 @@ use crate::error::Error;
 use crate::health::Health;
 use crate::rules::{Planner, RuleSet};
 use crate::sink::{Position, Sink};
+use crate::source::visibility::Visibility;
 use crate::source::{Confirmer, Source, SourceError, SourceEvent};
 
 use applier::Applier;
@@ -89,6 +90,9 @@ pub struct Pipeline<E, R, K> {
     /// Told the rules in force each time they change (at start, and where a reload
     /// takes effect in the stream): what `rules.backfill = "new"` warms.
     pub in_force: Option<watch::Sender<Arc<RuleSet>>>,
+    /// Waits, before a batch goes to the sinks, until its transactions are visible to
+    /// other sessions (see `source::visibility`); `None` in unit tests.
+    pub visibility: Option<Visibility>,
 }
 
 /// Runs until `shutdown`, a fatal error, or the end of the stream. `reload` delivers
@@ -108,6 +112,7 @@ pub async fn run<E: Events, R: Sink, K: Sink>(
         stop,
         health,
         in_force,
+        mut visibility,
     } = pipeline;
     redis.set_error_after(config.sink_error_after);
     kafka.set_error_after(config.sink_error_after);
@@ -156,6 +161,15 @@ pub async fn run<E: Events, R: Sink, K: Sink>(
             },
         };
         if flush && !b.is_empty() {
+            // Not before the batch's transactions are visible: a reader that missed
+            // would read the old rows and cache them again.
+            if let Some(v) = visibility.as_mut() {
+                tokio::select! {
+                    biased;
+                    _ = &mut shutdown => break Ok(()),
+                    _ = v.wait(b.xids()) => {}
+                }
+            }
             // The queues are full while a sink is slow or down: wait for room, but keep
             // watching the shutdown and the sinks, or SIGTERM would wait for the sink.
             // The batch stays in `b` until there is room for it.
@@ -180,6 +194,9 @@ pub async fn run<E: Events, R: Sink, K: Sink>(
     }
     let drained = tokio::time::timeout(timeout, async {
         if !failed && !b.is_empty() {
+            if let Some(v) = visibility.as_mut() {
+                v.wait(b.xids()).await;
+            }
             if let Some(permits) = applier.reserve().await {
                 permits.send(b.take());
             }

@@ -197,6 +197,7 @@ fn start_with(
         position,
         stop,
         in_force: None,
+        visibility: None,
         health: Some(crate::health::Health::new(
             "test",
             "slot",

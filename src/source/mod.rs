@@ -20,6 +20,7 @@ pub mod table;
 pub mod target;
 pub mod tls;
 pub mod value;
+pub mod visibility;
 
 pub use change::{Change, CommitInfo, Op, Relation, Row, SourceEvent, TxnInfo, Value};
 pub use error::{ErrorKind, SourceError};
