@@ -157,7 +157,7 @@ impl Visibility {
     }
 
     async fn snapshot(&mut self) -> Result<Snapshot, String> {
-        if self.client.is_none() {
+        if self.client.as_ref().is_none_or(Client::is_closed) {
             let client = tokio::select! {
                 c = self.target.connect() => c.map_err(|e| e.to_string())?,
                 _ = self.stop.wait_for(|s| *s) => return Err("stopping".into()),
@@ -165,11 +165,19 @@ impl Visibility {
             self.client = Some(client);
         }
         let client = self.client.as_ref().expect("connected above");
-        let row = client
-            .query_one("SELECT pg_current_snapshot()::text", &[])
+        // The simple protocol: one round trip (an unnamed prepared statement takes two).
+        let messages = client
+            .simple_query("SELECT pg_current_snapshot()")
             .await
             .map_err(|e| crate::source::error::pg_error(&e))?;
-        Snapshot::parse(row.get(0))
+        let text = messages
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0),
+                _ => None,
+            })
+            .ok_or("pg_current_snapshot() returned no row")?;
+        Snapshot::parse(text)
     }
 }
 
