@@ -180,45 +180,32 @@ impl Cluster {
         )
     }
 
+    /// `pg_ctl -D <data> <args>` as the postgres user.
+    fn pg_ctl(&self, args: &[&str]) -> Result<(), String> {
+        let pg_ctl = self.bin.join("pg_ctl");
+        let data = self.dir.join("data");
+        let mut all = vec![pg_ctl.to_str().unwrap(), "-D", data.to_str().unwrap()];
+        all.extend_from_slice(args);
+        as_postgres(&all)
+    }
+
     /// `pg_ctl promote`, waiting until the server accepts writes.
     pub fn promote(&self) {
-        as_postgres(&[
-            self.bin.join("pg_ctl").to_str().unwrap(),
-            "-D",
-            self.dir.join("data").to_str().unwrap(),
-            "-w",
-            "promote",
-        ])
-        .unwrap_or_else(|e| panic!("{e}"));
+        self.pg_ctl(&["-w", "promote"])
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// A clean (fast) shutdown: the standbys receive all the WAL first.
     pub fn stop(&self) {
-        as_postgres(&[
-            self.bin.join("pg_ctl").to_str().unwrap(),
-            "-D",
-            self.dir.join("data").to_str().unwrap(),
-            "-m",
-            "fast",
-            "-w",
-            "stop",
-        ])
-        .unwrap_or_else(|e| panic!("{e}"));
+        self.pg_ctl(&["-m", "fast", "-w", "stop"])
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// A crash: `pg_ctl stop -m immediate` (every server process quits at once, no
     /// shutdown checkpoint, nothing more sent to the standbys), as when the host dies.
     pub fn crash(&self) {
-        as_postgres(&[
-            self.bin.join("pg_ctl").to_str().unwrap(),
-            "-D",
-            self.dir.join("data").to_str().unwrap(),
-            "-m",
-            "immediate",
-            "-w",
-            "stop",
-        ])
-        .unwrap_or_else(|e| panic!("{e}"));
+        self.pg_ctl(IMMEDIATE_STOP)
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// The server's log so far.
@@ -233,18 +220,13 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let _ = as_postgres(&[
-            self.bin.join("pg_ctl").to_str().unwrap(),
-            "-D",
-            self.dir.join("data").to_str().unwrap(),
-            "-m",
-            "immediate",
-            "-w",
-            "stop",
-        ]);
+        let _ = self.pg_ctl(IMMEDIATE_STOP);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Every server process quits at once.
+const IMMEDIATE_STOP: &[&str] = &["-m", "immediate", "-w", "stop"];
 
 fn as_postgres(args: &[&str]) -> Result<(), String> {
     let out = Command::new("runuser")
