@@ -164,10 +164,13 @@ pub async fn run<E: Events, R: Sink, K: Sink>(
             // Not before the batch's transactions are visible: a reader that missed
             // would read the old rows and cache them again.
             if let Some(v) = visibility.as_mut() {
-                tokio::select! {
+                let visible = tokio::select! {
                     biased;
                     _ = &mut shutdown => break Ok(()),
-                    _ = v.wait(b.xids()) => {}
+                    visible = v.wait(b.xids()) => visible,
+                };
+                if !visible {
+                    break Ok(());
                 }
             }
             // The queues are full while a sink is slow or down: wait for room, but keep
@@ -194,11 +197,14 @@ pub async fn run<E: Events, R: Sink, K: Sink>(
     }
     let drained = tokio::time::timeout(timeout, async {
         if !failed && !b.is_empty() {
-            if let Some(v) = visibility.as_mut() {
-                v.wait(b.xids()).await;
-            }
-            if let Some(permits) = applier.reserve().await {
-                permits.send(b.take());
+            let visible = match visibility.as_mut() {
+                Some(v) => v.wait(b.xids()).await,
+                None => true,
+            };
+            if visible {
+                if let Some(permits) = applier.reserve().await {
+                    permits.send(b.take());
+                }
             }
         }
         applier.finish().await.map_err(|e| applying(e, &applier))

@@ -89,14 +89,15 @@ impl Visibility {
         }
     }
 
-    /// Returns once every transaction in `xids` (committed ones, from the stream; 0
-    /// is none) is visible to other sessions, or when the pipeline stops. Connection
-    /// failures are retried: nothing is applied before the answer.
-    pub async fn wait(&mut self, xids: impl Iterator<Item = u32> + Clone) {
+    /// Returns true once every transaction in `xids` (committed ones, from the stream;
+    /// 0 is none) is visible to other sessions; false when the pipeline stops first (the
+    /// batch must not be applied). Connection failures are retried: nothing is applied
+    /// before the answer.
+    pub async fn wait(&mut self, xids: impl Iterator<Item = u32> + Clone) -> bool {
         let xids = xids.filter(|&x| x != 0);
         if let Some(last) = &self.last {
             if xids.clone().all(|x| last.visible(x)) {
-                return;
+                return true;
             }
         }
         let started = Instant::now();
@@ -116,7 +117,7 @@ impl Visibility {
                                 "the transactions are visible now; invalidating"
                             );
                         }
-                        return;
+                        return true;
                     };
                     if pause == Duration::from_millis(1) {
                         // The first look found one not yet visible: counted once.
@@ -129,7 +130,7 @@ impl Visibility {
                     let next = pause;
                     pause = (pause * 2).min(MAX_POLL);
                     if self.pause(next).await {
-                        return;
+                        return false;
                     }
                 }
                 Err(e) => {
@@ -141,7 +142,7 @@ impl Visibility {
                         tracing::debug!(error = %e, "visibility check failed again");
                     }
                     if self.pause(delay).await {
-                        return;
+                        return false;
                     }
                 }
             }
