@@ -219,8 +219,12 @@ pub(super) async fn apply_ops(
         .await?
         .iter()
         .flatten()
-        .filter(|reply| matches!(reply, Value::Int(0)))
-        .count() as u64;
+        .map(|reply| match reply {
+            // The count of keys the version guard refused.
+            Value::Int(n) => *n as u64,
+            _ => 0,
+        })
+        .sum();
     if !ops.tags.is_empty() {
         let sets: Vec<String> = ops
             .tags

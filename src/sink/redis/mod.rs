@@ -332,7 +332,8 @@ impl RedisSink {
             },
         );
         match pipe.query_async::<Vec<i64>>(&mut self.conn).await {
-            Ok(written) => Ok(written.iter().filter(|w| **w == 0).count() as u64),
+            // Each reply is a count of refused keys.
+            Ok(refused) => Ok(refused.iter().map(|n| *n as u64).sum()),
             Err(error) => Err(Failure {
                 error,
                 commands: self.describe_commands(ops),

@@ -16,6 +16,7 @@ use redis::{Cmd, Script};
 
 use crate::keys::{escape_glob, lease_key, sidecar_key, version_key};
 use crate::plan::Republish;
+use crate::sink::Version;
 
 /// How long a version sidecar, and so a delete's tombstone, lives at least (a day).
 pub const TOMBSTONE_LIFETIME_SECS: u64 = 86_400;
@@ -69,36 +70,44 @@ impl Scripts {
         cmd
     }
 
-    /// The tombstone script for `key`: routed by `key`, its version key in the same slot.
-    pub(super) fn tombstone_cmd(&self, key: &str, version: &str) -> Cmd {
+    /// The tombstone script for `items` (keys with their versions), all on one node
+    /// (one server, or one slot): each key's version key and lease share its slot.
+    /// Its reply is how many of them Redis refused.
+    pub(super) fn tombstone_cmd(&self, items: &[(&str, Version)]) -> Cmd {
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.tombstone.get_hash())
-            .arg(3)
-            .arg(key)
-            .arg(version_key(key))
-            .arg(lease_key(key))
-            .arg(version)
-            .arg(VERSION_KEEP_SECS);
+        cmd.arg(self.tombstone.get_hash()).arg(items.len() * 3);
+        for (key, _) in items {
+            cmd.arg(*key).arg(version_key(key)).arg(lease_key(key));
+        }
+        let mut version = String::with_capacity(24);
+        for (_, v) in items {
+            version.clear();
+            v.encode_into(&mut version);
+            cmd.arg(&version).arg(VERSION_KEEP_SECS);
+        }
         cmd
     }
 
-    /// The republish script for `r.key`: routed by the key, like the tombstone.
-    pub(super) fn republish_cmd(&self, r: &Republish, version: &str) -> Cmd {
-        let ttl = r.ttl.map_or(0, |t| t.as_secs());
-        let keep = if ttl == 0 {
-            0
-        } else {
-            ttl.max(VERSION_KEEP_SECS)
-        };
+    /// The republish script for `items` (values with their versions), all on one
+    /// node, like the tombstone. Its reply is how many of them Redis refused.
+    pub(super) fn republish_cmd(&self, items: &[(&Republish, Version)]) -> Cmd {
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.republish.get_hash())
-            .arg(2)
-            .arg(&r.key)
-            .arg(version_key(&r.key))
-            .arg(version)
-            .arg(&*r.value)
-            .arg(ttl)
-            .arg(keep);
+        cmd.arg(self.republish.get_hash()).arg(items.len() * 2);
+        for (r, _) in items {
+            cmd.arg(&r.key).arg(version_key(&r.key));
+        }
+        let mut version = String::with_capacity(24);
+        for (r, v) in items {
+            let ttl = r.ttl.map_or(0, |t| t.as_secs());
+            let keep = if ttl == 0 {
+                0
+            } else {
+                ttl.max(VERSION_KEEP_SECS)
+            };
+            version.clear();
+            v.encode_into(&mut version);
+            cmd.arg(&version).arg(&*r.value).arg(ttl).arg(keep);
+        }
         cmd
     }
 

@@ -3,7 +3,10 @@ use std::time::Duration;
 
 use redis::cluster_routing::Slot;
 
-use super::ops::{group_by_slot, Ops, Write};
+use super::ops::{
+    for_each_command, group_by_slot, Mode, Ops, Write, VALUE_BYTES_PER_CALL, VERSIONED_PER_CALL,
+};
+use super::scripts::Scripts;
 use crate::lsn::Lsn;
 use crate::plan::{Plan, Republish};
 use crate::sink::{Item, Origin, Version};
@@ -171,4 +174,109 @@ fn keys_group_by_slot_in_order() {
     assert!(groups.len() > 900, "{} groups", groups.len());
     assert_eq!(groups.iter().map(Vec::len).sum::<usize>(), 1000);
     assert!(group_by_slot(Vec::<&str>::new()).is_empty());
+}
+
+/// The versioned script calls `ops` makes: `(script sha, keys, every key of the call)`.
+fn versioned_calls(ops: &Ops<'_>, mode: Mode) -> Vec<(String, usize, Vec<String>)> {
+    let scripts = Scripts::new();
+    let mut calls = Vec::new();
+    for_each_command(ops, &scripts, "tag:", mode, |cmd, route, versioned, _| {
+        if !versioned {
+            return;
+        }
+        let args: Vec<String> = cmd
+            .args_iter()
+            .map(|a| match a {
+                redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
+                _ => String::new(),
+            })
+            .collect();
+        assert_eq!(args[0], "EVALSHA");
+        let numkeys: usize = args[2].parse().unwrap();
+        let keys = args[3..3 + numkeys].to_vec();
+        assert_eq!(route, keys[0], "routed by its first key");
+        calls.push((args[1].clone(), numkeys, keys));
+    });
+    calls
+}
+
+#[test]
+fn versioned_writes_share_script_calls_on_one_server_and_per_slot_in_a_cluster() {
+    let scripts = Scripts::new();
+    let republish_sha = scripts.republish.get_hash().to_string();
+    let tombstone_sha = scripts.tombstone.get_hash().to_string();
+    // 300 republishes and 5 tombstones of distinct keys.
+    let mut items: Vec<Item> = (0..300)
+        .map(|i| item(100 + i, 0, republish(&format!("r:{i}"), "v")))
+        .collect();
+    items.extend((0..5).map(|i| item(500, i, tombstone(&format!("t:{i}")))));
+    let ops = Ops::build(&items);
+    let calls = versioned_calls(&ops, Mode::Single);
+    let shape: Vec<(bool, usize)> = calls
+        .iter()
+        .map(|(sha, n, _)| (*sha == republish_sha, *n))
+        .collect();
+    // Keys and their sidecars (and leases, for tombstones) as the scripts' KEYS.
+    assert_eq!(
+        shape,
+        [
+            (false, 5 * 3),
+            (true, VERSIONED_PER_CALL * 2),
+            (true, VERSIONED_PER_CALL * 2),
+            (true, (300 - 2 * VERSIONED_PER_CALL) * 2)
+        ]
+    );
+    assert_eq!(calls[0].0, tombstone_sha);
+    assert_eq!(calls[0].2[..3], ["t:0", "{t:0}:w2c:v", "{t:0}:w2c:l"]);
+    assert_eq!(calls[1].2[..2], ["r:0", "{r:0}:w2c:v"]);
+    // Every key written once.
+    let written: usize = calls
+        .iter()
+        .map(|(sha, n, _)| if *sha == republish_sha { n / 2 } else { n / 3 })
+        .sum();
+    assert_eq!(written, 305);
+
+    // In a cluster a call's keys share a slot.
+    let calls = versioned_calls(&ops, Mode::Cluster);
+    for (_, _, keys) in &calls {
+        assert!(
+            keys.iter()
+                .all(|k| Slot::for_key(k) == Slot::for_key(&keys[0])),
+            "{keys:?}"
+        );
+    }
+    let tagged: Vec<Item> = (0..10)
+        .map(|i| item(100 + i, 0, republish(&format!("{{user:7}}:r:{i}"), "v")))
+        .collect();
+    let ops = Ops::build(&tagged);
+    let calls = versioned_calls(&ops, Mode::Cluster);
+    assert_eq!(calls.len(), 1, "one slot, one call");
+    assert_eq!(calls[0].1, 20);
+}
+
+#[test]
+fn big_values_split_republish_calls() {
+    let big = "x".repeat(VALUE_BYTES_PER_CALL / 3 + 1);
+    let items: Vec<Item> = (0..7)
+        .map(|i| item(100 + i, 0, republish(&format!("r:{i}"), &big)))
+        .collect();
+    let ops = Ops::build(&items);
+    let sizes: Vec<usize> = versioned_calls(&ops, Mode::Single)
+        .iter()
+        .map(|(_, n, _)| n / 2)
+        .collect();
+    assert_eq!(sizes, [2, 2, 2, 1]);
+    // A value over the bound goes alone.
+    let huge = "x".repeat(VALUE_BYTES_PER_CALL + 1);
+    let items = vec![
+        item(100, 0, republish("a", "v")),
+        item(101, 0, republish("b", &huge)),
+        item(102, 0, republish("c", "v")),
+    ];
+    let ops = Ops::build(&items);
+    let sizes: Vec<usize> = versioned_calls(&ops, Mode::Single)
+        .iter()
+        .map(|(_, n, _)| n / 2)
+        .collect();
+    assert_eq!(sizes, [1, 1, 1]);
 }

@@ -1,10 +1,19 @@
--- The daemon's delete of a republished key: unlinks the key and its lease and leaves
--- the version as a tombstone, unless Redis holds this version or a newer one.
--- KEYS[1] value key, KEYS[2] version sidecar, KEYS[3] lease sidecar
--- ARGV[1] version (24 hex digits), ARGV[2] version ttl in s
--- Returns 1 written, 0 refused.
-local stored = redis.call('GET', KEYS[2])
-if stored and stored >= ARGV[1] then return 0 end
-redis.call('UNLINK', KEYS[1], KEYS[3])
-redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
-return 1
+-- The daemon's delete of republished keys: each key and its lease are unlinked and
+-- the version stays as a tombstone, unless Redis holds this version or a newer one.
+-- One call carries several keys of one server (or one slot).
+-- KEYS: for each item, its value key, version sidecar and lease sidecar
+-- ARGV: for each item, its version (24 hex digits) and the version's ttl in s
+-- Returns how many items Redis refused.
+local refused = 0
+for i = 1, #KEYS, 3 do
+  local a = 2 * (i - 1) / 3 + 1
+  local version = ARGV[a]
+  local stored = redis.call('GET', KEYS[i + 1])
+  if stored and stored >= version then
+    refused = refused + 1
+  else
+    redis.call('UNLINK', KEYS[i], KEYS[i + 2])
+    redis.call('SET', KEYS[i + 1], version, 'EX', ARGV[a + 1])
+  end
+end
+return refused
