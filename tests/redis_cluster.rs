@@ -949,8 +949,8 @@ async fn a_failing_pipeline_logs_one_short_line() {
         .to_string();
     assert!(line.len() < 1_500, "{} bytes: {line}", line.len());
     assert!(
-        // The 1,000 republishes go as 8 calls of the script (128 keys each).
-        line.contains("OOM") && line.contains("8 command(s) of 8"),
+        // The 1,000 republishes go as 16 calls of the script (64 keys each).
+        line.contains("OOM") && line.contains("16 command(s) of 16"),
         "{line}"
     );
     assert!(

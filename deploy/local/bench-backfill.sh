@@ -13,6 +13,7 @@
 # Env (defaults in brackets):
 #   W2C_BENCH_ROWS        rows of the table [1000000]
 #   W2C_BENCH_ROUNDS      baseline + backfill rounds, interleaved [2]
+#   W2C_BENCH_BIN         the wal2cache binary to run [this checkout's, built first]
 #   WAL2CACHE_TEST_PG     admin URL of the server [postgres://postgres@127.0.0.1:54320/postgres]
 #   WAL2CACHE_TEST_REDIS  [redis://127.0.0.1:63790]
 set -euo pipefail
@@ -32,9 +33,13 @@ redis_port="${redis_hostport##*:}"
 work="$(mktemp -d /tmp/w2c-bench-backfill.XXXXXX)"
 trap 'rm -rf "$work"' EXIT
 
-echo "building the release binary (cargo build --release)..." >&2
-cargo build --release --quiet >&2
-bin="$ROOT/target/release/wal2cache"
+if [[ -n "${W2C_BENCH_BIN:-}" ]]; then
+    bin="$W2C_BENCH_BIN"
+else
+    echo "building the release binary (cargo build --release)..." >&2
+    cargo build --release --quiet >&2
+    bin="$ROOT/target/release/wal2cache"
+fi
 
 rcli() { redis-cli -h "$redis_host" -p "$redis_port" "$@"; }
 
@@ -89,29 +94,37 @@ psql -q -X "$pg_db" -c "CREATE PUBLICATION w2c_bench_backfill FOR TABLE bench_ro
 # seconds since the epoch, with nanoseconds
 now() { date +%s.%N; }
 
+# CPU seconds redis-server has used (user + system)
+redis_cpu() { rcli INFO cpu | awk -F: '/^used_cpu_(user|sys):/ { s += $2 } END { printf "%.6f", s }'; }
+
 baseline() {
     clean_redis
-    local start end
+    local start end cpu0 cpu1
+    cpu0=$(redis_cpu)
     start=$(now)
     psql -X -q "$pg_db" -c "COPY (SELECT 'SET bfb:' || id || ' ' || qty || '|' || name || '|' || price || '|' || extract(epoch FROM updated_at) FROM bench_rows) TO STDOUT" \
         | rcli --pipe >"$work/pipe.out"
     end=$(now)
+    cpu1=$(redis_cpu)
     grep -q "errors: 0, replies: $rows" "$work/pipe.out" || {
         cat "$work/pipe.out" >&2
         echo "the baseline did not write $rows keys" >&2
         exit 1
     }
-    echo "$start $end" | awk -v n="$rows" '{ printf "%.0f", n / ($2 - $1) }'
+    echo "$start $end $cpu0 $cpu1" | awk -v n="$rows" '{ printf "%.0f %.2f\n", n / ($2 - $1), ($4 - $3) * 1e6 / n }'
 }
 
-# Runs the backfill under /usr/bin/time; prints "rows_per_s peak_rss_kib".
+# Runs the backfill under /usr/bin/time; prints "rows_per_s peak_rss_kib
+# redis_us_per_row".
 backfill() {
     clean_redis
-    local start end
+    local start end cpu0 cpu1
+    cpu0=$(redis_cpu)
     start=$(now)
     WAL2CACHE__LOG__FORMAT=text /usr/bin/time -f "%M" -o "$work/rss" \
         "$bin" backfill --config "$work/wal2cache.toml" >"$work/backfill.out" 2>"$work/backfill.err"
     end=$(now)
+    cpu1=$(redis_cpu)
     grep -q "backfill done: $rows rows, $rows keys written, 0 refused" "$work/backfill.out" || {
         cat "$work/backfill.out" "$work/backfill.err" >&2
         echo "the backfill did not write $rows keys" >&2
@@ -123,15 +136,15 @@ backfill() {
         echo "Redis holds $written backfilled keys, not $rows" >&2
         exit 1
     }
-    echo "$start $end $(cat "$work/rss")" | awk -v n="$rows" '{ printf "%.0f %d\n", n / ($2 - $1), $3 }'
+    echo "$start $end $(cat "$work/rss") $cpu0 $cpu1" | awk -v n="$rows" '{ printf "%.0f %d %.2f\n", n / ($2 - $1), $3, ($5 - $4) * 1e6 / n }'
 }
 
-printf '%-6s %16s %16s %7s %14s\n' round "baseline rows/s" "backfill rows/s" ratio "peak RSS MiB"
+printf '%-6s %16s %16s %7s %14s %22s\n' round "baseline rows/s" "backfill rows/s" ratio "peak RSS MiB" "Redis CPU µs/row b/w"
 for round in $(seq 1 "$rounds"); do
-    base=$(baseline)
-    read -r ours rss < <(backfill)
-    awk -v r="$round" -v b="$base" -v o="$ours" -v m="$rss" \
-        'BEGIN { printf "%-6s %16d %16d %7.2f %14.1f\n", r, b, o, o / b, m / 1024 }'
+    read -r base base_us < <(baseline)
+    read -r ours rss ours_us < <(backfill)
+    awk -v r="$round" -v b="$base" -v o="$ours" -v m="$rss" -v bu="$base_us" -v ou="$ours_us" \
+        'BEGIN { printf "%-6s %16d %16d %7.2f %14.1f %10.2f / %-10.2f\n", r, b, o, o / b, m / 1024, bu, ou }'
 done
 echo "targets: ratio >= 0.5, peak RSS < 100 MB" >&2
 clean_redis

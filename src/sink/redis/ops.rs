@@ -34,7 +34,9 @@ pub(super) const CHUNK: usize = 500;
 /// Versioned writes (republishes, tombstones) per call of their script. One call per
 /// key cost Redis about a quarter more CPU per key (200,000 republishes piped into
 /// one server: 10-14 µs of its CPU per key one by one, 7.5-11 µs fifty at a time).
-pub(super) const VERSIONED_PER_CALL: usize = 128;
+/// Not more: a script runs alone, so other clients wait for a whole call (64 keys:
+/// under a millisecond with small values).
+pub(super) const VERSIONED_PER_CALL: usize = 64;
 
 /// About how many bytes of values one call of the republish script carries at most.
 pub(super) const VALUE_BYTES_PER_CALL: usize = 1 << 20;

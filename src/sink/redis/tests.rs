@@ -216,16 +216,18 @@ fn versioned_writes_share_script_calls_on_one_server_and_per_slot_in_a_cluster()
         .iter()
         .map(|(sha, n, _)| (*sha == republish_sha, *n))
         .collect();
-    // Keys and their sidecars (and leases, for tombstones) as the scripts' KEYS.
-    assert_eq!(
-        shape,
-        [
-            (false, 5 * 3),
-            (true, VERSIONED_PER_CALL * 2),
-            (true, VERSIONED_PER_CALL * 2),
-            (true, (300 - 2 * VERSIONED_PER_CALL) * 2)
-        ]
-    );
+    // Keys and their sidecars (and leases, for tombstones) as the scripts' KEYS: the
+    // tombstones in one call, the republishes in full calls and the rest.
+    let mut expected = vec![(false, 5 * 3)];
+    expected.extend(std::iter::repeat_n(
+        (true, VERSIONED_PER_CALL * 2),
+        300 / VERSIONED_PER_CALL,
+    ));
+    if 300 % VERSIONED_PER_CALL > 0 {
+        expected.push((true, 300 % VERSIONED_PER_CALL * 2));
+    }
+    assert!(expected.len() > 2, "{expected:?}");
+    assert_eq!(shape, expected);
     assert_eq!(calls[0].0, tombstone_sha);
     assert_eq!(calls[0].2[..3], ["t:0", "{t:0}:w2c:v", "{t:0}:w2c:l"]);
     assert_eq!(calls[1].2[..2], ["r:0", "{r:0}:w2c:v"]);
