@@ -230,13 +230,14 @@ pub(super) fn for_each_command(
         Mode::Cluster => group_by(ops.versioned.iter().copied(), |v| Slot::for_key(v.key())),
     };
     for group in &groups {
-        let tombstones: Vec<(&str, Version)> = group
-            .iter()
-            .filter_map(|v| match v.write {
-                Write::Tombstone(key) => Some((key, v.version)),
-                Write::Republish(_) => None,
-            })
-            .collect();
+        let mut tombstones: Vec<(&str, Version)> = Vec::new();
+        let mut republishes: Vec<(&Republish, Version)> = Vec::new();
+        for v in group {
+            match v.write {
+                Write::Tombstone(key) => tombstones.push((key, v.version)),
+                Write::Republish(r) => republishes.push((r, v.version)),
+            }
+        }
         for chunk in tombstones.chunks(VERSIONED_PER_CALL) {
             let first = chunk[0].0;
             each(scripts.tombstone_cmd(chunk), first, true, &|| Described {
@@ -245,13 +246,6 @@ pub(super) fn for_each_command(
                 sidecar: Some(version_key(first)),
             });
         }
-        let republishes: Vec<(&Republish, Version)> = group
-            .iter()
-            .filter_map(|v| match v.write {
-                Write::Republish(r) => Some((r, v.version)),
-                Write::Tombstone(_) => None,
-            })
-            .collect();
         for chunk in chunk_by_size(&republishes) {
             let first = &chunk[0].0.key;
             each(scripts.republish_cmd(chunk), first, true, &|| Described {
