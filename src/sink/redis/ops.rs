@@ -189,8 +189,8 @@ pub(super) enum Mode {
 type EachCommand<'e> = dyn FnMut(Cmd, &str, bool, &dyn Fn() -> Described) + 'e;
 
 /// Hands each command for `ops` to `each`, in order, with the key that routes it
-/// (every key of a command shares its slot), whether it is a versioned write script, and a way to say what it is (called only for
-/// messages, so the hot path builds none).
+/// (every key of a command shares its slot), whether it is a versioned write script,
+/// and a way to say what it is (called only for messages, so the hot path builds none).
 pub(super) fn for_each_command(
     ops: &Ops<'_>,
     scripts: &Scripts,
