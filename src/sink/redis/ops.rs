@@ -240,18 +240,14 @@ pub(super) fn for_each_command(
         }
         for chunk in tombstones.chunks(VERSIONED_PER_CALL) {
             let first = chunk[0].0;
-            each(scripts.tombstone_cmd(chunk), first, true, &|| Described {
-                command: "the tombstone script (EVALSHA)",
-                key: first_of(first, chunk.len()),
-                sidecar: Some(version_key(first)),
+            each(scripts.tombstone_cmd(chunk), first, true, &|| {
+                described("the tombstone script (EVALSHA)", first, chunk.len())
             });
         }
         for chunk in chunk_by_size(&republishes) {
             let first = &chunk[0].0.key;
-            each(scripts.republish_cmd(chunk), first, true, &|| Described {
-                command: "the republish script (EVALSHA)",
-                key: first_of(first, chunk.len()),
-                sidecar: Some(version_key(first)),
+            each(scripts.republish_cmd(chunk), first, true, &|| {
+                described("the republish script (EVALSHA)", first, chunk.len())
             });
         }
     }
@@ -294,14 +290,23 @@ fn group_by<T>(items: impl IntoIterator<Item = T>, slot: impl Fn(&T) -> Slot) ->
     groups
 }
 
-/// The key a call of several keys is named by in messages: its first.
-fn first_of(first: &str, keys: usize) -> String {
+/// What a versioned script call of `keys` keys, `first` the first, is in messages.
+/// The version sidecar (what a WRONGTYPE is about) is named only for a call of one
+/// key: in a call of several it may be any key's.
+fn described(command: &'static str, first: &str, keys: usize) -> Described {
     match keys {
-        1 => first.to_string(),
-        n => format!(
-            "{} (and {} more keys in the same call)",
-            cut(first, KEY_SHOWN),
-            n - 1
+        1 => Described {
+            command,
+            key: first.to_string(),
+            sidecar: Some(version_key(first)),
+        },
+        n => Described::new(
+            command,
+            format!(
+                "{} (and {} more keys in the same call)",
+                cut(first, KEY_SHOWN),
+                n - 1
+            ),
         ),
     }
 }

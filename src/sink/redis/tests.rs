@@ -180,23 +180,40 @@ fn keys_group_by_slot_in_order() {
 fn versioned_calls(ops: &Ops<'_>, mode: Mode) -> Vec<(String, usize, Vec<String>)> {
     let scripts = Scripts::new();
     let mut calls = Vec::new();
-    for_each_command(ops, &scripts, "tag:", mode, |cmd, route, versioned, _| {
-        if !versioned {
-            return;
-        }
-        let args: Vec<String> = cmd
-            .args_iter()
-            .map(|a| match a {
-                redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
-                _ => String::new(),
-            })
-            .collect();
-        assert_eq!(args[0], "EVALSHA");
-        let numkeys: usize = args[2].parse().unwrap();
-        let keys = args[3..3 + numkeys].to_vec();
-        assert_eq!(route, keys[0], "routed by its first key");
-        calls.push((args[1].clone(), numkeys, keys));
-    });
+    for_each_command(
+        ops,
+        &scripts,
+        "tag:",
+        mode,
+        |cmd, route, versioned, describe| {
+            if !versioned {
+                return;
+            }
+            let args: Vec<String> = cmd
+                .args_iter()
+                .map(|a| match a {
+                    redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
+                    _ => String::new(),
+                })
+                .collect();
+            assert_eq!(args[0], "EVALSHA");
+            let numkeys: usize = args[2].parse().unwrap();
+            let keys = args[3..3 + numkeys].to_vec();
+            assert_eq!(route, keys[0], "routed by its first key");
+            // A WRONGTYPE names the sidecar only when the call has one key: in a call of
+            // several it may be any key's.
+            let (_, named) = describe().naming(Some("WRONGTYPE"));
+            if numkeys <= 3 {
+                assert_eq!(named, format!("{{{}}}:w2c:v", keys[0]));
+            } else {
+                assert!(
+                    named.starts_with(&keys[0]) && named.contains(" more keys in the same call"),
+                    "{named}"
+                );
+            }
+            calls.push((args[1].clone(), numkeys, keys));
+        },
+    );
     calls
 }
 
