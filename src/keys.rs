@@ -30,19 +30,37 @@ pub fn lease_key(key: &str) -> String {
 
 /// `key`'s sidecar named `suffix`, in the same cluster slot (see the module docs).
 pub fn sidecar_key(key: &str, suffix: &str) -> String {
+    let mut out = String::new();
+    sidecar_key_into(key, suffix, &mut out);
+    out
+}
+
+/// [`sidecar_key`] written into `out` (cleared first), for loops that name many
+/// sidecars with one buffer.
+pub fn sidecar_key_into(key: &str, suffix: &str, out: &mut String) {
+    const SEP: &str = ":w2c:";
+    out.clear();
     let has_tag = key
         .find('{')
         .and_then(|s| key[s + 1..].find('}'))
         .is_some_and(|len| len > 0);
+    out.reserve(key.len() + SEP.len() + suffix.len() + 6);
     if has_tag {
-        format!("{key}:w2c:{suffix}")
+        out.push_str(key);
     } else if !key.is_empty() && !key.contains('}') {
-        format!("{{{key}}}:w2c:{suffix}")
+        out.push('{');
+        out.push_str(key);
+        out.push('}');
     } else {
         // The whole key is hashed, and braces around it would end at its own `}` (or,
         // around nothing, make an empty tag, which does not count).
-        format!("{{{}}}{key}:w2c:{suffix}", same_slot_tag(key))
+        out.push('{');
+        out.push_str(&same_slot_tag(key));
+        out.push('}');
+        out.push_str(key);
     }
+    out.push_str(SEP);
+    out.push_str(suffix);
 }
 
 /// A SCAN MATCH pattern that finds the lease sidecars of every key starting with
@@ -127,6 +145,12 @@ mod tests {
         }
         // Deterministic: a replay must find the same sidecar.
         assert_eq!(version_key("odd}key"), odd);
+        // The buffer form writes the same names over whatever the buffer held.
+        let mut buf = String::from("left over from another key");
+        for key in ["shop:product:v3:42", "user:{42}:profile", "odd}key", ""] {
+            sidecar_key_into(key, LEASE, &mut buf);
+            assert_eq!(buf, lease_key(key));
+        }
     }
 
     /// Redis's glob, for the patterns this module makes: `*`, `\x` and literals.

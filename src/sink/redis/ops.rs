@@ -21,7 +21,7 @@ use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use redis::cluster_routing::Slot;
 use redis::Cmd;
 
-use crate::keys::{lease_key, version_key};
+use crate::keys::{sidecar_key_into, version_key, LEASE};
 use crate::plan::{Plan, Republish};
 use crate::sink::redis::errors::Described;
 use crate::sink::redis::scripts::{Scripts, SETS_PER_PURGE};
@@ -208,8 +208,10 @@ pub(super) fn for_each_command(
                 // Each key with its lease sidecar (same slot): a load of the key
                 // that began before this delete cannot store.
                 let mut cmd = redis::cmd("UNLINK");
+                let mut lease = String::new();
                 for key in chunk {
-                    cmd.arg(*key).arg(lease_key(key));
+                    sidecar_key_into(key, LEASE, &mut lease);
+                    cmd.arg(*key).arg(&lease);
                 }
                 each(cmd, chunk[0], false, &|| {
                     let keys = chunk

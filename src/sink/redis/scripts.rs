@@ -14,7 +14,7 @@
 
 use redis::{Cmd, Script};
 
-use crate::keys::{escape_glob, lease_key, sidecar_key, version_key};
+use crate::keys::{escape_glob, sidecar_key, sidecar_key_into, LEASE, VERSION};
 use crate::plan::Republish;
 use crate::sink::Version;
 
@@ -76,8 +76,13 @@ impl Scripts {
     pub(super) fn tombstone_cmd(&self, items: &[(&str, Version)]) -> Cmd {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.tombstone.get_hash()).arg(items.len() * 3);
+        let mut sidecar = String::new();
         for (key, _) in items {
-            cmd.arg(*key).arg(version_key(key)).arg(lease_key(key));
+            cmd.arg(*key);
+            sidecar_key_into(key, VERSION, &mut sidecar);
+            cmd.arg(&sidecar);
+            sidecar_key_into(key, LEASE, &mut sidecar);
+            cmd.arg(&sidecar);
         }
         let mut version = String::with_capacity(24);
         for (_, v) in items {
@@ -93,8 +98,10 @@ impl Scripts {
     pub(super) fn republish_cmd(&self, items: &[(&Republish, Version)]) -> Cmd {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.republish.get_hash()).arg(items.len() * 2);
+        let mut sidecar = String::new();
         for (r, _) in items {
-            cmd.arg(&r.key).arg(version_key(&r.key));
+            sidecar_key_into(&r.key, VERSION, &mut sidecar);
+            cmd.arg(&r.key).arg(&sidecar);
         }
         let mut version = String::with_capacity(24);
         for (r, v) in items {
