@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 
 use crate::health::Health;
 use crate::lsn::Lsn;
-use crate::pgtime::since_pg_time;
+use crate::pgtime::{pg_now, since_pg_time};
 use crate::sink::{Batch, Position, Sink, SinkError};
 use crate::source::Confirmer;
 
@@ -316,14 +316,15 @@ async fn sink_task<S: Sink>(
         seconds.record(started.elapsed().as_secs_f64());
         batches.increment(1);
         items.increment(batch.items.len() as u64);
-        // Commit to applied, once per transaction.
+        // Commit to applied, once per transaction (all of them applied now).
+        let now = pg_now();
         let mut last = None;
         for item in &batch.items {
             let t = item.origin.commit_time;
             if last != Some(t) {
                 last = Some(t);
-                if let Some(lag) = since_pg_time(t) {
-                    latency.record(lag.as_secs_f64());
+                if let Some(lag) = now.checked_sub(t).filter(|lag| *lag >= 0) {
+                    latency.record(lag as f64 / 1e6);
                 }
             }
         }
