@@ -112,7 +112,7 @@ fn digits_into<const RADIX: u64>(mut v: u64, out: &mut String) {
             break;
         }
     }
-    out.push_str(std::str::from_utf8(&buf[i..]).expect("ASCII digits"));
+    out.extend(buf[i..].iter().map(|&d| char::from(d)));
 }
 
 /// `s` escaped as serde_json escapes it: `"` and `\` with a backslash, the control

@@ -21,41 +21,56 @@ impl PgTime {
     /// Appends the RFC 3339 text, digits written by hand (the time is in every event).
     pub fn write_to(&self, out: &mut String) {
         use chrono::{Datelike, Timelike};
+        /// `YYYY-MM-DDTHH:MM:SS.` of the last second written on this thread: the
+        /// events of a stretch of commits mostly share it.
+        type Second = (i64, [u8; 20]);
+        thread_local! {
+            static LAST: std::cell::Cell<Second> = const { std::cell::Cell::new((i64::MIN, [0; 20])) };
+        }
         let unix = self.0.saturating_add(PG_EPOCH_UNIX_MICROS);
-        let Some(t) = chrono::DateTime::from_timestamp_micros(unix) else {
-            out.push_str("invalid timestamp ");
-            out.push_str(&self.0.to_string());
-            return;
-        };
-        let year = t.year();
-        if !(0..=9999).contains(&year) {
-            out.push_str(&format!(
-                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-                year,
-                t.month(),
-                t.day(),
-                t.hour(),
-                t.minute(),
-                t.second(),
-                t.timestamp_subsec_micros()
-            ));
-            return;
+        let (second, micros) = (unix.div_euclid(1_000_000), unix.rem_euclid(1_000_000));
+        let (last, mut prefix) = LAST.with(|c| c.get());
+        if last != second {
+            let Some(t) = chrono::DateTime::from_timestamp(second, 0) else {
+                out.push_str("invalid timestamp ");
+                out.push_str(&self.0.to_string());
+                return;
+            };
+            let year = t.year();
+            if !(0..=9999).contains(&year) {
+                out.push_str(&format!(
+                    "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+                    year,
+                    t.month(),
+                    t.day(),
+                    t.hour(),
+                    t.minute(),
+                    t.second(),
+                    micros
+                ));
+                return;
+            }
+            prefix = *b"0000-00-00T00:00:00.";
+            put_digits(&mut prefix[0..4], year as u32);
+            put_digits(&mut prefix[5..7], t.month());
+            put_digits(&mut prefix[8..10], t.day());
+            put_digits(&mut prefix[11..13], t.hour());
+            put_digits(&mut prefix[14..16], t.minute());
+            put_digits(&mut prefix[17..19], t.second());
+            LAST.with(|c| c.set((second, prefix)));
         }
         let mut buf = *b"0000-00-00T00:00:00.000000Z";
-        let mut put = |at: usize, width: usize, mut v: u32| {
-            for i in (at..at + width).rev() {
-                buf[i] = b'0' + (v % 10) as u8;
-                v /= 10;
-            }
-        };
-        put(0, 4, year as u32);
-        put(5, 2, t.month());
-        put(8, 2, t.day());
-        put(11, 2, t.hour());
-        put(14, 2, t.minute());
-        put(17, 2, t.second());
-        put(20, 6, t.timestamp_subsec_micros());
+        buf[..20].copy_from_slice(&prefix);
+        put_digits(&mut buf[20..26], micros as u32);
         out.push_str(std::str::from_utf8(&buf).expect("ASCII digits"));
+    }
+}
+
+/// `v`'s last `to.len()` decimal digits, zero-padded, into `to`.
+fn put_digits(to: &mut [u8], mut v: u32) {
+    for d in to.iter_mut().rev() {
+        *d = b'0' + (v % 10) as u8;
+        v /= 10;
     }
 }
 
@@ -111,6 +126,32 @@ mod tests {
             assert_eq!(
                 format_pg_time(micros),
                 t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+            );
+        }
+    }
+
+    #[test]
+    fn consecutive_times_in_and_across_seconds_are_each_their_own() {
+        // The date of the last second is reused: going forward, back, and across a
+        // day, each time is still written whole.
+        let day = 86_400_000_000;
+        for micros in [
+            1_999_999,
+            2_000_000,
+            2_000_001,
+            1_999_998,
+            day - 1,
+            day,
+            -1,
+            0,
+            day - 1,
+        ] {
+            let unix = micros + PG_EPOCH_UNIX_MICROS;
+            let t = chrono::DateTime::from_timestamp_micros(unix).unwrap();
+            assert_eq!(
+                format_pg_time(micros),
+                t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+                "{micros}"
             );
         }
     }
