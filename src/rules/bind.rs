@@ -129,6 +129,18 @@ impl BoundTemplate {
         }
         Ok(out)
     }
+
+    /// Whether the key for `a` (values not sent taken from `b`) and the key for `b`
+    /// (from `a`) are the same key: every column it reads holds the same text in both.
+    fn same_key(&self, a: &Row, b: &Row) -> bool {
+        self.parts.iter().all(|p| match p {
+            Part::Literal(_) => true,
+            Part::Column(i) => matches!(
+                (lookup(a, Some(b), *i), lookup(b, Some(a), *i)),
+                (Lookup::Text(x), Lookup::Text(y)) if x == y
+            ),
+        })
+    }
 }
 
 impl BoundRule {
@@ -225,18 +237,55 @@ impl BoundRule {
         mut out: impl FnMut(String),
     ) {
         for t in templates {
-            match t.render(row, fallback) {
-                Ok(key) => out(key),
-                Err((i, null)) => {
-                    let template = t.text.clone();
-                    let column = relation.columns[i].name.clone();
-                    let kind = if null {
-                        NoteKind::NullPlaceholder { template, column }
-                    } else {
-                        NoteKind::NotInWal { template, column }
-                    };
-                    note(&self.rule, kind, notes);
+            self.render_one(t, row, fallback, relation, notes, &mut out);
+        }
+    }
+
+    /// The keys of `templates` for the old row, then for the new row (an update's, or
+    /// either alone), as [`Self::render_all`] for each. A template whose columns hold
+    /// the same text in both rows is rendered once: the new row's key is the old one.
+    pub(super) fn render_rows(
+        &self,
+        templates: &[BoundTemplate],
+        old: Option<&Row>,
+        new: Option<&Row>,
+        relation: &Relation,
+        notes: &mut Vec<Note>,
+        mut out: impl FnMut(String),
+    ) {
+        if let Some(o) = old {
+            self.render_all(templates, o, new, relation, notes, &mut out);
+        }
+        if let Some(n) = new {
+            for t in templates {
+                if !old.is_some_and(|o| t.same_key(n, o)) {
+                    self.render_one(t, n, old, relation, notes, &mut out);
                 }
+            }
+        }
+    }
+
+    /// One template's key for `row`, or its note.
+    fn render_one(
+        &self,
+        t: &BoundTemplate,
+        row: &Row,
+        fallback: Option<&Row>,
+        relation: &Relation,
+        notes: &mut Vec<Note>,
+        out: &mut impl FnMut(String),
+    ) {
+        match t.render(row, fallback) {
+            Ok(key) => out(key),
+            Err((i, null)) => {
+                let template = t.text.clone();
+                let column = relation.columns[i].name.clone();
+                let kind = if null {
+                    NoteKind::NullPlaceholder { template, column }
+                } else {
+                    NoteKind::NotInWal { template, column }
+                };
+                note(&self.rule, kind, notes);
             }
         }
     }

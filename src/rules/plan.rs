@@ -211,22 +211,14 @@ impl Planner {
             let notes_before = plan.notes.len();
             // Keys and tags of the old row (a delete, or an update that changed a key
             // column) and of the new row; a value not sent in one is taken from the other.
-            for (row, other) in [(old, new), (new, old)] {
-                if let Some(row) = row {
-                    b.render_all(&b.tags, row, other, relation, &mut plan.notes, |t| {
-                        plan.purge_tags.push(t)
-                    });
-                }
-            }
+            b.render_rows(&b.tags, old, new, relation, &mut plan.notes, |t| {
+                plan.purge_tags.push(t)
+            });
             match &rule.action {
                 Action::Delete => {
-                    for (row, other) in [(old, new), (new, old)] {
-                        if let Some(row) = row {
-                            b.render_all(&b.keys, row, other, relation, &mut plan.notes, |k| {
-                                plan.delete.push(k)
-                            });
-                        }
-                    }
+                    b.render_rows(&b.keys, old, new, relation, &mut plan.notes, |k| {
+                        plan.delete.push(k)
+                    });
                 }
                 Action::Republish { ttl, .. } => {
                     let (mut old_keys, mut new_keys) = (Vec::new(), Vec::new());
@@ -475,6 +467,49 @@ ttl = "1h"
         assert_eq!(
             p.purge_tags,
             ["shop:category:7", "shop:products", "shop:category:8"]
+        );
+    }
+
+    #[test]
+    fn a_key_the_old_and_new_rows_share_is_rendered_once() {
+        let rel = products(ReplicaIdentity::Full);
+        let new = row(
+            "42",
+            "navy-mug",
+            t("7"),
+            "Mug",
+            "9.50",
+            Datum::UnchangedToast,
+        );
+        let c = Change::update(rel.clone(), Some((OldKind::Full, mug())), new);
+        let mut planner = Planner::new(rule_set(PRODUCT));
+        let b = &planner.bound(&rel).unwrap().rules[0];
+        let (mut keys, mut tags, mut notes) = (Vec::new(), Vec::new(), Vec::new());
+        let (old, new) = (c.old.as_ref(), c.new.as_ref());
+        b.render_rows(&b.keys, old, new, &rel, &mut notes, |k| keys.push(k));
+        b.render_rows(&b.tags, old, new, &rel, &mut notes, |t| tags.push(t));
+        // Before any de-duplication: the id and the category are the same text in both
+        // rows, so their keys come once; the slug changed, so both slugs come.
+        assert_eq!(
+            keys,
+            [
+                "shop:product:v3:42",
+                "shop:product:slug:v3:blue-mug",
+                "shop:product:slug:v3:navy-mug"
+            ]
+        );
+        assert_eq!(tags, ["shop:category:7", "shop:products"]);
+        assert!(notes.is_empty());
+        // A key column not sent in the new row (unchanged TOAST) is the old row's.
+        let rules = PRODUCT.replace("shop:product:v3:{id}", "shop:product:body:{body}");
+        let mut planner = Planner::new(rule_set(&rules));
+        let b = &planner.bound(&rel).unwrap().rules[0];
+        let mut keys = Vec::new();
+        b.render_rows(&b.keys, old, new, &rel, &mut notes, |k| keys.push(k));
+        assert_eq!(
+            keys.iter().filter(|k| k.contains(":body:")).count(),
+            1,
+            "{keys:?}"
         );
     }
 
