@@ -99,7 +99,13 @@ pub fn pg_now() -> i64 {
 
 /// How long ago a Postgres timestamp was; `None` when it is in the future.
 pub fn since_pg_time(micros_since_2000: i64) -> Option<Duration> {
-    u64::try_from(pg_now().checked_sub(micros_since_2000)?)
+    pg_time_between(micros_since_2000, pg_now())
+}
+
+/// How long before `now` (a Postgres timestamp) a Postgres timestamp was; `None` when
+/// it is after `now`. For many timestamps measured against one reading of the clock.
+pub fn pg_time_between(micros_since_2000: i64, now: i64) -> Option<Duration> {
+    u64::try_from(now.checked_sub(micros_since_2000)?)
         .ok()
         .map(Duration::from_micros)
 }

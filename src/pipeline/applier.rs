@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 
 use crate::health::Health;
 use crate::lsn::Lsn;
-use crate::pgtime::{pg_now, since_pg_time};
+use crate::pgtime::{pg_now, pg_time_between, since_pg_time};
 use crate::sink::{Batch, Position, Sink, SinkError};
 use crate::source::Confirmer;
 
@@ -323,8 +323,8 @@ async fn sink_task<S: Sink>(
             let t = item.origin.commit_time;
             if last != Some(t) {
                 last = Some(t);
-                if let Some(lag) = now.checked_sub(t).filter(|lag| *lag >= 0) {
-                    latency.record(lag as f64 / 1e6);
+                if let Some(lag) = pg_time_between(t, now) {
+                    latency.record(lag.as_secs_f64());
                 }
             }
         }
