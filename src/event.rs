@@ -174,15 +174,27 @@ pub struct EventRef<'a> {
 }
 
 impl EventRef<'_> {
-    pub fn to_json(&self) -> String {
+    /// The length of the JSON when no string needs escaping, or more: the buffer
+    /// `to_json` starts with, so that it never grows (a reallocation and a copy per
+    /// event otherwise).
+    fn capacity(&self) -> usize {
+        // Every field name, quote and separator with the longest value of each
+        // fixed-format field (schema and xid 10 digits, lsn 17, commit_time 27, kind 10,
+        // op 8): 212 bytes.
+        const FIXED: usize = 256;
         let strings = |v: &[&str]| v.iter().map(|s| s.len() + 3).sum::<usize>();
-        let mut out = String::with_capacity(
-            160 + self.source.len()
-                + self.table.map_or(0, str::len)
-                + strings(self.keys)
-                + strings(self.tags)
-                + self.detail.map_or(0, str::len),
-        );
+        FIXED
+            + self.source.len()
+            + self.table.map_or(0, str::len)
+            + self.op.map_or(0, str::len)
+            + strings(self.keys)
+            + strings(self.tags)
+            + self.reason.map_or(0, str::len)
+            + self.detail.map_or(0, str::len)
+    }
+
+    pub fn to_json(&self) -> String {
+        let mut out = String::with_capacity(self.capacity());
         out.push_str("{\"schema\":");
         digits_into::<10>(self.schema.into(), &mut out);
         out.push_str(match self.kind {
@@ -291,6 +303,40 @@ mod tests {
             ..borrowed
         };
         assert_eq!(borrowed.to_json(), e.to_json());
+    }
+
+    #[test]
+    fn the_longest_event_without_escapes_fits_the_buffer_it_starts_with() {
+        let lsn = crate::Lsn(u64::MAX);
+        // 9999-12-31T23:59:59.999999Z, the last time of four-digit years.
+        let time = crate::pgtime::PgTime(252_455_615_999_999_999);
+        for (kind, op, reason) in [
+            (&Kind::Invalidate, "truncate", None),
+            (&Kind::FlushAll, "message", Some("topic_lost")),
+            (&Kind::Heartbeat, "update", None),
+        ] {
+            let e = EventRef {
+                schema: u32::MAX,
+                kind,
+                source: "s",
+                lsn: Some(&lsn),
+                xid: Some(u32::MAX),
+                commit_time: Some(&time),
+                table: Some("t"),
+                op: Some(op),
+                keys: &["k", ""],
+                tags: &["t"],
+                reason,
+                detail: Some("d"),
+            };
+            let json = e.to_json();
+            assert!(
+                json.len() <= e.capacity(),
+                "{} bytes over a capacity of {}: {json}",
+                json.len(),
+                e.capacity()
+            );
+        }
     }
 
     #[test]
