@@ -79,28 +79,28 @@ impl Event {
 
 /// A value written as one JSON string by [`EventRef::to_json`].
 pub trait JsonString {
-    /// Appends the string's contents, escaped as JSON, without the quotes.
-    fn write_json(&self, out: &mut String);
+    /// Appends the string's contents as UTF-8, escaped as JSON, without the quotes.
+    fn write_json(&self, out: &mut Vec<u8>);
 }
 
 impl JsonString for &str {
-    fn write_json(&self, out: &mut String) {
+    fn write_json(&self, out: &mut Vec<u8>) {
         escape_into(self, out)
     }
 }
 
 impl JsonString for crate::Lsn {
     /// Hexadecimal digits and a slash: nothing to escape.
-    fn write_json(&self, out: &mut String) {
+    fn write_json(&self, out: &mut Vec<u8>) {
         digits_into::<16>(self.0 >> 32, out);
-        out.push('/');
+        out.push(b'/');
         digits_into::<16>(self.0 & 0xFFFF_FFFF, out);
     }
 }
 
 /// `v` in base `RADIX` (10 or 16, upper-case) without leading zeros, as `{}` and
 /// `{:X}` write it.
-fn digits_into<const RADIX: u64>(mut v: u64, out: &mut String) {
+fn digits_into<const RADIX: u64>(mut v: u64, out: &mut Vec<u8>) {
     const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
     let mut buf = [0u8; 20];
     let mut i = buf.len();
@@ -112,45 +112,72 @@ fn digits_into<const RADIX: u64>(mut v: u64, out: &mut String) {
             break;
         }
     }
-    out.extend(buf[i..].iter().map(|&d| char::from(d)));
+    out.extend_from_slice(&buf[i..]);
+}
+
+/// Whether any byte of `bytes` is below 0x20, `"` or `\\`: eight bytes at a time, each
+/// word tested with the classic "has a byte less than n / equal to c" bit tricks
+/// (exact as a yes/no answer), the last bytes one by one.
+fn needs_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    let below = |w: u64, n: u8| w.wrapping_sub(ONES * n as u64) & !w & HIGH != 0;
+    let has = |w: u64, c: u8| below(w ^ (ONES * c as u64), 1);
+    let mut words = bytes.chunks_exact(8);
+    for word in &mut words {
+        let w = u64::from_ne_bytes(word.try_into().expect("eight bytes"));
+        if below(w, 0x20) || has(w, b'"') || has(w, b'\\') {
+            return true;
+        }
+    }
+    words
+        .remainder()
+        .iter()
+        .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
 }
 
 /// `s` escaped as serde_json escapes it: `"` and `\` with a backslash, the control
 /// characters below 0x20 as `\b \t \n \f \r` or `\u00XX`; everything else as is.
-fn escape_into(s: &str, out: &mut String) {
+/// Every byte escaped is ASCII, never part of a longer UTF-8 sequence, so the
+/// output is UTF-8 when `s` is.
+fn escape_into(s: &str, out: &mut Vec<u8>) {
     let bytes = s.as_bytes();
-    // Most strings need nothing escaped: one pass without branches per byte (the
-    // compiler vectorizes it), then one copy.
-    let special = |b: u8| b < 0x20 || b == b'"' || b == b'\\';
-    if !bytes.iter().fold(false, |any, &b| any | special(b)) {
-        out.push_str(s);
+    // Most strings need nothing escaped: checked eight bytes at a time, then copied
+    // whole.
+    if !needs_escape(bytes) {
+        out.extend_from_slice(bytes);
         return;
     }
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
-        let short = match b {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            0x08 => "\\b",
-            0x0c => "\\f",
-            0..=0x1f => "",
+        let short: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0..=0x1f => b"",
             _ => continue,
         };
-        out.push_str(&s[start..i]);
+        out.extend_from_slice(&bytes[start..i]);
         if short.is_empty() {
             const HEX: &[u8; 16] = b"0123456789abcdef";
-            out.push_str("\\u00");
-            out.push(HEX[(b >> 4) as usize] as char);
-            out.push(HEX[(b & 0xF) as usize] as char);
+            out.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[(b >> 4) as usize],
+                HEX[(b & 0xF) as usize],
+            ]);
         } else {
-            out.push_str(short);
+            out.extend_from_slice(short);
         }
         start = i + 1;
     }
-    out.push_str(&s[start..]);
+    out.extend_from_slice(&bytes[start..]);
 }
 
 /// An event borrowed from what it describes, for the daemon's hot path: written
@@ -193,67 +220,64 @@ impl EventRef<'_> {
             + self.detail.map_or(0, str::len)
     }
 
+    /// The event's JSON. Written as bytes (a copy of each piece, no per-character
+    /// pushes), checked as UTF-8 once at the end.
     pub fn to_json(&self) -> String {
-        let mut out = String::with_capacity(self.capacity());
-        out.push_str("{\"schema\":");
+        let mut out = Vec::with_capacity(self.capacity());
+        out.extend_from_slice(b"{\"schema\":");
         digits_into::<10>(self.schema.into(), &mut out);
-        out.push_str(match self.kind {
-            Kind::Invalidate => ",\"kind\":\"invalidate\"",
-            Kind::FlushAll => ",\"kind\":\"flush_all\"",
-            Kind::Heartbeat => ",\"kind\":\"heartbeat\"",
-            Kind::Unknown => ",\"kind\":\"unknown\"",
+        out.extend_from_slice(match self.kind {
+            Kind::Invalidate => b",\"kind\":\"invalidate\"",
+            Kind::FlushAll => b",\"kind\":\"flush_all\"",
+            Kind::Heartbeat => b",\"kind\":\"heartbeat\"",
+            Kind::Unknown => b",\"kind\":\"unknown\"",
         });
-        let field = |out: &mut String, name: &str, value: &dyn JsonString| {
-            out.push_str(",\"");
-            out.push_str(name);
-            out.push_str("\":\"");
+        // `prefix` is `,"name":"`.
+        let field = |out: &mut Vec<u8>, prefix: &[u8], value: &dyn JsonString| {
+            out.extend_from_slice(prefix);
             value.write_json(out);
-            out.push('"');
+            out.push(b'"');
         };
-        field(&mut out, "source", &self.source);
+        field(&mut out, b",\"source\":\"", &self.source);
         if let Some(lsn) = self.lsn {
-            field(&mut out, "lsn", lsn);
+            field(&mut out, b",\"lsn\":\"", lsn);
         }
         if let Some(xid) = self.xid {
-            out.push_str(",\"xid\":");
+            out.extend_from_slice(b",\"xid\":");
             digits_into::<10>(xid.into(), &mut out);
         }
         if let Some(t) = self.commit_time {
-            field(&mut out, "commit_time", t);
+            field(&mut out, b",\"commit_time\":\"", t);
         }
         if let Some(table) = self.table {
-            field(&mut out, "table", &table);
+            field(&mut out, b",\"table\":\"", &table);
         }
         if let Some(op) = self.op {
-            field(&mut out, "op", &op);
+            field(&mut out, b",\"op\":\"", &op);
         }
-        let list = |out: &mut String, name: &str, values: &[&str]| {
+        // `prefix` is `,"name":[`.
+        let list = |out: &mut Vec<u8>, prefix: &[u8], values: &[&str]| {
             if values.is_empty() {
                 return;
             }
-            out.push_str(",\"");
-            out.push_str(name);
-            out.push_str("\":[");
+            out.extend_from_slice(prefix);
             for (i, v) in values.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push('"');
+                out.extend_from_slice(if i > 0 { b",\"" } else { b"\"" });
                 escape_into(v, out);
-                out.push('"');
+                out.push(b'"');
             }
-            out.push(']');
+            out.push(b']');
         };
-        list(&mut out, "keys", self.keys);
-        list(&mut out, "tags", self.tags);
+        list(&mut out, b",\"keys\":[", self.keys);
+        list(&mut out, b",\"tags\":[", self.tags);
         if let Some(reason) = self.reason {
-            field(&mut out, "reason", &reason);
+            field(&mut out, b",\"reason\":\"", &reason);
         }
         if let Some(detail) = self.detail {
-            field(&mut out, "detail", &detail);
+            field(&mut out, b",\"detail\":\"", &detail);
         }
-        out.push('}');
-        out
+        out.push(b'}');
+        String::from_utf8(out).expect("every piece of an event is UTF-8")
     }
 }
 
@@ -336,6 +360,57 @@ mod tests {
                 json.len(),
                 e.capacity()
             );
+        }
+    }
+
+    #[test]
+    fn a_character_to_escape_is_found_at_every_position() {
+        let special = |b: u8| b < 0x20 || b == b'"' || b == b'\\';
+        for len in 0..20 {
+            for at in 0..len {
+                for b in 0u8..=0xff {
+                    let mut bytes = vec![b'a'; len];
+                    bytes[at] = b;
+                    assert_eq!(
+                        needs_escape(&bytes),
+                        special(b),
+                        "byte {b:#x} at {at} of {len}"
+                    );
+                }
+            }
+            assert!(!needs_escape(&vec![0x7f; len]));
+            // Mixed bytes (a fixed pseudo-random sequence), against the byte-wise test.
+            let mut x = 0x2545_f491_4f6c_dd1d_u64 ^ len as u64;
+            for _ in 0..2000 {
+                let bytes: Vec<u8> = (0..len)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        // Mostly bytes that need nothing, some that do.
+                        [
+                            b'a',
+                            0x80,
+                            0xff,
+                            0x20,
+                            0x5c,
+                            0x22,
+                            0x1f,
+                            0x00,
+                            (x >> 24) as u8,
+                        ][(x % 9) as usize]
+                    })
+                    .collect();
+                assert_eq!(
+                    needs_escape(&bytes),
+                    bytes.iter().any(|&b| special(b)),
+                    "{bytes:x?}"
+                );
+            }
+            // Bytes just above each boundary, and UTF-8 continuation bytes.
+            for b in [0x20, 0x21, 0x23, 0x5b, 0x5d, 0x80, 0xa2, 0xdc, 0xff] {
+                assert!(!needs_escape(&vec![b; len]), "{b:#x} x {len}");
+            }
         }
     }
 

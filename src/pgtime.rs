@@ -19,7 +19,7 @@ pub struct PgTime(pub i64);
 
 impl PgTime {
     /// Appends the RFC 3339 text, digits written by hand (the time is in every event).
-    pub fn write_to(&self, out: &mut String) {
+    pub fn write_to(&self, out: &mut Vec<u8>) {
         use chrono::{Datelike, Timelike};
         /// `YYYY-MM-DDTHH:MM:SS.` of the last second written on this thread: the
         /// events of a stretch of commits mostly share it.
@@ -32,22 +32,24 @@ impl PgTime {
         let (last, mut prefix) = LAST.with(|c| c.get());
         if last != second {
             let Some(t) = chrono::DateTime::from_timestamp(second, 0) else {
-                out.push_str("invalid timestamp ");
-                out.push_str(&self.0.to_string());
+                out.extend_from_slice(format!("invalid timestamp {}", self.0).as_bytes());
                 return;
             };
             let year = t.year();
             if !(0..=9999).contains(&year) {
-                out.push_str(&format!(
-                    "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-                    year,
-                    t.month(),
-                    t.day(),
-                    t.hour(),
-                    t.minute(),
-                    t.second(),
-                    micros
-                ));
+                out.extend_from_slice(
+                    format!(
+                        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+                        year,
+                        t.month(),
+                        t.day(),
+                        t.hour(),
+                        t.minute(),
+                        t.second(),
+                        micros
+                    )
+                    .as_bytes(),
+                );
                 return;
             }
             prefix = *b"0000-00-00T00:00:00.";
@@ -62,7 +64,7 @@ impl PgTime {
         let mut buf = *b"0000-00-00T00:00:00.000000Z";
         buf[..20].copy_from_slice(&prefix);
         put_digits(&mut buf[20..26], micros as u32);
-        out.push_str(std::str::from_utf8(&buf).expect("ASCII digits"));
+        out.extend_from_slice(&buf);
     }
 }
 
@@ -76,15 +78,15 @@ fn put_digits(to: &mut [u8], mut v: u32) {
 
 impl std::fmt::Display for PgTime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut s = String::with_capacity(27);
+        let mut s = Vec::with_capacity(27);
         self.write_to(&mut s);
-        f.write_str(&s)
+        f.write_str(std::str::from_utf8(&s).map_err(|_| std::fmt::Error)?)
     }
 }
 
 impl crate::event::JsonString for PgTime {
     /// Digits and punctuation: nothing to escape.
-    fn write_json(&self, out: &mut String) {
+    fn write_json(&self, out: &mut Vec<u8>) {
         self.write_to(out)
     }
 }
