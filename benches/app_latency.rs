@@ -62,7 +62,7 @@
 //! over the same window: the daemon, postgres, pgbench, Redis, the broker, this bench,
 //! and whatever else runs, e.g. another engineer's compile), the daemon's CPU seconds,
 //! the daemon's own `wal2cache_commit_to_redis_seconds` and
-//! `wal2cache_commit_to_kafka_seconds` summaries and its `wal2cache_batch_seconds`, and
+//! `wal2cache_commit_to_kafka_seconds` histograms and its `wal2cache_batch_seconds`, and
 //! a verdict against the targets. The last line per rate, `result: k=v ...`, is for
 //! scripts. At the end the database is dropped with its slot, the Redis keys under
 //! `w2cb_applat_<pid>` are deleted, and the topic `w2cb-applat-<pid>` is deleted.
@@ -84,10 +84,11 @@ use common::{
     all_process_ticks, busy_share, env_usize, load_average, machine_ticks, percentile, pg_binary,
     process_cpu_secs, ticks_to_secs, BoxError,
 };
-use daemon::{metric_with, quantiles_with, scrape, wait_active, BenchSetup, DaemonRun, Tuning};
+use daemon::{scrape, wait_active, BenchSetup, DaemonRun, Tuning};
 use support::db::{active_pid, connect, TestDb};
 use support::env::{kafka_brokers, pg_admin_url};
 use support::net::free_port;
+use support::scrape::{histogram_with, metric_with};
 use tokio_postgres::Client;
 use wal2cache::l1::{Notice, L1};
 
@@ -156,9 +157,10 @@ fn cpu_by_command(
 
 // ---------------------------------------------------------------- the daemon's figures
 
-/// A summary as `p50 … p90 … p99 … max … mean … (n = …)`, in ms.
+/// A histogram as `p50 … p90 … p99 … max <= … mean … (n = …)`, in ms (quantiles
+/// interpolated in their buckets, see `daemon::Quantiles::get`).
 fn summary(text: &str, name: &str, labels: &[&str]) -> String {
-    let q = quantiles_with(text, name, labels);
+    let q = histogram_with(text, name, labels);
     let at = |x: f64| {
         q.get(x)
             .map_or("?".to_string(), |v| format!("{:.2}", v * 1000.0))
@@ -169,7 +171,7 @@ fn summary(text: &str, name: &str, labels: &[&str]) -> String {
         .filter(|_| n > 0.0)
         .map_or("?".to_string(), |s| format!("{:.2}", s / n * 1000.0));
     format!(
-        "p50 {} p90 {} p99 {} max {} mean {mean} ms (n = {n})",
+        "p50 {} p90 {} p99 {} max <= {} mean {mean} ms (n = {n})",
         at(0.5),
         at(0.9),
         at(0.99),

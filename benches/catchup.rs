@@ -780,10 +780,11 @@ async fn read_daemon(
     }
     let batches = match tuning.metrics_port {
         Some(port) => daemon::scrape(port).await.ok().map(|text| {
-            let get = |name: &str| daemon::metric(&text, name, None).unwrap_or(0.0);
+            let get = |name: &str| support::scrape::metric(&text, name, None).unwrap_or(0.0);
             // The Redis sink's applications (each sink applies, and times, its own).
-            let redis =
-                |name: &str| daemon::metric(&text, name, Some("sink=\"redis\"")).unwrap_or(0.0);
+            let redis = |name: &str| {
+                support::scrape::metric(&text, name, Some("sink=\"redis\"")).unwrap_or(0.0)
+            };
             Batches {
                 count: redis("wal2cache_batch_seconds_count"),
                 secs: redis("wal2cache_batch_seconds_sum"),

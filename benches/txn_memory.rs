@@ -125,7 +125,8 @@ async fn run(
         tokio::spawn(async move {
             loop {
                 if let Ok(text) = daemon::scrape(port).await {
-                    if let Some(n) = daemon::metric(&text, "wal2cache_changes_applied_total", None)
+                    if let Some(n) =
+                        support::scrape::metric(&text, "wal2cache_changes_applied_total", None)
                     {
                         applied.lock().unwrap().push((started.elapsed(), n));
                     }

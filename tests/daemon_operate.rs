@@ -17,6 +17,7 @@ use support::db::{wait_streaming, TestDb};
 use support::env::unique;
 use support::net::{free_addr, http_async};
 use support::oracle::{assert_nothing_lost, items_config, writer, ITEMS};
+use support::scrape::series;
 use support::store::{redis, unlink_matching, PrivateRedis};
 use support::wait::eventually;
 
@@ -31,13 +32,6 @@ async fn metrics(addr: SocketAddr) -> String {
         .await
         .map(|(_, body)| body)
         .unwrap_or_default()
-}
-
-/// The value of the sample `series` (name and labels exactly as rendered).
-fn sample(scrape: &str, series: &str) -> Option<f64> {
-    scrape
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// Waits until the instance at `addr` reports `role` and, when active, streaming.
@@ -96,8 +90,8 @@ async fn the_endpoints_and_status_describe_an_active_daemon() {
         Duration::from_secs(30),
         || async {
             let m = metrics(addr).await;
-            sample(&m, "wal2cache_rule_plans_total{rule=\"item\"}").is_some_and(|v| v >= 1.0)
-                && sample(&m, "wal2cache_slot_retained_wal_bytes").is_some_and(|v| v > 0.0)
+            series(&m, "wal2cache_rule_plans_total{rule=\"item\"}").is_some_and(|v| v >= 1.0)
+                && series(&m, "wal2cache_slot_retained_wal_bytes").is_some_and(|v| v > 0.0)
         },
     )
     .await;
@@ -105,11 +99,11 @@ async fn the_endpoints_and_status_describe_an_active_daemon() {
     eventually(
         "the lag back to 0 once idle",
         Duration::from_secs(30),
-        || async { sample(&metrics(addr).await, "wal2cache_replication_lag_seconds") == Some(0.0) },
+        || async { series(&metrics(addr).await, "wal2cache_replication_lag_seconds") == Some(0.0) },
     )
     .await;
     let m = metrics(addr).await;
-    for (series, want) in [
+    for (name, want) in [
         ("wal2cache_up", 1.0),
         ("wal2cache_role{role=\"active\"}", 1.0),
         ("wal2cache_role{role=\"standby\"}", 0.0),
@@ -120,10 +114,10 @@ async fn the_endpoints_and_status_describe_an_active_daemon() {
         ("wal2cache_rule_keys_total{rule=\"item_json\"}", 1.0),
         ("wal2cache_slot_losses_total{reason=\"slot_missing\"}", 0.0),
     ] {
-        assert_eq!(sample(&m, series), Some(want), "{series} in\n{m}");
+        assert_eq!(series(&m, name), Some(want), "{name} in\n{m}");
     }
     assert!(
-        sample(&m, "wal2cache_sink_batches_total{sink=\"redis\"}").is_some_and(|v| v >= 1.0),
+        series(&m, "wal2cache_sink_batches_total{sink=\"redis\"}").is_some_and(|v| v >= 1.0),
         "{m}"
     );
 
@@ -193,16 +187,16 @@ async fn a_sink_down_makes_the_instance_unready_and_says_which() {
     .await;
     let m = metrics(addr).await;
     assert_eq!(
-        sample(&m, "wal2cache_sink_healthy{sink=\"redis\"}"),
+        series(&m, "wal2cache_sink_healthy{sink=\"redis\"}"),
         Some(0.0),
         "{m}"
     );
     assert!(
-        sample(
+        series(
             &m,
             "wal2cache_sink_errors_total{kind=\"retry\",sink=\"redis\"}"
         )
-        .or_else(|| sample(
+        .or_else(|| series(
             &m,
             "wal2cache_sink_errors_total{sink=\"redis\",kind=\"retry\"}"
         ))
@@ -246,7 +240,7 @@ async fn a_standby_takes_over_when_the_active_is_killed_and_nothing_is_lost() {
     assert_eq!(ready["role"], "standby", "{ready}");
     let m = metrics(b).await;
     assert_eq!(
-        sample(&m, "wal2cache_role{role=\"standby\"}"),
+        series(&m, "wal2cache_role{role=\"standby\"}"),
         Some(1.0),
         "{m}"
     );

@@ -13,6 +13,7 @@ use support::db::{wait_streaming, TestDb, EXAMPLE_SCHEMA};
 use support::env::unique;
 use support::inproc::InProcess;
 use support::net::{free_addr, http_async};
+use support::scrape::series;
 use support::wait::eventually;
 
 const DASHBOARD: &str = include_str!("../deploy/grafana/wal2cache.json");
@@ -117,12 +118,6 @@ fn base_name(name: &str, scrape: &Scrape, used: &BTreeSet<String>) -> String {
     name.to_string()
 }
 
-/// The value of an unlabelled sample, if the body has it.
-fn sample_value(body: &str, name: &str) -> Option<f64> {
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
 #[test]
 fn the_tokenizer_finds_metric_names_outside_strings() {
     assert_eq!(
@@ -183,7 +178,7 @@ async fn every_metric_of_the_dashboard_is_exported_by_the_daemon() {
         Duration::from_secs(60),
         || async {
             matches!(http_async(addr, "GET", "/metrics").await,
-                Some((200, text)) if sample_value(&text, "wal2cache_changes_applied_total")
+                Some((200, text)) if series(&text, "wal2cache_changes_applied_total")
                     .is_some_and(|n| n >= 4.0))
         },
     )
@@ -210,5 +205,100 @@ async fn every_metric_of_the_dashboard_is_exported_by_the_daemon() {
     assert!(
         missing.is_empty(),
         "the dashboard queries metrics the daemon does not export: {missing:?}\n(found: {found:?})"
+    );
+}
+
+/// The panels' expressions with Grafana's variables replaced by values Prometheus
+/// accepts: `$__rate_interval`, `$__interval` and `$__range` by durations, any other
+/// `$name` or `${name}` (a label matcher's value) by `.*`.
+fn with_variables_filled(expr: &str) -> String {
+    let mut out = String::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        let (name, tail) = match after.strip_prefix('{') {
+            Some(b) => {
+                let end = b.find('}').expect("a closed ${...}");
+                (&b[..end], &b[end + 1..])
+            }
+            None => {
+                let end = after
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(after.len());
+                (&after[..end], &after[end..])
+            }
+        };
+        out.push_str(match name {
+            "__rate_interval" | "__interval" => "1m",
+            "__range" => "1h",
+            _ => ".*",
+        });
+        rest = tail;
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Every panel's query is PromQL that Prometheus parses (`promtool check rules` on the
+/// expressions as recording rules; `deploy/local/test.sh` installs promtool).
+#[test]
+fn every_query_of_the_dashboard_parses_as_promql() {
+    let dashboard: Value = serde_json::from_str(DASHBOARD).expect("the dashboard is JSON");
+    fn exprs(value: &Value, out: &mut Vec<String>) {
+        match value {
+            Value::Object(map) => {
+                for (key, v) in map {
+                    match (key.as_str(), v) {
+                        ("expr", Value::String(s)) => out.push(s.clone()),
+                        _ => exprs(v, out),
+                    }
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|v| exprs(v, out)),
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    exprs(&dashboard, &mut found);
+    assert!(found.len() >= 10, "only {} expressions found", found.len());
+    let mut rules = String::from("groups:\n- name: dashboard\n  rules:\n");
+    for (i, e) in found.iter().enumerate() {
+        let filled = with_variables_filled(e);
+        assert!(!filled.contains('$'), "{filled}");
+        rules.push_str(&format!(
+            "  - record: dashboard_query_{i}\n    expr: {}\n",
+            serde_json::to_string(&filled).unwrap()
+        ));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dashboard_rules.yml");
+    std::fs::write(&file, &rules).unwrap();
+    let out = std::process::Command::new("promtool")
+        .arg("check")
+        .arg("rules")
+        .arg(&file)
+        .output()
+        .expect("promtool runs (deploy/local/test.sh installs it: Debian's prometheus package)");
+    assert!(
+        out.status.success(),
+        "promtool refused a dashboard query:\n{}{}\n{rules}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("{} rules found", found.len())),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn grafana_variables_are_filled() {
+    assert_eq!(
+        with_variables_filled(
+            "rate(x{instance=~\"$instance\", a=\"${datasource}\"}[$__rate_interval]) + y[$__range]"
+        ),
+        "rate(x{instance=~\".*\", a=\".*\"}[1m]) + y[1h]"
     );
 }

@@ -5,6 +5,7 @@
 //! - `env`: the services' addresses (`WAL2CACHE_TEST_*`) and names no other test uses
 //! - `wait`: `eventually`, never a bare sleep
 //! - `net`: free ports, one HTTP request
+//! - `scrape`: samples and histograms of a `/metrics` scrape
 //! - `services`: `deploy/local/services.sh` (for the tests that stop a service)
 //! - `rng`: a small deterministic generator
 //! - `db`: a database per test, its slot, its positions (daemon)
@@ -30,6 +31,7 @@
 pub mod env;
 pub mod net;
 pub mod rng;
+pub mod scrape;
 pub mod services;
 pub mod wait;
 
