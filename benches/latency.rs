@@ -255,15 +255,29 @@ async fn run(
         applied, wrote
     );
     let mut verdicts = Vec::new();
-    for (label, name) in [
+    for (label, name, labels) in [
         (
             "commit -> Redis applied",
             "wal2cache_commit_to_redis_seconds",
+            &[][..],
         ),
-        ("commit -> Kafka acked", "wal2cache_commit_to_kafka_seconds"),
-        ("batch apply (both sinks)", "wal2cache_batch_seconds"),
+        (
+            "commit -> Kafka acked",
+            "wal2cache_commit_to_kafka_seconds",
+            &[],
+        ),
+        (
+            "batch apply (Redis)",
+            "wal2cache_batch_seconds",
+            &["sink=\"redis\""],
+        ),
+        (
+            "batch apply (Kafka)",
+            "wal2cache_batch_seconds",
+            &["sink=\"kafka\""],
+        ),
     ] {
-        let q = support::scrape::histogram(&text, name);
+        let q = support::scrape::histogram_with(&text, name, labels);
         let f = |x: f64| q.get(x).map_or("-".to_string(), ms);
         println!(
             "{label:<25} p50 {} p90 {} p99 {} p99.9 {} max <= {}  (count {}, mean {}; quantiles interpolated in their buckets)",
