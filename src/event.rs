@@ -185,7 +185,7 @@ fn escape_into(s: &str, out: &mut Vec<u8>) {
 /// intermediate strings for the LSN and the time, no formatting machinery: serde's
 /// cost a tenth of the daemon's CPU in the tag-heavy catch-up). Writes exactly what
 /// [`Event::to_json`] writes for the same content (tested below against it).
-pub struct EventRef<'a> {
+pub struct EventRef<'a, K: AsRef<str> = &'a str, T: AsRef<str> = &'a str> {
     pub schema: u32,
     pub kind: &'a Kind,
     pub source: &'a str,
@@ -194,13 +194,15 @@ pub struct EventRef<'a> {
     pub commit_time: Option<&'a dyn JsonString>,
     pub table: Option<&'a str>,
     pub op: Option<&'a str>,
-    pub keys: &'a [&'a str],
-    pub tags: &'a [&'a str],
+    /// A plan's own list (`&[String]`) or one gathered for the event (`&[&str]`):
+    /// either is written without a copy.
+    pub keys: &'a [K],
+    pub tags: &'a [T],
     pub reason: Option<&'a str>,
     pub detail: Option<&'a str>,
 }
 
-impl EventRef<'_> {
+impl<K: AsRef<str>, T: AsRef<str>> EventRef<'_, K, T> {
     /// The length of the JSON when no string needs escaping, or more: the buffer
     /// `to_json` starts with, so that it never grows (a reallocation and a copy per
     /// event otherwise).
@@ -209,7 +211,9 @@ impl EventRef<'_> {
         // fixed-format field (schema and xid 10 digits, lsn 17, commit_time 27, kind 10,
         // op 8): 212 bytes.
         const FIXED: usize = 256;
-        let strings = |v: &[&str]| v.iter().map(|s| s.len() + 3).sum::<usize>();
+        fn strings<S: AsRef<str>>(v: &[S]) -> usize {
+            v.iter().map(|s| s.as_ref().len() + 3).sum()
+        }
         FIXED
             + self.source.len()
             + self.table.map_or(0, str::len)
@@ -256,18 +260,18 @@ impl EventRef<'_> {
             field(&mut out, b",\"op\":\"", &op);
         }
         // `prefix` is `,"name":[`.
-        let list = |out: &mut Vec<u8>, prefix: &[u8], values: &[&str]| {
+        fn list<S: AsRef<str>>(out: &mut Vec<u8>, prefix: &[u8], values: &[S]) {
             if values.is_empty() {
                 return;
             }
             out.extend_from_slice(prefix);
             for (i, v) in values.iter().enumerate() {
                 out.extend_from_slice(if i > 0 { b",\"" } else { b"\"" });
-                escape_into(v, out);
+                escape_into(v.as_ref(), out);
                 out.push(b'"');
             }
             out.push(b']');
-        };
+        }
         list(&mut out, b",\"keys\":[", self.keys);
         list(&mut out, b",\"tags\":[", self.tags);
         if let Some(reason) = self.reason {
@@ -421,7 +425,7 @@ mod tests {
         let mut e = Event::new(Kind::Invalidate, text.clone());
         e.keys = vec![text.clone(), "plain".into()];
         let keys = [text.as_str(), "plain"];
-        let borrowed = EventRef {
+        let borrowed: EventRef = EventRef {
             schema: SCHEMA,
             kind: &Kind::Invalidate,
             source: &text,

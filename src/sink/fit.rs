@@ -163,57 +163,84 @@ pub fn events_for(
     index: usize,
     limits: &EventLimits,
 ) -> (Vec<Outgoing>, Fitted) {
+    let mut out = Vec::with_capacity(1);
+    let fitted = events_into(source, item, index, limits, &mut out);
+    (out, fitted)
+}
+
+/// The JSON of an item's whole event with `keys` (a plan's own list, or one gathered).
+fn whole_json<K: AsRef<str>>(source: &str, item: &Item, keys: &[K]) -> String {
     let plan = &item.plan;
-    let mut keys: Vec<&str> = plan.delete.iter().map(String::as_str).collect();
-    for r in &plan.republish {
-        if !keys.contains(&r.key.as_str()) {
-            keys.push(&r.key);
-        }
+    let tags = plan.purge_tags.as_slice();
+    let o = &item.origin;
+    let (lsn, time) = (o.version.commit_lsn, PgTime(o.commit_time));
+    let flush_all = plan.flush_all;
+    EventRef {
+        schema: SCHEMA,
+        kind: if flush_all {
+            &Kind::FlushAll
+        } else {
+            &Kind::Invalidate
+        },
+        source,
+        lsn: Some(&lsn),
+        xid: Some(o.xid),
+        commit_time: Some(&time),
+        table: o.table.as_deref(),
+        op: Some(o.op),
+        keys,
+        tags,
+        reason: flush_all.then(|| flush_reason(o.op)),
+        detail: if flush_all {
+            plan.detail.as_deref()
+        } else {
+            None
+        },
     }
-    let tags: Vec<&str> = plan.purge_tags.iter().map(String::as_str).collect();
+    .to_json()
+}
+
+/// [`events_for`], appended to `out`: a batch's events in one vector, and in the
+/// common case (a plan that deletes or republishes, each key and tag within its
+/// bound) no list of the keys or tags gathered for the event.
+pub fn events_into(
+    source: &str,
+    item: &Item,
+    index: usize,
+    limits: &EventLimits,
+    out: &mut Vec<Outgoing>,
+) -> Fitted {
+    let plan = &item.plan;
     // The common case, serialized once: every key within its bound and the whole event
     // within the limit (then every key also fits the room an event leaves it).
-    if keys
-        .iter()
-        .chain(&tags)
-        .all(|s| s.len() <= limits.max_key_bytes)
+    let within = |s: &String| s.len() <= limits.max_key_bytes;
+    if plan.delete.iter().all(within)
+        && plan.republish.iter().all(|r| within(&r.key))
+        && plan.purge_tags.iter().all(within)
     {
-        let o = &item.origin;
-        let (lsn, time) = (o.version.commit_lsn, PgTime(o.commit_time));
-        let flush_all = plan.flush_all;
-        let payload = EventRef {
-            schema: SCHEMA,
-            kind: if flush_all {
-                &Kind::FlushAll
-            } else {
-                &Kind::Invalidate
-            },
-            source,
-            lsn: Some(&lsn),
-            xid: Some(o.xid),
-            commit_time: Some(&time),
-            table: o.table.as_deref(),
-            op: Some(o.op),
-            keys: &keys,
-            tags: &tags,
-            reason: flush_all.then(|| flush_reason(o.op)),
-            detail: if flush_all {
-                plan.detail.as_deref()
-            } else {
-                None
-            },
-        }
-        .to_json();
+        let (payload, first) = if plan.republish.is_empty() {
+            (whole_json(source, item, &plan.delete), plan.delete.first())
+        } else {
+            let keys = event_keys(plan);
+            (
+                whole_json(source, item, &keys),
+                plan.delete
+                    .first()
+                    .or(plan.republish.first().map(|r| &r.key)),
+            )
+        };
         if payload.len() <= limits.max_event_bytes {
-            let out = Outgoing {
-                key: message_key(keys.first().copied(), item),
+            out.push(Outgoing {
+                key: message_key(first.map(String::as_str), item),
                 payload,
                 item: index,
                 degraded: false,
-            };
-            return (vec![out], Fitted::Whole);
+            });
+            return Fitted::Whole;
         }
     }
+    let keys = event_keys(plan);
+    let tags: Vec<&str> = plan.purge_tags.iter().map(String::as_str).collect();
     let base = base_event(source, item);
     let base_len = base.to_json().len();
     // `,"keys":[` and `]`; the same for tags.
@@ -242,7 +269,8 @@ pub fn events_for(
             largest: s.len(),
             preview: cut(s, KEY_SHOWN),
         };
-        return (vec![flush_all_for(source, item, index, &why)], fitted);
+        out.push(flush_all_for(source, item, index, &why));
+        return fitted;
     }
 
     // Greedy: keys then tags, in order, each event as full as it may be.
@@ -260,13 +288,13 @@ pub fn events_for(
         let mut e = base;
         e.keys = keys.iter().map(|k| k.to_string()).collect();
         e.tags = tags.iter().map(|t| t.to_string()).collect();
-        let out = Outgoing {
+        out.push(Outgoing {
             key: message_key(keys.first().copied(), item),
             payload: e.to_json(),
             item: index,
             degraded: false,
-        };
-        return (vec![out], Fitted::Whole);
+        });
+        return Fitted::Whole;
     }
     let mut chunks: Vec<(Vec<&str>, Vec<&str>)> = vec![(Vec::new(), Vec::new())];
     let mut size = base_len;
@@ -294,21 +322,29 @@ pub fn events_for(
         }
     }
     let n = chunks.len();
-    let out = chunks
-        .into_iter()
-        .map(|(k, t)| {
-            let mut e = base.clone();
-            e.keys = k.iter().map(|s| s.to_string()).collect();
-            e.tags = t.iter().map(|s| s.to_string()).collect();
-            Outgoing {
-                key: message_key(k.first().copied().or(keys.first().copied()), item),
-                payload: e.to_json(),
-                item: index,
-                degraded: false,
-            }
-        })
-        .collect();
-    (out, Fitted::Split(n))
+    out.extend(chunks.into_iter().map(|(k, t)| {
+        let mut e = base.clone();
+        e.keys = k.iter().map(|s| s.to_string()).collect();
+        e.tags = t.iter().map(|s| s.to_string()).collect();
+        Outgoing {
+            key: message_key(k.first().copied().or(keys.first().copied()), item),
+            payload: e.to_json(),
+            item: index,
+            degraded: false,
+        }
+    }));
+    Fitted::Split(n)
+}
+
+/// An event's keys: the plan's deletes, then its republished keys not deleted too.
+fn event_keys(plan: &crate::plan::Plan) -> Vec<&str> {
+    let mut keys: Vec<&str> = plan.delete.iter().map(String::as_str).collect();
+    for r in &plan.republish {
+        if !keys.contains(&r.key.as_str()) {
+            keys.push(&r.key);
+        }
+    }
+    keys
 }
 
 #[cfg(test)]
@@ -402,6 +438,60 @@ mod tests {
             out[0].payload,
             r#"{"schema":1,"kind":"invalidate","source":"main-db","lsn":"0/1A2B3C4","xid":7781,"commit_time":"2000-01-01T00:00:00.000000Z","table":"public.products","op":"update","keys":["shop:product:v3:42"],"tags":["shop:category:7"]}"#
         );
+    }
+
+    /// The event names every key the plan touches once, deletes first, whichever
+    /// path wrote it; `events_into` appends to what a batch already has.
+    #[test]
+    fn an_event_lists_deleted_then_republished_keys_once() {
+        let republish = |k: &str| crate::plan::Republish {
+            key: k.into(),
+            value: Arc::from("{}"),
+            ttl: None,
+        };
+        let cases: [(Vec<&str>, Vec<&str>, Vec<&str>); 4] = [
+            (vec!["d1", "d2"], vec![], vec!["d1", "d2"]),
+            (vec![], vec!["r1", "r2"], vec!["r1", "r2"]),
+            (vec!["d1", "x"], vec!["x", "r1"], vec!["d1", "x", "r1"]),
+            (vec![], vec![], vec![]),
+        ];
+        for (delete, repub, want) in cases {
+            let plan = Plan {
+                delete: delete.iter().map(|k| k.to_string()).collect(),
+                republish: repub.iter().map(|k| republish(k)).collect(),
+                purge_tags: vec!["t".into()],
+                ..Plan::default()
+            };
+            let it = item(Some("public.t"), plan);
+            let mut out = vec![flush_all_for("db", &it, 9, "already there")];
+            // Once on the common path, once forced onto the fitting path by a limit
+            // just under the event's size (it splits, keeping every key).
+            let fitted = events_into("db", &it, 2, &limits(900_000), &mut out);
+            assert_eq!(fitted, Fitted::Whole);
+            assert_eq!(out.len(), 2, "appended");
+            assert_eq!(out[0].item, 9);
+            assert_eq!((out[1].item, out[1].degraded), (2, false));
+            let v = parse(&out[1]);
+            assert_eq!(strings(&v, "keys"), want);
+            assert_eq!(strings(&v, "tags"), ["t"]);
+            assert_eq!(out[1].key, want.first().copied().unwrap_or("public.t"));
+            let mut owned = base_event("db", &it);
+            owned.keys = want.iter().map(|k| k.to_string()).collect();
+            owned.tags = vec!["t".into()];
+            assert_eq!(
+                out[1].payload,
+                owned.to_json(),
+                "as the owned event writes it"
+            );
+            let size = out[1].payload.len();
+            let (split, _) = events_for("db", &it, 2, &limits(size - 1));
+            let mut all: Vec<String> = split
+                .iter()
+                .flat_map(|o| strings(&parse(o), "keys"))
+                .collect();
+            all.dedup();
+            assert_eq!(all, want, "the fitting path keeps the same keys");
+        }
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::backoff::Backoff;
 use crate::config::KafkaConfig;
 use crate::lsn::Lsn;
 use crate::sink::cut;
-use crate::sink::fit::{events_for, refused, EventLimits, Fitted, Outgoing};
+use crate::sink::fit::{events_into, refused, EventLimits, Fitted, Outgoing};
 use crate::sink::retry::{Repeats, WARN_EVERY};
 use crate::sink::{describe, Batch, Position, RetryLog, Sink, SinkError, SinkErrorKind};
 
@@ -358,8 +358,7 @@ impl KafkaSink {
     fn build(&self, batch: &Batch) -> Vec<Outgoing> {
         let mut events = Vec::with_capacity(batch.items.len());
         for (index, item) in batch.items.iter().enumerate() {
-            let (out, fitted) = events_for(&self.source, item, index, &self.limits);
-            events.extend(out);
+            let fitted = events_into(&self.source, item, index, &self.limits, &mut events);
             let outcome = match &fitted {
                 Fitted::Whole => continue,
                 Fitted::Split(_) => "split",
