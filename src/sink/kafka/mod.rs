@@ -27,7 +27,7 @@ mod acks;
 mod topic;
 
 pub use acks::SinkProducer;
-use acks::{send_all, Acks, Record, Tracked};
+use acks::{send_all, Acks, Record};
 use topic::{
     announce_topic_lost, ensure_topic, flush_all_event, heartbeats, off_runtime, send_flush_all,
     TopicWatch,
@@ -170,10 +170,10 @@ impl ClientContext for LogContext {
 }
 
 impl ProducerContext for LogContext {
-    type DeliveryOpaque = Box<Tracked>;
+    type DeliveryOpaque = Arc<Acks>;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, tracked: Box<Tracked>) {
-        Acks::report(*tracked, result);
+    fn delivery(&self, result: &DeliveryResult<'_>, acks: Arc<Acks>) {
+        Acks::report(acks, result);
     }
 }
 
