@@ -40,14 +40,11 @@ pub fn sidecar_key(key: &str, suffix: &str) -> String {
 pub fn sidecar_key_into(key: &str, suffix: &str, out: &mut String) {
     const SEP: &str = ":w2c:";
     out.clear();
-    let has_tag = key
-        .find('{')
-        .and_then(|s| key[s + 1..].find('}'))
-        .is_some_and(|len| len > 0);
+    let (has_tag, has_close) = braces(key);
     out.reserve(key.len() + SEP.len() + suffix.len() + 6);
     if has_tag {
         out.push_str(key);
-    } else if !key.is_empty() && !key.contains('}') {
+    } else if !key.is_empty() && !has_close {
         out.push('{');
         out.push_str(key);
         out.push('}');
@@ -61,6 +58,24 @@ pub fn sidecar_key_into(key: &str, suffix: &str, out: &mut String) {
     }
     out.push_str(SEP);
     out.push_str(suffix);
+}
+
+/// In one pass over `key`: has it a hash tag (a `{` followed, after at least one
+/// byte, by a `}`: Redis Cluster hashes only what is between them), and has it a
+/// `}` at all?
+fn braces(key: &str) -> (bool, bool) {
+    let (mut open, mut tag, mut close) = (None, None, false);
+    for (i, &b) in key.as_bytes().iter().enumerate() {
+        if b == b'}' {
+            close = true;
+            if let (Some(o), None) = (open, tag) {
+                tag = Some(i > o + 1);
+            }
+        } else if b == b'{' && open.is_none() {
+            open = Some(i);
+        }
+    }
+    (tag == Some(true), close)
 }
 
 /// A SCAN MATCH pattern that finds the lease sidecars of every key starting with
@@ -150,6 +165,18 @@ mod tests {
         for key in ["shop:product:v3:42", "user:{42}:profile", "odd}key", ""] {
             sidecar_key_into(key, LEASE, &mut buf);
             assert_eq!(buf, lease_key(key));
+        }
+    }
+
+    proptest::proptest! {
+        /// The one-pass scan answers as the string searches it replaced.
+        #[test]
+        fn braces_are_found_in_one_pass(key in "[{}a:é]{0,12}") {
+            let tag = key
+                .find('{')
+                .and_then(|s| key[s + 1..].find('}'))
+                .is_some_and(|len| len > 0);
+            proptest::prop_assert_eq!(braces(&key), (tag, key.contains('}')));
         }
     }
 
