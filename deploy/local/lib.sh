@@ -190,6 +190,56 @@ read_pidfile() {
 
 # refuse_taken_port PORT: stop, naming the process, when something already listens on
 # $HOST:PORT.
+# The listening ports of the local services that fall in the kernel's ephemeral range
+# (net.ipv4.ip_local_port_range, 32768-60999 by default): PostgreSQL and its TLS and
+# major variants, and the Redis Cluster bus ports.
+service_ports_in_ephemeral_range() {
+    local lo hi port
+    read -r lo hi </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || return 0
+    local ports=("$PG_PORT" "$PG_TLS_PORT")
+    for port in 13 14 15 16 17 18; do ports+=("$((PG_MAJOR_PORT_BASE + port))"); done
+    for port in "${REDIS_CLUSTER_PORTS[@]}" "${REDIS_CLUSTER_TLS_PORTS[@]}"; do
+        ports+=("$((port + REDIS_CLUSTER_BUS_OFFSET))")
+    done
+    ports+=("$REDIS_PORT" "$REDIS_TLS_PORT" "$KAFKA_PORT" "$KAFKA_TLS_PORT" "$KAFKA_SASL_PORT"
+        "$KAFKA_SSL_PORT" "$KAFKA_SSL_BROKER_PORT")
+    for port in "${ports[@]}"; do
+        ((port >= lo && port <= hi)) && printf '%s\n' "$port"
+    done
+    return 0
+}
+
+# reserve_service_ports: keep the kernel from giving the services' ports to outgoing
+# connections. A client socket that happened to get, say, 54318 as its ephemeral port
+# made a PostgreSQL start fail with "Address already in use" on a clean CI run. Adds
+# them to net.ipv4.ip_local_reserved_ports (as root; until the next reboot), keeping
+# what is reserved already; listening on a reserved port still works.
+reserve_service_ports() {
+    local file=/proc/sys/net/ipv4/ip_local_reserved_ports
+    [[ -w "$file" ]] && is_root || return 0
+    local current wanted=() port
+    current="$(cat "$file")"
+    for port in $(service_ports_in_ephemeral_range); do
+        # Already reserved, alone or in a range?
+        local covered=0 part
+        for part in ${current//,/ }; do
+            if [[ "$part" == *-* ]]; then
+                ((port >= ${part%-*} && port <= ${part#*-})) && covered=1
+            else
+                ((port == part)) && covered=1
+            fi
+        done
+        ((covered)) || wanted+=("$port")
+    done
+    ((${#wanted[@]})) || return 0
+    local joined
+    joined="$(IFS=,; printf '%s' "${wanted[*]}")"
+    if printf '%s\n' "${current:+$current,}$joined" >"$file" 2>/dev/null; then
+        log_info "reserved ports $joined from the kernel's ephemeral range (net.ipv4.ip_local_reserved_ports), so no client connection takes a service's port"
+    fi
+    return 0
+}
+
 refuse_taken_port() {
     if port_open "$HOST" "$1"; then
         die "port $HOST:$1 is in use by another process: $(ss -Htlnp "sport = :$1" 2>/dev/null | head -n1)"

@@ -440,12 +440,23 @@ start_pg() {
     pg_write_config
 
     log_info "starting postgres on $HOST:$PG_PORT (data $PG_DATA, log $PG_LOG)"
-    local out
-    if ! out="$(as_postgres "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" \
-        -w -t "$START_TIMEOUT" start 2>&1)"; then
+    local out deadline=$((SECONDS + 75))
+    while true; do
+        if out="$(as_postgres "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" \
+            -w -t "$START_TIMEOUT" start 2>&1)"; then
+            break
+        fi
+        # A client connection may have had the port as its own (when it could not be
+        # reserved, see reserve_service_ports); once closed, it holds the port in
+        # TIME_WAIT for up to 60 s: wait for it.
+        if ((SECONDS < deadline)) && tail -n 20 "$PG_LOG" 2>/dev/null | grep -q "Address already in use"; then
+            log_info "port $HOST:$PG_PORT is held by another socket (Address already in use: $(ss -Htan "sport = :$PG_PORT" 2>/dev/null | head -n1)); starting again in 2 s"
+            sleep 2
+            continue
+        fi
         printf '%s\n' "$out" >&2
         fail_with_log "$PG_LOG" "postgres failed to start"
-    fi
+    done
     local deadline=$((SECONDS + START_TIMEOUT))
     until "$PG_CLIENT_BIN/pg_isready" -q -h "$HOST" -p "$PG_PORT" -U "$PG_SUPERUSER" -d postgres; do
         ((SECONDS < deadline)) ||
@@ -1287,6 +1298,7 @@ main() {
         for svc in $list; do "install_$svc"; done
         ;;
     start)
+        reserve_service_ports
         list="$(services "${1:-all}")"
         for svc in $list; do "start_$svc"; done
         ;;
@@ -1297,6 +1309,7 @@ main() {
     restart)
         list="$(services "${1:-all}" reverse)"
         for svc in $list; do "stop_$svc"; done
+        reserve_service_ports
         list="$(services "${1:-all}")"
         for svc in $list; do "start_$svc"; done
         ;;
