@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 use crate::health::Health;
 use crate::lsn::Lsn;
 use crate::pgtime::{pg_now, pg_time_between, since_pg_time};
-use crate::sink::{Batch, Position, Sink, SinkError};
+use crate::sink::{Batch, Item, Position, Sink, SinkError};
 use crate::source::Confirmer;
 
 /// Batches waiting for each sink: enough for a fast sink (Redis) to run ahead of a
@@ -318,14 +318,9 @@ async fn sink_task<S: Sink>(
         items.increment(batch.items.len() as u64);
         // Commit to applied, once per transaction (all of them applied now).
         let now = pg_now();
-        let mut last = None;
-        for item in &batch.items {
-            let t = item.origin.commit_time;
-            if last != Some(t) {
-                last = Some(t);
-                if let Some(lag) = pg_time_between(t, now) {
-                    latency.record(lag.as_secs_f64());
-                }
+        for t in commit_times(&batch.items) {
+            if let Some(lag) = pg_time_between(t, now) {
+                latency.record(lag.as_secs_f64());
             }
         }
         ledger
@@ -335,6 +330,22 @@ async fn sink_task<S: Sink>(
     }
     sink.close().await;
     Ok(())
+}
+
+/// The commit time of each transaction of `items`, once: a transaction is told by its
+/// commit LSN (two transactions committed in the same microsecond are two; telling
+/// them by their commit time counted about 0.4% too few at 2,000 transactions/s from
+/// two connections).
+pub(super) fn commit_times(items: &[Item]) -> impl Iterator<Item = i64> + '_ {
+    let mut last = None;
+    items.iter().filter_map(move |item| {
+        let o = &item.origin;
+        let lsn = o.version.commit_lsn;
+        (last != Some(lsn)).then(|| {
+            last = Some(lsn);
+            o.commit_time
+        })
+    })
 }
 
 /// One log line a minute while busy.

@@ -571,3 +571,36 @@ async fn an_invalidate_all_message_becomes_a_flush_of_what_the_rules_cache() {
     assert_eq!(plan.purge_tag_prefixes, ["items:list"]);
     assert_eq!(plan.detail.as_deref(), Some("deploy 42"));
 }
+
+/// The latency is recorded once per transaction, and transactions are told apart by
+/// their commit LSN, not their commit time: two committed in the same microsecond are
+/// two samples; the changes of one transaction are one.
+#[test]
+fn each_transaction_is_one_latency_sample() {
+    use crate::sink::{Item, Origin, Version};
+    let item = |lsn: u64, seq: u32, time: i64| Item {
+        origin: Origin {
+            version: Version {
+                commit_lsn: Lsn(lsn),
+                seq,
+            },
+            xid: lsn as u32,
+            commit_time: time,
+            table: None,
+            op: "update",
+        },
+        plan: Arc::new(crate::plan::Plan::default()),
+    };
+    let items = [
+        item(100, 0, 5),
+        item(100, 1, 5),
+        item(200, 0, 5), // same microsecond, another transaction
+        item(300, 0, 7),
+        item(300, 1, 7),
+        item(300, 2, 7),
+        item(400, 0, 9),
+    ];
+    let times: Vec<i64> = applier::commit_times(&items).collect();
+    assert_eq!(times, [5, 5, 7, 9]);
+    assert_eq!(applier::commit_times(&[]).count(), 0);
+}
