@@ -21,19 +21,19 @@ const DASHBOARD: &str = include_str!("../deploy/grafana/wal2cache.json");
 /// The suffixes of a summary's or histogram's series beside its base name.
 const SERIES_SUFFIXES: [&str; 3] = ["_bucket", "_sum", "_count"];
 
-/// Every PromQL string of the dashboard: the panels' `expr`, and the variables'
-/// `query` and `definition`.
-fn queries(value: &Value, out: &mut Vec<String>) {
+/// Every string of the dashboard under one of `keys` (its PromQL is under the panels'
+/// `expr` and the variables' `query` and `definition`).
+fn queries(value: &Value, keys: &[&str], out: &mut Vec<String>) {
     match value {
         Value::Object(map) => {
             for (key, v) in map {
-                match (key.as_str(), v) {
-                    ("expr" | "query" | "definition", Value::String(s)) => out.push(s.clone()),
-                    _ => queries(v, out),
+                match v {
+                    Value::String(s) if keys.contains(&key.as_str()) => out.push(s.clone()),
+                    _ => queries(v, keys, out),
                 }
             }
         }
-        Value::Array(items) => items.iter().for_each(|v| queries(v, out)),
+        Value::Array(items) => items.iter().for_each(|v| queries(v, keys, out)),
         _ => {}
     }
 }
@@ -146,7 +146,7 @@ async fn every_metric_of_the_dashboard_is_exported_by_the_daemon() {
     let dashboard: Value = serde_json::from_str(DASHBOARD).expect("the dashboard is JSON");
     assert_eq!(dashboard["schemaVersion"], 39, "schemaVersion");
     let mut exprs = Vec::new();
-    queries(&dashboard, &mut exprs);
+    queries(&dashboard, &["expr", "query", "definition"], &mut exprs);
     let used: BTreeSet<String> = exprs.iter().flat_map(|e| metric_names(e)).collect();
     assert!(
         used.len() >= 10,
@@ -245,22 +245,8 @@ fn with_variables_filled(expr: &str) -> String {
 #[test]
 fn every_query_of_the_dashboard_parses_as_promql() {
     let dashboard: Value = serde_json::from_str(DASHBOARD).expect("the dashboard is JSON");
-    fn exprs(value: &Value, out: &mut Vec<String>) {
-        match value {
-            Value::Object(map) => {
-                for (key, v) in map {
-                    match (key.as_str(), v) {
-                        ("expr", Value::String(s)) => out.push(s.clone()),
-                        _ => exprs(v, out),
-                    }
-                }
-            }
-            Value::Array(items) => items.iter().for_each(|v| exprs(v, out)),
-            _ => {}
-        }
-    }
     let mut found = Vec::new();
-    exprs(&dashboard, &mut found);
+    queries(&dashboard, &["expr"], &mut found);
     assert!(found.len() >= 10, "only {} expressions found", found.len());
     let mut rules = String::from("groups:\n- name: dashboard\n  rules:\n");
     for (i, e) in found.iter().enumerate() {

@@ -219,19 +219,15 @@ pub fn events_into(
         && plan.purge_tags.iter().all(within)
     {
         let (payload, first) = if plan.republish.is_empty() {
-            (whole_json(source, item, &plan.delete), plan.delete.first())
+            let first = plan.delete.first().map(String::as_str);
+            (whole_json(source, item, &plan.delete), first)
         } else {
             let keys = event_keys(plan);
-            (
-                whole_json(source, item, &keys),
-                plan.delete
-                    .first()
-                    .or(plan.republish.first().map(|r| &r.key)),
-            )
+            (whole_json(source, item, &keys), keys.first().copied())
         };
         if payload.len() <= limits.max_event_bytes {
             out.push(Outgoing {
-                key: message_key(first.map(String::as_str), item),
+                key: message_key(first, item),
                 payload,
                 item: index,
                 degraded: false,
