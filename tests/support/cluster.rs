@@ -133,8 +133,12 @@ impl Cluster {
         let log = dir.join("log");
         let span = (PORTS.end - PORTS.start) as u32;
         let mut tried = Vec::new();
+        // Clusters started at once by the tests of one process begin at different ports.
+        static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let first =
+            std::process::id() + STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) * 131;
         for attempt in 0..ATTEMPTS {
-            let port = PORTS.start + ((std::process::id() + attempt * 977) % span) as u16;
+            let port = PORTS.start + ((first + attempt * 977) % span) as u16;
             if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
                 tried.push(format!("{port} (in use)"));
                 continue;
@@ -167,7 +171,9 @@ impl Cluster {
                         port,
                     }
                 }
-                Err(_) if logged.contains("could not bind") => {
+                // "could not bind ..." or (16 and later) "could not listen ...": the
+                // errno's text is the same in every major.
+                Err(_) if logged.contains("Address already in use") => {
                     tried.push(format!("{port} (taken while starting)"));
                     let _ = std::fs::remove_file(&log);
                 }
