@@ -122,17 +122,31 @@ pub enum OldKind {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TupleData(pub Vec<Datum>);
 
-/// One column of a row as sent on the wire.
+/// One column of a row as sent on the wire, and as the pipeline sees it
+/// ([`crate::source::change::Value`] is this type: a decoded row becomes a change's
+/// row without a conversion per column).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Datum {
     /// `n`
     Null,
-    /// `u`: an unchanged TOASTed value that Postgres did not send.
+    /// `u`: an unchanged TOASTed value that Postgres did not send. It is never a
+    /// value: look in the old row, or treat the column as unknown.
     UnchangedToast,
     /// `t`: the value in Postgres text form.
     Text(Bytes),
     /// `b`: the value in binary form (only with the `binary` option).
     Binary(Bytes),
+    /// Never on the wire, never decoded: a non-key column of an old row that carries
+    /// only the replica identity key (Postgres sends those columns as NULL, which
+    /// would be a lie; `Row` marks them so).
+    NotSent,
+}
+
+impl Datum {
+    /// The value is present on the wire (NULL counts: it is a real NULL).
+    pub fn is_known(&self) -> bool {
+        !matches!(self, Datum::UnchangedToast | Datum::NotSent)
+    }
 }
 
 /// What was wrong with a message.
@@ -469,6 +483,7 @@ pub(crate) mod encode {
             match d {
                 Datum::Null => out.push(b'n'),
                 Datum::UnchangedToast => out.push(b'u'),
+                Datum::NotSent => panic!("NotSent is never on the wire"),
                 Datum::Text(b) | Datum::Binary(b) => {
                     out.push(if matches!(d, Datum::Text(_)) {
                         b't'
