@@ -141,6 +141,14 @@ async fn the_latency_histograms_count_every_transaction() {
         .write(dir.path());
     let mut daemon = Daemon::start(&config, &[]);
     wait_streaming(&db, &format!("{}_d", db.name)).await;
+    // The daemon's process runs without transparent huge pages (src/main.rs,
+    // tune_allocator), as the README says.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
+    assert!(
+        status.lines().any(|l| l.split_whitespace().eq(["THP_enabled:", "0"])),
+        "THP_enabled in the daemon's /proc status: {:?}",
+        status.lines().find(|l| l.starts_with("THP_enabled"))
+    );
     db.exec("INSERT INTO categories VALUES (1, 'c'); INSERT INTO products VALUES (1, 'p-1', 1, 'P', 1.50, NULL)")
         .await;
     let scrape = || async {
