@@ -47,9 +47,10 @@ const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 /// of freed pages broke a huge page, and the next batch touching that range faulted in
 /// a whole new 2 MiB page and cleared it: `clear_page_erms` under
 /// `do_huge_pmd_anonymous_page` was 6% of the daemon's CPU samples in the tag-heavy
-/// catch-up (`W2C_BENCH_PERF=1`). Measured side by side (2026-12-07, the same binary,
-/// eight interleaved pairs, rusage user + system): 0.97 s mean with huge pages, 0.84 s
-/// without (less in 7 of the 8 pairs), peak RSS 39-50 MiB against 30-31 MiB.
+/// catch-up (`W2C_BENCH_PERF=1`), 0.6% without them. Measured side by side
+/// (2026-12-07, the same binary, eight interleaved pairs, rusage user + system):
+/// 1.00 s mean with huge pages, 0.88 s without (less in 7 of the 8 pairs); peak RSS
+/// 38-56 MiB against 29-37 MiB, and 74 against 64 MiB for a 1M-row transaction.
 #[allow(unsafe_code)]
 fn tune_allocator() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
