@@ -113,37 +113,8 @@ pub fn proc_status_kb(field: &str) -> u64 {
     status_field("self", field)
 }
 
-/// The fields of `/proc/<pid>/stat` after the command name (which may hold spaces):
-/// `[0]` is field 3 (state), utime and stime (14, 15) are `[11]` and `[12]`, cutime
-/// and cstime `[13]` and `[14]`.
-#[allow(dead_code)]
-pub fn stat_fields(pid: impl std::fmt::Display) -> Option<Vec<u64>> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    Some(
-        rest.split_whitespace()
-            .map(|f| f.parse().unwrap_or(0))
-            .collect(),
-    )
-}
-
-#[allow(dead_code)]
-pub fn clock_ticks_per_second() -> f64 {
-    static TCK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TCK.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(100.0)
-    })
-}
-
-#[allow(dead_code)]
-pub fn ticks_to_secs(ticks: u64) -> f64 {
-    ticks as f64 / clock_ticks_per_second()
-}
+#[allow(unused_imports)]
+pub use crate::support::proc::{stat_fields, ticks_to_secs};
 
 /// User + system CPU clock ticks of a process (every thread) so far.
 #[allow(dead_code)]

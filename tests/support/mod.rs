@@ -30,6 +30,7 @@
 
 pub mod env;
 pub mod net;
+pub mod proc;
 pub mod rng;
 pub mod scrape;
 pub mod services;

@@ -12,11 +12,10 @@ use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Message};
-use rdkafka::producer::{BaseRecord, ThreadedProducer};
+use rdkafka::producer::BaseRecord;
 use tokio::sync::Notify;
 
-/// The producer of the sink and its heartbeats; its context logs and counts down.
-pub type SinkProducer = ThreadedProducer<super::LogContext>;
+pub use super::poller::SinkProducer;
 
 /// A message: key, payload, partition (`None`: by key).
 pub type Record<'a> = (&'a [u8], &'a [u8], Option<i32>);

@@ -24,6 +24,7 @@ use crate::sink::retry::{Repeats, WARN_EVERY};
 use crate::sink::{describe, Batch, Position, RetryLog, Sink, SinkError, SinkErrorKind};
 
 mod acks;
+mod poller;
 mod topic;
 
 pub use acks::SinkProducer;
