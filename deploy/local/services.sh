@@ -1220,6 +1220,9 @@ EOF
     "") ;;
     *) die "usage: $0 env [tls|tls-sasl]" ;;
     esac
+    # The plain variables; the unset takes back the Kafka properties of `env tls`
+    # (SSL settings against the plain broker fail every Kafka client), so that
+    # evaluating `env` after `env tls` points everything at the plain services again.
     cat <<EOF
 export WAL2CACHE_TEST_PG=postgres://$PG_SUPERUSER@$HOST:$PG_PORT/postgres
 export WAL2CACHE_TEST_REDIS=redis://$HOST:$REDIS_PORT
@@ -1231,6 +1234,7 @@ export WAL2CACHE_TEST_REDIS_TLS=rediss://$REDIS_TLS_USER:$REDIS_TLS_PASSWORD@loc
 export WAL2CACHE_TEST_REDIS_CLUSTER_TLS=rediss://$REDIS_TLS_USER:$REDIS_TLS_PASSWORD@localhost:${REDIS_CLUSTER_TLS_PORTS[0]}
 export WAL2CACHE_TEST_KAFKA_TLS=localhost:$KAFKA_TLS_PORT
 export WAL2CACHE_TEST_KAFKA_SSL=localhost:$KAFKA_SSL_PORT
+unset WAL2CACHE_TEST_KAFKA_PROPERTIES
 EOF
 }
 
