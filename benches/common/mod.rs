@@ -114,20 +114,7 @@ pub fn proc_status_kb(field: &str) -> u64 {
 }
 
 #[allow(unused_imports)]
-pub use crate::support::proc::{stat_fields, ticks_to_secs};
-
-/// User + system CPU clock ticks of a process (every thread) so far.
-#[allow(dead_code)]
-pub fn process_ticks(pid: i32) -> Option<u64> {
-    let f = stat_fields(pid)?;
-    Some(f.get(11)? + f.get(12)?)
-}
-
-/// User + system CPU seconds of a process, from `/proc/<pid>/stat`.
-#[allow(dead_code)]
-pub fn process_cpu_secs(pid: i32) -> Option<f64> {
-    process_ticks(pid).map(ticks_to_secs)
-}
+pub use crate::support::proc::{process_cpu_secs, process_ticks, stat_fields, ticks_to_secs};
 
 /// CPU seconds of this process's waited-for children (`cutime + cstime`).
 #[allow(dead_code)]

@@ -16,8 +16,7 @@ pub fn stat_fields(pid: impl std::fmt::Display) -> Option<Vec<u64>> {
     )
 }
 
-#[allow(dead_code)]
-pub fn clock_ticks_per_second() -> f64 {
+fn clock_ticks_per_second() -> f64 {
     static TCK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
     *TCK.get_or_init(|| {
         Command::new("getconf")
@@ -34,6 +33,20 @@ pub fn ticks_to_secs(ticks: u64) -> f64 {
     ticks as f64 / clock_ticks_per_second()
 }
 
+/// User + system CPU clock ticks so far of a process (every thread), or of one thread
+/// when `pid` is `<pid>/task/<tid>`.
+#[allow(dead_code)]
+pub fn process_ticks(pid: impl std::fmt::Display) -> Option<u64> {
+    let f = stat_fields(pid)?;
+    Some(f.get(11)? + f.get(12)?)
+}
+
+/// User + system CPU seconds of a process, from `/proc/<pid>/stat`.
+#[allow(dead_code)]
+pub fn process_cpu_secs(pid: impl std::fmt::Display) -> Option<f64> {
+    process_ticks(pid).map(ticks_to_secs)
+}
+
 /// User + system CPU seconds so far of the thread of process `pid` named `name`
 /// (`/proc/<pid>/task/*/comm`), or `None` when it has none by that name.
 #[allow(dead_code)]
@@ -47,7 +60,6 @@ pub fn thread_cpu_secs(pid: i32, name: &str) -> Option<f64> {
             if comm.trim() != name {
                 return None;
             }
-            let f = stat_fields(format!("{pid}/task/{tid}"))?;
-            Some(ticks_to_secs(f.get(11)? + f.get(12)?))
+            process_cpu_secs(format!("{pid}/task/{tid}"))
         })
 }
