@@ -63,14 +63,11 @@ fn tune_allocator() {
         // mimalloc's arenas mapped before `main` were already advised: the process
         // flag stops huge pages on every later fault, whatever the advice (what
         // mimalloc itself does at start under MIMALLOC_ALLOW_THP=0).
+        // Its result is not looked at: kernels before 3.15 have no such flag, and the
+        // daemon works the same (this runs before logging starts, so nothing could be
+        // said about it anyway).
         // SAFETY: prctl with integer arguments only; it sets a flag of this process.
-        let set = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
-        if set != 0 {
-            // Kernels before 3.15 have no such flag; the daemon works the same.
-            tracing::debug!(
-                "prctl(PR_SET_THP_DISABLE) failed: huge pages stay as the kernel decides"
-            );
-        }
+        unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
     }
 }
 
