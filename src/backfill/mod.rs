@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
 use crate::config::{BackfillConfig, Config};
@@ -222,6 +223,38 @@ pub fn version(consistent_point: Lsn) -> Version {
         commit_lsn: Lsn(consistent_point.0.saturating_sub(1)),
         seq: u32::MAX,
     }
+}
+
+/// Whether the streams have moved past the snapshot: every logical slot of this
+/// database that decodes with pgoutput (a wal2cache daemon's, whatever its name, but
+/// also any other subscriber's: the check cannot tell them apart) has confirmed a
+/// position at or after `point`, or there is none. Temporary slots are left out:
+/// they are backfills' own (or a subscription's initial copy), which write nothing
+/// from the stream.
+///
+/// Once true it stays true: a slot's confirmed position only moves forward, and a
+/// slot created later starts at or after its own consistent point, which is after
+/// this one. From then on the stream will never apply a change older than `point`
+/// again (a transaction the snapshot sees ended at or before `point`, so it is never
+/// sent again from a slot that confirmed `point`), so a backfilled value needs no
+/// version of its own to hold against one: it only has to yield to a version stored
+/// since (a change or a delete after the snapshot, always written with its version).
+/// The page is then a settled batch ([`Batch::settled`]): one write a key instead of
+/// two. Before, and whenever the check cannot be made, every value carries its
+/// version as the stream's do.
+async fn settled(client: &Client, point: Lsn) -> Result<bool, Error> {
+    let row = client
+        .query_one(
+            "SELECT coalesce(bool_and(confirmed_flush_lsn IS NOT NULL
+                                      AND confirmed_flush_lsn >= $1::text::pg_lsn), true)
+             FROM pg_replication_slots
+             WHERE slot_type = 'logical' AND plugin = 'pgoutput' AND NOT temporary
+               AND database = current_database()",
+            &[&point.to_string()],
+        )
+        .await
+        .map_err(pg("reading the replication slots' confirmed positions"))?;
+    Ok(row.get(0))
 }
 
 /// Set in the environment, the backfill's values win over everything: the switch with
@@ -470,37 +503,35 @@ impl Pages {
         }
     }
 
-    /// The page's rows as the republish of their INSERTs, and the key of its last row.
+    /// The key of `row`, where the next page starts.
+    fn key_of(&self, row: &tokio_postgres::Row) -> Vec<String> {
+        self.shape
+            .key
+            .iter()
+            .map(|&i| row.get::<_, Option<String>>(i).unwrap_or_default())
+            .collect()
+    }
+
+    /// The page's rows as the republish of their INSERTs.
     fn plan(
         &self,
         planner: &mut Planner,
         rows: &[tokio_postgres::Row],
         origin: &Origin,
-    ) -> Result<(Vec<Item>, Option<Vec<String>>), Error> {
+    ) -> Result<Vec<Item>, Error> {
         let shape = &self.shape;
         let mut items = Vec::with_capacity(rows.len());
-        let mut last = None;
         for row in rows {
-            let values: Vec<Option<String>> = (0..shape.relation.columns.len())
-                .map(|i| row.get(i))
+            let values = (0..shape.relation.columns.len())
+                .map(|i| match row.get::<_, Option<String>>(i) {
+                    Some(text) => Value::Text(Bytes::from(text)),
+                    None => Value::Null,
+                })
                 .collect();
-            last = Some(
-                shape
-                    .key
-                    .iter()
-                    .map(|&i| values[i].clone().unwrap_or_default())
-                    .collect(),
-            );
             let change = Change {
                 relation: shape.relation.clone(),
                 op: Op::Insert,
-                new: Some(Row(values
-                    .into_iter()
-                    .map(|v| match v {
-                        Some(text) => Value::Text(Bytes::from(text)),
-                        None => Value::Null,
-                    })
-                    .collect())),
+                new: Some(Row(values)),
                 old: None,
                 old_kind: None,
             };
@@ -517,7 +548,7 @@ impl Pages {
                 }),
             });
         }
-        Ok((items, last))
+        Ok(items)
     }
 }
 
@@ -534,13 +565,15 @@ async fn copy(
     let reader = snapshot.reader(settings.statement_timeout).await?;
     let (redis_config, _) = config.sinks()?;
     let (_stop_redis, stop_rx) = watch::channel(false);
-    let mut redis = if options.dry_run {
+    let redis = if options.dry_run {
         None
     } else {
         Some(RedisSink::connect(redis_config, stop_rx).await?)
     };
-    let mut planner = Planner::new(Arc::new(rules.clone()));
+    // On a blocking thread while a page is planned.
+    let mut planner = Some(Planner::new(Arc::new(rules.clone())));
     let mut report = Report::default();
+    let mut settled = false;
     // Every table's shape first: a table that cannot be paged stops the backfill
     // before anything is written.
     let mut tables = Vec::new();
@@ -560,11 +593,12 @@ async fn copy(
         );
     }
     observer.planned(&estimates, expected);
+    let mut writer = Writer::start(redis);
     let started = Instant::now();
     let mut warned_long = false;
     for (table, shape) in tables {
         let table_name = table.to_string();
-        let pages = Pages::new(&table, shape);
+        let pages = Arc::new(Pages::new(&table, shape));
         let origin = Origin {
             version,
             xid: 0,
@@ -575,12 +609,14 @@ async fn copy(
         let mut last: Option<Vec<String>> = None;
         let mut rows_of_table = 0u64;
         let mut page = options.chunk.clamp(1, MAX_PAGE);
-        // The page read while the one before it is written.
-        let mut writing: Option<Batch> = None;
+        // Three stages at once: the page read while the one before it is planned (on
+        // a blocking thread, so that this runtime keeps both connections moving) and
+        // the one before that written (by the writer task).
+        let mut planning: Option<Vec<tokio_postgres::Row>> = None;
+        let mut more = true;
         loop {
             if *stop.borrow() {
                 report.interrupted = true;
-                break;
             }
             if started.elapsed() > BackfillConfig::MAX_RUN {
                 return Err(Error::Backfill(BackfillError::TooLong {
@@ -592,34 +628,76 @@ async fn copy(
                 warned_long = true;
                 tracing::warn!(elapsed_s = started.elapsed().as_secs(), rows = report.rows, "backfill: still running after backfill.max_duration; its snapshot holds back vacuum on the database meanwhile (Ctrl-C stops it, what was written stays)");
             }
-            let asked = Instant::now();
-            let (rows, written) = tokio::join!(
-                pages.read(&reader, last.as_deref(), page),
-                write(redis.as_mut(), writing.take())
+            let reading = more && !report.interrupted;
+            let plan = planning.take().map(|rows| {
+                let pages = pages.clone();
+                let origin = origin.clone();
+                let mut planner = planner.take().expect("one page is planned at a time");
+                tokio::task::spawn_blocking(move || {
+                    let planned = pages.plan(&mut planner, &rows, &origin);
+                    (planner, planned)
+                })
+            });
+            if plan.is_none() && !reading {
+                break;
+            }
+            let (rows, planned) = tokio::join!(
+                async {
+                    let asked = Instant::now();
+                    match reading {
+                        true => Some((pages.read(&reader, last.as_deref(), page).await, asked.elapsed())),
+                        false => None,
+                    }
+                },
+                async {
+                    match plan {
+                        Some(handle) => Some(handle.await),
+                        None => None,
+                    }
+                }
             );
-            report.refused += written?;
+            if let Some(planned) = planned {
+                let (back, items) = planned.map_err(|e| {
+                    Error::Backfill(BackfillError::Failed(format!("{table_name} (planning a page: {e})")))
+                })?;
+                planner = Some(back);
+                let items = items?;
+                report.keys += items
+                    .iter()
+                    .map(|i| i.plan.republish.len() as u64)
+                    .sum::<u64>();
+                if !settled && !options.dry_run {
+                    settled = self::settled(&reader, snapshot.consistent_point).await?;
+                    if settled {
+                        tracing::info!(rows = report.rows, "backfill: every slot has confirmed past the snapshot; the values from here on are written without a version of their own (one write a key)");
+                    }
+                }
+                writer
+                    .send(Batch {
+                        items,
+                        settled,
+                        ..Batch::default()
+                    })
+                    .await?;
+            }
+            let Some((rows, took)) = rows else {
+                continue;
+            };
             let rows = rows.map_err(pg(format!(
                 "reading {table} under the backfill's snapshot (backfill.statement_timeout = {:?})",
                 settings.statement_timeout
             )))?;
-            let took = asked.elapsed();
-            let (items, key) = pages.plan(&mut planner, &rows, &origin)?;
-            report.keys += items
-                .iter()
-                .map(|i| i.plan.republish.len() as u64)
-                .sum::<u64>();
             rows_of_table += rows.len() as u64;
             report.rows += rows.len() as u64;
             metrics::counter!("wal2cache_backfill_rows_total", "table" => table_name.clone())
                 .increment(rows.len() as u64);
-            writing = Some(Batch {
-                items,
-                ..Batch::default()
-            });
             observer.progress(&table_name, report.rows, expected_rows);
-            let read_all = rows.len() < page;
-            last = key;
+            more = rows.len() >= page;
+            last = rows.last().map(|row| pages.key_of(row));
             page = next_page(rows.len(), took, settings.page_time);
+            if !rows.is_empty() {
+                planning = Some(rows);
+            }
             if let Some(rate) = options.rate.filter(|r| *r > 0) {
                 // No faster than the rate, in pages no bigger than a second's worth.
                 page = page.min(rate as usize).max(1);
@@ -630,32 +708,100 @@ async fn copy(
                     _ = stop.wait_for(|s| *s) => {}
                 }
             }
-            if read_all {
-                break;
-            }
         }
-        report.refused += write(redis.as_mut(), writing.take()).await?;
+        // Written, not only read: the log line says the table is done.
+        report.refused += writer.drain().await?;
         report.tables.push((table_name.clone(), rows_of_table));
         if report.interrupted {
+            report.refused += writer.close().await?;
             return Ok(report);
         }
         observer.table_done(&table_name, rows_of_table);
     }
-    if let Some(redis) = redis {
-        redis.close().await;
-    }
+    report.refused += writer.close().await?;
     let _ = reader.batch_execute("COMMIT").await;
     Ok(report)
 }
 
-/// Writes a page (nothing in a dry run); returns the keys the version guard refused.
-async fn write(redis: Option<&mut RedisSink>, batch: Option<Batch>) -> Result<u64, Error> {
-    let (Some(redis), Some(batch)) = (redis, batch) else {
-        return Ok(0);
-    };
-    let before = redis.refused();
-    redis.apply(&batch).await?;
-    Ok(redis.refused() - before)
+/// What the writer task is asked to do.
+enum Job {
+    Write(Batch),
+    /// Answer once everything sent before is written, with the keys the version guard
+    /// refused since the last answer.
+    Drain(oneshot::Sender<u64>),
+}
+
+/// The writer task: writes the pages it is sent, in order, one at a time, while the
+/// next ones are read and planned (nothing in a dry run). One page waits in the
+/// channel at most, so memory stays bounded whatever the table's size.
+struct Writer {
+    jobs: mpsc::Sender<Job>,
+    task: JoinHandle<Result<u64, Error>>,
+}
+
+impl Writer {
+    fn start(mut redis: Option<RedisSink>) -> Writer {
+        let (jobs, mut rx) = mpsc::channel::<Job>(1);
+        let task = tokio::spawn(async move {
+            let mut refused = 0;
+            while let Some(job) = rx.recv().await {
+                match (job, redis.as_mut()) {
+                    (Job::Write(batch), Some(redis)) => {
+                        let before = redis.refused();
+                        redis.apply(&batch).await?;
+                        refused += redis.refused() - before;
+                    }
+                    (Job::Write(_), None) => {}
+                    (Job::Drain(answer), _) => {
+                        let _ = answer.send(std::mem::take(&mut refused));
+                    }
+                }
+            }
+            if let Some(redis) = redis {
+                redis.close().await;
+            }
+            Ok(refused)
+        });
+        Writer { jobs, task }
+    }
+
+    /// Hands a page over, waiting while the one before it is still queued.
+    async fn send(&mut self, batch: Batch) -> Result<(), Error> {
+        if self.jobs.send(Job::Write(batch)).await.is_err() {
+            return Err(self.failure().await);
+        }
+        Ok(())
+    }
+
+    /// Waits until every page sent is written; the keys refused meanwhile.
+    async fn drain(&mut self) -> Result<u64, Error> {
+        let (answer, answered) = oneshot::channel();
+        if self.jobs.send(Job::Drain(answer)).await.is_err() {
+            return Err(self.failure().await);
+        }
+        match answered.await {
+            Ok(refused) => Ok(refused),
+            Err(_) => Err(self.failure().await),
+        }
+    }
+
+    /// Writes what is left and stops; the keys refused since the last drain.
+    async fn close(self) -> Result<u64, Error> {
+        drop(self.jobs);
+        joined(self.task.await)
+    }
+
+    /// Why the task stopped taking pages.
+    async fn failure(&mut self) -> Error {
+        match joined((&mut self.task).await) {
+            Err(e) => e,
+            Ok(_) => Error::Backfill(BackfillError::Failed("the writer".into())),
+        }
+    }
+}
+
+fn joined(result: Result<Result<u64, Error>, tokio::task::JoinError>) -> Result<u64, Error> {
+    result.map_err(|e| Error::Backfill(BackfillError::Failed(format!("the writer ({e})"))))?
 }
 
 #[cfg(test)]

@@ -131,6 +131,12 @@ pub struct Batch {
     pub confirm: Option<Lsn>,
     /// Commit time of that transaction.
     pub commit_time: Option<i64>,
+    /// The stream has applied every change older than these items' versions and will
+    /// never apply one again (a backfill's page once the slots have confirmed past its
+    /// snapshot, see `backfill::settled`): a republish still yields to a newer version
+    /// stored beside its key, but leaves no version of its own. Never set by the
+    /// stream.
+    pub settled: bool,
 }
 
 /// What to do about a sink's error.

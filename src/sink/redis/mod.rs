@@ -343,7 +343,11 @@ impl RedisSink {
 
     /// One attempt at the whole batch, in order: the items between flushes coalesced,
     /// each flush after what came before it.
-    async fn try_apply(&mut self, items: &[Item]) -> Result<u64, Failure> {
+    async fn try_apply(&mut self, items: &[Item], settled: bool) -> Result<u64, Failure> {
+        let build = |items| Ops {
+            settled,
+            ..Ops::build(items)
+        };
         let mut refused = 0;
         let mut start = 0;
         for (i, item) in items.iter().enumerate() {
@@ -351,7 +355,7 @@ impl RedisSink {
             if plan.flush_prefixes.is_empty() && plan.purge_tag_prefixes.is_empty() {
                 continue;
             }
-            refused += self.apply_ops(&Ops::build(&items[start..i])).await?;
+            refused += self.apply_ops(&build(&items[start..i])).await?;
             for prefix in &plan.flush_prefixes {
                 self.flush(prefix).await?;
             }
@@ -360,7 +364,7 @@ impl RedisSink {
             }
             start = i;
         }
-        refused += self.apply_ops(&Ops::build(&items[start..])).await?;
+        refused += self.apply_ops(&build(&items[start..])).await?;
         self.wait_for_replicas().await?;
         Ok(refused)
     }
@@ -394,11 +398,14 @@ impl RedisSink {
     /// Finds which item a poison error came from, trying them one by one (everything
     /// here is idempotent), then which of its commands: each command runs alone, in
     /// order (routed by its key in a cluster).
-    async fn locate_poison(&mut self, items: &[Item], first: Failure) -> SinkError {
+    async fn locate_poison(&mut self, batch: &Batch, first: Failure) -> SinkError {
         let mode = self.mode();
-        for item in items {
+        for item in &batch.items {
             let one = std::slice::from_ref(item);
-            let ops = Ops::build(one);
+            let ops = Ops {
+                settled: batch.settled,
+                ..Ops::build(one)
+            };
             let mut commands: Vec<(Cmd, Described)> = Vec::new();
             for_each_command(
                 &ops,
@@ -466,7 +473,7 @@ impl RedisSink {
         }
         let mut reloaded = false;
         loop {
-            let failure = match self.try_apply(&batch.items).await {
+            let failure = match self.try_apply(&batch.items, batch.settled).await {
                 Ok(refused) => {
                     if refused > 0 {
                         self.refused += refused;
@@ -479,7 +486,7 @@ impl RedisSink {
                 Err(e) => e,
             };
             match next_step(&classify(&failure.error), reloaded) {
-                Next::Stop => return Err(self.locate_poison(&batch.items, failure).await),
+                Next::Stop => return Err(self.locate_poison(batch, failure).await),
                 Next::ReloadAndRetry => {
                     reloaded = true;
                     match self.load_scripts().await {

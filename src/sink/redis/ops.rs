@@ -73,6 +73,9 @@ pub(super) struct Ops<'a> {
     pub(super) unlink: Vec<&'a str>,
     /// Tags to purge (without the tag prefix), once each.
     pub(super) tags: Vec<&'a str>,
+    /// The republishes are of a settled batch ([`crate::sink::Batch::settled`]):
+    /// written by the fill script, which leaves no version.
+    pub(super) settled: bool,
 }
 
 #[derive(Default)]
@@ -248,9 +251,15 @@ pub(super) fn for_each_command(
         }
         for chunk in chunk_by_size(&republishes) {
             let first = &chunk[0].0.key;
-            each(scripts.republish_cmd(chunk), first, true, &|| {
-                described("the republish script (EVALSHA)", first, chunk.len())
-            });
+            if ops.settled {
+                each(scripts.fill_cmd(chunk), first, true, &|| {
+                    described("the fill script (EVALSHA)", first, chunk.len())
+                });
+            } else {
+                each(scripts.republish_cmd(chunk), first, true, &|| {
+                    described("the republish script (EVALSHA)", first, chunk.len())
+                });
+            }
         }
     }
     unlinks(&ops.unlink, &mut each);

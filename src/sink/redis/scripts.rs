@@ -26,6 +26,7 @@ const REPUBLISH: &str = include_str!("lua/republish.lua");
 const TOMBSTONE: &str = include_str!("lua/tombstone.lua");
 const PURGE: &str = include_str!("lua/purge.lua");
 const PURGE_BEGIN: &str = include_str!("lua/purge_begin.lua");
+const FILL: &str = include_str!("lua/fill.lua");
 
 /// The suffix of a tag set's purge sidecar (`lua/purge_begin.lua`).
 const PURGING: &str = "p";
@@ -39,6 +40,7 @@ pub(super) struct Scripts {
     pub(super) tombstone: Script,
     pub(super) purge: Script,
     pub(super) purge_begin: Script,
+    pub(super) fill: Script,
 }
 
 impl Scripts {
@@ -48,15 +50,17 @@ impl Scripts {
             tombstone: Script::new(TOMBSTONE),
             purge: Script::new(PURGE),
             purge_begin: Script::new(PURGE_BEGIN),
+            fill: Script::new(FILL),
         }
     }
 
-    pub(super) fn all(&self) -> [&Script; 4] {
+    pub(super) fn all(&self) -> [&Script; 5] {
         [
             &self.republish,
             &self.tombstone,
             &self.purge,
             &self.purge_begin,
+            &self.fill,
         ]
     }
 
@@ -114,6 +118,29 @@ impl Scripts {
             version.clear();
             v.encode_into(&mut version);
             cmd.arg(&version).arg(&*r.value).arg(ttl).arg(keep);
+        }
+        cmd
+    }
+
+    /// The fill script for `items` (a settled batch's values with their versions, see
+    /// [`crate::sink::Batch::settled`]), all on one node, like the republish: each
+    /// value is written unless a version as new is stored, and leaves no version.
+    /// Its reply is how many of them Redis refused.
+    pub(super) fn fill_cmd(&self, items: &[(&Republish, Version)]) -> Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.fill.get_hash()).arg(items.len() * 2);
+        let mut sidecar = String::new();
+        for (r, _) in items {
+            sidecar_key_into(&r.key, VERSION, &mut sidecar);
+            cmd.arg(&r.key).arg(&sidecar);
+        }
+        let mut version = String::with_capacity(24);
+        for (r, v) in items {
+            version.clear();
+            v.encode_into(&mut version);
+            cmd.arg(&version)
+                .arg(&*r.value)
+                .arg(r.ttl.map_or(0, |t| t.as_secs()));
         }
         cmd
     }
