@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
@@ -58,7 +58,10 @@ impl Default for Options {
 /// Pages never hold fewer rows than this, nor more than `MAX_PAGE`, whatever the
 /// time a page takes.
 const MIN_PAGE: usize = 100;
-const MAX_PAGE: usize = 10_000;
+const MAX_PAGE: usize = 5_000;
+
+/// Pages written at once, each on its own connection.
+const WRITERS: usize = 2;
 
 /// Rows a second a backfill was measured to write on a 2-core machine (the
 /// `backfill` benchmark, `deploy/local/bench-backfill.sh`): the expected duration
@@ -565,11 +568,13 @@ async fn copy(
     let reader = snapshot.reader(settings.statement_timeout).await?;
     let (redis_config, _) = config.sinks()?;
     let (_stop_redis, stop_rx) = watch::channel(false);
-    let redis = if options.dry_run {
-        None
-    } else {
-        Some(RedisSink::connect(redis_config, stop_rx).await?)
-    };
+    let mut redis = Vec::new();
+    for _ in 0..WRITERS {
+        redis.push(match options.dry_run {
+            true => None,
+            false => Some(RedisSink::connect(redis_config, stop_rx.clone()).await?),
+        });
+    }
     // On a blocking thread while a page is planned.
     let mut planner = Some(Planner::new(Arc::new(rules.clone())));
     let mut report = Report::default();
@@ -725,75 +730,104 @@ async fn copy(
 
 /// What the writer task is asked to do.
 enum Job {
-    Write(Batch),
+    /// The permit is held until the page is written.
+    Write(Batch, OwnedSemaphorePermit),
     /// Answer once everything sent before is written, with the keys the version guard
     /// refused since the last answer.
     Drain(oneshot::Sender<u64>),
 }
 
-/// The writer task: writes the pages it is sent, in order, one at a time, while the
-/// next ones are read and planned (nothing in a dry run). One page waits in the
-/// channel at most, so memory stays bounded whatever the table's size.
+/// The writer tasks: write the pages they are sent while the next ones are read and
+/// planned (nothing in a dry run). Two of them, each with its own connection, take
+/// the pages in turn, so that Redis has the next page while it answers one (pages
+/// are written in any order: a backfill's values all carry one version). One page
+/// waits per task at most, so memory stays bounded whatever the table's size.
 struct Writer {
-    jobs: mpsc::Sender<Job>,
-    task: JoinHandle<Result<u64, Error>>,
+    tasks: Vec<(mpsc::Sender<Job>, JoinHandle<Result<u64, Error>>)>,
+    next: usize,
+    /// Pages handed over and not yet written: one more than the tasks.
+    pending: Arc<Semaphore>,
 }
 
 impl Writer {
-    fn start(mut redis: Option<RedisSink>) -> Writer {
-        let (jobs, mut rx) = mpsc::channel::<Job>(1);
-        let task = tokio::spawn(async move {
-            let mut refused = 0;
-            while let Some(job) = rx.recv().await {
-                match (job, redis.as_mut()) {
-                    (Job::Write(batch), Some(redis)) => {
-                        let before = redis.refused();
-                        redis.apply(&batch).await?;
-                        refused += redis.refused() - before;
-                    }
-                    (Job::Write(_), None) => {}
-                    (Job::Drain(answer), _) => {
-                        let _ = answer.send(std::mem::take(&mut refused));
+    fn start(redis: Vec<Option<RedisSink>>) -> Writer {
+        let tasks: Vec<_> = redis.into_iter().map(|mut redis| {
+            let (jobs, mut rx) = mpsc::channel::<Job>(1);
+            let task = tokio::spawn(async move {
+                let mut refused = 0;
+                while let Some(job) = rx.recv().await {
+                    match (job, redis.as_mut()) {
+                        (Job::Write(batch, _permit), Some(redis)) => {
+                            let before = redis.refused();
+                            redis.apply(&batch).await?;
+                            refused += redis.refused() - before;
+                        }
+                        (Job::Write(..), None) => {}
+                        (Job::Drain(answer), _) => {
+                            let _ = answer.send(std::mem::take(&mut refused));
+                        }
                     }
                 }
-            }
-            if let Some(redis) = redis {
-                redis.close().await;
-            }
-            Ok(refused)
-        });
-        Writer { jobs, task }
+                if let Some(redis) = redis {
+                    redis.close().await;
+                }
+                Ok(refused)
+            });
+            (jobs, task)
+        }).collect();
+        let pending = Arc::new(Semaphore::new(tasks.len() + 1));
+        Writer {
+            tasks,
+            next: 0,
+            pending,
+        }
     }
 
-    /// Hands a page over, waiting while the one before it is still queued.
+    /// Hands a page over, waiting while the task's page before it is still queued.
     async fn send(&mut self, batch: Batch) -> Result<(), Error> {
-        if self.jobs.send(Job::Write(batch)).await.is_err() {
-            return Err(self.failure().await);
+        let permit = self
+            .pending
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let i = self.next;
+        self.next = (i + 1) % self.tasks.len();
+        if self.tasks[i].0.send(Job::Write(batch, permit)).await.is_err() {
+            return Err(self.failure(i).await);
         }
         Ok(())
     }
 
     /// Waits until every page sent is written; the keys refused meanwhile.
     async fn drain(&mut self) -> Result<u64, Error> {
-        let (answer, answered) = oneshot::channel();
-        if self.jobs.send(Job::Drain(answer)).await.is_err() {
-            return Err(self.failure().await);
+        let mut refused = 0;
+        for i in 0..self.tasks.len() {
+            let (answer, answered) = oneshot::channel();
+            if self.tasks[i].0.send(Job::Drain(answer)).await.is_err() {
+                return Err(self.failure(i).await);
+            }
+            match answered.await {
+                Ok(n) => refused += n,
+                Err(_) => return Err(self.failure(i).await),
+            }
         }
-        match answered.await {
-            Ok(refused) => Ok(refused),
-            Err(_) => Err(self.failure().await),
-        }
+        Ok(refused)
     }
 
     /// Writes what is left and stops; the keys refused since the last drain.
     async fn close(self) -> Result<u64, Error> {
-        drop(self.jobs);
-        joined(self.task.await)
+        let mut refused = 0;
+        for (jobs, task) in self.tasks {
+            drop(jobs);
+            refused += joined(task.await)?;
+        }
+        Ok(refused)
     }
 
-    /// Why the task stopped taking pages.
-    async fn failure(&mut self) -> Error {
-        match joined((&mut self.task).await) {
+    /// Why task `i` stopped taking pages.
+    async fn failure(&mut self, i: usize) -> Error {
+        match joined((&mut self.tasks[i].1).await) {
             Err(e) => e,
             Ok(_) => Error::Backfill(BackfillError::Failed("the writer".into())),
         }

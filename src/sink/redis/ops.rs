@@ -249,13 +249,19 @@ pub(super) fn for_each_command(
                 described("the tombstone script (EVALSHA)", first, chunk.len())
             });
         }
-        for chunk in chunk_by_size(&republishes) {
-            let first = &chunk[0].0.key;
-            if ops.settled {
-                each(scripts.fill_cmd(chunk), first, true, &|| {
-                    described("the fill script (EVALSHA)", first, chunk.len())
-                });
-            } else {
+        if ops.settled {
+            // The fill script takes one version and TTL a call.
+            for run in same_version_and_ttl(republishes) {
+                for chunk in chunk_by_size(&run) {
+                    let first = &chunk[0].0.key;
+                    each(scripts.fill_cmd(chunk), first, true, &|| {
+                        described("the fill script (EVALSHA)", first, chunk.len())
+                    });
+                }
+            }
+        } else {
+            for chunk in chunk_by_size(&republishes) {
+                let first = &chunk[0].0.key;
                 each(scripts.republish_cmd(chunk), first, true, &|| {
                     described("the republish script (EVALSHA)", first, chunk.len())
                 });
@@ -278,6 +284,23 @@ pub(super) fn for_each_command(
             });
         }
     }
+}
+
+/// Republishes grouped by version and TTL (a backfill's page: one group a rule TTL),
+/// each group in the order of its items.
+fn same_version_and_ttl<'a>(
+    items: Vec<(&'a Republish, Version)>,
+) -> Vec<Vec<(&'a Republish, Version)>> {
+    let mut index: HashMap<(Version, Option<std::time::Duration>), usize> = HashMap::new();
+    let mut groups: Vec<Vec<(&'a Republish, Version)>> = Vec::new();
+    for item in items {
+        let i = *index.entry((item.1, item.0.ttl)).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[i].push(item);
+    }
+    groups
 }
 
 /// Keys grouped by cluster hash slot: groups in the order their slot first appears,

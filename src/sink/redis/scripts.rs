@@ -122,10 +122,10 @@ impl Scripts {
         cmd
     }
 
-    /// The fill script for `items` (a settled batch's values with their versions, see
-    /// [`crate::sink::Batch::settled`]), all on one node, like the republish: each
-    /// value is written unless a version as new is stored, and leaves no version.
-    /// Its reply is how many of them Redis refused.
+    /// The fill script for `items` (a settled batch's values, see
+    /// [`crate::sink::Batch::settled`]), all on one node like the republish, and all
+    /// of one version and TTL: each value is written unless a version as new is
+    /// stored, and leaves no version. Its reply is how many of them Redis refused.
     pub(super) fn fill_cmd(&self, items: &[(&Republish, Version)]) -> Cmd {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.fill.get_hash()).arg(items.len() * 2);
@@ -134,13 +134,14 @@ impl Scripts {
             sidecar_key_into(&r.key, VERSION, &mut sidecar);
             cmd.arg(&r.key).arg(&sidecar);
         }
-        let mut version = String::with_capacity(24);
-        for (r, v) in items {
-            version.clear();
+        if let Some((r, v)) = items.first() {
+            debug_assert!(items.iter().all(|(o, w)| w == v && o.ttl == r.ttl));
+            let mut version = String::with_capacity(24);
             v.encode_into(&mut version);
-            cmd.arg(&version)
-                .arg(&*r.value)
-                .arg(r.ttl.map_or(0, |t| t.as_secs()));
+            cmd.arg(&version).arg(r.ttl.map_or(0, |t| t.as_secs()));
+        }
+        for (r, _) in items {
+            cmd.arg(&*r.value);
         }
         cmd
     }

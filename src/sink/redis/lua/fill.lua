@@ -5,7 +5,8 @@
 -- own: the stream will never again apply a change older than it, and a change newer
 -- than it writes its own version. One SET a key instead of two.
 -- KEYS: for each item, its value key then its version sidecar
--- ARGV: for each item, its version (24 hex digits), value and ttl in s (0: none)
+-- ARGV: the version of every item (24 hex digits), their ttl in s (0: none), then
+-- each item's value
 -- Returns how many items Redis refused (it held their version or a newer one).
 local n = #KEYS / 2
 local sidecars = {}
@@ -13,16 +14,16 @@ for j = 1, n do
   sidecars[j] = KEYS[2 * j]
 end
 local stored = redis.call('MGET', unpack(sidecars))
+local version, ttl = ARGV[1], ARGV[2]
 local refused = 0
 for j = 1, n do
-  local a = 3 * j - 2
   local s = stored[j]
-  if s and s >= ARGV[a] then
+  if s and s >= version then
     refused = refused + 1
-  elseif ARGV[a + 2] ~= '0' then
-    redis.call('SET', KEYS[2 * j - 1], ARGV[a + 1], 'EX', ARGV[a + 2])
+  elseif ttl ~= '0' then
+    redis.call('SET', KEYS[2 * j - 1], ARGV[j + 2], 'EX', ttl)
   else
-    redis.call('SET', KEYS[2 * j - 1], ARGV[a + 1])
+    redis.call('SET', KEYS[2 * j - 1], ARGV[j + 2])
   end
 end
 return refused
