@@ -515,15 +515,17 @@ impl Pages {
             .collect()
     }
 
-    /// The page's rows as the republish of their INSERTs.
+    /// The page's rows as the republish of their INSERTs: one item for the page (its
+    /// values only: no tag purge, no delete, nothing for subscribers).
     fn plan(
         &self,
         planner: &mut Planner,
         rows: &[tokio_postgres::Row],
         origin: &Origin,
-    ) -> Result<Vec<Item>, Error> {
+    ) -> Result<Item, Error> {
         let shape = &self.shape;
-        let mut items = Vec::with_capacity(rows.len());
+        let mut page = Plan::default();
+        page.republish.reserve(rows.len());
         for row in rows {
             let values = (0..shape.relation.columns.len())
                 .map(|i| match row.get::<_, Option<String>>(i) {
@@ -541,17 +543,17 @@ impl Pages {
             let planned = planner
                 .plan_change(&change)
                 .map_err(|e| Error::Plan(Box::new(e)))?;
-            // The values only: no tag purge, no delete, nothing for subscribers.
-            items.push(Item {
-                origin: origin.clone(),
-                plan: Arc::new(Plan {
-                    republish: planned.republish,
-                    rules: planned.rules,
-                    ..Plan::default()
-                }),
-            });
+            page.republish.extend(planned.republish);
+            for rule in planned.rules {
+                if !page.rules.contains(&rule) {
+                    page.rules.push(rule);
+                }
+            }
         }
-        Ok(items)
+        Ok(Item {
+            origin: origin.clone(),
+            plan: Arc::new(page),
+        })
     }
 }
 
@@ -666,11 +668,8 @@ async fn copy(
                     Error::Backfill(BackfillError::Failed(format!("{table_name} (planning a page: {e})")))
                 })?;
                 planner = Some(back);
-                let items = items?;
-                report.keys += items
-                    .iter()
-                    .map(|i| i.plan.republish.len() as u64)
-                    .sum::<u64>();
+                let item = items?;
+                report.keys += item.plan.republish.len() as u64;
                 if !settled && !options.dry_run {
                     settled = self::settled(&reader, snapshot.consistent_point).await?;
                     if settled {
@@ -679,7 +678,7 @@ async fn copy(
                 }
                 writer
                     .send(Batch {
-                        items,
+                        items: vec![item],
                         settled,
                         ..Batch::default()
                     })
