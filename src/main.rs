@@ -493,6 +493,12 @@ async fn run(
                 report.version.map(|v| v.encode()).unwrap_or_default(),
                 report.elapsed.as_secs_f64()
             ));
+            if !dry_run {
+                say(format_args!(
+                    "{} of those keys offered without a version of their own (one write a key: every slot had confirmed past the snapshot)",
+                    report.settled
+                ));
+            }
             Ok(report.interrupted.then_some(1))
         }
         Command::Status { json, .. } => {

@@ -200,6 +200,10 @@ async fn a_backfill_during_writes_leaves_every_key_equal_to_its_row() {
     // stream first: the guard refused the backfill's older values.
     let refused = refused(&out);
     assert!(refused > 0, "nothing refused by the guard: {out}");
+    // The daemon's slot confirmed past the snapshot soon after the start: from then on
+    // the values went without versions of their own, and the check above covers them.
+    let settled = settled(&out);
+    assert!(settled > 0, "every key was written with its version: {out}");
     assert!(
         stale.is_empty(),
         "{} keys differ from their rows, e.g. {:?}",
@@ -221,6 +225,74 @@ fn refused(out: &str) -> u64 {
         .next()
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no refused count in {out}"))
+}
+
+/// The summary's count of keys written without a version of their own.
+fn settled(out: &str) -> u64 {
+    let (before, _) = out
+        .split_once(" of those keys offered without a version of their own")
+        .unwrap_or_else(|| panic!("no count of keys without a version in {out}"));
+    before
+        .rsplit(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count of keys without a version in {out}"))
+}
+
+/// A pgoutput slot of the database that has not confirmed past the snapshot (a daemon
+/// that is stopped, or behind) would apply older changes later: every value keeps its
+/// version. With no such slot (slots of other plugins do not count), none does.
+#[tokio::test]
+async fn values_keep_their_version_while_a_slot_is_behind_the_snapshot() {
+    let s = setup("bf_behind", 300).await;
+    let behind = s.db.create_slot("behind").await;
+    let other = format!("{}_other", s.db.name);
+    s.db.client
+        .execute(
+            "SELECT pg_create_logical_replication_slot($1, 'test_decoding')",
+            &[&other],
+        )
+        .await
+        .unwrap();
+    let mut r = redis().await;
+    let sidecars = |r: redis::aio::MultiplexedConnection| {
+        let keys: Vec<String> = (1..=300)
+            .map(|id| wal2cache::sink::redis::version_key(&format!("{}:json:{id}", s.prefix)))
+            .collect();
+        async move {
+            let mut r = r;
+            let got: Vec<Option<String>> = r.mget(&keys).await.unwrap();
+            got.iter().filter(|g| g.is_some()).count()
+        }
+    };
+    let (code, out) = backfill(&s.config, &["--rule", "item_json", "--chunk", "100"], &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("300 rows, 300 keys written, 0 refused"),
+        "{out}"
+    );
+    assert_eq!(settled(&out), 0, "{out}");
+    assert_eq!(keys_present(&mut r, &s.prefix, 300).await, 300);
+    assert_eq!(
+        sidecars(r.clone()).await,
+        300,
+        "every value with its version"
+    );
+
+    unlink_matching(&mut r, &format!("{}*", s.prefix)).await;
+    unlink_matching(&mut r, &format!("{{{}*", s.prefix)).await;
+    s.db.drop_slot(&behind).await;
+    let (code, out) = backfill(&s.config, &["--rule", "item_json", "--chunk", "100"], &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("300 rows, 300 keys written, 0 refused"),
+        "{out}"
+    );
+    assert_eq!(settled(&out), 300, "{out}");
+    assert_eq!(keys_present(&mut r, &s.prefix, 300).await, 300);
+    assert_eq!(sidecars(r.clone()).await, 0, "no value with a version");
+    s.db.drop_slot(&other).await;
+    unlink_matching(&mut r, &format!("{}*", s.prefix)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

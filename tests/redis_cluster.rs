@@ -329,6 +329,137 @@ async fn republish_writes_value_and_version_and_refuses_older() {
     }
 }
 
+/// A settled batch (a backfill's page once the stream has confirmed past it): each
+/// value yields to a newer version stored beside its key (a change or a tombstone the
+/// stream wrote since), overwrites an older one, and leaves no version of its own
+/// (the sidecar, when there is one, stays as it was); TTLs as the rules say, several
+/// in one batch.
+async fn settled_batch<C: redis::aio::ConnectionLike + Clone + Send + Sync>(
+    sink: &mut RedisSink,
+    conn: &mut C,
+    prefix: &str,
+) {
+    let keys: Vec<String> = (0..80).map(|i| format!("{prefix}:s:{i}")).collect();
+    let backfill = version(0x500, u32::MAX);
+    let newer = version(0x600, 0).encode();
+    let older = version(0x400, 7).encode();
+    for (i, k) in keys.iter().enumerate() {
+        match i / 20 {
+            // The stream republished it since the snapshot.
+            0 => {
+                let () = conn.set(k, "stream").await.unwrap();
+                let () = conn.set(version_key(k), &newer).await.unwrap();
+            }
+            // The stream deleted it since: a tombstone.
+            1 => {
+                let () = conn.set(version_key(k), &newer).await.unwrap();
+            }
+            // Written before the snapshot.
+            2 => {
+                let () = conn.set(k, "before").await.unwrap();
+                let () = conn.set(version_key(k), &older).await.unwrap();
+            }
+            // Never written.
+            _ => {}
+        }
+    }
+    let plan = Plan {
+        republish: keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| Republish {
+                key: k.clone(),
+                value: Arc::from(r#"{"v":"backfill"}"#),
+                ttl: (i % 2 == 0).then_some(Duration::from_secs(600)),
+            })
+            .collect(),
+        ..Plan::default()
+    };
+    let batch = Batch {
+        items: vec![Item {
+            origin: Origin {
+                version: backfill,
+                xid: 0,
+                commit_time: 0,
+                table: Some("public.t".into()),
+                op: "backfill",
+            },
+            plan: Arc::new(plan),
+        }],
+        settled: true,
+        ..Batch::default()
+    };
+    tokio::time::timeout(Duration::from_secs(30), sink.apply(&batch))
+        .await
+        .expect("apply returned within 30 s")
+        .unwrap();
+    assert_eq!(
+        sink.refused(),
+        40,
+        "the 40 keys with a newer version refused"
+    );
+    for (i, k) in keys.iter().enumerate() {
+        let value: Option<String> = conn.get(k).await.unwrap();
+        let sidecar: Option<String> = conn.get(version_key(k)).await.unwrap();
+        let ttl: i64 = conn.ttl(k).await.unwrap();
+        match i / 20 {
+            0 => assert_eq!(
+                (value.as_deref(), sidecar.as_deref()),
+                (Some("stream"), Some(newer.as_str())),
+                "{k}"
+            ),
+            1 => assert_eq!(
+                (value.as_deref(), sidecar.as_deref()),
+                (None, Some(newer.as_str())),
+                "{k}"
+            ),
+            2 => assert_eq!(
+                (value.as_deref(), sidecar.as_deref()),
+                (Some(r#"{"v":"backfill"}"#), Some(older.as_str())),
+                "{k}"
+            ),
+            _ => assert_eq!(
+                (value.as_deref(), sidecar.as_deref()),
+                (Some(r#"{"v":"backfill"}"#), None),
+                "{k}"
+            ),
+        }
+        if i >= 40 {
+            match i % 2 {
+                0 => assert!(ttl > 500 && ttl <= 600, "{k}: ttl {ttl}"),
+                _ => assert_eq!(ttl, -1, "{k}: no ttl"),
+            }
+        }
+        let () = conn.del(&[k.clone(), version_key(k)]).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_settled_batch_yields_to_newer_versions_and_writes_none_in_every_slot() {
+    let prefix = spread_prefix("settled", "s", 80, 60);
+    let mut sink = connect_sink(cluster_config(&prefix)).await;
+    let mut conn = checker().await;
+    settled_batch(&mut sink.sink, &mut conn, &prefix).await;
+}
+
+#[tokio::test]
+async fn a_settled_batch_yields_to_newer_versions_and_writes_none_on_a_single_server() {
+    let prefix = unique("settled1");
+    let (_stop, stop_rx) = watch::channel(false);
+    let config = RedisConfig {
+        url: redis_url(),
+        tag_prefix: format!("{prefix}:tag:"),
+        ..RedisConfig::without_tls()
+    };
+    let mut sink = RedisSink::connect(&config, stop_rx).await.unwrap();
+    let mut conn = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    settled_batch(&mut sink, &mut conn, &prefix).await;
+}
+
 #[tokio::test]
 async fn a_key_with_a_brace_but_no_hash_tag_keeps_its_version_in_its_slot() {
     let prefix = unique("brace");

@@ -178,6 +178,9 @@ pub struct Report {
     /// Of those, the keys the version guard refused: the stream wrote (or deleted)
     /// them since the snapshot, or an earlier backfill from the same snapshot did.
     pub refused: u64,
+    /// Of the keys offered, those of settled pages (see [`settled`]): written without
+    /// a version of their own.
+    pub settled: u64,
     /// The version every value carried.
     pub version: Option<Version>,
     pub elapsed: Duration,
@@ -245,7 +248,7 @@ pub fn version(consistent_point: Lsn) -> Version {
 /// The page is then a settled batch ([`Batch::settled`]): one write a key instead of
 /// two. Before, and whenever the check cannot be made, every value carries its
 /// version as the stream's do.
-async fn settled(client: &Client, point: Lsn) -> Result<bool, Error> {
+pub async fn settled(client: &Client, point: Lsn) -> Result<bool, Error> {
     let row = client
         .query_one(
             "SELECT coalesce(bool_and(confirmed_flush_lsn IS NOT NULL
@@ -652,7 +655,10 @@ async fn copy(
                 async {
                     let asked = Instant::now();
                     match reading {
-                        true => Some((pages.read(&reader, last.as_deref(), page).await, asked.elapsed())),
+                        true => Some((
+                            pages.read(&reader, last.as_deref(), page).await,
+                            asked.elapsed(),
+                        )),
                         false => None,
                     }
                 },
@@ -665,16 +671,22 @@ async fn copy(
             );
             if let Some(planned) = planned {
                 let (back, items) = planned.map_err(|e| {
-                    Error::Backfill(BackfillError::Failed(format!("{table_name} (planning a page: {e})")))
+                    Error::Backfill(BackfillError::Failed(format!(
+                        "{table_name} (planning a page: {e})"
+                    )))
                 })?;
                 planner = Some(back);
                 let item = items?;
-                report.keys += item.plan.republish.len() as u64;
+                let keys = item.plan.republish.len() as u64;
+                report.keys += keys;
                 if !settled && !options.dry_run {
                     settled = self::settled(&reader, snapshot.consistent_point).await?;
                     if settled {
                         tracing::info!(rows = report.rows, "backfill: every slot has confirmed past the snapshot; the values from here on are written without a version of their own (one write a key)");
                     }
+                }
+                if settled {
+                    report.settled += keys;
                 }
                 writer
                     .send(Batch {
@@ -750,30 +762,33 @@ struct Writer {
 
 impl Writer {
     fn start(redis: Vec<Option<RedisSink>>) -> Writer {
-        let tasks: Vec<_> = redis.into_iter().map(|mut redis| {
-            let (jobs, mut rx) = mpsc::channel::<Job>(1);
-            let task = tokio::spawn(async move {
-                let mut refused = 0;
-                while let Some(job) = rx.recv().await {
-                    match (job, redis.as_mut()) {
-                        (Job::Write(batch, _permit), Some(redis)) => {
-                            let before = redis.refused();
-                            redis.apply(&batch).await?;
-                            refused += redis.refused() - before;
-                        }
-                        (Job::Write(..), None) => {}
-                        (Job::Drain(answer), _) => {
-                            let _ = answer.send(std::mem::take(&mut refused));
+        let tasks: Vec<_> = redis
+            .into_iter()
+            .map(|mut redis| {
+                let (jobs, mut rx) = mpsc::channel::<Job>(1);
+                let task = tokio::spawn(async move {
+                    let mut refused = 0;
+                    while let Some(job) = rx.recv().await {
+                        match (job, redis.as_mut()) {
+                            (Job::Write(batch, _permit), Some(redis)) => {
+                                let before = redis.refused();
+                                redis.apply(&batch).await?;
+                                refused += redis.refused() - before;
+                            }
+                            (Job::Write(..), None) => {}
+                            (Job::Drain(answer), _) => {
+                                let _ = answer.send(std::mem::take(&mut refused));
+                            }
                         }
                     }
-                }
-                if let Some(redis) = redis {
-                    redis.close().await;
-                }
-                Ok(refused)
-            });
-            (jobs, task)
-        }).collect();
+                    if let Some(redis) = redis {
+                        redis.close().await;
+                    }
+                    Ok(refused)
+                });
+                (jobs, task)
+            })
+            .collect();
         let pending = Arc::new(Semaphore::new(tasks.len() + 1));
         Writer {
             tasks,
@@ -792,7 +807,12 @@ impl Writer {
             .expect("the semaphore is never closed");
         let i = self.next;
         self.next = (i + 1) % self.tasks.len();
-        if self.tasks[i].0.send(Job::Write(batch, permit)).await.is_err() {
+        if self.tasks[i]
+            .0
+            .send(Job::Write(batch, permit))
+            .await
+            .is_err()
+        {
             return Err(self.failure(i).await);
         }
         Ok(())
