@@ -739,6 +739,9 @@ async fn copy(
     Ok(report)
 }
 
+/// A writer task: the keys the version guard refused since the last drain.
+type WriterTask = JoinHandle<Result<u64, Error>>;
+
 /// What the writer task is asked to do.
 enum Job {
     /// The permit is held until the page is written.
@@ -754,7 +757,7 @@ enum Job {
 /// are written in any order: a backfill's values all carry one version). One page
 /// waits per task at most, so memory stays bounded whatever the table's size.
 struct Writer {
-    tasks: Vec<(mpsc::Sender<Job>, JoinHandle<Result<u64, Error>>)>,
+    tasks: Vec<(mpsc::Sender<Job>, WriterTask)>,
     next: usize,
     /// Pages handed over and not yet written: one more than the tasks.
     pending: Arc<Semaphore>,
