@@ -299,3 +299,79 @@ fn big_values_split_republish_calls() {
         .collect();
     assert_eq!(sizes, [1, 1, 1]);
 }
+
+#[test]
+fn a_settled_batch_fills_in_calls_of_one_version_and_ttl() {
+    let scripts = Scripts::new();
+    let fill_sha = scripts.fill.get_hash().to_string();
+    // One page of a backfill: one version, two rules' TTLs interleaved, 100 keys.
+    let republish: Vec<Republish> = (0..100)
+        .map(|i| Republish {
+            key: format!("r:{i}"),
+            value: format!("v{i}").into(),
+            ttl: Some(Duration::from_secs(if i % 2 == 0 { 60 } else { 3600 })),
+        })
+        .collect();
+    let page = item(
+        7,
+        u32::MAX,
+        Plan {
+            republish,
+            ..Plan::default()
+        },
+    );
+    let ops = Ops {
+        settled: true,
+        ..Ops::build(std::slice::from_ref(&page))
+    };
+    let mut calls = Vec::new();
+    for_each_command(
+        &ops,
+        &scripts,
+        "tag:",
+        Mode::Single,
+        |cmd, _, versioned, _| {
+            assert!(versioned);
+            let args: Vec<String> = cmd
+                .args_iter()
+                .map(|a| match a {
+                    redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
+                    _ => String::new(),
+                })
+                .collect();
+            calls.push(args);
+        },
+    );
+    // 50 keys of each TTL: one call each (under VERSIONED_PER_CALL).
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    let version = Version {
+        commit_lsn: Lsn(7),
+        seq: u32::MAX,
+    }
+    .encode();
+    for (args, ttl, first) in [(&calls[0], "60", 0), (&calls[1], "3600", 1)] {
+        assert_eq!(args[1], fill_sha);
+        assert_eq!(args[2], "100", "50 keys and their sidecars");
+        assert_eq!(
+            args[3..5],
+            [format!("r:{first}"), format!("{{r:{first}}}:w2c:v")]
+        );
+        // KEYS, then the version and TTL once, then each value.
+        assert_eq!(args[103..105], [version.clone(), ttl.to_string()]);
+        assert_eq!(args[105], format!("v{first}"));
+        assert_eq!(args.len(), 105 + 50);
+    }
+    // Not settled: the republish script, with a version per key.
+    let ops = Ops::build(std::slice::from_ref(&page));
+    let mut shas = Vec::new();
+    for_each_command(&ops, &scripts, "tag:", Mode::Single, |cmd, _, _, _| {
+        shas.push(match cmd.args_iter().nth(1) {
+            Some(redis::Arg::Simple(b)) => String::from_utf8_lossy(b).into_owned(),
+            _ => String::new(),
+        })
+    });
+    assert!(
+        shas.iter().all(|s| *s == scripts.republish.get_hash()),
+        "{shas:?}"
+    );
+}
