@@ -54,6 +54,16 @@ fn tombstone(key: &str) -> Plan {
     }
 }
 
+/// A command's arguments as text.
+fn args_of(cmd: &redis::Cmd) -> Vec<String> {
+    cmd.args_iter()
+        .map(|a| match a {
+            redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
+            _ => String::new(),
+        })
+        .collect()
+}
+
 /// `(key, "t"|"r", lsn)` of each versioned write.
 fn writes(ops: &Ops<'_>) -> Vec<(String, &'static str, u64)> {
     ops.versioned
@@ -189,13 +199,7 @@ fn versioned_calls(ops: &Ops<'_>, mode: Mode) -> Vec<(String, usize, Vec<String>
             if !versioned {
                 return;
             }
-            let args: Vec<String> = cmd
-                .args_iter()
-                .map(|a| match a {
-                    redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
-                    _ => String::new(),
-                })
-                .collect();
+            let args = args_of(&cmd);
             assert_eq!(args[0], "EVALSHA");
             let numkeys: usize = args[2].parse().unwrap();
             let keys = args[3..3 + numkeys].to_vec();
@@ -332,13 +336,7 @@ fn a_settled_batch_fills_in_calls_of_one_version_and_ttl() {
         Mode::Single,
         |cmd, _, versioned, _| {
             assert!(versioned);
-            let args: Vec<String> = cmd
-                .args_iter()
-                .map(|a| match a {
-                    redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
-                    _ => String::new(),
-                })
-                .collect();
+            let args = args_of(&cmd);
             calls.push(args);
         },
     );
@@ -365,10 +363,7 @@ fn a_settled_batch_fills_in_calls_of_one_version_and_ttl() {
     let ops = Ops::build(std::slice::from_ref(&page));
     let mut shas = Vec::new();
     for_each_command(&ops, &scripts, "tag:", Mode::Single, |cmd, _, _, _| {
-        shas.push(match cmd.args_iter().nth(1) {
-            Some(redis::Arg::Simple(b)) => String::from_utf8_lossy(b).into_owned(),
-            _ => String::new(),
-        })
+        shas.push(args_of(&cmd).swap_remove(1))
     });
     assert!(
         shas.iter().all(|s| *s == scripts.republish.get_hash()),
