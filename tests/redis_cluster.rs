@@ -55,10 +55,14 @@ async fn connect_sink(config: RedisConfig) -> Sink {
 
 impl Sink {
     async fn apply(&mut self, items: Vec<Item>) -> Result<(), SinkError> {
-        let batch = Batch {
+        self.apply_batch(Batch {
             items,
             ..Batch::default()
-        };
+        })
+        .await
+    }
+
+    async fn apply_batch(&mut self, batch: Batch) -> Result<(), SinkError> {
         tokio::time::timeout(Duration::from_secs(30), self.sink.apply(&batch))
             .await
             .expect("apply returned within 30 s")
@@ -335,7 +339,7 @@ async fn republish_writes_value_and_version_and_refuses_older() {
 /// (the sidecar, when there is one, stays as it was); TTLs as the rules say, several
 /// in one batch.
 async fn settled_batch<C: redis::aio::ConnectionLike + Clone + Send + Sync>(
-    sink: &mut RedisSink,
+    sink: &mut Sink,
     conn: &mut C,
     prefix: &str,
 ) {
@@ -389,12 +393,9 @@ async fn settled_batch<C: redis::aio::ConnectionLike + Clone + Send + Sync>(
         settled: true,
         ..Batch::default()
     };
-    tokio::time::timeout(Duration::from_secs(30), sink.apply(&batch))
-        .await
-        .expect("apply returned within 30 s")
-        .unwrap();
+    sink.apply_batch(batch).await.unwrap();
     assert_eq!(
-        sink.refused(),
+        sink.sink.refused(),
         40,
         "the 40 keys with a newer version refused"
     );
@@ -439,24 +440,23 @@ async fn a_settled_batch_yields_to_newer_versions_and_writes_none_in_every_slot(
     let prefix = spread_prefix("settled", "s", 80, 60);
     let mut sink = connect_sink(cluster_config(&prefix)).await;
     let mut conn = checker().await;
-    settled_batch(&mut sink.sink, &mut conn, &prefix).await;
+    settled_batch(&mut sink, &mut conn, &prefix).await;
 }
 
 #[tokio::test]
 async fn a_settled_batch_yields_to_newer_versions_and_writes_none_on_a_single_server() {
     let prefix = unique("settled1");
-    let (_stop, stop_rx) = watch::channel(false);
+    let (stop, stop_rx) = watch::channel(false);
     let config = RedisConfig {
         url: redis_url(),
         tag_prefix: format!("{prefix}:tag:"),
         ..RedisConfig::without_tls()
     };
-    let mut sink = RedisSink::connect(&config, stop_rx).await.unwrap();
-    let mut conn = redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut sink = Sink {
+        sink: RedisSink::connect(&config, stop_rx).await.unwrap(),
+        _stop: stop,
+    };
+    let mut conn = support::store::redis().await;
     settled_batch(&mut sink, &mut conn, &prefix).await;
 }
 

@@ -251,7 +251,7 @@ pub(super) fn for_each_command(
         }
         if ops.settled {
             // The fill script takes one version and TTL a call.
-            for run in same_version_and_ttl(republishes) {
+            for run in group_by(republishes, |(r, v)| (*v, r.ttl)) {
                 for chunk in chunk_by_size(&run) {
                     let first = &chunk[0].0.key;
                     each(scripts.fill_cmd(chunk), first, true, &|| {
@@ -286,36 +286,22 @@ pub(super) fn for_each_command(
     }
 }
 
-/// Republishes grouped by version and TTL (a backfill's page: one group a rule TTL),
-/// each group in the order of its items.
-fn same_version_and_ttl<'a>(
-    items: Vec<(&'a Republish, Version)>,
-) -> Vec<Vec<(&'a Republish, Version)>> {
-    let mut index: HashMap<(Version, Option<std::time::Duration>), usize> = HashMap::new();
-    let mut groups: Vec<Vec<(&'a Republish, Version)>> = Vec::new();
-    for item in items {
-        let i = *index.entry((item.1, item.0.ttl)).or_insert_with(|| {
-            groups.push(Vec::new());
-            groups.len() - 1
-        });
-        groups[i].push(item);
-    }
-    groups
-}
-
 /// Keys grouped by cluster hash slot: groups in the order their slot first appears,
 /// keys in their order within each group.
 pub fn group_by_slot<K: AsRef<[u8]>>(keys: impl IntoIterator<Item = K>) -> Vec<Vec<K>> {
     group_by(keys, |k| Slot::for_key(k))
 }
 
-/// Items grouped by `slot`: groups in the order their slot first appears, items in
-/// their order within each group.
-fn group_by<T>(items: impl IntoIterator<Item = T>, slot: impl Fn(&T) -> Slot) -> Vec<Vec<T>> {
-    let mut index: HashMap<Slot, usize> = HashMap::new();
+/// Items grouped by `group` (a cluster slot; a version and TTL): groups in the order
+/// their key first appears, items in their order within each group.
+fn group_by<T, K: std::hash::Hash + Eq>(
+    items: impl IntoIterator<Item = T>,
+    group: impl Fn(&T) -> K,
+) -> Vec<Vec<T>> {
+    let mut index: HashMap<K, usize> = HashMap::new();
     let mut groups: Vec<Vec<T>> = Vec::new();
     for item in items {
-        let i = *index.entry(slot(&item)).or_insert_with(|| {
+        let i = *index.entry(group(&item)).or_insert_with(|| {
             groups.push(Vec::new());
             groups.len() - 1
         });

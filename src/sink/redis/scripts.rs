@@ -102,11 +102,7 @@ impl Scripts {
     pub(super) fn republish_cmd(&self, items: &[(&Republish, Version)]) -> Cmd {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.republish.get_hash()).arg(items.len() * 2);
-        let mut sidecar = String::new();
-        for (r, _) in items {
-            sidecar_key_into(&r.key, VERSION, &mut sidecar);
-            cmd.arg(&r.key).arg(&sidecar);
-        }
+        value_keys(&mut cmd, items);
         let mut version = String::with_capacity(24);
         for (r, v) in items {
             let ttl = r.ttl.map_or(0, |t| t.as_secs());
@@ -129,11 +125,7 @@ impl Scripts {
     pub(super) fn fill_cmd(&self, items: &[(&Republish, Version)]) -> Cmd {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.fill.get_hash()).arg(items.len() * 2);
-        let mut sidecar = String::new();
-        for (r, _) in items {
-            sidecar_key_into(&r.key, VERSION, &mut sidecar);
-            cmd.arg(&r.key).arg(&sidecar);
-        }
+        value_keys(&mut cmd, items);
         if let Some((r, v)) = items.first() {
             debug_assert!(items.iter().all(|(o, w)| w == v && o.ttl == r.ttl));
             let mut version = String::with_capacity(24);
@@ -159,6 +151,16 @@ impl Scripts {
             cmd.arg(s.as_ref());
         }
         cmd
+    }
+}
+
+/// The KEYS of the republish and fill scripts: each value key, then its version
+/// sidecar.
+fn value_keys(cmd: &mut Cmd, items: &[(&Republish, Version)]) {
+    let mut sidecar = String::new();
+    for (r, _) in items {
+        sidecar_key_into(&r.key, VERSION, &mut sidecar);
+        cmd.arg(&r.key).arg(&sidecar);
     }
 }
 
