@@ -2,7 +2,7 @@
 
 use crate::config::ConfigError;
 use crate::rules::check::CheckError;
-use crate::rules::{PlanError, RulesError};
+use crate::rules::RulesError;
 use crate::sink::SinkError;
 use crate::source::SourceError;
 
@@ -16,8 +16,6 @@ pub enum Error {
     Check(#[from] CheckError),
     #[error(transparent)]
     Source(#[from] SourceError),
-    #[error(transparent)]
-    Plan(Box<PlanError>),
     #[error(transparent)]
     Sink(#[from] SinkError),
     #[error("applying changes to {sink}: {error} (nothing after LSN {confirmed} was confirmed: it is applied again at the next start)")]
@@ -76,7 +74,6 @@ impl Error {
             }
             Error::Source(_)
             | Error::Io { .. }
-            | Error::Plan(_)
             | Error::Sink(_)
             | Error::Applying { .. }
             | Error::ShutdownTimeout(_) => exit::FATAL,

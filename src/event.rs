@@ -44,8 +44,9 @@ pub struct Event {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
     /// `flush_all` only: `truncate`, `slot_lost`, `manual`, `topic_lost` (the topic
-    /// was created again: events may have been lost with it) or `oversized` (a key or
-    /// tag too large for an event). A subscriber flushes whatever the reason, also one
+    /// was created again: events may have been lost with it), `oversized` (a key or
+    /// tag too large for an event) or `schema_changed` (a change whose table lacked a
+    /// column of a rule's keys or tags). A subscriber flushes whatever the reason, also one
     /// it does not know.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,

@@ -78,6 +78,10 @@ pub enum NoteKind {
     NotInWal { template: String, column: String },
     /// A republished value needed a column not in the WAL: the key was deleted instead.
     RepublishFellBack { key: String, column: String },
+    /// The rule's keys or tags use a column the table did not have when this change
+    /// was written (before it was added, or after it was dropped or renamed): the
+    /// change flushed what a TRUNCATE of the table would instead.
+    ColumnMissing { column: String, field: &'static str },
 }
 
 impl NoteKind {
@@ -86,6 +90,7 @@ impl NoteKind {
             NoteKind::NullPlaceholder { .. } => "null_placeholder",
             NoteKind::NotInWal { .. } => "not_in_wal",
             NoteKind::RepublishFellBack { .. } => "republish_fell_back",
+            NoteKind::ColumnMissing { .. } => "column_missing",
         }
     }
 }

@@ -120,8 +120,8 @@ impl TailFormatter {
             }
             SourceEvent::Change(change) => {
                 let mut m = self.change_json(change);
-                let plan = self.planner.plan_change(change).map_err(|e| e.to_string());
-                self.add_plan(&mut m, Some(plan), &change.relation.qualified_name());
+                let plan = self.planner.plan_change(change);
+                self.add_plan(&mut m, Some(Ok(plan)), &change.relation.qualified_name());
                 m
             }
             SourceEvent::Truncate {
@@ -323,6 +323,10 @@ fn plan_json(plan: &Plan) -> PlanJson {
                     NoteKind::RepublishFellBack { key, column } => {
                         note["key"] = json!(key);
                         note["column"] = json!(column);
+                    }
+                    NoteKind::ColumnMissing { column, field } => {
+                        note["column"] = json!(column);
+                        note["field"] = json!(field);
                     }
                 }
                 note

@@ -224,3 +224,85 @@ async fn a_reload_that_cannot_publish_its_table_keeps_the_old_rules() {
     daemon.assert_running("after a refused reload").await;
     daemon.stop_ok().await;
 }
+
+/// A deploy: the daemon stops, a migration adds a column, the rules gain rules that use
+/// it, the daemon starts. The changes written before the column existed come first in
+/// the stream; each rule that cannot be bound to them invalidates more widely (its
+/// keys by prefix and every subscriber; a republish whose value lacks the column
+/// deletes its key) instead of stopping the daemon at every start.
+#[tokio::test]
+async fn rules_using_a_column_added_while_stopped_invalidate_the_older_changes_widely() {
+    let db = TestDb::new("d_addcol").await;
+    db.exec(
+        "CREATE TABLE items (id int PRIMARY KEY, a text);
+         ALTER TABLE items REPLICA IDENTITY FULL;",
+    )
+    .await;
+    let prefix = unique("addcol");
+    let topic = format!("{prefix}.events");
+    let first = format!(
+        "[[rule]]\nname = \"item\"\ntable = \"public.items\"\nkeys = [\"{prefix}:i:{{id}}\"]\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = schemas_config(dir.path(), &db, &first, &topic);
+    let daemon = InProcess::start(&config);
+    wait_streaming(&db, &format!("{}_d", db.name)).await;
+    daemon.stop_ok().await;
+
+    db.exec_each(&[
+        "INSERT INTO items VALUES (1, 'before')",
+        "ALTER TABLE items ADD COLUMN e int",
+        "INSERT INTO items VALUES (2, 'after', 5)",
+    ])
+    .await;
+    std::fs::write(
+        dir.path().join(RULES_FILE),
+        format!(
+            "{first}[[rule]]\nname = \"by_e\"\ntable = \"public.items\"\nkeys = [\"{prefix}:by_e:{{e}}\"]\n\
+             [[rule]]\nname = \"with_e\"\ntable = \"public.items\"\nkeys = [\"{prefix}:e:{{id}}\"]\n\
+             action = \"republish\"\ncolumns = [\"id\", \"e\"]\n"
+        ),
+    )
+    .unwrap();
+    let mut r = redis().await;
+    let flushed = format!("{prefix}:by_e:9");
+    let fell_back = format!("{prefix}:e:1");
+    for k in [&flushed, &fell_back] {
+        let _: () = r.set(k, "stale").await.unwrap();
+    }
+
+    let mut daemon = InProcess::start(&config);
+    let republished = format!("{prefix}:e:2");
+    eventually(
+        "the change written after the column was added to be republished",
+        Duration::from_secs(30),
+        || {
+            let mut r = r.clone();
+            let key = republished.clone();
+            async move {
+                let v: Option<String> = r.get(&key).await.unwrap();
+                v.as_deref() == Some(r#"{"id":2,"e":5}"#)
+            }
+        },
+    )
+    .await;
+    daemon
+        .assert_running("after the changes from before the column")
+        .await;
+    assert!(
+        gone(&r, &[flushed.clone(), fell_back.clone()]).await,
+        "the older change flushed the by_e prefix and deleted the with_e key"
+    );
+    let events = read_topic(&topic, |evs| evs.iter().any(|e| e["kind"] == "flush_all")).await;
+    let flush = events
+        .iter()
+        .find(|e| e["kind"] == "flush_all")
+        .expect("a flush_all for the change from before the column");
+    assert_eq!(flush["reason"], "schema_changed", "{flush}");
+    assert_eq!(flush["op"], "insert", "{flush}");
+    assert!(
+        flush["detail"].as_str().is_some_and(|d| d.contains("by_e")),
+        "{flush}"
+    );
+    daemon.stop_ok().await;
+}

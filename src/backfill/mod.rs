@@ -548,9 +548,7 @@ impl Pages {
                 old: None,
                 old_kind: None,
             };
-            let planned = planner
-                .plan_change(&change)
-                .map_err(|e| Error::Plan(Box::new(e)))?;
+            let planned = planner.plan_change(&change);
             page.republish.extend(planned.republish);
             for rule in planned.rules {
                 if !page.rules.contains(&rule) {

@@ -129,10 +129,7 @@ impl Batcher {
                 self.seq = 0;
             }
             SourceEvent::Change(change) => {
-                let plan = self
-                    .planner
-                    .plan_change(&change)
-                    .map_err(|e| Error::Plan(Box::new(e)))?;
+                let plan = self.planner.plan_change(&change);
                 if !plan.is_empty() {
                     let table = self.name(&change.relation);
                     let origin = self.origin(Some(table), change.op.as_str());

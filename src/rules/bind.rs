@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use crate::plan::{Note, NoteKind};
 use crate::rules::compile::{Action, Rule};
-use crate::rules::plan::PlanError;
 use crate::rules::template::{Segment, Template};
 use crate::source::value::write_json;
 use crate::source::{Relation, Row, Value};
@@ -18,6 +17,18 @@ pub(super) struct BoundRule {
     when_changed: Option<Vec<usize>>,
     /// Republish: the projected columns with their JSON-quoted names.
     columns: Vec<(usize, String)>,
+    /// The first column of the rule this shape of the table does not have (a change
+    /// written before the column was added, or after it was dropped or renamed), with
+    /// the field naming it.
+    pub(super) lacking: Option<(String, &'static str)>,
+    /// Whether that column is in the keys or tags: none of the rule's keys and tags
+    /// can be computed, so each change flushes what a TRUNCATE would (see
+    /// `Planner::plan_change`).
+    pub(super) unbound: bool,
+    /// A `when_changed` column this shape lacks: every update matters.
+    when_changed_unknown: bool,
+    /// A projected column this shape lacks: no value, each key is deleted instead.
+    value_unknown: Option<String>,
     /// The rule's counters, looked up once per binding, not per change.
     pub(super) counters: RuleCounters,
 }
@@ -144,57 +155,88 @@ impl BoundTemplate {
 }
 
 impl BoundRule {
-    pub(super) fn bind(rule: &Arc<Rule>, relation: &Relation) -> Result<BoundRule, PlanError> {
-        let missing = |column: String, field: &'static str| PlanError {
-            origin: rule.origin(),
-            table: relation.qualified_name(),
-            column,
-            field,
+    /// Binds `rule` to `relation`'s columns. A column the shape lacks does not fail:
+    /// the rule invalidates more widely for changes of that shape (see the fields).
+    pub(super) fn bind(rule: &Arc<Rule>, relation: &Relation) -> BoundRule {
+        let mut lacking = None;
+        let mut templates = |ts: &[Template], field| {
+            let mut bound = Vec::with_capacity(ts.len());
+            for t in ts {
+                match BoundTemplate::bind(t, relation) {
+                    Ok(b) => bound.push(b),
+                    Err(column) => {
+                        lacking.get_or_insert((column, field));
+                    }
+                }
+            }
+            bound
         };
-        let templates = |ts: &[Template], field| {
-            ts.iter()
-                .map(|t| BoundTemplate::bind(t, relation).map_err(|c| missing(c, field)))
-                .collect::<Result<Vec<_>, _>>()
+        let mut keys = templates(&rule.keys, "keys");
+        let mut tags = templates(&rule.tags, "tags");
+        let unbound = lacking.is_some();
+        if unbound {
+            // Some of a rule's keys would be a silent partial invalidation.
+            keys.clear();
+            tags.clear();
+        }
+        let lacks = |cols: &[String]| {
+            cols.iter()
+                .find(|c| relation.column_index(c).is_none())
+                .cloned()
         };
-        let keys = templates(&rule.keys, "keys")?;
-        let tags = templates(&rule.tags, "tags")?;
-        let index = |c: &String, field| {
-            relation
-                .column_index(c)
-                .ok_or_else(|| missing(c.clone(), field))
+        let (when_changed, when_changed_unknown) = match &rule.when_changed {
+            Some(cols) => {
+                let lacked = lacks(cols);
+                let unknown = lacked.is_some();
+                if let Some(c) = lacked {
+                    lacking.get_or_insert((c, "when_changed"));
+                }
+                (
+                    Some(
+                        cols.iter()
+                            .filter_map(|c| relation.column_index(c))
+                            .collect(),
+                    ),
+                    unknown,
+                )
+            }
+            None => (None, false),
         };
-        let when_changed = match &rule.when_changed {
-            Some(cols) => Some(
-                cols.iter()
-                    .map(|c| index(c, "when_changed"))
-                    .collect::<Result<_, _>>()?,
-            ),
-            None => None,
-        };
-        let columns = match &rule.action {
-            Action::Delete => Vec::new(),
+        let (columns, value_unknown) = match &rule.action {
+            Action::Delete => (Vec::new(), None),
             Action::Republish {
                 columns: Some(cols),
                 ..
-            } => cols
-                .iter()
-                .map(|c| Ok((index(c, "columns")?, quoted(c))))
-                .collect::<Result<_, PlanError>>()?,
-            Action::Republish { columns: None, .. } => relation
-                .columns
-                .iter()
-                .enumerate()
-                .map(|(i, c)| (i, quoted(&c.name)))
-                .collect(),
+            } => (
+                cols.iter()
+                    .filter_map(|c| Some((relation.column_index(c)?, quoted(c))))
+                    .collect(),
+                lacks(cols).inspect(|c| {
+                    lacking.get_or_insert((c.clone(), "columns"));
+                }),
+            ),
+            Action::Republish { columns: None, .. } => (
+                relation
+                    .columns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (i, quoted(&c.name)))
+                    .collect(),
+                None,
+            ),
         };
-        Ok(BoundRule {
+        BoundRule {
             rule: rule.clone(),
             keys,
             tags,
             when_changed,
             columns,
+            lacking,
+            unbound,
+            when_changed_unknown,
+            value_unknown,
             counters: RuleCounters::new(&rule.name),
-        })
+        }
     }
 
     /// Whether an update changed any `when_changed` column. Without the old value
@@ -204,6 +246,9 @@ impl BoundRule {
         let Some(cols) = &self.when_changed else {
             return true;
         };
+        if self.when_changed_unknown {
+            return true;
+        }
         cols.iter().any(|&i| match new.get(i) {
             Some(Value::UnchangedToast) => false,
             n => match old.and_then(|o| o.get(i)) {
@@ -290,24 +335,29 @@ impl BoundRule {
         }
     }
 
-    /// The row as a JSON object, or the first projected column not in the WAL.
+    /// The row as a JSON object, or the first projected column not in the WAL (or not
+    /// in this shape of the table).
     pub(super) fn value(
         &self,
         row: &Row,
         fallback: Option<&Row>,
         relation: &Relation,
-    ) -> Result<Arc<str>, usize> {
+    ) -> Result<Arc<str>, String> {
+        if let Some(column) = &self.value_unknown {
+            return Err(column.clone());
+        }
+        let column_name = |i: usize| relation.columns[i].name.clone();
         let mut out = String::with_capacity(16 * self.columns.len() + 2);
         out.push('{');
         for (n, (i, name)) in self.columns.iter().enumerate() {
-            let value = effective(row, fallback, *i).ok_or(*i)?;
+            let value = effective(row, fallback, *i).ok_or_else(|| column_name(*i))?;
             if n > 0 {
                 out.push(',');
             }
             out.push_str(name);
             out.push(':');
             if !matches!(write_json(&mut out, &relation.columns[*i], value), Ok(true)) {
-                return Err(*i);
+                return Err(column_name(*i));
             }
         }
         out.push('}');

@@ -14,7 +14,7 @@ pub mod template;
 
 pub use compile::{load, Action, Rule, RuleSet, RulesError};
 pub use message::{plan_message, MessageError};
-pub use plan::{plan_slot_loss, PlanError, Planner};
+pub use plan::{plan_slot_loss, Planner};
 
 /// Rule sets from text, for unit tests.
 #[cfg(test)]

@@ -17,16 +17,6 @@ use crate::rules::compile::{Action, Rule, RuleSet};
 use crate::source::change::ReplicaIdentity;
 use crate::source::{Change, Op, Relation};
 
-/// A rule names a column the table no longer has (DDL after the rules were checked).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{origin} uses column {column:?} ({field}), which table {table} does not have in the replication stream (dropped or renamed since the rules were checked?): wal2cache stops before confirming this change; fix the rule or the table (`wal2cache check` lists what does not fit), then start wal2cache again")]
-pub struct PlanError {
-    pub origin: String,
-    pub table: String,
-    pub column: String,
-    pub field: &'static str,
-}
-
 /// Turns changes into plans; binds each rule to a table's column positions once per
 /// table shape (again after DDL).
 #[derive(Debug)]
@@ -94,6 +84,21 @@ impl PlanBuilder {
         self.plan.flush_prefixes.push(prefix);
     }
 
+    /// What a TRUNCATE of the rule's table flushes: its `truncate_tags`, or else its
+    /// key prefixes and every subscriber.
+    fn whole_table(&mut self, rule: &Rule) {
+        self.rule(&rule.name);
+        match &rule.truncate_tags {
+            Some(tags) => tags.iter().for_each(|t| self.purge(t.clone())),
+            None => {
+                self.plan.flush_all = true;
+                for k in &rule.keys {
+                    self.flush_prefix(k.literal_prefix().to_string());
+                }
+            }
+        }
+    }
+
     pub(crate) fn rule(&mut self, name: &str) {
         self.plan.rules.push(name.to_string());
     }
@@ -152,6 +157,32 @@ fn warn_if_old_values_missing(rule: &Rule, relation: &Relation) {
     }
 }
 
+/// Logs, once per table shape, a rule column the shape lacks and what the rule does
+/// for its changes instead.
+fn warn_if_columns_missing(b: &BoundRule, relation: &Relation) {
+    let Some((column, field)) = &b.lacking else {
+        return;
+    };
+    let instead = if b.unbound {
+        match b.rule.truncate_tags {
+            Some(_) => "each of its changes purges the rule's truncate_tags, as a TRUNCATE would",
+            None => "each of its changes flushes the rule's key prefixes and every subscriber, as a TRUNCATE would",
+        }
+    } else if *field == "when_changed" {
+        "every update of it counts as changed"
+    } else {
+        "each of its changes deletes the rule's keys instead of republishing them"
+    };
+    tracing::warn!(
+        rule = %b.rule.name,
+        table = %relation.table(),
+        column = %column,
+        "{} uses column {column:?} ({field}), which {} does not have in this part of the stream (changes written before the column was added, or after it was dropped or renamed): {instead}; nothing is lost. If the column is gone for good, fix the rule (`wal2cache check` lists what does not fit) and reload",
+        b.rule.origin(),
+        relation.table(),
+    );
+}
+
 impl Planner {
     pub fn new(rules: Arc<RuleSet>) -> Planner {
         Planner {
@@ -165,7 +196,7 @@ impl Planner {
     }
 
     /// The rules bound to this relation's current shape.
-    fn bound(&mut self, relation: &Arc<Relation>) -> Result<&Bound, PlanError> {
+    fn bound(&mut self, relation: &Arc<Relation>) -> &Bound {
         let fresh = self
             .bound
             .get(&relation.oid)
@@ -176,9 +207,10 @@ impl Planner {
                 .for_relation(relation)
                 .into_iter()
                 .map(|r| BoundRule::bind(r, relation))
-                .collect::<Result<Vec<_>, _>>()?;
+                .collect::<Vec<_>>();
             for b in &rules {
                 warn_if_old_values_missing(&b.rule, relation);
+                warn_if_columns_missing(b, relation);
             }
             self.bound.insert(
                 relation.oid,
@@ -188,12 +220,12 @@ impl Planner {
                 },
             );
         }
-        Ok(&self.bound[&relation.oid])
+        &self.bound[&relation.oid]
     }
 
     /// The plan for one row change.
-    pub fn plan_change(&mut self, change: &Change) -> Result<Plan, PlanError> {
-        let bound = self.bound(&change.relation)?;
+    pub fn plan_change(&mut self, change: &Change) -> Plan {
+        let bound = self.bound(&change.relation);
         let relation = &*bound.relation;
         let mut builder = PlanBuilder::default();
         let (new, old) = (change.new.as_ref(), change.old.as_ref());
@@ -203,6 +235,25 @@ impl Planner {
                 continue;
             }
             if change.op == Op::Update && !new.is_some_and(|n| b.update_matters(n, old)) {
+                continue;
+            }
+            if b.unbound {
+                if let Some((column, field)) = &b.lacking {
+                    let kind = NoteKind::ColumnMissing {
+                        column: column.clone(),
+                        field,
+                    };
+                    note(rule, kind, &mut builder.plan.notes);
+                    builder.plan.detail.get_or_insert_with(|| {
+                        format!(
+                            "rule {:?}: column {column:?} ({field}) is not in {} as this change was written",
+                            rule.name,
+                            relation.table()
+                        )
+                    });
+                }
+                builder.whole_table(rule);
+                b.counters.plans.increment(1);
                 continue;
             }
             let plan = &mut builder.plan;
@@ -248,9 +299,9 @@ impl Planner {
                                     });
                                 }
                             }
-                            Err(i) => {
+                            Err(column) => {
                                 for key in new_keys {
-                                    let column = relation.columns[i].name.clone();
+                                    let column = column.clone();
                                     note(
                                         rule,
                                         NoteKind::RepublishFellBack {
@@ -280,7 +331,7 @@ impl Planner {
                 builder.rule(&rule.name);
             }
         }
-        Ok(builder.finish())
+        builder.finish()
     }
 
     /// The plan for a TRUNCATE: each rule's `truncate_tags`, or else a flush of its key
@@ -289,16 +340,7 @@ impl Planner {
         let mut builder = PlanBuilder::default();
         for relation in relations {
             for rule in self.rules.for_relation(relation) {
-                builder.rule(&rule.name);
-                match &rule.truncate_tags {
-                    Some(tags) => tags.iter().for_each(|t| builder.purge(t.clone())),
-                    None => {
-                        builder.plan.flush_all = true;
-                        for k in &rule.keys {
-                            builder.flush_prefix(k.literal_prefix().to_string());
-                        }
-                    }
-                }
+                builder.whole_table(rule);
             }
         }
         builder.finish()
@@ -430,7 +472,7 @@ ttl = "1h"
 "#;
 
     fn plan(rules: &str, change: &Change) -> Plan {
-        Planner::new(rule_set(rules)).plan_change(change).unwrap()
+        Planner::new(rule_set(rules)).plan_change(change)
     }
 
     #[test]
@@ -483,7 +525,7 @@ ttl = "1h"
         );
         let c = Change::update(rel.clone(), Some((OldKind::Full, mug())), new);
         let mut planner = Planner::new(rule_set(PRODUCT));
-        let b = &planner.bound(&rel).unwrap().rules[0];
+        let b = &planner.bound(&rel).rules[0];
         let (mut keys, mut tags, mut notes) = (Vec::new(), Vec::new(), Vec::new());
         let (old, new) = (c.old.as_ref(), c.new.as_ref());
         b.render_rows(&b.keys, old, new, &rel, &mut notes, |k| keys.push(k));
@@ -503,7 +545,7 @@ ttl = "1h"
         // A key column not sent in the new row (unchanged TOAST) is the old row's.
         let rules = PRODUCT.replace("shop:product:v3:{id}", "shop:product:body:{body}");
         let mut planner = Planner::new(rule_set(&rules));
-        let b = &planner.bound(&rel).unwrap().rules[0];
+        let b = &planner.bound(&rel).rules[0];
         let mut keys = Vec::new();
         b.render_rows(&b.keys, old, new, &rel, &mut notes, |k| keys.push(k));
         assert_eq!(
@@ -847,26 +889,82 @@ truncate_tags = [\"shop:all\"]
         assert!(err.to_string().contains("not true or false"), "{err}");
     }
 
+    /// `products` without the column `name`, as a change written before it was added
+    /// (or after it was dropped) describes the table.
+    fn without(rel: &Relation, column: &str) -> Arc<Relation> {
+        let mut shape = rel.clone();
+        shape.columns.retain(|c| c.name != column);
+        Arc::new(shape)
+    }
+
     #[test]
-    fn a_rule_column_the_table_lost_is_an_error_and_a_new_shape_rebinds() {
-        let mut planner = Planner::new(rule_set(PRODUCT));
+    fn a_change_from_before_a_key_column_existed_flushes_what_a_truncate_would() {
+        let mut planner = Planner::new(rule_set(&format!("{PRODUCT}{PRODUCT_JSON}")));
         let rel = products(ReplicaIdentity::Default);
-        planner
-            .plan_change(&Change::insert(rel.clone(), mug()))
-            .unwrap();
-        let mut dropped = (*rel).clone();
-        dropped.columns.remove(1); // slug
-        let change = Change::insert(
-            Arc::new(dropped),
+        let current = planner.plan_change(&Change::insert(rel.clone(), mug()));
+        assert!(current
+            .delete
+            .contains(&"shop:product:slug:v3:blue-mug".to_string()));
+        // No slug: `product`'s keys cannot be computed. It purges its truncate_tags,
+        // as a TRUNCATE would; `product_json` does not use slug and republishes.
+        let old = Change::insert(
+            without(&rel, "slug"),
             TupleData(vec![t("42"), t("7"), t("Mug"), t("9.50"), t("x")]),
         );
-        let err = planner.plan_change(&change).unwrap_err();
-        assert_eq!((err.column.as_str(), err.field), ("slug", "keys"));
+        let p = planner.plan_change(&old);
+        assert_eq!(p.purge_tags, ["shop:products"]);
+        assert!(p.delete.is_empty() && !p.flush_all, "{p:?}");
+        assert_eq!(p.republish.len(), 1);
+        assert_eq!(p.republish[0].key, "shop:product:json:v3:42");
+        assert!(matches!(
+            &p.notes[..],
+            [Note { rule, kind: NoteKind::ColumnMissing { column, field: "keys" } }]
+                if rule == "product" && column == "slug"
+        ));
         assert!(
-            !err.to_string().contains("SIGHUP"),
-            "the process is stopping: {err}"
+            p.detail.as_deref().is_some_and(|d| d.contains("\"slug\"")),
+            "{p:?}"
         );
-        assert!(err.to_string().contains("start wal2cache again"), "{err}");
+        // Without truncate_tags: the key prefixes and every subscriber.
+        let plain = PRODUCT.replace("truncate_tags = [\"shop:products\"]\n", "");
+        let p = Planner::new(rule_set(&plain)).plan_change(&old);
+        assert!(p.flush_all, "{p:?}");
+        assert_eq!(
+            p.flush_prefixes,
+            ["shop:product:v3:", "shop:product:slug:v3:"]
+        );
+        // The current shape binds again.
+        assert_eq!(planner.plan_change(&Change::insert(rel, mug())), current);
+    }
+
+    #[test]
+    fn a_change_from_before_a_projected_column_existed_deletes_the_key_instead() {
+        let rel = products(ReplicaIdentity::Default);
+        let change = Change::insert(
+            without(&rel, "price"),
+            TupleData(vec![t("42"), t("blue-mug"), t("7"), t("Mug"), t("x")]),
+        );
+        let p = plan(PRODUCT_JSON, &change);
+        assert!(p.republish.is_empty() && !p.flush_all, "{p:?}");
+        assert_eq!(p.delete, ["shop:product:json:v3:42"]);
+        assert_eq!(p.tombstones, ["shop:product:json:v3:42"]);
+        assert!(matches!(
+            &p.notes[..],
+            [Note { kind: NoteKind::RepublishFellBack { column, .. }, .. }] if column == "price"
+        ));
+    }
+
+    #[test]
+    fn an_update_from_before_a_when_changed_column_existed_counts_as_changed() {
+        let rel = without(&products(ReplicaIdentity::Full), "price");
+        let old = TupleData(vec![t("42"), t("blue-mug"), t("7"), t("Mug"), t("x")]);
+        let new = TupleData(vec![t("42"), t("blue-mug"), t("7"), t("Mug"), t("y")]);
+        let change = Change::update(rel, Some((OldKind::Full, old)), new);
+        let p = plan(PRODUCT, &change);
+        assert!(
+            p.delete.contains(&"shop:product:v3:42".to_string()),
+            "{p:?}"
+        );
     }
 
     fn arb_datum() -> impl Strategy<Value = Datum> {

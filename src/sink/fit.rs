@@ -111,12 +111,14 @@ fn base_event(source: &str, item: &Item) -> Event {
 }
 
 /// The `reason` of a `flush_all` a plan asks for: a TRUNCATE without `truncate_tags`,
-/// or an operator's `wal2cache invalidate --all` (a logical message).
+/// an operator's `wal2cache invalidate --all` (a logical message), or a row change a
+/// rule could not be bound to (its table lacked a column of the rule's keys or tags
+/// when the change was written).
 fn flush_reason(op: &str) -> &'static str {
-    if op == "message" {
-        "manual"
-    } else {
-        "truncate"
+    match op {
+        "message" => "manual",
+        "truncate" => "truncate",
+        _ => "schema_changed",
     }
 }
 
@@ -403,14 +405,15 @@ mod tests {
             (Some("flush_all"), Some("manual"))
         );
         assert_eq!(v["detail"], "deploy 42");
-        // A TRUNCATE's flush stays "truncate".
-        let (out, _) = events_for(
-            "main-db",
-            &item(Some("public.products"), plan),
-            0,
-            &limits(900_000),
-        );
+        // A TRUNCATE's flush stays "truncate"; a row change's (a rule that could not
+        // be bound to the table's shape then) is "schema_changed".
+        let mut truncate = item(Some("public.products"), plan.clone());
+        truncate.origin.op = "truncate";
+        let (out, _) = events_for("main-db", &truncate, 0, &limits(900_000));
         assert_eq!(parse(&out[0])["reason"], "truncate");
+        let update = item(Some("public.products"), plan);
+        let (out, _) = events_for("main-db", &update, 0, &limits(900_000));
+        assert_eq!(parse(&out[0])["reason"], "schema_changed");
     }
 
     #[test]
