@@ -118,6 +118,7 @@ impl TailFormatter {
                 self.txn = None;
                 return None;
             }
+            SourceEvent::Idle { .. } => return None,
             SourceEvent::Change(change) => {
                 let mut m = self.change_json(change);
                 let plan = self.planner.plan_change(change);

@@ -262,6 +262,7 @@ async fn logical_messages_arrive_in_their_transaction() {
             SourceEvent::Message { .. } => "message",
             SourceEvent::Commit(_) => "commit",
             SourceEvent::Truncate { .. } => "truncate",
+            SourceEvent::Idle { .. } => "idle",
         })
         .collect();
     assert_eq!(kinds, ["begin", "change", "message", "commit"]);

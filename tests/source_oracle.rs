@@ -457,6 +457,7 @@ fn our_tuple(change: &Change, old: bool, types: &HashMap<u32, String>) -> Tuple 
 fn our_records(events: &[SourceEvent], types: &HashMap<u32, String>) -> Vec<Rec> {
     events
         .iter()
+        .filter(|e| !matches!(e, SourceEvent::Idle { .. }))
         .map(|e| match e {
             SourceEvent::Begin(_) => Rec::Begin,
             SourceEvent::Commit(_) => Rec::Commit,
@@ -497,6 +498,7 @@ fn our_records(events: &[SourceEvent], types: &HashMap<u32, String>) -> Vec<Rec>
                 prefix: prefix.clone(),
                 content: String::from_utf8_lossy(content).into_owned(),
             },
+            SourceEvent::Idle { .. } => unreachable!("left out above"),
         })
         .collect()
 }

@@ -159,6 +159,13 @@ impl Batcher {
                     return Ok(true);
                 }
             }
+            // The server's idle position (a keepalive's): as for a heartbeat.
+            SourceEvent::Idle { lsn } => {
+                if self.txn.is_none() {
+                    self.batch.confirm = Some(self.batch.confirm.map_or(lsn, |c| c.max(lsn)));
+                    return Ok(true);
+                }
+            }
             SourceEvent::Message {
                 lsn,
                 prefix,

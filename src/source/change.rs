@@ -242,6 +242,19 @@ pub enum SourceEvent {
         content: Bytes,
     },
     Commit(CommitInfo),
+    /// Outside any transaction, the server has sent every transaction that committed
+    /// before `lsn` (the end of the WAL it has read for the slot, from a keepalive):
+    /// a position to confirm once what came before it is applied. A transaction still
+    /// open commits after `lsn` and is sent then.
+    ///
+    /// Confirming it when idle is what PostgreSQL's own subscriber does, and what a
+    /// shutting-down walsender waits for (`pg_ctl stop -m fast`, a switchover): it
+    /// exits only once its client has confirmed all it has read, so a client that
+    /// confirmed only its last transaction's end held the server's shutdown for as
+    /// long as it stayed connected.
+    Idle {
+        lsn: Lsn,
+    },
 }
 
 /// Known at Begin: Postgres sends a transaction only once it has committed.

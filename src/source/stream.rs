@@ -469,6 +469,10 @@ impl Session<'_> {
 
     async fn stream(&mut self, client: &mut ReplicationClient) -> Result<(), SourceError> {
         let mut pending: Vec<SourceEvent> = Vec::with_capacity(CHUNK);
+        // For `SourceEvent::Idle`: whether a transaction is being received, and the
+        // furthest position handed over (a commit's end, a message, an idle position).
+        let mut in_transaction = false;
+        let mut received = Lsn::ZERO;
         loop {
             let event = if pending.is_empty() {
                 pace::waiting_for_source(true);
@@ -509,22 +513,36 @@ impl Session<'_> {
             };
             let message = match event.map_err(|e| self.error(e))? {
                 None => return Err(SourceError::Ended),
-                Some(ReplicationEvent::KeepAlive { .. }) => continue,
+                Some(ReplicationEvent::KeepAlive { wal_end, .. }) => {
+                    // Everything the server has read for this slot has been sent: a
+                    // position to confirm once what came before it is applied.
+                    let lsn = ours(wal_end);
+                    if !in_transaction && lsn > received {
+                        received = lsn;
+                        pending.push(SourceEvent::Idle { lsn });
+                    }
+                    continue;
+                }
                 Some(ReplicationEvent::StoppedAt { .. }) => return Ok(()),
                 Some(ReplicationEvent::Begin {
                     final_lsn,
                     xid,
                     commit_time_micros,
-                }) => Message::Begin(Begin {
-                    final_lsn: ours(final_lsn),
-                    commit_time: commit_time_micros,
-                    xid,
-                }),
+                }) => {
+                    in_transaction = true;
+                    Message::Begin(Begin {
+                        final_lsn: ours(final_lsn),
+                        commit_time: commit_time_micros,
+                        xid,
+                    })
+                }
                 Some(ReplicationEvent::Commit {
                     lsn,
                     end_lsn,
                     commit_time_micros,
                 }) => {
+                    in_transaction = false;
+                    received = received.max(ours(end_lsn));
                     pace::saw_commit(commit_time_micros);
                     Message::Commit(Commit {
                         flags: 0,
@@ -538,12 +556,17 @@ impl Session<'_> {
                     lsn,
                     prefix,
                     content,
-                }) => Message::Message(pgoutput::LogicalMessage {
-                    transactional,
-                    lsn: ours(lsn),
-                    prefix,
-                    content,
-                }),
+                }) => {
+                    if !transactional {
+                        received = received.max(ours(lsn));
+                    }
+                    Message::Message(pgoutput::LogicalMessage {
+                        transactional,
+                        lsn: ours(lsn),
+                        prefix,
+                        content,
+                    })
+                }
                 Some(ReplicationEvent::XLogData {
                     wal_start, data, ..
                 }) => pgoutput::decode(&data).map_err(|source| SourceError::Decode {

@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use wal2cache::source::{Change, Source, SourceEvent};
 
-/// Reads events until `done` says so, failing after `deadline`.
+/// Reads events until `done` says so, failing after `deadline`. Idle positions
+/// (`SourceEvent::Idle`, from the server's keepalives, whenever it sends one) are left
+/// out: these tests read what the stream decodes.
 #[allow(dead_code)]
 pub async fn collect_until(
     source: &mut Source,
@@ -15,6 +17,7 @@ pub async fn collect_until(
     let result = tokio::time::timeout(deadline, async {
         while !done(&events) {
             match source.next().await {
+                Some(Ok(SourceEvent::Idle { .. })) => {}
                 Some(Ok(e)) => events.push(e),
                 Some(Err(e)) => panic!("source failed: {e}"),
                 None => panic!("source ended"),
