@@ -286,7 +286,7 @@ fn sqlstate_kind(code: &str) -> ErrorKind {
 fn hint_for(sqlstate: Option<&str>, message: &str) -> &'static str {
     match sqlstate {
         Some("42704") if message.contains("publication") => {
-            "; create it with `wal2cache setup --config <file>` or set postgres.create = true"
+            "; create it with `wal2cache setup --config <file>` or set postgres.create = true. If it exists (again), it was dropped while the slot was behind: a slot reads each change with the publications of its time and cannot stream past the drop, so drop the slot (`SELECT pg_drop_replication_slot('<postgres.slot>')` while no daemon runs) and start again: a new slot is created and postgres.on_slot_loss says what happens to the caches"
         }
         Some("55000") if message.contains("wal_level") => {
             "; set wal_level = logical in postgresql.conf and restart PostgreSQL"
@@ -335,6 +335,8 @@ mod tests {
         );
         let e = server("publication \"p\" does not exist (SQLSTATE 42704)");
         assert!(e.to_string().contains("wal2cache setup"), "{e}");
+        // Created again, it does not help the slot past the drop: the way out.
+        assert!(e.to_string().contains("pg_drop_replication_slot"), "{e}");
         assert_eq!(e.kind(), ErrorKind::Fatal);
         let e = server("the database system is starting up (SQLSTATE 57P03)");
         assert_eq!(e.kind(), ErrorKind::Transient);
