@@ -306,3 +306,55 @@ async fn rules_using_a_column_added_while_stopped_invalidate_the_older_changes_w
     );
     daemon.stop_ok().await;
 }
+
+/// Postgres names a domain column by the domain's type: its values are written as the
+/// base type's, by the stream and by `wal2cache backfill` alike (a domain over jsonb
+/// embedded, over bigint or over another domain over int a number).
+#[tokio::test]
+async fn a_domain_column_is_written_as_its_base_type() {
+    let db = TestDb::new("d_domain").await;
+    db.exec(
+        "CREATE DOMAIN doc AS jsonb;
+         CREATE DOMAIN big AS bigint CHECK (VALUE > 0);
+         CREATE DOMAIN small AS int;
+         CREATE DOMAIN smaller AS small;
+         CREATE DOMAIN label AS text;
+         CREATE TABLE items (id int PRIMARY KEY, d doc, b big, s smaller, l label)",
+    )
+    .await;
+    let prefix = unique("domain");
+    let topic = format!("{prefix}.events");
+    let rules = format!(
+        "[[rule]]\nname = \"item\"\ntable = \"public.items\"\nkeys = [\"{prefix}:i:{{id}}\"]\naction = \"republish\"\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = schemas_config(dir.path(), &db, &rules, &topic);
+    let daemon = InProcess::start(&config);
+    wait_streaming(&db, &format!("{}_d", db.name)).await;
+    db.exec(r#"INSERT INTO items VALUES (1, '{"a": 1}', 9007199254740993, 5, 'x')"#)
+        .await;
+    let key = format!("{prefix}:i:1");
+    let expected = r#"{"id":1,"d":{"a": 1},"b":9007199254740993,"s":5,"l":"x"}"#;
+    let r = redis().await;
+    let value = || {
+        let mut r = r.clone();
+        let key = key.clone();
+        async move { r.get::<_, Option<String>>(&key).await.unwrap() }
+    };
+    eventually("the row republished", Duration::from_secs(30), || async {
+        value().await.is_some()
+    })
+    .await;
+    assert_eq!(value().await.as_deref(), Some(expected), "from the stream");
+    daemon.stop_ok().await;
+
+    let _: () = r.clone().del(&key).await.unwrap();
+    let (code, out, err) =
+        support::daemon::run_binary(&["backfill", "--config", config.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        value().await.as_deref(),
+        Some(expected),
+        "from the backfill"
+    );
+}

@@ -306,6 +306,9 @@ async fn table_shape(client: &Client, table: &TableName) -> Result<TableShape, E
             is_key: false,
         })
         .collect();
+    crate::source::catalog::resolve_domains(client, &mut columns)
+        .await
+        .map_err(pg(format!("reading the column types of {table}")))?;
     let types = rows.iter().map(|r| r.get::<_, String>(3)).collect();
     // The primary key, else the first unique index on NOT NULL columns only (no
     // expressions, no predicate).

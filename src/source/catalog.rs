@@ -334,3 +334,42 @@ pub async fn unpublished(
     }
     Ok(out)
 }
+
+/// The last base type of each domain among the type OIDs `$1` (a domain over a
+/// domain: the base of the last one).
+const DOMAIN_BASES: &str = "
+WITH RECURSIVE d(oid, base) AS (
+    SELECT t.oid, t.typbasetype FROM pg_type t
+     WHERE t.oid = ANY($1::int8[]::oid[]) AND t.typtype = 'd'
+  UNION ALL
+    SELECT d.oid, t.typbasetype FROM d JOIN pg_type t ON t.oid = d.base AND t.typtype = 'd'
+)
+SELECT d.oid::int8, d.base::int8 FROM d JOIN pg_type t ON t.oid = d.base WHERE t.typtype <> 'd'";
+
+/// The first OID of objects made after initdb (`FirstNormalObjectId`): the built-in
+/// types are below it, and none of them is a domain a value is written by.
+const FIRST_NORMAL_OID: u32 = 16_384;
+
+/// Gives each column of a domain type its base type (Postgres sends the domain's OID),
+/// so its values are written as the base type's are: a domain over jsonb embedded, a
+/// domain over bigint a number. One query, for tables with a user-defined type only.
+pub async fn resolve_domains(
+    client: &Client,
+    columns: &mut [crate::source::change::Column],
+) -> Result<(), tokio_postgres::Error> {
+    let user: Vec<i64> = columns
+        .iter()
+        .filter(|c| c.type_oid >= FIRST_NORMAL_OID)
+        .map(|c| i64::from(c.type_oid))
+        .collect();
+    if user.is_empty() {
+        return Ok(());
+    }
+    for row in client.query(DOMAIN_BASES, &[&user]).await? {
+        let (domain, base) = (row.get::<_, i64>(0) as u32, row.get::<_, i64>(1) as u32);
+        for c in columns.iter_mut().filter(|c| c.type_oid == domain) {
+            c.type_oid = base;
+        }
+    }
+    Ok(())
+}

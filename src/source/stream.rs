@@ -343,6 +343,15 @@ impl Session<'_> {
             .iter()
             .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
             .collect();
+        let catalog = self.catalog.as_ref().expect("connected above");
+        let domains = crate::source::catalog::resolve_domains(catalog, &mut relation.columns).await;
+        if let Err(source) = domains {
+            self.catalog = None;
+            return Err(SourceError::Postgres {
+                context: format!("reading the column types of table {}", relation.table()),
+                source,
+            });
+        }
         self.relations.insert(relation);
         Ok(())
     }
