@@ -432,20 +432,28 @@ impl Health {
     }
 }
 
-/// Now minus the commit time of the newest change applied everywhere, while work is
-/// in flight or the reader was busy within the last second; 0 when the stream is idle
-/// and caught up (a lag that stays at its last value while nothing happens would
-/// alert on a quiet database).
+/// While work is in flight: now minus the commit time of the oldest batch not yet
+/// applied everywhere (a sink that stopped applying shows as a growing lag, even with
+/// nothing applied since the start; a change held up after a quiet hour is as old as
+/// it is, not as old as the last one applied). Otherwise, for a second after the
+/// reader was busy: now minus the commit time of the newest change applied. 0 when the
+/// stream is idle and caught up (a lag that stays at its last value while nothing
+/// happens would alert on a quiet database).
 fn lag_seconds(s: &State) -> f64 {
     let Some(position) = s.position.as_ref().map(|p| *p.borrow()) else {
         return 0.0;
     };
     let recent = s.dispatched_at.is_some_and(|t| t.elapsed() < IDLE_AFTER);
-    if !(position.busy || recent) {
+    let commit_time = if position.busy {
+        position
+            .pending_commit_time
+            .or(position.applied_commit_time)
+    } else if recent {
+        position.applied_commit_time
+    } else {
         return 0.0;
-    }
-    position
-        .applied_commit_time
+    };
+    commit_time
         .and_then(crate::pgtime::since_pg_time)
         .map_or(0.0, |d| d.as_secs_f64())
 }
@@ -568,6 +576,7 @@ mod tests {
         let (tx, rx) = watch::channel(Position {
             confirmed: Lsn(10),
             applied_commit_time: Some(hour_ago),
+            pending_commit_time: None,
             busy: true,
         });
         h.watch_position(rx);
@@ -579,6 +588,29 @@ mod tests {
         assert!(h.readiness().ready, "{:?}", h.readiness());
         h.dispatched();
         assert!(!h.readiness().ready, "reading again: the lag counts");
+    }
+
+    #[test]
+    fn while_busy_the_lag_is_the_oldest_pending_commit_age() {
+        let h = health();
+        h.streaming();
+        let now = crate::pgtime::pg_now();
+        // Nothing applied since the start, a batch an hour old in flight: behind.
+        let (tx, rx) = watch::channel(Position {
+            confirmed: Lsn(10),
+            applied_commit_time: None,
+            pending_commit_time: Some(now - 3_600_000_000),
+            busy: true,
+        });
+        h.watch_position(rx);
+        let r = h.readiness();
+        assert!(r.failing[0].starts_with("lag 3600"), "{:?}", r.failing);
+        // After a quiet hour, a change held up for a moment: that moment.
+        tx.send_modify(|p| {
+            p.applied_commit_time = Some(now - 3_600_000_000);
+            p.pending_commit_time = Some(now - 500_000);
+        });
+        assert!(h.readiness().ready, "{:?}", h.readiness());
     }
 
     #[test]

@@ -89,6 +89,7 @@ impl Ledger {
             if commit_time.is_some() {
                 p.applied_commit_time = commit_time;
             }
+            p.pending_commit_time = self.marks.iter().find_map(|m| m.commit_time);
             p.busy = busy;
             *p != before
         });
@@ -141,9 +142,14 @@ impl Permits<'_> {
                 confirm: batch.confirm,
                 commit_time: batch.commit_time,
             });
-            ledger
-                .position
-                .send_if_modified(|p| !std::mem::replace(&mut p.busy, true));
+            ledger.position.send_if_modified(|p| {
+                let before = *p;
+                p.busy = true;
+                if p.pending_commit_time.is_none() {
+                    p.pending_commit_time = batch.commit_time;
+                }
+                *p != before
+            });
         }
         let batch = Arc::new(batch);
         for permit in self.permits {

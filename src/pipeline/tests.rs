@@ -134,6 +134,7 @@ struct Run {
     done: tokio::task::JoinHandle<Result<(), Error>>,
     redis: Handle,
     kafka: Handle,
+    position: watch::Receiver<Position>,
 }
 
 impl Run {
@@ -183,7 +184,7 @@ fn start_with(
     let (confirmed, confirmed_rx) = watch::channel(Lsn::ZERO);
     let (stopped, stopped_rx) = watch::channel(false);
     let (shutdown, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
-    let (position, _) = watch::channel(Position::default());
+    let (position, position_rx) = watch::channel(Position::default());
     let (stop, _) = watch::channel(false);
     let pipeline = Pipeline {
         config,
@@ -227,6 +228,7 @@ fn start_with(
         done,
         redis: redis.1,
         kafka: kafka.1,
+        position: position_rx,
     }
 }
 
@@ -361,6 +363,43 @@ async fn nothing_is_confirmed_until_every_sink_has_it() {
     run.confirmed_reaches(Lsn(101)).await;
     run.kafka.release(1);
     run.confirmed_reaches(Lsn(201)).await;
+    let (r, ..) = run.stop().await;
+    r.unwrap();
+}
+
+/// The lag `/readyz` and the metrics show comes from the oldest batch in flight, not
+/// from the newest one applied: a sink that stopped applying makes it grow.
+#[tokio::test]
+async fn the_position_names_the_oldest_commit_not_yet_applied() {
+    let kafka = MemorySink::held("kafka");
+    let mut run = start(1000, MemorySink::new("redis"), kafka);
+    run.send(txn_at(100, 0..1, 1_000));
+    until("the first batch in flight", || run.position.borrow().busy).await;
+    run.send(txn_at(200, 1..2, 2_000));
+    until("Redis to apply both", || {
+        run.redis.sizes().iter().sum::<usize>() >= 2
+    })
+    .await;
+    let p = *run.position.borrow();
+    assert_eq!(
+        (p.pending_commit_time, p.applied_commit_time),
+        (Some(1_000), None)
+    );
+    run.kafka.release(1);
+    run.confirmed_reaches(Lsn(101)).await;
+    until("the second batch to be the oldest", || {
+        run.position.borrow().pending_commit_time == Some(2_000)
+    })
+    .await;
+    assert_eq!(run.position.borrow().applied_commit_time, Some(1_000));
+    run.kafka.release(1);
+    run.confirmed_reaches(Lsn(201)).await;
+    until("nothing in flight", || !run.position.borrow().busy).await;
+    let p = *run.position.borrow();
+    assert_eq!(
+        (p.pending_commit_time, p.applied_commit_time),
+        (None, Some(2_000))
+    );
     let (r, ..) = run.stop().await;
     r.unwrap();
 }

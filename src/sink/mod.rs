@@ -74,6 +74,9 @@ pub struct Position {
     pub confirmed: Lsn,
     /// Commit time (Postgres micros) of the newest transaction applied everywhere.
     pub applied_commit_time: Option<i64>,
+    /// Commit time of the oldest batch dispatched and not yet applied everywhere (its
+    /// newest transaction's): how far behind the caches are while work is in flight.
+    pub pending_commit_time: Option<i64>,
     /// Work is in flight: the stream is behind.
     pub busy: bool,
 }
