@@ -481,7 +481,7 @@ impl Session<'_> {
         // For `SourceEvent::Idle`: whether a transaction is being received, and the
         // furthest position handed over (a commit's end, a message, an idle position).
         let mut in_transaction = false;
-        let mut received = Lsn::ZERO;
+        let mut received = *self.confirm.borrow();
         loop {
             let event = if pending.is_empty() {
                 pace::waiting_for_source(true);
