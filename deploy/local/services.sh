@@ -413,7 +413,9 @@ pg_major_ensure_server() {
 }
 
 for _major in "${PG_MAJORS[@]}"; do
-    eval "install_pg$_major() { pg_installed || install_pg; pg_use_major $_major; pg_resolve_dirs; pg_major_ensure_server; }
+    # A subshell each: pg_use_major and pg_resolve_dirs point the PG_* variables at
+    # the major, which must not leak into the next one's check of the base install.
+    eval "install_pg$_major() ( pg_installed || install_pg; pg_use_major $_major; pg_resolve_dirs; pg_major_ensure_server )
 start_pg$_major() { pg_use_major $_major; start_pg; }
 stop_pg$_major() { pg_use_major $_major; stop_pg; }
 reset_pg$_major() {
