@@ -34,13 +34,19 @@ pub async fn collect_until(
     events
 }
 
-/// The fatal error a source ends with, which must come within `within` (not retries).
+/// The fatal error a source ends with, which must come within `within` (not retries),
+/// after idle positions only (the server's keepalives come before the change it
+/// fails on).
 #[allow(dead_code)]
 pub async fn fatal_error(source: &mut Source, within: Duration) -> wal2cache::source::SourceError {
-    match tokio::time::timeout(within, source.next()).await {
-        Ok(Some(Err(e))) => e,
-        Ok(other) => panic!("expected a fatal error, got {other:?}"),
-        Err(_) => panic!("no fatal error within {within:?}: the source kept retrying"),
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, source.next()).await {
+            Ok(Some(Ok(SourceEvent::Idle { .. }))) => {}
+            Ok(Some(Err(e))) => return e,
+            Ok(other) => panic!("expected a fatal error, got {other:?}"),
+            Err(_) => panic!("no fatal error within {within:?}: the source kept retrying"),
+        }
     }
 }
 
