@@ -19,14 +19,9 @@ pub(super) struct BoundRule {
     columns: Vec<(usize, String)>,
     /// The first column of the rule this shape of the table does not have (a change
     /// written before the column was added, or after it was dropped or renamed), with
-    /// the field naming it.
+    /// the field naming it. In `keys` or `tags`: see [`Self::unbound`]; in
+    /// `when_changed`: that list is dropped (every update matters).
     pub(super) lacking: Option<(String, &'static str)>,
-    /// Whether that column is in the keys or tags: none of the rule's keys and tags
-    /// can be computed, so each change flushes what a TRUNCATE would (see
-    /// `Planner::plan_change`).
-    pub(super) unbound: bool,
-    /// A `when_changed` column this shape lacks: every update matters.
-    when_changed_unknown: bool,
     /// A projected column this shape lacks: no value, each key is deleted instead.
     value_unknown: Option<String>,
     /// The rule's counters, looked up once per binding, not per change.
@@ -173,8 +168,7 @@ impl BoundRule {
         };
         let mut keys = templates(&rule.keys, "keys");
         let mut tags = templates(&rule.tags, "tags");
-        let unbound = lacking.is_some();
-        if unbound {
+        if lacking.is_some() {
             // Some of a rule's keys would be a silent partial invalidation.
             keys.clear();
             tags.clear();
@@ -184,23 +178,19 @@ impl BoundRule {
                 .find(|c| relation.column_index(c).is_none())
                 .cloned()
         };
-        let (when_changed, when_changed_unknown) = match &rule.when_changed {
-            Some(cols) => {
-                let lacked = lacks(cols);
-                let unknown = lacked.is_some();
-                if let Some(c) = lacked {
+        let when_changed = match &rule.when_changed {
+            Some(cols) => match lacks(cols) {
+                Some(c) => {
                     lacking.get_or_insert((c, "when_changed"));
+                    None
                 }
-                (
-                    Some(
-                        cols.iter()
-                            .filter_map(|c| relation.column_index(c))
-                            .collect(),
-                    ),
-                    unknown,
-                )
-            }
-            None => (None, false),
+                None => Some(
+                    cols.iter()
+                        .filter_map(|c| relation.column_index(c))
+                        .collect(),
+                ),
+            },
+            None => None,
         };
         let (columns, value_unknown) = match &rule.action {
             Action::Delete => (Vec::new(), None),
@@ -232,11 +222,16 @@ impl BoundRule {
             when_changed,
             columns,
             lacking,
-            unbound,
-            when_changed_unknown,
             value_unknown,
             counters: RuleCounters::new(&rule.name),
         }
+    }
+
+    /// Whether a column of the rule's keys or tags is missing from this shape: none of
+    /// them can be computed, so each change flushes what a TRUNCATE would (see
+    /// `Planner::plan_change`).
+    pub(super) fn unbound(&self) -> bool {
+        matches!(self.lacking, Some((_, "keys" | "tags")))
     }
 
     /// Whether an update changed any `when_changed` column. Without the old value
@@ -246,9 +241,6 @@ impl BoundRule {
         let Some(cols) = &self.when_changed else {
             return true;
         };
-        if self.when_changed_unknown {
-            return true;
-        }
         cols.iter().any(|&i| match new.get(i) {
             Some(Value::UnchangedToast) => false,
             n => match old.and_then(|o| o.get(i)) {

@@ -163,7 +163,7 @@ fn warn_if_columns_missing(b: &BoundRule, relation: &Relation) {
     let Some((column, field)) = &b.lacking else {
         return;
     };
-    let instead = if b.unbound {
+    let instead = if b.unbound() {
         match b.rule.truncate_tags {
             Some(_) => "each of its changes purges the rule's truncate_tags, as a TRUNCATE would",
             None => "each of its changes flushes the rule's key prefixes and every subscriber, as a TRUNCATE would",
@@ -237,21 +237,19 @@ impl Planner {
             if change.op == Op::Update && !new.is_some_and(|n| b.update_matters(n, old)) {
                 continue;
             }
-            if b.unbound {
-                if let Some((column, field)) = &b.lacking {
-                    let kind = NoteKind::ColumnMissing {
-                        column: column.clone(),
-                        field,
-                    };
-                    note(rule, kind, &mut builder.plan.notes);
-                    builder.plan.detail.get_or_insert_with(|| {
-                        format!(
-                            "rule {:?}: column {column:?} ({field}) is not in {} as this change was written",
-                            rule.name,
-                            relation.table()
-                        )
-                    });
-                }
+            if let Some((column, field)) = b.lacking.as_ref().filter(|_| b.unbound()) {
+                let kind = NoteKind::ColumnMissing {
+                    column: column.clone(),
+                    field,
+                };
+                note(rule, kind, &mut builder.plan.notes);
+                builder.plan.detail.get_or_insert_with(|| {
+                    format!(
+                        "rule {:?}: column {column:?} ({field}) is not in {} as this change was written",
+                        rule.name,
+                        relation.table()
+                    )
+                });
                 builder.whole_table(rule);
                 b.counters.plans.increment(1);
                 continue;
