@@ -122,6 +122,16 @@ impl Batcher {
         Ok(ended)
     }
 
+    /// A position outside any transaction (a heartbeat's, an idle one) joins the batch's
+    /// confirmation; `true`: the batch may close. Inside a transaction it is ignored.
+    fn confirm_between_transactions(&mut self, lsn: Lsn) -> bool {
+        if self.txn.is_some() {
+            return false;
+        }
+        self.batch.confirm = Some(self.batch.confirm.map_or(lsn, |c| c.max(lsn)));
+        true
+    }
+
     fn add_event(&mut self, event: SourceEvent) -> Result<bool, Error> {
         match event {
             SourceEvent::Begin(txn) => {
@@ -153,19 +163,9 @@ impl Batcher {
                 lsn,
                 prefix,
                 ..
-            } if prefix == HEARTBEAT_PREFIX => {
-                if self.txn.is_none() {
-                    self.batch.confirm = Some(self.batch.confirm.map_or(lsn, |c| c.max(lsn)));
-                    return Ok(true);
-                }
-            }
+            } if prefix == HEARTBEAT_PREFIX => return Ok(self.confirm_between_transactions(lsn)),
             // The server's idle position (a keepalive's): as for a heartbeat.
-            SourceEvent::Idle { lsn } => {
-                if self.txn.is_none() {
-                    self.batch.confirm = Some(self.batch.confirm.map_or(lsn, |c| c.max(lsn)));
-                    return Ok(true);
-                }
-            }
+            SourceEvent::Idle { lsn } => return Ok(self.confirm_between_transactions(lsn)),
             SourceEvent::Message {
                 lsn,
                 prefix,
