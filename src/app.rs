@@ -19,6 +19,7 @@ use crate::sink::kafka::KafkaSink;
 use crate::sink::redis::{state_key, RedisSink, StreamState};
 use crate::sink::{Batch, Item, Origin, Position, Sink, Version};
 use crate::source::identity::{self, Loss, LossReason, Remembered};
+use crate::source::membership::MembershipWatch;
 use crate::source::messages::{wal_heartbeats, RELOAD_PREFIX};
 use crate::source::monitor;
 use crate::source::slot::{self, SetupPlan, SetupReport};
@@ -38,6 +39,7 @@ fn setup_plan(config: &Config, rules: &RuleSet, with_slot: bool) -> SetupPlan {
         slot: config.postgres.slot.clone(),
         tables: rules.tables(),
         create: config.postgres.create,
+        extend: true,
         with_slot,
         failover: config.postgres.failover_slot,
     }
@@ -170,6 +172,17 @@ pub async fn reload_rules(config: &Config) -> Result<(Arc<RuleSet>, CheckReport)
     Ok((rules, report))
 }
 
+/// What the reloader shares with the membership watch.
+#[derive(Clone)]
+struct Membership {
+    /// Held while the publication is read and changed.
+    lock: Arc<tokio::sync::Mutex<()>>,
+    /// Asks the watch to look now.
+    wake: Arc<tokio::sync::Notify>,
+    /// The rules in force.
+    in_force: tokio::sync::watch::Receiver<Arc<RuleSet>>,
+}
+
 /// SIGHUP in `run`: the new rules, checked, and the tables they add to the publication.
 ///
 /// A table added to the publication is published from the commit of the `ALTER
@@ -179,9 +192,32 @@ pub async fn reload_rules(config: &Config) -> Result<(Arc<RuleSet>, CheckReport)
 /// `ALTER PUBLICATION`, and the pipeline switches to the new rules when it reads the
 /// marker, before the first change that the new membership publishes. If the
 /// transaction fails, the marker never appears and the previous rules stay in force.
-async fn reload(config: &Config, rules_tx: &mpsc::UnboundedSender<Reload>) -> Result<usize, Error> {
-    let (rules, report) = reload_rules(config).await?;
+async fn reload(
+    config: &Config,
+    rules_tx: &mpsc::UnboundedSender<Reload>,
+    membership: &Membership,
+) -> Result<usize, Error> {
+    // The membership watch adds tables too: one of them at a time reads and changes
+    // the publication.
+    let _held = membership.lock.lock().await;
+    let (rules, mut report) = reload_rules(config).await?;
     let count = rules.rules().len();
+    // A table the rules in force already name went missing from the publication (it
+    // was replaced or taken out): the watch adds it back, with the invalidation that
+    // calls for.
+    let in_force: Vec<crate::source::TableName> = membership
+        .in_force
+        .borrow()
+        .tables()
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect();
+    let before = report.publish.len();
+    report.publish.retain(|m| !in_force.contains(&m.for_table));
+    if report.publish.len() < before {
+        membership.wake.notify_one();
+    }
+
     if report.publish.is_empty() {
         let _ = rules_tx.send(Reload {
             rules,
@@ -267,6 +303,13 @@ pub async fn run(
     ));
 
     // The reloader lives as long as `run`: reloads reach whichever stream runs.
+    let (in_force, in_force_rx) = tokio::sync::watch::channel(rules.clone());
+    let reload_membership = Membership {
+        lock: Arc::new(tokio::sync::Mutex::new(())),
+        wake: Arc::new(tokio::sync::Notify::new()),
+        in_force: in_force.subscribe(),
+    };
+    let membership_watch = reload_membership.clone();
     let (stop_reloads, mut reload_stop) = tokio::sync::watch::channel(false);
     let (rules_tx, mut rules_rx) = mpsc::unbounded_channel();
     let reload_config = config.clone();
@@ -280,7 +323,7 @@ pub async fn run(
             // A reload in progress when the pipeline stops is cut short: its marker
             // is never read, so its rules never take effect.
             let reloaded = tokio::select! {
-                r = reload(&reload_config, &rules_tx) => r,
+                r = reload(&reload_config, &rules_tx, &reload_membership) => r,
                 _ = reload_stop.wait_for(|s| *s) => return,
             };
             match reloaded {
@@ -295,7 +338,33 @@ pub async fn run(
         }
     });
     // `rules.backfill = "new"`: warms the rules in force that were never backfilled.
-    let (in_force, in_force_rx) = tokio::sync::watch::channel(rules.clone());
+    // The rules' tables stay in the publication whatever migrations do to them.
+    let membership = {
+        let in_force = membership_watch.in_force;
+        let active = health.clone();
+        tokio::spawn(
+            MembershipWatch {
+                target: config.pg_target(),
+                publication: config.postgres.publication.clone(),
+                create: config.postgres.create,
+                poll: config.metrics.slot_poll,
+                lock: membership_watch.lock,
+                wake: membership_watch.wake,
+            }
+            .run(
+                move || {
+                    in_force
+                        .borrow()
+                        .tables()
+                        .into_iter()
+                        .map(|(t, _)| t)
+                        .collect()
+                },
+                move || active.role() != crate::health::Role::Standby,
+                monitor_stop_for_warm.clone(),
+            ),
+        )
+    };
     let warmer = (config.rules.backfill == RulesBackfill::New).then(|| {
         tokio::spawn(crate::backfill::warm::warm(
             config.clone(),
@@ -332,6 +401,7 @@ pub async fn run(
     let _ = reloader.await;
     let _ = stop_monitor.send(true);
     let _ = monitor.await;
+    let _ = membership.await;
     if let Some(mut warmer) = warmer {
         // A backfill stops between pages; one stuck on an unreachable Redis is cut.
         if tokio::time::timeout(std::time::Duration::from_secs(5), &mut warmer)
@@ -384,7 +454,11 @@ async fn stream(
         }
         (server, loss)
     };
-    let report = slot::ensure(&target, &setup_plan(config, &rules, true)).await?;
+    // Tables missing from an existing publication are added by the membership watch,
+    // with the invalidation their unstreamed changes call for.
+    let mut plan = setup_plan(config, &rules, true);
+    plan.extend = false;
+    let report = slot::ensure(&target, &plan).await?;
     let confirmed = report.confirmed_lsn.unwrap_or(Lsn::ZERO);
     // One stop signal for every task: the sinks' retries, Kafka's heartbeats and the
     // WAL heartbeats end when the pipeline stops, and are joined.

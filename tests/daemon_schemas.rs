@@ -358,3 +358,132 @@ async fn a_domain_column_is_written_as_its_base_type() {
         "from the backfill"
     );
 }
+
+/// Whether `table` (by its current OID) is a member of publication `w2c`.
+async fn in_publication(db: &TestDb, table: &str) -> bool {
+    let client = connect(&db.url).await;
+    client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+                             WHERE p.pubname = 'w2c' AND pr.prrelid = to_regclass($1))",
+            &[&table],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_table_replaced_while_running_is_published_again_and_what_it_missed_is_invalidated() {
+    let db = TestDb::new("d_swap").await;
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, v int)")
+        .await;
+    let prefix = unique("swap");
+    let topic = format!("{prefix}.events");
+    let rules = format!(
+        "[[rule]]\nname = \"item\"\ntable = \"public.items\"\nkeys = [\"{prefix}:i:{{id}}\"]\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = ConfigBuilder::new(&db)
+        .rules(&rules)
+        .kafka_topic(&topic)
+        .pipeline("shutdown_timeout", "10s")
+        .raw("metrics", "slot_poll = \"1s\"")
+        .write(dir.path());
+    let mut r = redis().await;
+    let daemon = InProcess::start(&config);
+    wait_streaming(&db, &format!("{}_d", db.name)).await;
+
+    // A migration swaps in a new table under the rule's name and writes to it: the
+    // publication still holds the old table, so the server streams none of this.
+    let missed = format!("{prefix}:i:1");
+    let _: () = r.set(&missed, "stale").await.unwrap();
+    db.exec(
+        "BEGIN;
+         CREATE TABLE items_new (id int PRIMARY KEY, v int);
+         ALTER TABLE items RENAME TO items_old;
+         ALTER TABLE items_new RENAME TO items;
+         INSERT INTO items VALUES (1, 10);
+         COMMIT;",
+    )
+    .await;
+    eventually(
+        "the new table in the publication",
+        Duration::from_secs(30),
+        || in_publication(&db, "public.items"),
+    )
+    .await;
+    eventually(
+        "the key of the unstreamed insert to be invalidated",
+        Duration::from_secs(30),
+        || gone(&r, std::slice::from_ref(&missed)),
+    )
+    .await;
+    let events = read_topic(&topic, |evs| {
+        evs.iter().filter(|e| e["reason"] == "unpublished").count() >= 2
+    })
+    .await;
+    let flushes: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["reason"] == "unpublished")
+        .collect();
+    assert_eq!(flushes[0]["kind"], "flush_all", "{flushes:?}");
+    assert_eq!(flushes[0]["table"], "public.items", "{flushes:?}");
+    assert!(
+        flushes[0]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("public.items was not in publication \"w2c\"")),
+        "{flushes:?}"
+    );
+
+    // From then on the new table's changes stream as the old one's did.
+    let later = format!("{prefix}:i:2");
+    let _: () = r.set(&later, "stale").await.unwrap();
+    db.exec("INSERT INTO items VALUES (2, 20)").await;
+    eventually(
+        "a change to the new table to invalidate",
+        Duration::from_secs(30),
+        || gone(&r, std::slice::from_ref(&later)),
+    )
+    .await;
+    daemon.stop_ok().await;
+}
+
+#[tokio::test]
+async fn a_table_taken_out_of_the_publication_is_reported_without_postgres_create() {
+    let db = TestDb::new("d_out").await;
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, v int)")
+        .await;
+    let prefix = unique("out");
+    let rules = format!(
+        "[[rule]]\nname = \"item\"\ntable = \"public.items\"\nkeys = [\"{prefix}:i:{{id}}\"]\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let builder = ConfigBuilder::new(&db)
+        .rules(&rules)
+        .kafka_topic(&format!("{prefix}.events"))
+        .raw("metrics", "slot_poll = \"1s\"");
+    // `setup` makes the publication; the daemon then runs without `postgres.create`.
+    let setup_config = builder.clone().write(dir.path());
+    let (code, out, err) =
+        support::daemon::run_binary(&["setup", "--config", setup_config.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "setup: {out}{err}");
+    let config = builder.create(false).write(dir.path());
+    let (log, _guard) = support::inproc::Logs::capture("warn");
+    let daemon = InProcess::start(&config);
+    wait_streaming(&db, &format!("{}_d", db.name)).await;
+    db.exec("ALTER PUBLICATION w2c DROP TABLE items").await;
+    log.wait_for("public.items is not in publication \"w2c\"", 1)
+        .await;
+    let text = log.text();
+    assert!(
+        text.contains("postgres.create is false")
+            && text.contains("Fix: ALTER PUBLICATION \"w2c\" ADD TABLE ONLY \"public\".\"items\""),
+        "{text}"
+    );
+    assert!(!in_publication(&db, "public.items").await);
+    // Said once, not every poll.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(log.lines_with("is not in publication"), 1, "{}", log.text());
+    daemon.stop_ok().await;
+}

@@ -28,6 +28,7 @@ fn plan(publication: &str, slot: &str, tables: &[&str]) -> SetupPlan {
             })
             .collect(),
         create: true,
+        extend: true,
         with_slot: true,
         failover: None,
     }

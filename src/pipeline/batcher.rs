@@ -14,8 +14,9 @@ use crate::pipeline::Reload;
 use crate::plan::Plan;
 use crate::rules::{plan_message, Planner};
 use crate::sink::{Batch, Item, Origin, Version};
-use crate::source::messages::{HEARTBEAT_PREFIX, RELOAD_PREFIX};
-use crate::source::{Relation, SourceEvent, TxnInfo};
+use crate::source::membership::Unpublished;
+use crate::source::messages::{HEARTBEAT_PREFIX, RELOAD_PREFIX, UNPUBLISHED_PREFIX};
+use crate::source::{Relation, SourceEvent, TableName, TxnInfo};
 
 /// How far behind its commit a transaction must be for the stream to count as catching
 /// up (see `Batcher::behind`).
@@ -183,6 +184,12 @@ impl Batcher {
                 }
             }
             SourceEvent::Message {
+                lsn,
+                prefix,
+                content,
+                ..
+            } if prefix == UNPUBLISHED_PREFIX => self.unpublished(lsn, &content),
+            SourceEvent::Message {
                 transactional,
                 lsn,
                 prefix,
@@ -219,6 +226,33 @@ impl Batcher {
             }
         }
         Ok(false)
+    }
+
+    /// A rules' table was added back to the publication (`source::membership`): what
+    /// its rules cache is invalidated as by a TRUNCATE, by the rules in force here.
+    fn unpublished(&mut self, lsn: Lsn, content: &[u8]) {
+        let message: Unpublished = match serde_json::from_slice(content) {
+            Ok(m) => m,
+            Err(e) => {
+                metrics::counter!("wal2cache_bad_messages_total").increment(1);
+                tracing::warn!(lsn = %lsn, "malformed {UNPUBLISHED_PREFIX} message: {e}");
+                return;
+            }
+        };
+        for table in &message.tables {
+            let Ok(name) = TableName::parse(table) else {
+                tracing::warn!(lsn = %lsn, table = %table, "a {UNPUBLISHED_PREFIX} message names no table");
+                continue;
+            };
+            let mut plan = self.planner.plan_unstreamed(&name);
+            if plan.is_empty() {
+                continue;
+            }
+            plan.detail = Some(message.detail(table));
+            tracing::warn!(lsn = %lsn, table = %table, rules = ?plan.rules, "invalidating what the rules of {table} cache: it was added back to the publication, and its changes before that were not streamed");
+            let origin = self.origin(Some(table.as_str().into()), "unpublished");
+            self.push(origin, plan);
+        }
     }
 
     /// Whether the batch should close now: it is full, or a transaction just ended and

@@ -148,11 +148,7 @@ fn table_problems(
     // DELETE fail ("cannot update table ... because it does not have a replica identity
     // and publishes updates"): refused whatever the rule listens to.
     let publishes_changes = publ.is_none_or(|p| p.update || p.delete);
-    let unidentified: Vec<&Member> = info
-        .members
-        .iter()
-        .filter(|m| m.identity == 'n' || m.key_columns.is_empty() && m.identity != 'f')
-        .collect();
+    let unidentified = info.unidentified();
     if publishes_changes && !unidentified.is_empty() {
         let names: Vec<String> = unidentified
             .iter()

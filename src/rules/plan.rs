@@ -15,7 +15,7 @@ use crate::plan::{NoteKind, Plan, Republish};
 use crate::rules::bind::{note, BoundRule};
 use crate::rules::compile::{Action, Rule, RuleSet};
 use crate::source::change::ReplicaIdentity;
-use crate::source::{Change, Op, Relation};
+use crate::source::{Change, Op, Relation, TableName};
 
 /// Turns changes into plans; binds each rule to a table's column positions once per
 /// table shape (again after DDL).
@@ -340,6 +340,16 @@ impl Planner {
             for rule in self.rules.for_relation(relation) {
                 builder.whole_table(rule);
             }
+        }
+        builder.finish()
+    }
+
+    /// The plan for a rules' table whose changes were not all streamed (it was missing
+    /// from the publication, see `source::membership`): as for a TRUNCATE of it.
+    pub fn plan_unstreamed(&self, table: &TableName) -> Plan {
+        let mut builder = PlanBuilder::default();
+        for rule in self.rules.for_table(table) {
+            builder.whole_table(rule);
         }
         builder.finish()
     }

@@ -111,13 +111,15 @@ fn base_event(source: &str, item: &Item) -> Event {
 }
 
 /// The `reason` of a `flush_all` a plan asks for: a TRUNCATE without `truncate_tags`,
-/// an operator's `wal2cache invalidate --all` (a logical message), or a row change a
+/// an operator's `wal2cache invalidate --all` (a logical message), a rules' table
+/// added back to the publication (its changes before were not streamed), or a row change a
 /// rule could not be bound to (its table lacked a column of the rule's keys or tags
 /// when the change was written).
 fn flush_reason(op: &str) -> &'static str {
     match op {
         "message" => "manual",
         "truncate" => "truncate",
+        "unpublished" => "unpublished",
         _ => "schema_changed",
     }
 }

@@ -101,6 +101,19 @@ pub struct TableInfo {
     pub children: Vec<TableName>,
 }
 
+impl TableInfo {
+    /// The members whose changes the WAL cannot identify (`REPLICA IDENTITY NOTHING`,
+    /// or a default identity without a primary key): once they are in a publication that
+    /// publishes updates or deletes, PostgreSQL refuses the application's UPDATE and
+    /// DELETE on them.
+    pub fn unidentified(&self) -> Vec<&Member> {
+        self.members
+            .iter()
+            .filter(|m| m.identity == 'n' || m.key_columns.is_empty() && m.identity != 'f')
+            .collect()
+    }
+}
+
 /// Reads a table; `None` when it does not exist (or is not a table).
 pub async fn table_info(
     client: &Client,

@@ -18,6 +18,11 @@ pub const HEARTBEAT_PREFIX: &str = "wal2cache.heartbeat";
 /// the publication: the new rules take effect where the stream reaches it.
 pub const RELOAD_PREFIX: &str = "wal2cache.reload";
 
+/// The prefix of the messages that say a rules' table was missing from the
+/// publication and has been added back (see `source::membership`): what its rules
+/// cache is invalidated as by a TRUNCATE.
+pub const UNPUBLISHED_PREFIX: &str = "wal2cache.unpublished";
+
 /// Writes a non-transactional heartbeat message into the WAL every `every`, until
 /// `stop`, so that an idle slot's position can move on with the server's WAL.
 /// Connection errors are retried quietly: the heartbeat is an optimisation.

@@ -21,6 +21,10 @@ pub struct SetupPlan {
     pub tables: Vec<(TableName, String)>,
     /// Create what is missing; otherwise only check.
     pub create: bool,
+    /// With `create`, add missing tables to an existing publication. `run` leaves that
+    /// to the membership watch (`source::membership`), which also invalidates what
+    /// their changes before may have left stale.
+    pub extend: bool,
     /// Ensure the slot too (`tail` uses a temporary slot of its own).
     pub with_slot: bool,
     /// Create the slot as a failover slot: `None` for the server's default (17 and
@@ -152,7 +156,7 @@ async fn ensure_publication(
         report.created_publication = true;
         return Ok(());
     }
-    if missing.is_empty() {
+    if missing.is_empty() || plan.create && !plan.extend {
         return Ok(());
     }
     if !plan.create {
