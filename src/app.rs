@@ -339,6 +339,7 @@ pub async fn run(
     });
     // `rules.backfill = "new"`: warms the rules in force that were never backfilled.
     // The rules' tables stay in the publication whatever migrations do to them.
+    let (looked, mut publication_looked) = tokio::sync::watch::channel(false);
     let membership = {
         let in_force = membership_watch.in_force;
         let active = health.clone();
@@ -361,6 +362,7 @@ pub async fn run(
                         .collect()
                 },
                 move || active.role() != crate::health::Role::Standby,
+                looked,
                 monitor_stop_for_warm.clone(),
             ),
         )
@@ -381,6 +383,7 @@ pub async fn run(
             &mut rules_rx,
             &health,
             &in_force,
+            &mut publication_looked,
         )
         .await
         {
@@ -426,6 +429,7 @@ async fn stream(
     rules_rx: &mut mpsc::UnboundedReceiver<Reload>,
     health: &Arc<Health>,
     in_force: &tokio::sync::watch::Sender<Arc<RuleSet>>,
+    publication_looked: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), Error> {
     let (redis_config, kafka_config) = config.sinks()?;
     let target = config.pg_target();
@@ -459,6 +463,17 @@ async fn stream(
     let mut plan = setup_plan(config, &rules, true);
     plan.extend = false;
     let report = slot::ensure(&target, &plan).await?;
+    // So that a table missing at start is published before the stream starts (what
+    // it missed is invalidated either way).
+    if tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        publication_looked.wait_for(|l| *l),
+    )
+    .await
+    .is_err()
+    {
+        tracing::warn!(publication = %config.postgres.publication, "the rules' tables were not compared with the publication within 10 s: streaming meanwhile; a table missing from it is added (and what it missed invalidated) once the database answers");
+    }
     let confirmed = report.confirmed_lsn.unwrap_or(Lsn::ZERO);
     // One stop signal for every task: the sinks' retries, Kafka's heartbeats and the
     // WAL heartbeats end when the pipeline stops, and are joined.

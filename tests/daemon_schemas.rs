@@ -447,6 +447,37 @@ async fn a_table_replaced_while_running_is_published_again_and_what_it_missed_is
     )
     .await;
     daemon.stop_ok().await;
+
+    // The same migration while the daemon is stopped: found at the next start.
+    let stopped = format!("{prefix}:i:3");
+    let _: () = r.set(&stopped, "stale").await.unwrap();
+    db.exec(
+        "BEGIN;
+         DROP TABLE items_old;
+         ALTER TABLE items RENAME TO items_old;
+         CREATE TABLE items (id int PRIMARY KEY, v int);
+         INSERT INTO items VALUES (3, 30);
+         COMMIT;",
+    )
+    .await;
+    let daemon = InProcess::start(&config);
+    eventually(
+        "the key of the insert written while stopped to be invalidated",
+        Duration::from_secs(30),
+        || gone(&r, std::slice::from_ref(&stopped)),
+    )
+    .await;
+    assert!(in_publication(&db, "public.items").await);
+    let last = format!("{prefix}:i:4");
+    let _: () = r.set(&last, "stale").await.unwrap();
+    db.exec("INSERT INTO items VALUES (4, 40)").await;
+    eventually(
+        "a change to the newest table to invalidate",
+        Duration::from_secs(30),
+        || gone(&r, std::slice::from_ref(&last)),
+    )
+    .await;
+    daemon.stop_ok().await;
 }
 
 #[tokio::test]

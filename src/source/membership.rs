@@ -83,43 +83,68 @@ struct Found {
     refused: Vec<(TableName, String)>,
 }
 
+/// An addition whose second invalidation waits for the transactions in progress
+/// just after it.
+struct Pending {
+    /// `pg_current_snapshot()` read after the addition's commit.
+    snapshot: String,
+    /// The message to write again.
+    message: String,
+    tables: String,
+    since: Instant,
+    warned: bool,
+}
+
+/// How often a pending second invalidation looks whether it may be written.
+const PENDING_POLL: Duration = Duration::from_millis(100);
+
 impl MembershipWatch {
     /// Runs until `stop`: at once, then every `poll` and when woken, while `active()`
-    /// (this process is not a standby waiting for the slot),
-    /// the tables `tables()` names (the rules in force) are compared with the
-    /// publication. Errors are logged once and retried at the next poll.
+    /// (this process is not a standby waiting for the slot), the tables `tables()`
+    /// names (the rules in force) are compared with the publication. `looked` turns
+    /// true after the first look (whatever it found). Errors are logged once and
+    /// retried at the next poll.
     pub async fn run(
         self,
         tables: impl Fn() -> Vec<TableName> + Send,
         active: impl Fn() -> bool + Send,
+        looked: watch::Sender<bool>,
         mut stop: watch::Receiver<bool>,
     ) {
         let mut client: Option<Client> = None;
         let mut tick = tokio::time::interval(self.poll.max(Duration::from_secs(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_report = String::new();
+        let mut pending: Vec<Pending> = Vec::new();
         loop {
+            let mut round = false;
             tokio::select! {
-                _ = tick.tick() => {}
-                _ = self.wake.notified() => {}
-                _ = stop.wait_for(|s| *s) => return,
+                _ = tick.tick() => round = true,
+                _ = self.wake.notified() => round = true,
+                _ = tokio::time::sleep(PENDING_POLL), if !pending.is_empty() => {}
+                _ = stop.wait_for(|s| *s) => {
+                    for p in &pending {
+                        tracing::warn!(snapshot = %p.snapshot, "stopping before the second invalidation of {}: a transaction in progress when it was added to the publication may have written to it unstreamed; if one did, flush what its rules cache (wal2cache invalidate --all)", p.tables);
+                    }
+                    return;
+                }
             }
-            if !active() {
-                continue;
-            }
-            let tables = tables();
-            let mut round_stop = stop.clone();
-            let round = async {
+            let attempt = async {
                 if client.as_ref().is_none_or(Client::is_closed) {
                     client = Some(self.target.connect().await?);
                 }
                 let client = client.as_mut().expect("connected above");
+                finish(client, &mut pending).await?;
+                if !round || !active() {
+                    return Ok(None);
+                }
                 let _held = self.lock.lock().await;
-                self.round(client, &tables, &mut round_stop).await
+                self.round(client, &tables(), &mut pending).await.map(Some)
             };
             let report = tokio::select! {
-                r = round => match r {
-                    Ok(report) => report,
+                r = attempt => match r {
+                    Ok(None) => continue,
+                    Ok(Some(report)) => report,
                     Err(e) => {
                         client = None;
                         format!("could not compare the rules' tables with publication {:?}: {e}", self.publication)
@@ -127,6 +152,7 @@ impl MembershipWatch {
                 },
                 _ = stop.wait_for(|s| *s) => return,
             };
+            looked.send_replace(true);
             // Said once, not every poll.
             if report != last_report && !report.is_empty() {
                 tracing::error!("{report}");
@@ -141,7 +167,7 @@ impl MembershipWatch {
         &self,
         client: &mut Client,
         tables: &[TableName],
-        stop: &mut watch::Receiver<bool>,
+        pending: &mut Vec<Pending>,
     ) -> Result<String, SourceError> {
         let found = self.look(client, tables).await?;
         let mut problems: Vec<String> = found
@@ -152,7 +178,7 @@ impl MembershipWatch {
         let mut not_published = found.refused.len();
         if !found.add.is_empty() {
             if self.create {
-                self.add(client, &found.add, stop).await?;
+                pending.push(self.add(client, &found.add).await?);
             } else {
                 not_published += found.add.len();
                 problems.push(format!(
@@ -205,17 +231,13 @@ impl MembershipWatch {
         Ok(found)
     }
 
-    /// Adds `add` to the publication with the first invalidation message, then writes
-    /// the second once the transactions in progress at the addition have ended.
-    async fn add(
-        &self,
-        client: &mut Client,
-        add: &[ToPublish],
-        stop: &mut watch::Receiver<bool>,
-    ) -> Result<(), SourceError> {
+    /// Adds `add` to the publication with the first invalidation message; the second
+    /// is pending.
+    async fn add(&self, client: &mut Client, add: &[ToPublish]) -> Result<Pending, SourceError> {
         let for_tables: BTreeSet<String> = add.iter().map(|m| m.for_table.to_string()).collect();
+        let tables = for_tables.iter().cloned().collect::<Vec<_>>();
         let message = serde_json::to_string(&Unpublished {
-            tables: for_tables.iter().cloned().collect(),
+            tables: tables.clone(),
             publication: self.publication.clone(),
         })
         .expect("strings serialize");
@@ -236,51 +258,56 @@ impl MembershipWatch {
         let snapshot: String = client
             .query_one("SELECT pg_current_snapshot()::text", &[])
             .await
-            .map_err(pg(context.clone()))?
+            .map_err(pg(context))?
             .get(0);
         metrics::counter!("wal2cache_publication_additions_total").increment(add.len() as u64);
         tracing::warn!(
             publication = %self.publication,
             tables = %names(add),
-            rules_tables = ?for_tables,
             "{} {} not in the publication (renamed, dropped and created again, or taken out of it?): added back; the changes written before were not streamed, so what the rules of {} cache is invalidated as by a TRUNCATE",
             names(add),
             if add.len() == 1 { "was" } else { "were" },
-            for_tables.iter().cloned().collect::<Vec<_>>().join(", "),
+            tables.join(", "),
         );
-        let in_progress = "SELECT EXISTS (SELECT 1 FROM pg_snapshot_xip($1::text::pg_snapshot) x
-                                           WHERE pg_xact_status(x) = 'in progress')";
-        let started = Instant::now();
-        let mut warned = false;
-        let mut pause = Duration::from_millis(10);
-        while client
-            .query_one(in_progress, &[&snapshot])
+        Ok(Pending {
+            snapshot,
+            message,
+            tables: tables.join(", "),
+            since: Instant::now(),
+            warned: false,
+        })
+    }
+}
+
+/// Writes the second invalidation of each pending addition whose transactions in
+/// progress have all ended.
+async fn finish(client: &Client, pending: &mut Vec<Pending>) -> Result<(), SourceError> {
+    let in_progress = "SELECT EXISTS (SELECT 1 FROM pg_snapshot_xip($1::text::pg_snapshot) x
+                                       WHERE pg_xact_status(x) = 'in progress')";
+    while let Some(p) = pending.first_mut() {
+        let context = || format!("the second invalidation of {}", p.tables);
+        let running: bool = client
+            .query_one(in_progress, &[&p.snapshot])
             .await
-            .map_err(pg(context.clone()))?
-            .get::<_, bool>(0)
-        {
-            if !warned && started.elapsed() > WARN_AFTER {
-                warned = true;
-                tracing::warn!(snapshot = %snapshot, "transactions in progress when {} was added to the publication still run after {}s: the second invalidation of {} waits for them to end (pg_stat_activity shows them)", names(add), WARN_AFTER.as_secs(), for_tables.iter().cloned().collect::<Vec<_>>().join(", "));
+            .map_err(pg(context()))?
+            .get(0);
+        if running {
+            if !p.warned && p.since.elapsed() > WARN_AFTER {
+                p.warned = true;
+                tracing::warn!(snapshot = %p.snapshot, "transactions in progress when {} was added to the publication still run after {}s: its second invalidation waits for them to end (pg_stat_activity shows them)", p.tables, WARN_AFTER.as_secs());
             }
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                _ = stop.wait_for(|s| *s) => {
-                    tracing::warn!(snapshot = %snapshot, "stopping before the second invalidation of {}: a transaction in progress when it was added to the publication may have written to it unstreamed; if one did, flush what its rules cache (wal2cache invalidate --all)", for_tables.iter().cloned().collect::<Vec<_>>().join(", "));
-                    return Ok(());
-                }
-            }
-            pause = (pause * 2).min(Duration::from_secs(1));
+            return Ok(());
         }
         client
             .execute(
                 "SELECT pg_logical_emit_message(true, $1, $2)",
-                &[&UNPUBLISHED_PREFIX, &message],
+                &[&UNPUBLISHED_PREFIX, &p.message],
             )
             .await
-            .map_err(pg(context))?;
-        Ok(())
+            .map_err(pg(context()))?;
+        pending.remove(0);
     }
+    Ok(())
 }
 
 fn names(tables: &[ToPublish]) -> String {
