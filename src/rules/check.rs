@@ -181,7 +181,7 @@ fn table_problems(
         report.warnings.push(CheckProblem {
             origin: origin.to_string(),
             message: format!(
-                "table {table} has inheritance children ({}): their rows' changes arrive under their own names; wal2cache applies {table}'s rules to them and publishes each child, but a child added later (CREATE TABLE ... INHERITS, ALTER TABLE ... INHERIT) is only published at the next start or reload of wal2cache",
+                "table {table} has inheritance children ({}): their rows' changes arrive under their own names; wal2cache applies {table}'s rules to them and publishes each child; a child added later (CREATE TABLE ... INHERITS, ALTER TABLE ... INHERIT) is published within metrics.slot_poll, and what it wrote before is invalidated as by a TRUNCATE of {table}",
                 info.children.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
             ),
             fix: None,
