@@ -643,3 +643,33 @@ fn each_transaction_is_one_latency_sample() {
     assert_eq!(times, [5, 5, 7, 9]);
     assert_eq!(applier::commit_times(&[]).count(), 0);
 }
+
+#[tokio::test]
+async fn a_table_added_back_to_the_publication_is_invalidated_as_by_a_truncate() {
+    let mut b = batcher(100);
+    let mut events = txn(200, 0..0);
+    let message = |tables: &str| SourceEvent::Message {
+        transactional: true,
+        lsn: Lsn(199),
+        prefix: crate::source::messages::UNPUBLISHED_PREFIX.into(),
+        content: Bytes::from(format!(r#"{{"tables":[{tables}],"publication":"w2c"}}"#)),
+    };
+    events.insert(1, message(r#""public.items""#));
+    // A table no rule names (any more) invalidates nothing.
+    events.insert(2, message(r#""public.other""#));
+    for e in events {
+        b.add(e).unwrap();
+    }
+    let batch = b.take();
+    assert_eq!(batch.items.len(), 1);
+    let item = &batch.items[0];
+    assert_eq!(item.origin.op, "unpublished");
+    assert_eq!(item.origin.table.as_deref(), Some("public.items"));
+    let plan = &item.plan;
+    assert!(plan.flush_all);
+    assert_eq!(plan.flush_prefixes, ["item:"]);
+    assert!(plan
+        .detail
+        .as_deref()
+        .is_some_and(|d| d.starts_with("public.items was not in publication \"w2c\"")));
+}
