@@ -102,7 +102,7 @@ impl MembershipWatch {
     /// Runs until `stop`: at once, then every `poll` and when woken, while `active()`
     /// (this process is not a standby waiting for the slot), the tables `tables()`
     /// names (the rules in force) are compared with the publication. `looked` turns
-    /// true after the first look (whatever it found). Errors are logged once and
+    /// true after the first look (whatever it found), or the first round skipped. Errors are logged once and
     /// retried at the next poll.
     pub async fn run(
         self,
@@ -130,13 +130,21 @@ impl MembershipWatch {
                 }
             }
             let attempt = async {
+                if round && pending.is_empty() && !active() {
+                    // A standby leaves the publication to the active process.
+                    return Ok(Some(String::new()));
+                }
                 if client.as_ref().is_none_or(Client::is_closed) {
                     client = Some(self.target.connect().await?);
                 }
                 let client = client.as_mut().expect("connected above");
                 finish(client, &mut pending).await?;
-                if !round || !active() {
+                if !round {
                     return Ok(None);
+                }
+                if !active() {
+                    // A standby leaves the publication to the active process.
+                    return Ok(Some(String::new()));
                 }
                 let _held = self.lock.lock().await;
                 self.round(client, &tables(), &mut pending).await.map(Some)
