@@ -518,3 +518,56 @@ async fn a_table_taken_out_of_the_publication_is_reported_without_postgres_creat
     assert_eq!(log.lines_with("is not in publication"), 1, "{}", log.text());
     daemon.stop_ok().await;
 }
+
+#[tokio::test]
+async fn a_partition_detached_and_dropped_right_after_a_write_still_invalidates() {
+    let db = TestDb::new("d_detach").await;
+    db.exec(
+        "CREATE TABLE orders (id int, region text, total int, PRIMARY KEY (id, region))
+             PARTITION BY LIST (region);
+         CREATE TABLE orders_eu PARTITION OF orders FOR VALUES IN ('eu');
+         CREATE TABLE orders_us PARTITION OF orders FOR VALUES IN ('us');
+         INSERT INTO orders VALUES (1, 'eu', 10), (2, 'us', 20);",
+    )
+    .await;
+    let prefix = unique("detach");
+    let rules = format!(
+        "[[rule]]\nname = \"order\"\ntable = \"public.orders\"\nkeys = [\"{prefix}:o:{{id}}:{{region}}\"]\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = schemas_config(dir.path(), &db, &rules, &format!("{prefix}.events"));
+    let mut r = redis().await;
+    let daemon = InProcess::start(&config);
+    wait_streaming(&db, &format!("{}_d", db.name)).await;
+
+    // By the time the stream describes orders_eu (its first change in this session),
+    // the catalog no longer has it at all: the write is planned with the rules of the
+    // table it belonged to when it was written.
+    let key = format!("{prefix}:o:1:eu");
+    let _: () = r.set(&key, "stale").await.unwrap();
+    db.exec(
+        "BEGIN;
+         UPDATE orders SET total = 11 WHERE id = 1 AND region = 'eu';
+         ALTER TABLE orders DETACH PARTITION orders_eu;
+         DROP TABLE orders_eu;
+         COMMIT;",
+    )
+    .await;
+    eventually(
+        "the write to the partition dropped since to invalidate",
+        Duration::from_secs(30),
+        || gone(&r, std::slice::from_ref(&key)),
+    )
+    .await;
+    // The partition that stays is unaffected.
+    let other = format!("{prefix}:o:2:us");
+    let _: () = r.set(&other, "stale").await.unwrap();
+    db.exec("UPDATE orders SET total = 21 WHERE id = 2").await;
+    eventually(
+        "an update of the remaining partition to invalidate",
+        Duration::from_secs(30),
+        || gone(&r, std::slice::from_ref(&other)),
+    )
+    .await;
+    daemon.stop_ok().await;
+}

@@ -8,6 +8,7 @@ pub mod change;
 pub mod conninfo;
 pub mod error;
 pub mod identity;
+pub mod lineage;
 pub mod membership;
 pub mod messages;
 pub mod monitor;

@@ -21,6 +21,7 @@ use crate::lsn::Lsn;
 use crate::source::change::{Relation, SourceEvent};
 use crate::source::error::{ErrorKind, SourceError};
 use crate::source::identity::{self, Loss, LossReason, Remembered, ServerIdentity};
+use crate::source::lineage::Lineage;
 use crate::source::pace;
 use crate::source::pgoutput::{self, Begin, Commit, Message};
 use crate::source::relations::Relations;
@@ -196,8 +197,10 @@ async fn run(
     let mut standby = false;
     let mut sessions = 0u64;
     let mut guard = config.guard.clone();
+    let mut lineage = Lineage::default();
     loop {
         let mut session = Session {
+            lineage: &mut lineage,
             resumed: sessions > 0,
             guard: &mut guard,
             config: &config,
@@ -299,6 +302,8 @@ struct Session<'a> {
     /// An ordinary connection for what the stream does not say (a table's ancestors),
     /// opened when first needed.
     catalog: Option<tokio_postgres::Client>,
+    /// The ancestors tables had, for those detached since (kept across sessions).
+    lineage: &'a mut Lineage,
 }
 
 /// The tables `oid` is a partition or an inheritance child of, nearest first.
@@ -321,6 +326,26 @@ fn ours(lsn: pgwire_replication::Lsn) -> Lsn {
 }
 
 impl Session<'_> {
+    /// Every partition's and child's ancestors as the catalog has them now.
+    async fn learn_lineage(
+        config: &StreamConfig,
+        catalog: &mut Option<tokio_postgres::Client>,
+        lineage: &mut Lineage,
+    ) -> Result<(), SourceError> {
+        if catalog.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
+            *catalog = Some(config.target.connect().await?);
+        }
+        let client = catalog.as_ref().expect("connected above");
+        if let Err(source) = lineage.learn_all(client).await {
+            *catalog = None;
+            return Err(SourceError::Postgres {
+                context: "reading the partitions and inheritance children".into(),
+                source,
+            });
+        }
+        Ok(())
+    }
+
     /// A table as the stream describes it, with its ancestors from the catalog: a
     /// change to a partition or a child is a change to its parents, whose rules apply.
     async fn describe(&mut self, body: pgoutput::RelationBody) -> Result<(), SourceError> {
@@ -339,10 +364,11 @@ impl Session<'_> {
                     source,
                 }
             })?;
-        relation.ancestors = rows
+        let now = rows
             .iter()
             .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
             .collect();
+        relation.ancestors = self.lineage.ancestors(relation.oid, &relation.table(), now);
         let catalog = self.catalog.as_ref().expect("connected above");
         let domains = crate::source::catalog::resolve_domains(catalog, &mut relation.columns).await;
         if let Err(source) = domains {
@@ -422,6 +448,13 @@ impl Session<'_> {
                 _ = self.stop.wait_for(|s| *s) => return Ok(()),
             }
         }
+        // Before the first change is read: a partition detached after that still
+        // counts as its parent's.
+        let learned = tokio::select! {
+            learned = Self::learn_lineage(self.config, &mut self.catalog, self.lineage) => learned,
+            _ = self.stop.wait_for(|s| *s) => return Ok(()),
+        };
+        learned?;
         let confirmed = *self.confirm.borrow_and_update();
         let connected = tokio::select! {
             client = Self::connect(self.config, confirmed) => client,
