@@ -11,6 +11,7 @@ use postgres_protocol::escape::escape_identifier;
 use tokio_postgres::Client;
 
 use crate::rules::compile::{Action, Rule, RuleSet};
+use crate::rules::template::Segment;
 use crate::source::catalog::{
     self, ColumnInfo, Member, PublicationInfo, ServerVersion, TableInfo, ToPublish,
 };
@@ -133,7 +134,48 @@ pub async fn check(
             check_rule(rule, info, version, publication, publ.as_ref(), &mut report);
         }
     }
+    report.warnings.extend(shared_republish_keys(rules));
     Ok(report)
+}
+
+/// Republish rules whose key templates have the same form (the same text between the
+/// same placeholders), so that two rules may write one key: the newest change wins,
+/// whichever rule it came from, and a reader gets either rule's value.
+fn shared_republish_keys(rules: &RuleSet) -> Vec<CheckProblem> {
+    let mut first: HashMap<Vec<Option<&str>>, (&Rule, &str)> = HashMap::new();
+    let mut out = Vec::new();
+    for rule in rules.rules() {
+        if !matches!(rule.action, Action::Republish { .. }) {
+            continue;
+        }
+        for key in &rule.keys {
+            let form: Vec<Option<&str>> = key
+                .segments()
+                .iter()
+                .map(|s| match s {
+                    Segment::Literal(l) => Some(l.as_str()),
+                    Segment::Column(_) => None,
+                })
+                .collect();
+            match first.get(&form) {
+                Some((other, other_key)) if other.name != rule.name => out.push(CheckProblem {
+                    origin: rule.origin(),
+                    message: format!(
+                        "republishes {:?}, and rule {:?} republishes {:?}: where both make the same key, the newest change wins whichever rule it came from, so a reader gets one rule's value or the other's",
+                        key.as_str(),
+                        other.name,
+                        other_key
+                    ),
+                    fix: Some("give each republish rule keys of its own (a different prefix)".into()),
+                }),
+                Some(_) => {}
+                None => {
+                    first.insert(form, (rule, key.as_str()));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// What is wrong with a table whatever its rules say.
@@ -437,5 +479,47 @@ fn unpublished_generated(
                 .into(),
         ),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_republish_rules_of_one_key_form_are_warned_about() {
+        let rules = crate::rules::testing::rule_set(
+            r#"
+[[rule]]
+name = "product"
+table = "public.products"
+keys = ["shop:product:{id}"]
+action = "republish"
+
+[[rule]]
+name = "price"
+table = "public.prices"
+keys = ["shop:product:{product_id}"]
+action = "republish"
+
+[[rule]]
+name = "evict"
+table = "public.stock"
+keys = ["shop:product:{product_id}"]
+
+[[rule]]
+name = "category"
+table = "public.categories"
+keys = ["shop:category:{id}", "shop:category:{slug}"]
+action = "republish"
+"#,
+        );
+        let warned = shared_republish_keys(&rules);
+        // A delete rule of that form is how other tables evict it; one rule's two keys
+        // of one form are its own business.
+        assert_eq!(warned.len(), 1, "{warned:?}");
+        assert!(warned[0].message.starts_with(
+            "republishes \"shop:product:{product_id}\", and rule \"product\" republishes \"shop:product:{id}\""
+        ));
     }
 }

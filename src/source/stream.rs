@@ -332,7 +332,10 @@ impl Session<'_> {
         catalog: &mut Option<tokio_postgres::Client>,
         lineage: &mut Lineage,
     ) -> Result<(), SourceError> {
-        if catalog.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
+        if catalog
+            .as_ref()
+            .is_none_or(tokio_postgres::Client::is_closed)
+        {
             *catalog = Some(config.target.connect().await?);
         }
         let client = catalog.as_ref().expect("connected above");
