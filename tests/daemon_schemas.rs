@@ -571,3 +571,48 @@ async fn a_partition_detached_and_dropped_right_after_a_write_still_invalidates(
     .await;
     daemon.stop_ok().await;
 }
+
+#[tokio::test]
+async fn a_replacing_table_without_a_primary_key_is_not_published_and_says_why() {
+    let db = TestDb::new("d_nopk").await;
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, v int)")
+        .await;
+    let prefix = unique("nopk");
+    let rules = format!(
+        "[[rule]]\nname = \"item\"\ntable = \"public.items\"\nkeys = [\"{prefix}:i:{{id}}\"]\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = ConfigBuilder::new(&db)
+        .rules(&rules)
+        .kafka_topic(&format!("{prefix}.events"))
+        .raw("metrics", "slot_poll = \"1s\"")
+        .write(dir.path());
+    let (log, _guard) = support::inproc::Logs::capture("warn");
+    let daemon = InProcess::start(&config);
+    wait_streaming(&db, &format!("{}_d", db.name)).await;
+    db.exec(
+        "ALTER TABLE items RENAME TO items_old;
+         CREATE TABLE items (id int, v int);",
+    )
+    .await;
+    log.wait_for("public.items: not in publication \"w2c\", and not added", 1)
+        .await;
+    assert!(
+        log.text().contains("Fix: give it a primary key"),
+        "{}",
+        log.text()
+    );
+    // The application's writes keep working: the table was left out.
+    db.exec("INSERT INTO items VALUES (1, 1); UPDATE items SET v = 2; DELETE FROM items")
+        .await;
+    assert!(!in_publication(&db, "public.items").await);
+    // Given a primary key, it is added.
+    db.exec("ALTER TABLE items ADD PRIMARY KEY (id)").await;
+    eventually(
+        "the table, now with a primary key, in the publication",
+        Duration::from_secs(30),
+        || in_publication(&db, "public.items"),
+    )
+    .await;
+    daemon.stop_ok().await;
+}
