@@ -359,6 +359,24 @@ async fn a_domain_column_is_written_as_its_base_type() {
     );
 }
 
+/// A database `d_<name>` with `items (id PRIMARY KEY, v)`, a unique key prefix, and the
+/// config of a delete rule on it (`<prefix>:i:{id}`, topic `<prefix>.events`) that
+/// compares the rules' tables with the publication every second.
+async fn items_watched(name: &str) -> (TestDb, String, ConfigBuilder) {
+    let db = TestDb::new(&format!("d_{name}")).await;
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, v int)")
+        .await;
+    let prefix = unique(name);
+    let builder = ConfigBuilder::new(&db)
+        .rules(&format!(
+            "[[rule]]\nname = \"item\"\ntable = \"public.items\"\nkeys = [\"{prefix}:i:{{id}}\"]\n"
+        ))
+        .kafka_topic(&format!("{prefix}.events"))
+        .pipeline("shutdown_timeout", "10s")
+        .raw("metrics", "slot_poll = \"1s\"");
+    (db, prefix, builder)
+}
+
 /// Whether `table` (by its current OID) is a member of publication `w2c`.
 async fn in_publication(db: &TestDb, table: &str) -> bool {
     let client = connect(&db.url).await;
@@ -375,21 +393,10 @@ async fn in_publication(db: &TestDb, table: &str) -> bool {
 
 #[tokio::test]
 async fn a_table_replaced_while_running_is_published_again_and_what_it_missed_is_invalidated() {
-    let db = TestDb::new("d_swap").await;
-    db.exec("CREATE TABLE items (id int PRIMARY KEY, v int)")
-        .await;
-    let prefix = unique("swap");
+    let (db, prefix, builder) = items_watched("swap").await;
     let topic = format!("{prefix}.events");
-    let rules = format!(
-        "[[rule]]\nname = \"item\"\ntable = \"public.items\"\nkeys = [\"{prefix}:i:{{id}}\"]\n"
-    );
     let dir = tempfile::tempdir().unwrap();
-    let config = ConfigBuilder::new(&db)
-        .rules(&rules)
-        .kafka_topic(&topic)
-        .pipeline("shutdown_timeout", "10s")
-        .raw("metrics", "slot_poll = \"1s\"")
-        .write(dir.path());
+    let config = builder.write(dir.path());
     let mut r = redis().await;
     let daemon = InProcess::start(&config);
     wait_streaming(&db, &format!("{}_d", db.name)).await;
@@ -482,18 +489,8 @@ async fn a_table_replaced_while_running_is_published_again_and_what_it_missed_is
 
 #[tokio::test]
 async fn a_table_taken_out_of_the_publication_is_reported_without_postgres_create() {
-    let db = TestDb::new("d_out").await;
-    db.exec("CREATE TABLE items (id int PRIMARY KEY, v int)")
-        .await;
-    let prefix = unique("out");
-    let rules = format!(
-        "[[rule]]\nname = \"item\"\ntable = \"public.items\"\nkeys = [\"{prefix}:i:{{id}}\"]\n"
-    );
+    let (db, _, builder) = items_watched("out").await;
     let dir = tempfile::tempdir().unwrap();
-    let builder = ConfigBuilder::new(&db)
-        .rules(&rules)
-        .kafka_topic(&format!("{prefix}.events"))
-        .raw("metrics", "slot_poll = \"1s\"");
     // `setup` makes the publication; the daemon then runs without `postgres.create`.
     let setup_config = builder.clone().write(dir.path());
     let (code, out, err) =
@@ -574,19 +571,9 @@ async fn a_partition_detached_and_dropped_right_after_a_write_still_invalidates(
 
 #[tokio::test]
 async fn a_replacing_table_without_a_primary_key_is_not_published_and_says_why() {
-    let db = TestDb::new("d_nopk").await;
-    db.exec("CREATE TABLE items (id int PRIMARY KEY, v int)")
-        .await;
-    let prefix = unique("nopk");
-    let rules = format!(
-        "[[rule]]\nname = \"item\"\ntable = \"public.items\"\nkeys = [\"{prefix}:i:{{id}}\"]\n"
-    );
+    let (db, _, builder) = items_watched("nopk").await;
     let dir = tempfile::tempdir().unwrap();
-    let config = ConfigBuilder::new(&db)
-        .rules(&rules)
-        .kafka_topic(&format!("{prefix}.events"))
-        .raw("metrics", "slot_poll = \"1s\"")
-        .write(dir.path());
+    let config = builder.write(dir.path());
     let (log, _guard) = support::inproc::Logs::capture("warn");
     let daemon = InProcess::start(&config);
     wait_streaming(&db, &format!("{}_d", db.name)).await;
