@@ -205,13 +205,7 @@ async fn reload(
     // A table the rules in force already name went missing from the publication (it
     // was replaced or taken out): the watch adds it back, with the invalidation that
     // calls for.
-    let in_force: Vec<crate::source::TableName> = membership
-        .in_force
-        .borrow()
-        .tables()
-        .into_iter()
-        .map(|(t, _)| t)
-        .collect();
+    let in_force: Vec<crate::source::TableName> = membership.in_force.borrow().table_names();
     let before = report.publish.len();
     report.publish.retain(|m| !in_force.contains(&m.for_table));
     if report.publish.len() < before {
@@ -353,14 +347,7 @@ pub async fn run(
                 wake: membership_watch.wake,
             }
             .run(
-                move || {
-                    in_force
-                        .borrow()
-                        .tables()
-                        .into_iter()
-                        .map(|(t, _)| t)
-                        .collect()
-                },
+                move || in_force.borrow().table_names(),
                 move || active.role() != crate::health::Role::Standby,
                 looked,
                 monitor_stop_for_warm.clone(),

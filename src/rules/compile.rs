@@ -114,6 +114,11 @@ impl RuleSet {
         }
         out
     }
+
+    /// The tables the rules name, each once, in rule order.
+    pub fn table_names(&self) -> Vec<TableName> {
+        self.tables().into_iter().map(|(t, _)| t).collect()
+    }
 }
 
 /// One thing wrong with the rules.

@@ -300,7 +300,7 @@ struct Session<'a> {
     /// promotion carried the slot over.
     guard: &'a mut Option<ServerIdentity>,
     /// An ordinary connection for what the stream does not say (a table's ancestors),
-    /// opened when first needed.
+    /// opened at the session's start to learn the partitions' parents (`Lineage`).
     catalog: Option<tokio_postgres::Client>,
     /// The ancestors tables had, for those detached since (kept across sessions).
     lineage: &'a mut Lineage,
