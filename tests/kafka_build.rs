@@ -2,7 +2,8 @@
 //! consumer are the same library) speaks TLS and SASL, so that `security.protocol =
 //! ssl | sasl_ssl` and `sasl.mechanism = PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512` work
 //! in `[kafka.properties]` and through `L1Builder::kafka_property`. A build change that
-//! drops them fails here, not at a user's first connection.
+//! drops them fails here, not at a user's first connection. lz4 too: the producer
+//! compresses with it over TLS unless told otherwise (`src/sink/kafka/mod.rs`).
 
 use rdkafka::config::ClientConfig;
 
@@ -18,9 +19,9 @@ fn builtin_features() -> Vec<String> {
 }
 
 #[test]
-fn librdkafka_is_built_with_ssl_and_sasl() {
+fn librdkafka_is_built_with_ssl_sasl_and_lz4() {
     let features = builtin_features();
-    for wanted in ["ssl", "sasl", "sasl_plain", "sasl_scram"] {
+    for wanted in ["ssl", "sasl", "sasl_plain", "sasl_scram", "lz4"] {
         assert!(
             features.iter().any(|f| f == wanted),
             "librdkafka lacks {wanted}: builtin.features = {features:?}"

@@ -217,12 +217,38 @@ pub(super) fn client_config(config: &KafkaConfig) -> Result<ClientConfig, KafkaE
     for (k, v) in &config.properties {
         c.set(k, v);
     }
+    if compress_by_default(config) {
+        c.set("compression.type", "lz4");
+    }
     if let Some(file) = &config.sasl_password_file {
         let password = crate::secret::read_secret_file("kafka.sasl_password_file", file)
             .map_err(KafkaError::ClientCreation)?;
         c.set("sasl.password", password);
     }
     Ok(c)
+}
+
+/// Over TLS (`security.protocol` ssl or sasl_ssl) the producer compresses with lz4
+/// unless `kafka.properties` names a codec. librdkafka writes a produce request over
+/// TLS with one `SSL_write`, so one TLS record and one `write()`, per segment of its
+/// buffer, and the first few dozen events of every request go in segments of their
+/// own (a header, then the payload): measured on the tag-heavy catch-up (200,000
+/// changes, Kafka SSL through stunnel), 39,587 writes where plain TCP made 864
+/// `sendmsg` calls, and the TLS terminator in front of the broker spent 3.5 µs a change
+/// opening those records. A compressed batch is one buffer: 486 writes for 20,000
+/// changes, the terminator 0.8 µs a change, the daemon 0.5-1.5 µs a change less
+/// (the compression included). Over plain TCP every segment already leaves in one
+/// `sendmsg`, and lz4 cost the daemon about 0.5 µs a change more, so it stays off.
+fn compress_by_default(config: &KafkaConfig) -> bool {
+    let set = |name: &str| {
+        config
+            .properties
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_ascii_lowercase())
+    };
+    let tls = matches!(set("security.protocol").as_deref(), Some("ssl" | "sasl_ssl"));
+    tls && set("compression.type").is_none() && set("compression.codec").is_none()
 }
 
 pub(super) fn fatal(config: &KafkaConfig, what: &str, e: KafkaError) -> SinkError {
@@ -580,6 +606,39 @@ impl Sink for KafkaSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn with_properties(properties: &[(&str, &str)]) -> KafkaConfig {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            topic: "t".into(),
+            partitions: 3,
+            replication_factor: 1,
+            max_event_bytes: 900_000,
+            properties: properties
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            sasl_password_file: None,
+        }
+    }
+
+    fn compression(properties: &[(&str, &str)]) -> Option<String> {
+        let c = client_config(&with_properties(properties)).unwrap();
+        c.get("compression.type").map(str::to_string)
+    }
+
+    #[test]
+    fn over_tls_events_are_compressed_unless_a_codec_is_chosen() {
+        assert_eq!(compression(&[]), None, "plain TCP: no compression");
+        assert_eq!(compression(&[("security.protocol", "plaintext")]), None);
+        assert_eq!(compression(&[("security.protocol", "sasl_plaintext")]), None);
+        assert_eq!(compression(&[("security.protocol", "SSL")]).as_deref(), Some("lz4"));
+        assert_eq!(compression(&[("security.protocol", "sasl_ssl")]).as_deref(), Some("lz4"));
+        let chosen = [("security.protocol", "ssl"), ("compression.type", "none")];
+        assert_eq!(compression(&chosen).as_deref(), Some("none"));
+        let chosen = [("security.protocol", "ssl"), ("compression.codec", "zstd")];
+        assert_eq!(compression(&chosen), None, "the codec's alias is left as chosen");
+    }
 
     #[test]
     fn tls_and_sasl_refusals_are_kept_with_their_fix_and_other_errors_are_not() {
