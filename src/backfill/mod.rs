@@ -4,28 +4,28 @@
 //! [`version`]). Running it while the daemon streams is safe, and so is running it
 //! again: the version guard makes it idempotent.
 
+mod table;
 pub mod warm;
+mod writer;
+
+use table::{estimate, table_shape, Pages};
+use writer::Writer;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinHandle;
+use tokio::sync::watch;
 use tokio_postgres::Client;
 
 use crate::config::{BackfillConfig, Config};
 use crate::error::Error;
 use crate::lsn::Lsn;
-use crate::plan::Plan;
 use crate::rules::{Action, Planner, RuleSet};
 use crate::sink::redis::RedisSink;
-use crate::sink::{Batch, Item, Origin, Sink, Version};
-use crate::source::change::{Column, ReplicaIdentity, Row, Value};
+use crate::sink::{Batch, Origin, Version};
 use crate::source::error::pg;
 use crate::source::snapshot::Snapshot;
 use crate::source::table::TableName;
-use crate::source::{Change, Op, Relation};
 
 /// What to backfill, and how fast.
 #[derive(Debug, Clone)]
@@ -273,92 +273,6 @@ pub async fn settled(client: &Client, point: Lsn) -> Result<bool, Error> {
 /// Never for production.
 pub const UNGUARDED: &str = "WAL2CACHE_TEST_BACKFILL_UNGUARDED";
 
-/// The table as the stream would describe it: its columns (generated ones aside, as
-/// the stream sends none before 18) and the columns to page by.
-struct TableShape {
-    relation: Arc<Relation>,
-    key: Vec<usize>,
-    /// `format_type` of each column, for the casts of the page's key values.
-    types: Vec<String>,
-}
-
-async fn table_shape(client: &Client, table: &TableName) -> Result<TableShape, Error> {
-    let quoted = table.quoted();
-    let rows = client
-        .query(
-            "SELECT a.attname::text, a.atttypid::int8, a.atttypmod, format_type(a.atttypid, a.atttypmod),
-                    c.oid::int8
-             FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
-             WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped
-               AND a.attgenerated = ''
-             ORDER BY a.attnum",
-            &[&quoted],
-        )
-        .await
-        .map_err(pg(format!("reading the columns of {table}")))?;
-    let oid = rows.first().map_or(0, |r| r.get::<_, i64>(4) as u32);
-    let mut columns: Vec<Column> = rows
-        .iter()
-        .map(|r| Column {
-            name: r.get(0),
-            type_oid: r.get::<_, i64>(1) as u32,
-            type_modifier: r.get(2),
-            is_key: false,
-        })
-        .collect();
-    crate::source::catalog::resolve_domains(client, &mut columns)
-        .await
-        .map_err(pg(format!("reading the column types of {table}")))?;
-    let types = rows.iter().map(|r| r.get::<_, String>(3)).collect();
-    // The primary key, else the first unique index on NOT NULL columns only (no
-    // expressions, no predicate).
-    let key_rows = client
-        .query(
-            "SELECT array_agg(a.attname::text ORDER BY k.ord)
-             FROM pg_index i
-             CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
-             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-             WHERE i.indrelid = $1::text::regclass AND i.indisunique AND i.indpred IS NULL
-               AND i.indexprs IS NULL AND i.indisvalid
-             GROUP BY i.indexrelid, i.indisprimary
-             HAVING bool_and(a.attnotnull)
-             ORDER BY i.indisprimary DESC, i.indexrelid
-             LIMIT 1",
-            &[&quoted],
-        )
-        .await
-        .map_err(pg(format!("reading the keys of {table}")))?;
-    let key_names: Vec<String> = key_rows.first().map(|r| r.get(0)).unwrap_or_default();
-    let key: Vec<usize> = key_names
-        .iter()
-        .filter_map(|n| columns.iter().position(|c| &c.name == n))
-        .collect();
-    if key.is_empty() || key.len() != key_names.len() {
-        return Err(Error::Backfill(BackfillError::NoKey {
-            table: table.quoted(),
-        }));
-    }
-    for &i in &key {
-        columns[i].is_key = true;
-    }
-    Ok(TableShape {
-        relation: Arc::new(Relation {
-            oid,
-            schema: table.schema.clone(),
-            name: table.name.clone(),
-            replica_identity: ReplicaIdentity::Default,
-            columns,
-            ancestors: Vec::new(),
-        }),
-        key,
-        types,
-    })
-}
-
-fn ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 /// The republish rules to backfill, as a rule set of their own.
 fn select(rules: &RuleSet, options: &Options) -> Result<RuleSet, Error> {
     let republish: Vec<_> = rules
@@ -432,138 +346,6 @@ pub async fn run(
     report.version = Some(version);
     report.elapsed = started.elapsed();
     Ok(report)
-}
-
-/// A table's estimate from the catalog.
-async fn estimate(client: &Client, table: &TableName) -> Result<TableEstimate, Error> {
-    let row = client
-        .query_one(
-            "SELECT c.reltuples::float8, pg_total_relation_size(c.oid)::int8
-             FROM pg_class c WHERE c.oid = $1::text::regclass",
-            &[&table.quoted()],
-        )
-        .await
-        .map_err(pg(format!("reading the size of {table}")))?;
-    let reltuples: f64 = row.get(0);
-    Ok(TableEstimate {
-        table: table.to_string(),
-        // -1: never vacuumed nor analyzed (14 and later).
-        rows: (reltuples >= 0.0).then_some(reltuples as u64),
-        bytes: row.get::<_, i64>(1).max(0) as u64,
-    })
-}
-
-/// One table's pages: the queries, and how to read a page's rows.
-struct Pages {
-    shape: TableShape,
-    first: String,
-    next: String,
-}
-
-impl Pages {
-    fn new(table: &TableName, shape: TableShape) -> Pages {
-        let columns: Vec<String> = shape
-            .relation
-            .columns
-            .iter()
-            .map(|c| format!("t.{}::text", ident(&c.name)))
-            .collect();
-        // Qualified: an ORDER BY "id" would sort by the output column "id", the text.
-        let key_list = shape
-            .key
-            .iter()
-            .map(|&i| format!("t.{}", ident(&shape.relation.columns[i].name)))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let after = shape
-            .key
-            .iter()
-            .enumerate()
-            .map(|(n, &i)| format!("${}::text::{}", n + 1, shape.types[i]))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let limit = shape.key.len() + 1;
-        let first = format!(
-            "SELECT {} FROM {} AS t ORDER BY {key_list} LIMIT $1::int8",
-            columns.join(", "),
-            table.quoted(),
-        );
-        let next = format!(
-            "SELECT {} FROM {} AS t WHERE ({key_list}) > ({after}) ORDER BY {key_list} LIMIT ${limit}::int8",
-            columns.join(", "),
-            table.quoted(),
-        );
-        Pages { shape, first, next }
-    }
-
-    /// The page after `last` (the key of the last row read; `None`: the first page).
-    async fn read(
-        &self,
-        reader: &Client,
-        last: Option<&[String]>,
-        rows: usize,
-    ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
-        let limit = rows as i64;
-        match last {
-            None => reader.query(self.first.as_str(), &[&limit]).await,
-            Some(key) => {
-                let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = key
-                    .iter()
-                    .map(|k| k as &(dyn tokio_postgres::types::ToSql + Sync))
-                    .collect();
-                params.push(&limit);
-                reader.query(self.next.as_str(), &params).await
-            }
-        }
-    }
-
-    /// The key of `row`, where the next page starts.
-    fn key_of(&self, row: &tokio_postgres::Row) -> Vec<String> {
-        self.shape
-            .key
-            .iter()
-            .map(|&i| row.get::<_, Option<String>>(i).unwrap_or_default())
-            .collect()
-    }
-
-    /// The page's rows as the republish of their INSERTs: one item for the page (its
-    /// values only: no tag purge, no delete, nothing for subscribers).
-    fn plan(
-        &self,
-        planner: &mut Planner,
-        rows: &[tokio_postgres::Row],
-        origin: &Origin,
-    ) -> Result<Item, Error> {
-        let shape = &self.shape;
-        let mut page = Plan::default();
-        page.republish.reserve(rows.len());
-        for row in rows {
-            let values = (0..shape.relation.columns.len())
-                .map(|i| match row.get::<_, Option<String>>(i) {
-                    Some(text) => Value::Text(Bytes::from(text)),
-                    None => Value::Null,
-                })
-                .collect();
-            let change = Change {
-                relation: shape.relation.clone(),
-                op: Op::Insert,
-                new: Some(Row(values)),
-                old: None,
-                old_kind: None,
-            };
-            let planned = planner.plan_change(&change);
-            page.republish.extend(planned.republish);
-            for rule in planned.rules {
-                if !page.rules.contains(&rule) {
-                    page.rules.push(rule);
-                }
-            }
-        }
-        Ok(Item {
-            origin: origin.clone(),
-            plan: Arc::new(page),
-        })
-    }
 }
 
 async fn copy(
@@ -743,127 +525,6 @@ async fn copy(
     report.refused += writer.close().await?;
     let _ = reader.batch_execute("COMMIT").await;
     Ok(report)
-}
-
-/// A writer task: the keys the version guard refused since the last drain.
-type WriterTask = JoinHandle<Result<u64, Error>>;
-
-/// What the writer task is asked to do.
-enum Job {
-    /// The permit is held until the page is written.
-    Write(Batch, OwnedSemaphorePermit),
-    /// Answer once everything sent before is written, with the keys the version guard
-    /// refused since the last answer.
-    Drain(oneshot::Sender<u64>),
-}
-
-/// The writer tasks: write the pages they are sent while the next ones are read and
-/// planned (nothing in a dry run). Two of them, each with its own connection, take
-/// the pages in turn, so that Redis has the next page while it answers one (pages
-/// are written in any order: a backfill's values all carry one version). One page
-/// waits per task at most, so memory stays bounded whatever the table's size.
-struct Writer {
-    tasks: Vec<(mpsc::Sender<Job>, WriterTask)>,
-    next: usize,
-    /// Pages handed over and not yet written: one more than the tasks.
-    pending: Arc<Semaphore>,
-}
-
-impl Writer {
-    fn start(redis: Vec<Option<RedisSink>>) -> Writer {
-        let tasks: Vec<_> = redis
-            .into_iter()
-            .map(|mut redis| {
-                let (jobs, mut rx) = mpsc::channel::<Job>(1);
-                let task = tokio::spawn(async move {
-                    let mut refused = 0;
-                    while let Some(job) = rx.recv().await {
-                        match (job, redis.as_mut()) {
-                            (Job::Write(batch, _permit), Some(redis)) => {
-                                let before = redis.refused();
-                                redis.apply(&batch).await?;
-                                refused += redis.refused() - before;
-                            }
-                            (Job::Write(..), None) => {}
-                            (Job::Drain(answer), _) => {
-                                let _ = answer.send(std::mem::take(&mut refused));
-                            }
-                        }
-                    }
-                    if let Some(redis) = redis {
-                        redis.close().await;
-                    }
-                    Ok(refused)
-                });
-                (jobs, task)
-            })
-            .collect();
-        let pending = Arc::new(Semaphore::new(tasks.len() + 1));
-        Writer {
-            tasks,
-            next: 0,
-            pending,
-        }
-    }
-
-    /// Hands a page over, waiting while the task's page before it is still queued.
-    async fn send(&mut self, batch: Batch) -> Result<(), Error> {
-        let permit = self
-            .pending
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
-        let i = self.next;
-        self.next = (i + 1) % self.tasks.len();
-        if self.tasks[i]
-            .0
-            .send(Job::Write(batch, permit))
-            .await
-            .is_err()
-        {
-            return Err(self.failure(i).await);
-        }
-        Ok(())
-    }
-
-    /// Waits until every page sent is written; the keys refused meanwhile.
-    async fn drain(&mut self) -> Result<u64, Error> {
-        let mut refused = 0;
-        for i in 0..self.tasks.len() {
-            let (answer, answered) = oneshot::channel();
-            if self.tasks[i].0.send(Job::Drain(answer)).await.is_err() {
-                return Err(self.failure(i).await);
-            }
-            match answered.await {
-                Ok(n) => refused += n,
-                Err(_) => return Err(self.failure(i).await),
-            }
-        }
-        Ok(refused)
-    }
-
-    /// Writes what is left and stops; the keys refused since the last drain.
-    async fn close(self) -> Result<u64, Error> {
-        let mut refused = 0;
-        for (jobs, task) in self.tasks {
-            drop(jobs);
-            refused += joined(task.await)?;
-        }
-        Ok(refused)
-    }
-
-    /// Why task `i` stopped taking pages.
-    async fn failure(&mut self, i: usize) -> Error {
-        match joined((&mut self.tasks[i].1).await) {
-            Err(e) => e,
-            Ok(_) => Error::Backfill(BackfillError::Failed("the writer".into())),
-        }
-    }
-}
-
-fn joined(result: Result<Result<u64, Error>, tokio::task::JoinError>) -> Result<u64, Error> {
-    result.map_err(|e| Error::Backfill(BackfillError::Failed(format!("the writer ({e})"))))?
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! `ConfigBuilder`: the `wal2cache.toml` of a test (see the README's Configuration and
-//! `src/config.rs`), and its rules file beside it.
+//! `src/config/`), and its rules file beside it.
 //!
 //! ```ignore
 //! let config = ConfigBuilder::new(&db)

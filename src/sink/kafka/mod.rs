@@ -247,7 +247,10 @@ fn compress_by_default(config: &KafkaConfig) -> bool {
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.trim().to_ascii_lowercase())
     };
-    let tls = matches!(set("security.protocol").as_deref(), Some("ssl" | "sasl_ssl"));
+    let tls = matches!(
+        set("security.protocol").as_deref(),
+        Some("ssl" | "sasl_ssl")
+    );
     tls && set("compression.type").is_none() && set("compression.codec").is_none()
 }
 
@@ -631,13 +634,26 @@ mod tests {
     fn over_tls_events_are_compressed_unless_a_codec_is_chosen() {
         assert_eq!(compression(&[]), None, "plain TCP: no compression");
         assert_eq!(compression(&[("security.protocol", "plaintext")]), None);
-        assert_eq!(compression(&[("security.protocol", "sasl_plaintext")]), None);
-        assert_eq!(compression(&[("security.protocol", "SSL")]).as_deref(), Some("lz4"));
-        assert_eq!(compression(&[("security.protocol", "sasl_ssl")]).as_deref(), Some("lz4"));
+        assert_eq!(
+            compression(&[("security.protocol", "sasl_plaintext")]),
+            None
+        );
+        assert_eq!(
+            compression(&[("security.protocol", "SSL")]).as_deref(),
+            Some("lz4")
+        );
+        assert_eq!(
+            compression(&[("security.protocol", "sasl_ssl")]).as_deref(),
+            Some("lz4")
+        );
         let chosen = [("security.protocol", "ssl"), ("compression.type", "none")];
         assert_eq!(compression(&chosen).as_deref(), Some("none"));
         let chosen = [("security.protocol", "ssl"), ("compression.codec", "zstd")];
-        assert_eq!(compression(&chosen), None, "the codec's alias is left as chosen");
+        assert_eq!(
+            compression(&chosen),
+            None,
+            "the codec's alias is left as chosen"
+        );
     }
 
     #[test]

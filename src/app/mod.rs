@@ -1,7 +1,14 @@
 //! Wiring: what each command does with a loaded configuration.
 
+mod invalidate;
+mod status;
+mod tail;
+
+pub use invalidate::{invalidate, InvalidateError, Invalidation};
+pub use status::{status, StatusReport};
+pub use tail::tail;
+
 use std::future::Future;
-use std::io::Write;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
@@ -14,7 +21,7 @@ use crate::lsn::Lsn;
 use crate::pipeline::{self, Pipeline, Reload};
 use crate::remember::Remembering;
 use crate::rules::check::{self, CheckError, CheckProblem, CheckReport};
-use crate::rules::{self, Planner, RuleSet};
+use crate::rules::{self, RuleSet};
 use crate::sink::kafka::KafkaSink;
 use crate::sink::redis::{state_key, RedisSink, StreamState};
 use crate::sink::{Batch, Item, Origin, Position, Sink, Version};
@@ -24,8 +31,7 @@ use crate::source::messages::{wal_heartbeats, RELOAD_PREFIX};
 use crate::source::monitor;
 use crate::source::slot::{self, SetupPlan, SetupReport};
 use crate::source::visibility::Visibility;
-use crate::source::{Source, SourceError, SourceEvent, StreamConfig};
-use crate::tail::TailFormatter;
+use crate::source::{Source, SourceError, StreamConfig};
 
 /// Loads and compiles the rules the configuration names.
 pub fn load_rules(config: &Config) -> Result<Arc<RuleSet>, Error> {
@@ -537,205 +543,6 @@ async fn stream(
     result
 }
 
-/// `wal2cache status`: the slot as the database sees it, who streams from it, and the
-/// stream record in Redis, without a running daemon.
-#[derive(Debug)]
-pub struct StatusReport {
-    pub server: String,
-    pub slot_name: String,
-    pub slot: crate::health::SlotReport,
-    /// Who streams from the slot (`pg_stat_replication`), when someone does.
-    pub holder: Option<String>,
-    /// The stream record, or why it could not be read.
-    pub record: Result<Option<Remembered>, String>,
-}
-
-impl StatusReport {
-    /// A process streams from the slot.
-    pub fn streaming(&self) -> bool {
-        self.slot.active_pid.is_some()
-    }
-
-    pub fn to_json(&self) -> serde_json::Value {
-        let s = &self.slot;
-        serde_json::json!({
-            "server": self.server,
-            "slot_name": self.slot_name,
-            "exists": s.exists,
-            "streaming": self.streaming(),
-            "active_pid": s.active_pid,
-            "holder": self.holder,
-            "server_lsn": s.server_lsn.map(|l| l.to_string()),
-            "confirmed_flush_lsn": s.confirmed_lsn.map(|l| l.to_string()),
-            "restart_lsn": s.restart_lsn.map(|l| l.to_string()),
-            "lag_bytes": s.lag_bytes(),
-            "retained_wal_bytes": s.retained_bytes(),
-            "wal_status": s.wal_status,
-            "safe_wal_size": s.safe_wal_bytes,
-            "record": match &self.record {
-                Ok(Some(r)) => serde_json::json!({
-                    "confirmed": r.confirmed.to_string(),
-                    "slot": r.slot,
-                    "system_identifier": r.server.system_identifier,
-                    "timeline": r.server.timeline,
-                }),
-                Ok(None) => serde_json::Value::Null,
-                Err(e) => serde_json::json!({"error": e}),
-            },
-        })
-    }
-}
-
-impl std::fmt::Display for StatusReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = &self.slot;
-        let lsn = |l: Option<Lsn>| l.map_or("-".to_string(), |l| l.to_string());
-        if !s.exists {
-            writeln!(
-                f,
-                "slot {:?} on {}: does not exist",
-                self.slot_name, self.server
-            )?;
-            writeln!(f, "  nothing streams: `wal2cache run` (with postgres.create) or `wal2cache setup` creates it")?;
-        } else {
-            writeln!(
-                f,
-                "slot {:?} on {}: wal_status {}",
-                self.slot_name,
-                self.server,
-                s.wal_status.as_deref().unwrap_or("-")
-            )?;
-            match (s.active_pid, &self.holder) {
-                (Some(pid), Some(h)) => writeln!(f, "  streaming: PID {pid}, {h}")?,
-                (Some(pid), None) => writeln!(f, "  streaming: PID {pid}")?,
-                (None, _) => writeln!(f, "  NOT streaming: no process reads the slot; the server keeps its WAL until one does")?,
-            }
-            writeln!(
-                f,
-                "  confirmed_flush_lsn {}, server at {} ({} bytes behind)",
-                lsn(s.confirmed_lsn),
-                lsn(s.server_lsn),
-                s.lag_bytes().map_or("-".into(), |b| b.to_string())
-            )?;
-            writeln!(
-                f,
-                "  retained WAL {} bytes (restart_lsn {}); safe_wal_size {}",
-                s.retained_bytes().map_or("-".into(), |b| b.to_string()),
-                lsn(s.restart_lsn),
-                s.safe_wal_bytes
-                    .map_or("unlimited (no max_slot_wal_keep_size)".into(), |b| format!(
-                        "{b} bytes"
-                    ))
-            )?;
-        }
-        match &self.record {
-            Ok(Some(r)) => writeln!(
-                f,
-                "  stream record in Redis: confirmed {} on slot {:?}, timeline {}, system {}",
-                r.confirmed, r.slot, r.server.timeline, r.server.system_identifier
-            ),
-            Ok(None) => writeln!(
-                f,
-                "  stream record in Redis: none (wal2cache has not streamed with this name)"
-            ),
-            Err(e) => writeln!(f, "  stream record in Redis: could not be read: {e}"),
-        }
-    }
-}
-
-/// `wal2cache status`: reads the slot from the database and the stream record from
-/// Redis; needs no running daemon.
-pub async fn status(config: &Config) -> Result<StatusReport, Error> {
-    let target = config.pg_target();
-    let client = target.connect().await?;
-    let slot = monitor::slot_report(&client, &config.postgres.slot).await?;
-    let holder = match slot.active_pid {
-        Some(pid) => monitor::slot_holder(&client, pid).await?,
-        None => None,
-    };
-    let record = async {
-        let (redis_config, _) = config.sinks()?;
-        let mut state = StreamState::connect(redis_config, &config.name).await?;
-        Ok::<_, Error>(state.read().await?)
-    };
-    let record = match tokio::time::timeout(std::time::Duration::from_secs(10), record).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => Err("Redis did not answer within 10 s".into()),
-    };
-    Ok(StatusReport {
-        server: target.display(),
-        slot_name: config.postgres.slot.clone(),
-        slot,
-        holder,
-        record,
-    })
-}
-
-/// What `wal2cache invalidate` asks for.
-#[derive(Debug, Clone, Default)]
-pub struct Invalidation {
-    pub keys: Vec<String>,
-    pub tags: Vec<String>,
-    /// Everything the rules cache, and every subscriber (`flush_all`, reason `manual`).
-    pub all: bool,
-    pub reason: Option<String>,
-    /// Write the message even when no process streams from the slot.
-    pub force: bool,
-}
-
-/// Why `wal2cache invalidate` wrote nothing.
-#[derive(Debug, thiserror::Error)]
-pub enum InvalidateError {
-    #[error("nothing to invalidate: give --key, --tag or --all")]
-    Nothing,
-    #[error("no process streams from replication slot {slot:?} on {server}{}, so nothing would apply the invalidation now (the slot keeps it: it is applied when wal2cache streams again): start `wal2cache run`, or pass --force to write it anyway", if *.exists { "" } else { " (the slot does not exist)" })]
-    NotStreaming {
-        slot: String,
-        server: String,
-        exists: bool,
-    },
-}
-
-/// `wal2cache invalidate`: writes a transactional logical message (prefix `wal2cache`)
-/// that the daemon applies like any change: ordered with the data, to Redis and every
-/// subscriber, at least once. Refuses (exit 5) when no process streams from the slot,
-/// unless `force`. Returns the message's LSN.
-pub async fn invalidate(config: &Config, what: &Invalidation) -> Result<Lsn, Error> {
-    if what.keys.is_empty() && what.tags.is_empty() && !what.all {
-        return Err(Error::Invalidate(InvalidateError::Nothing));
-    }
-    let target = config.pg_target();
-    let client = target.connect().await?;
-    if !what.force {
-        let slot = monitor::slot_report(&client, &config.postgres.slot).await?;
-        if slot.active_pid.is_none() {
-            return Err(Error::Invalidate(InvalidateError::NotStreaming {
-                slot: config.postgres.slot.clone(),
-                server: target.display(),
-                exists: slot.exists,
-            }));
-        }
-    }
-    let content = if what.all {
-        serde_json::json!({"all": true, "reason": what.reason})
-    } else {
-        serde_json::json!({"keys": what.keys, "tags": what.tags})
-    };
-    let row = client
-        .query_one(
-            "SELECT pg_logical_emit_message(true, $1, $2)::text",
-            &[
-                &crate::source::messages::MESSAGE_PREFIX,
-                &content.to_string(),
-            ],
-        )
-        .await
-        .map_err(crate::source::error::pg("writing the invalidation message"))?;
-    let lsn: String = row.get(0);
-    tracing::info!(lsn = %lsn, keys = what.keys.len(), tags = what.tags.len(), all = what.all, "invalidation written to the WAL");
-    Ok(lsn.parse().unwrap_or(Lsn::ZERO))
-}
-
 /// After a loss: every key under the rules' prefixes and every tag set of theirs
 /// unlinked in Redis, then a `flush_all` with `reason = "slot_lost"` on every
 /// partition, before anything from the new slot is confirmed.
@@ -771,93 +578,5 @@ async fn flush_after_loss(
     kafka
         .announce_flush_all("slot_lost", &loss.to_string(), at)
         .await?;
-    Ok(())
-}
-
-/// `wal2cache tail`: streams on a temporary slot of its own until `shutdown`, writing
-/// one JSON line per change, with its plan, to `out`. A message on `reload` (SIGHUP)
-/// loads the rules again; if they fail to compile or check, the old ones stay.
-pub async fn tail(
-    config: &Config,
-    mut out: impl Write,
-    shutdown: impl Future<Output = ()>,
-    mut reload: mpsc::UnboundedReceiver<()>,
-) -> Result<(), Error> {
-    let rules = load_rules(config)?;
-    if let Err(e) = check_rules(config, &rules, config.postgres.create).await {
-        match e {
-            Error::Check(problems) => tracing::warn!("{problems}"),
-            other => return Err(other),
-        }
-    }
-    let target = config.pg_target();
-    slot::ensure(&target, &setup_plan(config, &rules, false)).await?;
-    let mut stream = StreamConfig::new(
-        target,
-        format!("wal2cache_tail_{}", std::process::id()),
-        config.postgres.publication.clone(),
-    );
-    stream.temporary_slot = true;
-    stream.application_name = "wal2cache tail".into();
-    let mut source = Source::start(stream, Lsn::ZERO);
-    let mut formatter = TailFormatter::new(Planner::new(rules));
-    tokio::pin!(shutdown);
-    let io_err = |source| Error::Io {
-        context: "writing to standard output".into(),
-        source,
-    };
-    loop {
-        let event = tokio::select! {
-            _ = &mut shutdown => break,
-            Some(()) = reload.recv() => {
-                match reload_rules(config).await {
-                    Ok((rules, report)) => {
-                        if !report.publish.is_empty() {
-                            tracing::warn!(tables = ?report.to_publish(), "tail does not add tables to the publication on a reload: their changes are not shown until `wal2cache setup` (or `run`) adds them");
-                        }
-                        tracing::info!(rules = rules.rules().len(), "rules reloaded");
-                        formatter.set_planner(Planner::new(rules));
-                    }
-                    Err(e) => tracing::error!("rules not reloaded, the previous rules stay in force: {e}"),
-                }
-                continue;
-            }
-            event = source.next() => event,
-        };
-        let event = match event {
-            None => break,
-            Some(Err(e)) => return Err(e.into()),
-            Some(Ok(event)) => event,
-        };
-        let mut written = Ok(());
-        if let Some(line) = formatter.line(&event) {
-            written = writeln!(out, "{line}");
-        }
-        let commit = match &event {
-            SourceEvent::Commit(commit) => {
-                written = written.and_then(|()| out.flush());
-                Some(commit.end_lsn)
-            }
-            _ => None,
-        };
-        match written {
-            Ok(()) => {
-                if let Some(lsn) = commit {
-                    source.confirm(lsn);
-                }
-            }
-            // The reader went away (`tail | head`): a normal end, not an error.
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-                source.stop().await;
-                return Ok(());
-            }
-            Err(e) => return Err(io_err(e)),
-        }
-    }
-    match out.flush() {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(io_err(e)),
-        _ => {}
-    }
-    source.stop().await;
     Ok(())
 }
