@@ -24,7 +24,8 @@
 # W2C_BENCH_CONSUME, WAL2CACHE_TEST_PG / _REDIS / _KAFKA, CARGO_TARGET_DIR...).
 set -euo pipefail
 
-ROOT="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/../.." && pwd -P)"
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 
 export WAL2CACHE_TEST_PG="${WAL2CACHE_TEST_PG:-postgres://postgres@127.0.0.1:54320/postgres}"
@@ -50,18 +51,6 @@ header() {
         changes keys rules "pg changes/s" "daemon ch/s" ratio "daemon µs" "redis µs" "broker µs" "walsender µs" "per batch" "checks / note"
 }
 
-# field NAME LINE: the value of NAME=... in a `result:` line.
-field() {
-    local kv
-    for kv in $2; do
-        if [[ "$kv" == "$1="* ]]; then
-            printf '%s' "${kv#*=}"
-            return
-        fi
-    done
-    printf '?'
-}
-
 run_one() {
     local changes=$1 keys=$2 rules=$3 note=${4:-}
     local log="$log_dir/catchup-c${changes}-k${keys}-r${rules}.log"
@@ -77,9 +66,9 @@ run_one() {
     fi
     printf '%-10s %-6s %-6s %14s %14s %7s %11s %11s %11s %13s %10s  %s\n' \
         "$changes" "$keys" "$rules" \
-        "$(field pg_rate "$line")" "$(field daemon_rate "$line")" "$(field ratio "$line")" \
-        "$(field daemon_us "$line")" "$(field redis_us "$line")" "$(field broker_us "$line")" \
-        "$(field walsender_us "$line")" "$(field per_batch "$line")" "$(field checks "$line")${note:+; $note}"
+        "$(bench_field pg_rate "$line")" "$(bench_field daemon_rate "$line")" "$(bench_field ratio "$line")" \
+        "$(bench_field daemon_us "$line")" "$(bench_field redis_us "$line")" "$(bench_field broker_us "$line")" \
+        "$(bench_field walsender_us "$line")" "$(bench_field per_batch "$line")" "$(bench_field checks "$line")${note:+; $note}"
 }
 
 echo "logs: $log_dir"

@@ -18,7 +18,8 @@
 # `services.sh env` and `services.sh env tls`.
 set -euo pipefail
 
-ROOT="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/../.." && pwd -P)"
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 
 rounds="${W2C_TLS_ROUNDS:-3}"
@@ -33,18 +34,6 @@ tls_env="$(bash deploy/local/services.sh env tls)"
 
 echo "building the bench and the daemon (cargo bench --bench catchup --no-run)..." >&2
 cargo bench --bench catchup --no-run >&2
-
-# field NAME LINE: the value of NAME=... in a `result:` line.
-field() {
-    local kv
-    for kv in $2; do
-        if [[ "$kv" == "$1="* ]]; then
-            printf '%s' "${kv#*=}"
-            return
-        fi
-    done
-    printf '?'
-}
 
 # median of the numbers on stdin (one per line)
 median() {
@@ -67,11 +56,11 @@ for round in $(seq 1 "$rounds"); do
             printf '%-6s %-6s  failed: see %s\n' "$round" "$mode" "$log"
             continue
         fi
-        rate="$(field daemon_rate "$line")"
+        rate="$(bench_field daemon_rate "$line")"
         if [[ "$mode" == plain ]]; then plain_rates+=("$rate"); else tls_rates+=("$rate"); fi
         printf '%-6s %-6s %14s %11s %11s %11s %13s %10s  %s %s\n' "$round" "$mode" "$rate" \
-            "$(field daemon_us "$line")" "$(field redis_us "$line")" "$(field broker_us "$line")" \
-            "$(field walsender_us "$line")" "$(field per_batch "$line")" "$(field checks "$line")" "$log"
+            "$(bench_field daemon_us "$line")" "$(bench_field redis_us "$line")" "$(bench_field broker_us "$line")" \
+            "$(bench_field walsender_us "$line")" "$(bench_field per_batch "$line")" "$(bench_field checks "$line")" "$log"
     done
 done
 

@@ -450,3 +450,20 @@ promtool_ensure() {
         log_warn "a Prometheus server listens on :9090 (not started by this script): $(ss -Htlnp 'sport = :9090' | head -n1)"
     fi
 }
+
+# ---------------------------------------------------------------------------
+# Benchmark scripts
+# ---------------------------------------------------------------------------
+
+# bench_field NAME LINE: the value of NAME=... in a benches/catchup.rs `result:` line
+# ("?" when absent).
+bench_field() {
+    local kv
+    for kv in $2; do
+        if [[ "$kv" == "$1="* ]]; then
+            printf '%s' "${kv#*=}"
+            return
+        fi
+    done
+    printf '?'
+}
