@@ -2,7 +2,7 @@
 //! actions and operations checked, an index by table. Every problem is reported, each
 //! naming the file, the rule and the field, and what is expected.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -105,10 +105,12 @@ impl RuleSet {
     }
 
     /// The tables, each with the first rule naming it, in rule order.
+    /// Linear in the rules (the membership watch calls it every `slot_poll`).
     pub fn tables(&self) -> Vec<(TableName, String)> {
+        let mut seen: HashSet<&TableName> = HashSet::new();
         let mut out: Vec<(TableName, String)> = Vec::new();
         for r in &self.rules {
-            if !out.iter().any(|(x, _)| *x == r.table) {
+            if seen.insert(&r.table) {
                 out.push((r.table.clone(), r.origin()));
             }
         }
@@ -482,6 +484,31 @@ action = "republish"
 columns = ["id", "name", "price"]
 ttl = "1h"
 "#;
+
+    #[test]
+    fn tables_are_named_once_in_rule_order_with_their_first_rule() {
+        let text: String = (0..3000)
+            .map(|i| {
+                format!(
+                    "[[rule]]\nname = \"r{i}\"\ntable = \"public.t{}\"\naction = \"delete\"\nkeys = [\"k{i}:{{id}}\"]\n",
+                    i % 1000
+                )
+            })
+            .collect();
+        let set = rules(&text).unwrap();
+        let tables = set.tables();
+        assert_eq!(tables.len(), 1000);
+        assert_eq!(
+            tables[0],
+            (
+                TableName::new("public", "t0"),
+                "rule \"r0\" in rules.toml".into()
+            )
+        );
+        assert_eq!(tables[999].0, TableName::new("public", "t999"));
+        assert_eq!(tables[999].1, "rule \"r999\" in rules.toml");
+        assert_eq!(set.table_names().len(), 1000);
+    }
 
     #[test]
     fn compiles_the_documented_example() {
