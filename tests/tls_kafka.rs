@@ -125,7 +125,8 @@ async fn the_daemon_publishes_over_ssl_without_sasl() {
         .kafka_property("security.protocol", "SSL")
         .kafka_property("ssl.ca.location", &tls_file("ca.pem"))
         .write(dir.path());
-    let daemon = Daemon::start(&config, &[]);
+    let log = dir.path().join("daemon.log");
+    let daemon = Daemon::start_logging(&config, &[("WAL2CACHE_LOG", "info")], &log);
     wait_streaming(&db, &format!("{}_d", db.name)).await;
     db.exec("INSERT INTO items VALUES (7, 'seven')").await;
     let key = format!("{prefix}:item:7");
@@ -138,6 +139,13 @@ async fn the_daemon_publishes_over_ssl_without_sasl() {
     assert!(
         events.iter().any(|e| e["keys"][0] == key.as_str()),
         "no event for {key} on {topic} over SSL: {events:?}"
+    );
+    // Over TLS the events are compressed unless a codec is chosen, and the log says so
+    // (the events above were read back through lz4).
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("events are compressed with lz4 over TLS"),
+        "no line about lz4 in the daemon's log:\n{text}"
     );
 }
 

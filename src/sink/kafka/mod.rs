@@ -263,6 +263,12 @@ pub(super) fn new_producer(
     config: &KafkaConfig,
     context: &LogContext,
 ) -> Result<SinkProducer, KafkaError> {
+    if compress_by_default(config) {
+        tracing::info!(
+            brokers = %config.brokers,
+            "events are compressed with lz4 over TLS (compression.type is not set): consumers must read lz4 batches; set \"compression.type\" = \"none\" in [kafka.properties] for those that cannot"
+        );
+    }
     client_config(config)?.create_with_context(context.clone())
 }
 
