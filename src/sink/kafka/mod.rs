@@ -240,18 +240,13 @@ pub(super) fn client_config(config: &KafkaConfig) -> Result<ClientConfig, KafkaE
 /// (the compression included). Over plain TCP every segment already leaves in one
 /// `sendmsg`, and lz4 cost the daemon about 0.5 µs a change more, so it stays off.
 fn compress_by_default(config: &KafkaConfig) -> bool {
-    let set = |name: &str| {
-        config
-            .properties
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.trim().to_ascii_lowercase())
-    };
-    let tls = matches!(
-        set("security.protocol").as_deref(),
-        Some("ssl" | "sasl_ssl")
-    );
-    tls && set("compression.type").is_none() && set("compression.codec").is_none()
+    // Property names are librdkafka's, exact (as `fit` reads `message.max.bytes`); its
+    // enum values are not case-sensitive.
+    let props = &config.properties;
+    let tls = props
+        .get("security.protocol")
+        .is_some_and(|p| ["ssl", "sasl_ssl"].contains(&p.trim().to_ascii_lowercase().as_str()));
+    tls && !props.contains_key("compression.type") && !props.contains_key("compression.codec")
 }
 
 pub(super) fn fatal(config: &KafkaConfig, what: &str, e: KafkaError) -> SinkError {
