@@ -460,6 +460,96 @@ async fn a_settled_batch_yields_to_newer_versions_and_writes_none_on_a_single_se
     settled_batch(&mut sink, &mut conn, &prefix).await;
 }
 
+/// On one server a settled batch is written with WATCH/MULTI rather than a script:
+/// the stream's republishes racing it (each key written once, at a newer version,
+/// while the backfill writes every key over and over) must still win every key. A
+/// stream write that lands between the backfill's read of the versions and its EXEC
+/// makes Redis refuse the EXEC (the scripts increment the counter it watches), and
+/// the test checks that this happened, so the race was run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settled_batch_racing_the_stream_on_a_single_server_never_wins_over_it() {
+    const KEYS: usize = 4000;
+    let prefix = unique("race");
+    let config = single_config(&redis_url(), &prefix);
+    let (stop, stop_rx) = watch::channel(false);
+    let mut backfill = RedisSink::connect(&config, stop_rx.clone()).await.unwrap();
+    let mut stream = RedisSink::connect(&config, stop_rx).await.unwrap();
+    let keys: Vec<String> = (0..KEYS).map(|i| format!("{prefix}:k:{i}")).collect();
+
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stream_keys = keys.clone();
+    let stream_done = done.clone();
+    let stream_task = tokio::spawn(async move {
+        // Each key once, a few at a time, in an order that crosses the backfill's pages.
+        let mut order: Vec<usize> = (0..KEYS).collect();
+        order.sort_by_key(|i| (i * 7919) % KEYS);
+        for (n, chunk) in order.chunks(4).enumerate() {
+            let plan = Plan {
+                republish: chunk
+                    .iter()
+                    .map(|&i| republish(&stream_keys[i], "stream"))
+                    .collect(),
+                ..Plan::default()
+            };
+            let batch = Batch {
+                items: vec![item(0x600 + n as u64, 0, plan)],
+                ..Batch::default()
+            };
+            stream.apply(&batch).await.unwrap();
+        }
+        stream_done.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+
+    let backfill_version = version(0x500, u32::MAX);
+    let mut passes = 0;
+    while !done.load(std::sync::atomic::Ordering::SeqCst) || passes == 0 {
+        for page in keys.chunks(500) {
+            let plan = Plan {
+                republish: page.iter().map(|k| republish(k, "backfill")).collect(),
+                ..Plan::default()
+            };
+            let batch = Batch {
+                items: vec![Item {
+                    origin: Origin {
+                        version: backfill_version,
+                        xid: 0,
+                        commit_time: 0,
+                        table: Some("public.t".into()),
+                        op: "backfill",
+                    },
+                    plan: Arc::new(plan),
+                }],
+                settled: true,
+                ..Batch::default()
+            };
+            backfill.apply(&batch).await.unwrap();
+        }
+        passes += 1;
+    }
+    stream_task.await.unwrap();
+
+    let mut conn = support::store::redis().await;
+    let mut stale = Vec::new();
+    for k in &keys {
+        let value: Option<String> = conn.get(k).await.unwrap();
+        if value.as_deref() != Some("stream") {
+            stale.push(format!("{k} = {value:?}"));
+        }
+        let () = conn.del(&[k.clone(), version_key(k)]).await.unwrap();
+    }
+    drop(stop);
+    assert!(
+        stale.is_empty(),
+        "{} of {KEYS} keys hold the backfill's value over the stream's newer one after {passes} passes, e.g. {:?}",
+        stale.len(),
+        &stale[..stale.len().min(5)]
+    );
+    assert!(
+        backfill.watched_fills_aborted() > 0,
+        "no transaction was refused in {passes} passes: the race did not run"
+    );
+}
+
 #[tokio::test]
 async fn a_key_with_a_brace_but_no_hash_tag_keeps_its_version_in_its_slot() {
     let prefix = unique("brace");
