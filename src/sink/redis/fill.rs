@@ -23,7 +23,7 @@
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Client, RedisError, Value};
+use redis::{AsyncConnectionConfig, Client, Pipeline, RedisError, Value};
 
 use crate::keys::{sidecar_key_into, VERSION};
 use crate::plan::Republish;
@@ -65,18 +65,12 @@ impl WatchedFill {
         scripts: &Scripts,
         items: &[(&Republish, Version)],
     ) -> Result<u64, RedisError> {
-        let mut refused = 0;
-        for chunk in chunk_by_size(items, KEYS_PER_TRANSACTION, BYTES_PER_TRANSACTION) {
-            match self.chunk(scripts, chunk).await {
-                Ok(n) => refused += n,
-                Err(e) => {
-                    // Whatever the connection watched or queued is unknown now.
-                    self.conn = None;
-                    return Err(e);
-                }
-            }
+        let result = self.try_apply(scripts, items).await;
+        if result.is_err() {
+            // Whatever the connection watched or queued is unknown now.
+            self.conn = None;
         }
-        Ok(refused)
+        result
     }
 
     async fn connection(&mut self) -> Result<&mut MultiplexedConnection, RedisError> {
@@ -93,55 +87,92 @@ impl WatchedFill {
         Ok(self.conn.as_mut().expect("connected above"))
     }
 
-    async fn chunk(
+    /// One round trip a chunk: each chunk's transaction goes with the next chunk's
+    /// `WATCH` and `MGET`.
+    async fn try_apply(
         &mut self,
         scripts: &Scripts,
-        chunk: &[(&Republish, Version)],
+        items: &[(&Republish, Version)],
     ) -> Result<u64, RedisError> {
+        let chunks = chunk_by_size(items, KEYS_PER_TRANSACTION, BYTES_PER_TRANSACTION);
+        let Some(first) = chunks.first() else {
+            return Ok(0);
+        };
         let conn = self.connection().await?;
-        let mut read = redis::pipe();
-        read.cmd("WATCH").arg(VERSION_WRITES).ignore();
-        let mut mget = redis::cmd("MGET");
-        let mut sidecar = String::new();
-        for (r, _) in chunk {
-            sidecar_key_into(&r.key, VERSION, &mut sidecar);
-            mget.arg(&sidecar);
-        }
-        read.add_command(mget);
-        let (stored,): (Vec<Option<Vec<u8>>>,) = read.query_async(conn).await?;
-
-        let mut write = redis::pipe();
-        write.cmd("MULTI").ignore();
-        let mut refused: u64 = 0;
-        let mut version = String::with_capacity(24);
-        for ((r, v), stored) in chunk.iter().zip(&stored) {
-            version.clear();
-            v.encode_into(&mut version);
-            if stored.as_deref().is_some_and(|s| s >= version.as_bytes()) {
-                refused += 1;
-                continue;
+        let mut pipe = redis::pipe();
+        read(&mut pipe, first);
+        let mut replies: Vec<Value> = pipe.query_async(&mut *conn).await?;
+        let (mut refused, mut aborted) = (0, 0);
+        for (i, chunk) in chunks.iter().enumerate() {
+            let stored: Vec<Option<Vec<u8>>> =
+                redis::from_redis_value(replies.pop().expect("the MGET's reply"))?;
+            let mut pipe = redis::pipe();
+            let skipped = write(&mut pipe, chunk, &stored);
+            if let Some(next) = chunks.get(i + 1) {
+                read(&mut pipe, next);
             }
-            let set = write.cmd("SET").arg(&r.key).arg(&*r.value);
-            // As the scripts: a TTL under a second is none.
-            match r.ttl.map_or(0, |t| t.as_secs()) {
-                0 => set.ignore(),
-                ttl => set.arg("EX").arg(ttl).ignore(),
-            };
+            replies = pipe.query_async(&mut *conn).await?;
+            if skipped < chunk.len() && replies.remove(0) == Value::Nil {
+                // A version was written since the MGET: the fill script decides,
+                // atomically. (The next chunk's WATCH stays: the script writes no
+                // version.)
+                refused += fill_scripted(&mut *conn, scripts, chunk).await?;
+                aborted += 1;
+            } else {
+                refused += skipped as u64;
+            }
         }
-        if refused == chunk.len() as u64 {
-            redis::cmd("UNWATCH").query_async::<()>(conn).await?;
-            return Ok(refused);
-        }
-        write.cmd("EXEC");
-        let (done,): (Value,) = write.query_async(conn).await?;
-        if !matches!(done, Value::Nil) {
-            return Ok(refused);
-        }
-        // A version was written since the MGET: the fill script decides, atomically.
-        let refused = fill_scripted(conn, scripts, chunk).await?;
-        self.aborted += 1;
+        self.aborted += aborted;
         Ok(refused)
     }
+}
+
+/// `WATCH` of the version-writes counter, then `MGET` of `chunk`'s version sidecars
+/// (the one reply kept).
+fn read(pipe: &mut Pipeline, chunk: &[(&Republish, Version)]) {
+    pipe.cmd("WATCH").arg(VERSION_WRITES).ignore();
+    let mut mget = redis::cmd("MGET");
+    let mut sidecar = String::new();
+    for (r, _) in chunk {
+        sidecar_key_into(&r.key, VERSION, &mut sidecar);
+        mget.arg(&sidecar);
+    }
+    pipe.add_command(mget);
+}
+
+/// The transaction of `chunk`'s values whose stored version (`stored`, as `read`
+/// returned) is absent or older: `MULTI`, a `SET` each, `EXEC` (its reply kept: `nil`
+/// when Redis refused it). `UNWATCH` instead when there is none. How many were left
+/// out.
+fn write(
+    pipe: &mut Pipeline,
+    chunk: &[(&Republish, Version)],
+    stored: &[Option<Vec<u8>>],
+) -> usize {
+    let mut skipped = 0;
+    let mut version = String::with_capacity(24);
+    pipe.cmd("MULTI").ignore();
+    for ((r, v), stored) in chunk.iter().zip(stored) {
+        version.clear();
+        v.encode_into(&mut version);
+        if stored.as_deref().is_some_and(|s| s >= version.as_bytes()) {
+            skipped += 1;
+            continue;
+        }
+        let set = pipe.cmd("SET").arg(&r.key).arg(&*r.value);
+        // As the scripts: a TTL under a second is none.
+        match r.ttl.map_or(0, |t| t.as_secs()) {
+            0 => set.ignore(),
+            ttl => set.arg("EX").arg(ttl).ignore(),
+        };
+    }
+    if skipped == chunk.len() {
+        pipe.clear();
+        pipe.cmd("UNWATCH").ignore();
+    } else {
+        pipe.cmd("EXEC");
+    }
+    skipped
 }
 
 /// `chunk` through the fill script (one version and TTL a call); how many it refused.
