@@ -10,7 +10,6 @@
 mod access;
 mod cluster;
 mod errors;
-mod fill;
 mod ops;
 mod scripts;
 mod state;
@@ -24,9 +23,8 @@ use tokio::sync::watch;
 
 use crate::backoff::Backoff;
 use crate::config::RedisConfig;
-use crate::plan::Republish;
 use crate::redact::redact;
-use crate::sink::{cut, describe, Batch, Item, RetryLog, Sink, SinkError, SinkErrorKind, Version};
+use crate::sink::{cut, describe, Batch, Item, RetryLog, Sink, SinkError, SinkErrorKind};
 
 use errors::{classify, next_step, Described, Failure, Next, MESSAGE_SHOWN};
 use ops::{for_each_command, Mode, Ops};
@@ -91,10 +89,6 @@ pub struct RedisSink {
     stop: watch::Receiver<bool>,
     /// Versioned writes the version guard refused so far (see [`RedisSink::refused`]).
     refused: u64,
-    /// On one server without `redis.wait_replicas`: settled batches go through
-    /// `WATCH`/`MULTI` rather than the fill script (`fill.rs`). (`WAIT` counts a
-    /// connection's own writes, and these are on a connection of their own.)
-    watched: Option<fill::WatchedFill>,
 }
 
 impl RedisSink {
@@ -115,11 +109,6 @@ impl RedisSink {
         } else {
             Conn::Single(connect_single(config).await?)
         };
-        let watched = if config.cluster || config.wait_replicas > 0 {
-            None
-        } else {
-            Some(fill::WatchedFill::new(access::client(config)?))
-        };
         let mut sink = RedisSink {
             conn,
             url: redact(&config.url),
@@ -134,7 +123,6 @@ impl RedisSink {
             ),
             stop,
             refused: 0,
-            watched,
         };
         sink.load_scripts().await.map_err(|e| {
             let message = format!(
@@ -154,13 +142,6 @@ impl RedisSink {
     /// A batch applied again after a failed attempt counts its own earlier writes.
     pub fn refused(&self) -> u64 {
         self.refused
-    }
-
-    /// How many transactions of settled values `EXEC` refused on one server because a
-    /// version was written during them (their values then went through the fill
-    /// script). Always 0 in a cluster, where the fill script writes them.
-    pub fn watched_fills_aborted(&self) -> u64 {
-        self.watched.as_ref().map_or(0, |w| w.aborted())
     }
 
     /// The backoff between failed attempts (capped exponential, jittered).
@@ -333,23 +314,6 @@ impl RedisSink {
         // An empty pipeline is never sent: Redis answers it with an error.
         if ops.is_empty() {
             return Ok(0);
-        }
-        if let Some(watched) = self.watched.as_mut().filter(|_| ops.only_settled_values()) {
-            let items: Vec<(&Republish, Version)> = ops
-                .versioned
-                .iter()
-                .filter_map(|v| match v.write {
-                    ops::Write::Republish(r) => Some((r, v.version)),
-                    ops::Write::Tombstone(_) => None,
-                })
-                .collect();
-            return watched
-                .apply(&self.scripts, &items)
-                .await
-                .map_err(|error| Failure {
-                    error,
-                    commands: Vec::new(),
-                });
         }
         let mut pipe = Pipeline::with_capacity(
             ops.versioned.len() + ops.tags.len() / scripts::SETS_PER_PURGE + 3,

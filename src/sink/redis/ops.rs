@@ -24,7 +24,7 @@ use redis::Cmd;
 use crate::keys::{sidecar_key_into, version_key, LEASE};
 use crate::plan::{Plan, Republish};
 use crate::sink::redis::errors::Described;
-use crate::sink::redis::scripts::{Scripts, SETS_PER_PURGE, VERSION_WRITES};
+use crate::sink::redis::scripts::{Scripts, SETS_PER_PURGE};
 use crate::sink::{cut, Item, Version, KEY_SHOWN};
 
 /// Keys per UNLINK or SREM command when the count is unbounded (tag members, SCAN
@@ -97,18 +97,6 @@ fn plain_deletes(plan: &Plan) -> impl Iterator<Item = &String> {
 }
 
 impl<'a> Ops<'a> {
-    /// Nothing but a settled batch's values (a backfill's page, see `fill.rs`).
-    pub(super) fn only_settled_values(&self) -> bool {
-        self.settled
-            && self.unlink_first.is_empty()
-            && self.unlink.is_empty()
-            && self.tags.is_empty()
-            && self
-                .versioned
-                .iter()
-                .all(|v| matches!(v.write, Write::Republish(_)))
-    }
-
     /// The operations of `items`, coalesced. `flush_prefixes` are not looked at: the
     /// caller splits the batch at each flush.
     pub(super) fn build(items: &'a [Item]) -> Ops<'a> {
@@ -246,8 +234,6 @@ pub(super) fn for_each_command(
         Mode::Single => vec![ops.versioned.clone()],
         Mode::Cluster => group_by(ops.versioned.iter().copied(), |v| Slot::for_key(v.key())),
     };
-    // On one server the versioned writes tell a watching backfill (`fill.rs`).
-    let counter = (mode == Mode::Single).then_some(VERSION_WRITES);
     for group in &groups {
         let mut tombstones: Vec<(&str, Version)> = Vec::new();
         let mut republishes: Vec<(&Republish, Version)> = Vec::new();
@@ -259,14 +245,14 @@ pub(super) fn for_each_command(
         }
         for chunk in tombstones.chunks(VERSIONED_PER_CALL) {
             let first = chunk[0].0;
-            each(scripts.tombstone_cmd(chunk, counter), first, true, &|| {
+            each(scripts.tombstone_cmd(chunk), first, true, &|| {
                 described("the tombstone script (EVALSHA)", first, chunk.len())
             });
         }
         if ops.settled {
             // The fill script takes one version and TTL a call.
             for run in group_by(republishes, |(r, v)| (*v, r.ttl)) {
-                for chunk in chunk_by_size(&run, VERSIONED_PER_CALL, VALUE_BYTES_PER_CALL) {
+                for chunk in chunk_by_size(&run) {
                     let first = &chunk[0].0.key;
                     each(scripts.fill_cmd(chunk), first, true, &|| {
                         described("the fill script (EVALSHA)", first, chunk.len())
@@ -274,9 +260,9 @@ pub(super) fn for_each_command(
                 }
             }
         } else {
-            for chunk in chunk_by_size(&republishes, VERSIONED_PER_CALL, VALUE_BYTES_PER_CALL) {
+            for chunk in chunk_by_size(&republishes) {
                 let first = &chunk[0].0.key;
-                each(scripts.republish_cmd(chunk, counter), first, true, &|| {
+                each(scripts.republish_cmd(chunk), first, true, &|| {
                     described("the republish script (EVALSHA)", first, chunk.len())
                 });
             }
@@ -308,7 +294,7 @@ pub fn group_by_slot<K: AsRef<[u8]>>(keys: impl IntoIterator<Item = K>) -> Vec<V
 
 /// Items grouped by `group` (a cluster slot; a version and TTL): groups in the order
 /// their key first appears, items in their order within each group.
-pub(super) fn group_by<T, K: std::hash::Hash + Eq>(
+fn group_by<T, K: std::hash::Hash + Eq>(
     items: impl IntoIterator<Item = T>,
     group: impl Fn(&T) -> K,
 ) -> Vec<Vec<T>> {
@@ -347,15 +333,13 @@ fn described(command: &'static str, first: &str, keys: usize) -> Described {
 
 /// Republishes in calls of at most [`VERSIONED_PER_CALL`] keys and about
 /// [`VALUE_BYTES_PER_CALL`] bytes of values (a bigger value goes alone).
-pub(super) fn chunk_by_size<'r, 'a>(
+fn chunk_by_size<'r, 'a>(
     items: &'r [(&'a Republish, Version)],
-    per_call: usize,
-    max_bytes: usize,
 ) -> Vec<&'r [(&'a Republish, Version)]> {
     let mut chunks = Vec::new();
     let (mut start, mut bytes) = (0, 0);
     for (i, (r, _)) in items.iter().enumerate() {
-        let full = i - start == per_call || bytes + r.value.len() > max_bytes;
+        let full = i - start == VERSIONED_PER_CALL || bytes + r.value.len() > VALUE_BYTES_PER_CALL;
         if i > start && full {
             chunks.push(&items[start..i]);
             (start, bytes) = (i, 0);

@@ -28,12 +28,6 @@ const PURGE: &str = include_str!("lua/purge.lua");
 const PURGE_BEGIN: &str = include_str!("lua/purge_begin.lua");
 const FILL: &str = include_str!("lua/fill.lua");
 
-/// The version-writes counter: on one server, every call of the republish or tombstone
-/// script that writes a version increments it in the same script, so a client that
-/// WATCHes it learns that some version changed (see `fill.rs`). Not kept in a cluster,
-/// where a script touches one slot.
-pub(super) const VERSION_WRITES: &str = "wal2cache:version-writes";
-
 /// The suffix of a tag set's purge sidecar (`lua/purge_begin.lua`).
 const PURGING: &str = "p";
 
@@ -82,12 +76,10 @@ impl Scripts {
 
     /// The tombstone script for `items` (keys with their versions), all on one node
     /// (one server, or one slot): each key's version key and lease share its slot.
-    /// With `counter` (one server: [`VERSION_WRITES`]) the script increments it when
-    /// it writes a version. Its reply is how many of them Redis refused.
-    pub(super) fn tombstone_cmd(&self, items: &[(&str, Version)], counter: Option<&str>) -> Cmd {
+    /// Its reply is how many of them Redis refused.
+    pub(super) fn tombstone_cmd(&self, items: &[(&str, Version)]) -> Cmd {
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.tombstone.get_hash())
-            .arg(items.len() * 3 + usize::from(counter.is_some()));
+        cmd.arg(self.tombstone.get_hash()).arg(items.len() * 3);
         let mut sidecar = String::new();
         for (key, _) in items {
             cmd.arg(*key);
@@ -96,7 +88,6 @@ impl Scripts {
             sidecar_key_into(key, LEASE, &mut sidecar);
             cmd.arg(&sidecar);
         }
-        cmd.arg(counter);
         let mut version = String::with_capacity(24);
         for (_, v) in items {
             version.clear();
@@ -107,18 +98,11 @@ impl Scripts {
     }
 
     /// The republish script for `items` (values with their versions), all on one
-    /// node, and `counter`, like the tombstone. Its reply is how many of them Redis
-    /// refused.
-    pub(super) fn republish_cmd(
-        &self,
-        items: &[(&Republish, Version)],
-        counter: Option<&str>,
-    ) -> Cmd {
+    /// node, like the tombstone. Its reply is how many of them Redis refused.
+    pub(super) fn republish_cmd(&self, items: &[(&Republish, Version)]) -> Cmd {
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.republish.get_hash())
-            .arg(items.len() * 2 + usize::from(counter.is_some()));
+        cmd.arg(self.republish.get_hash()).arg(items.len() * 2);
         value_keys(&mut cmd, items);
-        cmd.arg(counter);
         let mut version = String::with_capacity(24);
         for (r, v) in items {
             let ttl = r.ttl.map_or(0, |t| t.as_secs());

@@ -6,7 +6,7 @@ use redis::cluster_routing::Slot;
 use super::ops::{
     for_each_command, group_by_slot, Mode, Ops, Write, VALUE_BYTES_PER_CALL, VERSIONED_PER_CALL,
 };
-use super::scripts::{Scripts, VERSION_WRITES};
+use super::scripts::Scripts;
 use crate::lsn::Lsn;
 use crate::plan::{Plan, Republish};
 use crate::sink::{Item, Origin, Version};
@@ -186,9 +186,7 @@ fn keys_group_by_slot_in_order() {
     assert!(group_by_slot(Vec::<&str>::new()).is_empty());
 }
 
-/// The versioned script calls `ops` makes: `(script sha, keys, every key of the call)`,
-/// without the version-writes counter that ends the keys of each call on one server
-/// (and of none in a cluster, where a call's keys share a slot).
+/// The versioned script calls `ops` makes: `(script sha, keys, every key of the call)`.
 fn versioned_calls(ops: &Ops<'_>, mode: Mode) -> Vec<(String, usize, Vec<String>)> {
     let scripts = Scripts::new();
     let mut calls = Vec::new();
@@ -203,14 +201,8 @@ fn versioned_calls(ops: &Ops<'_>, mode: Mode) -> Vec<(String, usize, Vec<String>
             }
             let args = args_of(&cmd);
             assert_eq!(args[0], "EVALSHA");
-            let mut numkeys: usize = args[2].parse().unwrap();
-            let mut keys = args[3..3 + numkeys].to_vec();
-            let counted = keys.last().map(String::as_str) == Some(VERSION_WRITES);
-            assert_eq!(counted, mode == Mode::Single, "{keys:?}");
-            if counted {
-                keys.pop();
-                numkeys -= 1;
-            }
+            let numkeys: usize = args[2].parse().unwrap();
+            let keys = args[3..3 + numkeys].to_vec();
             assert_eq!(route, keys[0], "routed by its first key");
             // A WRONGTYPE names the sidecar only when the call has one key: in a call of
             // several it may be any key's.

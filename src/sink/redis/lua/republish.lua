@@ -3,16 +3,13 @@
 -- that began before this cannot store: its lease recorded the older version, see
 -- src/l2/lua/store.lua.) One call carries several keys of one server (or one slot):
 -- a script call costs Redis more than the commands it runs for one key.
--- KEYS: for each item, its value key then its version sidecar; on one server, then
--- the version-writes counter, incremented when a version is written (a backfill
--- WATCHes it, see src/sink/redis/fill.rs)
+-- KEYS: for each item, its value key then its version sidecar
 -- ARGV: for each item, its version (24 hex digits), value, ttl in s (0: none) and
 -- version ttl in s (0: none)
 -- Returns how many items Redis refused (it held their version or a newer one).
-local n = #ARGV / 4
 local refused = 0
-for j = 1, n do
-  local i, a = 2 * j - 1, 4 * j - 3
+for i = 1, #KEYS, 2 do
+  local a = 2 * i - 1
   local version = ARGV[a]
   local stored = redis.call('GET', KEYS[i + 1])
   if stored and stored >= version then
@@ -29,8 +26,5 @@ for j = 1, n do
       redis.call('SET', KEYS[i + 1], version)
     end
   end
-end
-if refused < n and #KEYS > 2 * n then
-  redis.call('INCR', KEYS[#KEYS])
 end
 return refused
