@@ -15,6 +15,7 @@ use serde_json::Value;
 use support::daemon::{run_binary, Daemon};
 use support::db::{wait_streaming, TestDb};
 use support::env::unique;
+use support::kafka::PrivateBroker;
 use support::net::{free_addr, http_async};
 use support::oracle::{assert_nothing_lost, items_config, writer, ITEMS};
 use support::scrape::series;
@@ -208,6 +209,59 @@ async fn a_sink_down_makes_the_instance_unready_and_says_which() {
     assert_eq!(code, 200);
     let _again = PrivateRedis::start_on(port).await;
     eventually("ready again", Duration::from_secs(60), || async {
+        matches!(get_json(addr, "/readyz").await, Some((200, _)))
+    })
+    .await;
+}
+
+/// The broker down: librdkafka says at once that every broker is down, and the
+/// instance is unready, naming Kafka, without waiting for a batch's delivery to time
+/// out (30 s); once the broker is back and a message is delivered, ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_down_makes_the_instance_unready_and_says_so() {
+    let db = TestDb::new("op_broker").await;
+    db.exec(ITEMS).await;
+    let prefix = unique("op");
+    let topic = format!("{prefix}.events");
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let mut broker = PrivateBroker::start().await;
+    let port: u16 = broker.brokers.rsplit(':').next().unwrap().parse().unwrap();
+    let config = items_config(&db, &prefix, &topic)
+        .name(&format!("op-{}", db.name))
+        .metrics_listen(addr)
+        .kafka(&broker.brokers, &topic)
+        .write(dir.path());
+    let _daemon = Daemon::start(&config, &[]);
+    wait_role(addr, "active", Duration::from_secs(30)).await;
+    eventually("ready", Duration::from_secs(30), || async {
+        matches!(get_json(addr, "/readyz").await, Some((200, _)))
+    })
+    .await;
+    broker.kill();
+    // Nothing written: no batch waits on the broker, only librdkafka knows.
+    eventually(
+        "unready, saying that all brokers are down",
+        Duration::from_secs(60),
+        || async {
+            matches!(get_json(addr, "/readyz").await, Some((503, r))
+            if r["failing"].as_array().is_some_and(|f| f.iter().any(|x| {
+                let x = x.as_str().unwrap_or("");
+                x.starts_with("kafka failing: all brokers are down")
+            })))
+        },
+    )
+    .await;
+    assert_eq!(
+        series(
+            &metrics(addr).await,
+            "wal2cache_sink_healthy{sink=\"kafka\"}"
+        ),
+        Some(0.0)
+    );
+    let _again = PrivateBroker::start_on(port).await;
+    db.exec("INSERT INTO items VALUES (1, 1, 'one')").await;
+    eventually("ready again", Duration::from_secs(90), || async {
         matches!(get_json(addr, "/readyz").await, Some((200, _)))
     })
     .await;

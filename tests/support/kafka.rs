@@ -368,7 +368,11 @@ pub struct PrivateBroker {
 #[allow(dead_code)]
 impl PrivateBroker {
     pub async fn start() -> PrivateBroker {
-        let port = free_port();
+        PrivateBroker::start_on(free_port()).await
+    }
+
+    /// A new broker on `port` (another's, stopped: a restart, with nothing kept).
+    pub async fn start_on(port: u16) -> PrivateBroker {
         let dir = tempfile::tempdir().unwrap();
         // tansu reads a .env from its working directory or any parent: an empty one
         // keeps a project-level one out.

@@ -45,6 +45,17 @@ pub struct LogContext {
     refused: Arc<std::sync::Mutex<Option<(std::time::Instant, Refusal)>>>,
     /// The last error librdkafka reported, of any kind, and when.
     last_error: Arc<std::sync::Mutex<Option<(std::time::Instant, String)>>>,
+    /// Whether librdkafka said every broker is down, and whom to tell.
+    outage: Arc<Outage>,
+}
+
+/// All brokers down, as librdkafka reports it (at once, while a batch would wait for
+/// its delivery timeout before failing): the sink is reported failing then, and well
+/// again at the next delivery.
+#[derive(Default)]
+struct Outage {
+    down: std::sync::atomic::AtomicBool,
+    health: std::sync::OnceLock<crate::health::SinkHealth>,
 }
 
 impl Default for LogContext {
@@ -53,6 +64,7 @@ impl Default for LogContext {
             repeats: Arc::new(Repeats::new(WARN_EVERY)),
             refused: Arc::default(),
             last_error: Arc::default(),
+            outage: Arc::default(),
         }
     }
 }
@@ -112,6 +124,40 @@ impl LogContext {
     pub(super) fn last_error(&self) -> Option<String> {
         recent(&self.last_error)
     }
+
+    /// Every broker is down: the sink is failing, with the error before (why).
+    fn brokers_down(&self) {
+        if self
+            .outage
+            .down
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        if let Some(health) = self.outage.health.get() {
+            let why = self
+                .last_error()
+                .unwrap_or_else(|| "no reason given".into());
+            health.failing(&cut(
+                &format!("all brokers are down (librdkafka retries; last error: {why})"),
+                500,
+            ));
+        }
+    }
+
+    /// A message was delivered: a broker is up again.
+    fn delivered(&self) {
+        if self.outage.down.load(std::sync::atomic::Ordering::Acquire)
+            && self
+                .outage
+                .down
+                .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            if let Some(health) = self.outage.health.get() {
+                health.ok();
+            }
+        }
+    }
 }
 
 impl ClientContext for LogContext {
@@ -152,10 +198,12 @@ impl ClientContext for LogContext {
             }
         }
         // "1/1 brokers are down" says less than the failure before it.
-        if !matches!(
+        if matches!(
             error.rdkafka_error_code(),
             Some(RDKafkaErrorCode::AllBrokersDown)
         ) {
+            self.brokers_down();
+        } else {
             self.note_error(reason);
         }
         // Most errors are logged as well, with the same text: counted once.
@@ -174,6 +222,9 @@ impl ProducerContext for LogContext {
     type DeliveryOpaque = Arc<Acks>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, acks: Arc<Acks>) {
+        if result.is_ok() {
+            self.delivered();
+        }
         Acks::report(acks, result);
     }
 }
@@ -594,6 +645,7 @@ impl Sink for KafkaSink {
     }
 
     fn set_health(&mut self, health: crate::health::SinkHealth) {
+        let _ = self.context.outage.health.set(health.clone());
         self.retries.health = Some(health);
     }
 
