@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::config::ConfigBuilder;
 use support::daemon::{run_binary, Daemon};
 use support::db::{wait_streaming, TestDb};
 use support::env::unique;
@@ -42,6 +43,32 @@ async fn wait_role(addr: SocketAddr, role: &str, within: Duration) {
             && (role != "active" || s["streaming"] == true))
     })
     .await;
+}
+
+/// A daemon on the items table, its config changed by `with` (a sink of the test's
+/// own), active and ready: the database, the listener's address, the daemon and the
+/// directory of its config.
+async fn ready_daemon(
+    label: &str,
+    with: impl FnOnce(ConfigBuilder, &str) -> ConfigBuilder,
+) -> (TestDb, SocketAddr, Daemon, tempfile::TempDir) {
+    let db = TestDb::new(label).await;
+    db.exec(ITEMS).await;
+    let prefix = unique("op");
+    let topic = format!("{prefix}.events");
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let builder = items_config(&db, &prefix, &topic)
+        .name(&format!("op-{}", db.name))
+        .metrics_listen(addr);
+    let config = with(builder, &topic).write(dir.path());
+    let daemon = Daemon::start(&config, &[]);
+    wait_role(addr, "active", Duration::from_secs(30)).await;
+    eventually("ready", Duration::from_secs(30), || async {
+        matches!(get_json(addr, "/readyz").await, Some((200, _)))
+    })
+    .await;
+    (db, addr, daemon, dir)
 }
 
 fn config(
@@ -154,12 +181,6 @@ async fn the_endpoints_and_status_describe_an_active_daemon() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sink_down_makes_the_instance_unready_and_says_which() {
-    let db = TestDb::new("op_sink").await;
-    db.exec(ITEMS).await;
-    let prefix = unique("op");
-    let topic = format!("{prefix}.events");
-    let dir = tempfile::tempdir().unwrap();
-    let addr = free_addr();
     let redis_server = PrivateRedis::start().await;
     let port: u16 = redis_server
         .url
@@ -168,17 +189,8 @@ async fn a_sink_down_makes_the_instance_unready_and_says_which() {
         .unwrap()
         .parse()
         .unwrap();
-    let config = items_config(&db, &prefix, &topic)
-        .name(&format!("op-{}", db.name))
-        .metrics_listen(addr)
-        .redis(&redis_server.url)
-        .write(dir.path());
-    let _daemon = Daemon::start(&config, &[]);
-    wait_role(addr, "active", Duration::from_secs(30)).await;
-    eventually("ready", Duration::from_secs(30), || async {
-        matches!(get_json(addr, "/readyz").await, Some((200, _)))
-    })
-    .await;
+    let (db, addr, _daemon, _dir) =
+        ready_daemon("op_sink", |c, _| c.redis(&redis_server.url)).await;
     drop(redis_server);
     db.exec("INSERT INTO items VALUES (1, 1, 'one')").await;
     eventually("unready, naming Redis", Duration::from_secs(30), || async {
@@ -219,25 +231,10 @@ async fn a_sink_down_makes_the_instance_unready_and_says_which() {
 /// out (30 s); once the broker is back and a message is delivered, ready again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_down_makes_the_instance_unready_and_says_so() {
-    let db = TestDb::new("op_broker").await;
-    db.exec(ITEMS).await;
-    let prefix = unique("op");
-    let topic = format!("{prefix}.events");
-    let dir = tempfile::tempdir().unwrap();
-    let addr = free_addr();
     let mut broker = PrivateBroker::start().await;
     let port: u16 = broker.brokers.rsplit(':').next().unwrap().parse().unwrap();
-    let config = items_config(&db, &prefix, &topic)
-        .name(&format!("op-{}", db.name))
-        .metrics_listen(addr)
-        .kafka(&broker.brokers, &topic)
-        .write(dir.path());
-    let _daemon = Daemon::start(&config, &[]);
-    wait_role(addr, "active", Duration::from_secs(30)).await;
-    eventually("ready", Duration::from_secs(30), || async {
-        matches!(get_json(addr, "/readyz").await, Some((200, _)))
-    })
-    .await;
+    let (db, addr, _daemon, _dir) =
+        ready_daemon("op_broker", |c, topic| c.kafka(&broker.brokers, topic)).await;
     broker.kill();
     // Nothing written: no batch waits on the broker, only librdkafka knows.
     eventually(
