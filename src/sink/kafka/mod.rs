@@ -147,6 +147,7 @@ impl LogContext {
 
     /// A message was delivered: a broker is up again.
     fn delivered(&self) {
+        // A load first: no read-modify-write on every delivery while all is well.
         if self.outage.down.load(std::sync::atomic::Ordering::Acquire)
             && self
                 .outage
@@ -309,12 +310,6 @@ pub(super) fn new_producer(
     config: &KafkaConfig,
     context: &LogContext,
 ) -> Result<SinkProducer, KafkaError> {
-    if compress_by_default(config) {
-        tracing::info!(
-            brokers = %config.brokers,
-            "events are compressed with lz4 over TLS (compression.type is not set): consumers must read lz4 batches; set \"compression.type\" = \"none\" in [kafka.properties] for those that cannot"
-        );
-    }
     client_config(config)?.create_with_context(context.clone())
 }
 
@@ -377,6 +372,13 @@ impl KafkaSink {
         stop: watch::Receiver<bool>,
     ) -> Result<KafkaSink, SinkError> {
         let context = LogContext::default();
+        // Once, at start (not again for each producer that replaces a fenced one).
+        if compress_by_default(config) {
+            tracing::info!(
+                brokers = %config.brokers,
+                "events are compressed with lz4 over TLS (compression.type is not set): consumers must read lz4 batches; set \"compression.type\" = \"none\" in [kafka.properties] for those that cannot"
+            );
+        }
         let producer = new_producer(config, &context).map_err(|e| {
             fatal(
                 config,
